@@ -1,0 +1,341 @@
+"""Typed configuration: dataclasses loaded from YAML recipes, with dotted command-line overrides.
+
+``load_config("asit_vit_base", ["optim.lr=1e-4", "data.train_manifest=/data/as2m.json"])``
+reads ``asit/configs/asit_vit_base.yaml`` (or any YAML path), applies the overrides and
+validates every key and type. Unknown keys raise :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "GMMLConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "TrainConfig", "available_recipes", "config_to_dict", "load_config", "save_config",
+]
+
+RECIPE_DIR = Path(__file__).parent / "configs"
+AUDIOSET_MEAN = -4.2677393
+AUDIOSET_STD = 4.5689974
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or file is invalid; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    """Where the audio comes from and how it becomes spectrogram views."""
+
+    train_manifest: str = "demo"  # JSON/CSV manifest, a folder of audio, or "demo" (built-in synthetic set)
+    backend: Literal["torch"] = "torch"
+    sample_rate: int = 32000
+    crop_seconds: float = 6.0
+    num_views: int = 2
+    num_mel_bins: int = 128
+    target_frames: int = 592
+    local_views: int = 0  # v2: extra clean short views that only enter the [CLS] loss
+    local_crop_seconds: float = 2.0
+    local_target_frames: int = 192
+    mean: float = AUDIOSET_MEAN
+    std: float = AUDIOSET_STD
+    roll_prob: float = 0.5  # v1 random circular time shift
+    num_workers: int = 4
+    demo_clips: int = 240
+    demo_seconds: float = 3.0
+    cache_dir: str | None = None  # demo data location; default $ASIT_CACHE or ~/.cache/asit
+
+
+@dataclass
+class ModelConfig:
+    """ViT backbone and heads (DESIGN §1 'Model')."""
+
+    arch: Literal["tiny", "small", "base"] = "base"
+    embed_dim: int | None = None  # overrides of the arch preset (for small demo models)
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int = 16
+    drop_path_rate: float = 0.1
+    head_out_cls: int = 8192
+    head_out_tokens: int | None = 1024  # None: the [CLS] head is shared by the tokens (v2)
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    trainable_g: bool = False
+    recon_hidden: int = 768
+    recon_out: int = 128
+    attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"
+
+
+@dataclass
+class GMMLConfig:
+    """Group-masked corruption of the student input (DESIGN §1 'GMML corruption')."""
+
+    zero_ratio: tuple[float, float] = (0.5, 0.7)
+    alien_ratio: float = 0.3
+    alien_prob: float = 0.5
+    max_block_frac: float = 0.3
+    align: int = 1
+    allow_self_alien: bool = False  # True reproduces the authors' defect (a sample may replace itself)
+
+
+@dataclass
+class LossConfig:
+    """Self-distillation and reconstruction losses."""
+
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    weight_global: float = 1.0
+    weight_local: float = 1.0
+    weight_recon: float = 2.0
+    local_tokens: Literal["all", "corrupted"] = "all"  # "corrupted": the paper's Eq. 6
+    global_pairs: Literal["v1", "v2"] = "v1"  # v2: all teacher-global × student-view pairs
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedules (DESIGN §1 'Optimisation')."""
+
+    lr: float = 5e-4  # per 256 samples of global batch
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0  # 0 disables
+    clip_mode: Literal["global", "per_param"] = "global"  # per_param = authors' DINO-style clipping
+    freeze_last_layer_epochs: int = 1
+    momentum_teacher: float = 0.996
+
+
+@dataclass
+class TrainConfig:
+    """The run: length, precision, output, checkpoints."""
+
+    epochs: int = 100
+    batch_size: int = 32  # per process
+    max_steps_per_epoch: int | None = None  # cap for demos and tests
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    output_dir: str = "runs/asit"
+    log_every: int = 10
+    checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    keep_last: int = 2
+    image_every_epochs: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole pretraining recipe."""
+
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gmml: GMMLConfig = field(default_factory=GMMLConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key '{full}' (valid keys here: {sorted(names)})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], full)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, full)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in ``asit/configs``."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe (shipped name or YAML path; None = defaults) and apply ``key=value`` overrides.
+
+    Values in overrides are parsed as YAML (``optim.lr=1e-4``, ``model.head_out_tokens=null``,
+    ``gmml.zero_ratio=[0.4,0.6]``).
+    """
+    tree: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.suffix:
+            path = RECIPE_DIR / f"{recipe}.yaml"
+            if not path.exists():
+                raise ConfigError(f"unknown recipe '{recipe}' (shipped: {', '.join(available_recipes())})")
+        elif not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        tree = _read_yaml(path)
+        tree.setdefault("name", path.stem)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': cannot parse value: {err}") from err
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that single field types cannot express."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    checks = [
+        (d.sample_rate > 0, "data.sample_rate must be > 0"),
+        (d.crop_seconds > 0, "data.crop_seconds must be > 0"),
+        (d.num_views == 2, "data.num_views must be 2 (ASiT's two global views)"),
+        (d.std > 0, "data.std must be > 0"),
+        (d.target_frames % m.patch_size == 0, "data.target_frames must be a multiple of model.patch_size"),
+        (d.num_mel_bins % m.patch_size == 0, "data.num_mel_bins must be a multiple of model.patch_size"),
+        (d.local_views >= 0, "data.local_views must be >= 0"),
+        (d.local_views == 0 or d.local_target_frames % m.patch_size == 0,
+         "data.local_target_frames must be a multiple of model.patch_size"),
+        (t.epochs > 0, "train.epochs must be > 0"),
+        (t.batch_size > 0, "train.batch_size must be > 0"),
+        (t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch must be > 0"),
+        (t.log_every > 0, "train.log_every must be > 0"),
+        (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.loss.student_temp > 0 and cfg.loss.teacher_temp > 0 and cfg.loss.warmup_teacher_temp > 0,
+         "loss temperatures must be > 0"),
+        (0 <= cfg.loss.center_momentum <= 1, "loss.center_momentum must be in [0, 1]"),
+        (0 <= cfg.optim.momentum_teacher <= 1, "optim.momentum_teacher must be in [0, 1]"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)

@@ -1,0 +1,206 @@
+"""The pretraining dataset: several random views of each clip, as normalised fbanks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .audio import AudioDecodeError, load_audio
+from .features import AUDIOSET_MEAN, AUDIOSET_STD, kaldi_fbank, normalize_fbank
+from .manifest import AudioEntry
+from .transforms import pad_or_crop_random, random_roll
+
+__all__ = ["PretrainDataset", "collate_pretrain", "item_generator"]
+
+logger = logging.getLogger(__name__)
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, epoch, index)``.
+
+    Each item gets its own stream, so its views do not depend on the number of workers or
+    the order in which items are fetched.
+    """
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    value = (int(state[0]) << 31) ^ int(state[1])  # 63 bits: always a valid torch seed
+    return torch.Generator().manual_seed(value)
+
+
+class PretrainDataset(Dataset):
+    """Clips turned into ``num_views`` global (and optionally ``local_views`` local) fbank views.
+
+    Each global view is an independent random crop of ``crop_seconds`` (zero-padded if the clip
+    is shorter), circularly rolled with probability ``roll_prob``, then ``kaldi_fbank`` cut or
+    padded to ``target_frames`` and normalised with ``mean``/``std``. Local views are random
+    crops of ``local_crop_seconds`` (no roll) cut or padded to ``local_target_frames``.
+
+    A sample is a dict:
+
+    * ``"views"``: float32 ``(V, 1, T, F)``;
+    * ``"local_views"``: float32 ``(L, 1, T_local, F)``, only when ``local_views > 0``;
+    * ``"label"``: float32 multi-hot ``(len(label_vocab),)`` (empty without a vocabulary);
+    * ``"index"``: the item's index; ``"ok"``: whether it decoded;
+      ``"error"``: ``""`` or the failure reason (e.g. ``"unreadable"``).
+
+    A clip that fails to decode is not raised: its sample has zero tensors, ``ok=False`` and
+    the reason, and a warning is logged once per file (per worker process).
+    :func:`collate_pretrain` drops such samples and reports them.
+
+    Randomness comes from :func:`item_generator` with ``(seed, epoch, index)``; call
+    :meth:`set_epoch` before each epoch. With ``persistent_workers=True`` the workers hold
+    their own copy of the dataset, so the epoch must reach them another way.
+    """
+
+    def __init__(
+        self,
+        entries: list[AudioEntry],
+        *,
+        sample_rate: int = 32000,
+        crop_seconds: float = 6.0,
+        num_views: int = 2,
+        local_views: int = 0,
+        local_crop_seconds: float = 2.0,
+        num_mel_bins: int = 128,
+        target_frames: int = 592,
+        local_target_frames: int = 192,
+        mean: float = AUDIOSET_MEAN,
+        std: float = AUDIOSET_STD,
+        roll_prob: float = 0.5,
+        seed: int = 0,
+        label_vocab: list[str] | None = None,
+    ) -> None:
+        if not entries:
+            raise ValueError("entries is empty: the dataset needs at least one clip")
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
+        if local_views < 0:
+            raise ValueError(f"local_views must be >= 0, got {local_views}")
+        if crop_seconds <= 0 or (local_views > 0 and local_crop_seconds <= 0):
+            raise ValueError(f"crop lengths must be positive, got {crop_seconds}, {local_crop_seconds}")
+        if not 0.0 <= roll_prob <= 1.0:
+            raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
+        if std <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+
+        self.entries = list(entries)
+        self.sample_rate = sample_rate
+        self.crop_samples = round(crop_seconds * sample_rate)
+        self.local_crop_samples = round(local_crop_seconds * sample_rate)
+        self.num_views = num_views
+        self.local_views = local_views
+        self.num_mel_bins = num_mel_bins
+        self.target_frames = target_frames
+        self.local_target_frames = local_target_frames
+        self.mean = mean
+        self.std = std
+        self.roll_prob = roll_prob
+        self.seed = seed
+        self.epoch = 0
+        self.label_vocab = list(label_vocab) if label_vocab is not None else []
+        self._label_rows = self._label_indices()
+        self._warned: set[str] = set()
+
+    def _label_indices(self) -> list[list[int]]:
+        position = {label: i for i, label in enumerate(self.label_vocab)}
+        rows, unknown = [], set()
+        for entry in self.entries:
+            row = []
+            for label in entry.labels:
+                if label in position:
+                    row.append(position[label])
+                elif self.label_vocab:
+                    unknown.add(label)
+            rows.append(row)
+        if unknown:
+            logger.warning(
+                "%d labels are not in label_vocab and are ignored: %s", len(unknown), sorted(unknown)[:10]
+            )
+        return rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops ``__getitem__`` produces."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _view(self, wave: torch.Tensor, length: int, frames: int, roll: float, g: torch.Generator):
+        crop = pad_or_crop_random(wave, length, g)
+        if roll > 0:
+            crop = random_roll(crop, roll, g)
+        fbank = kaldi_fbank(crop, self.sample_rate, self.num_mel_bins, frames)  # [T, F]
+        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(0)  # [1, T, F]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.entries):
+            raise IndexError(f"index {index} out of range for {len(self.entries)} clips")
+        entry = self.entries[index]
+        label = torch.zeros(len(self.label_vocab), dtype=torch.float32)
+        label[self._label_rows[index]] = 1.0
+        sample: dict[str, Any] = {"label": label, "index": index, "ok": True, "error": ""}
+
+        try:
+            wave = load_audio(entry.path, self.sample_rate)
+        except AudioDecodeError as err:
+            if entry.path not in self._warned:
+                self._warned.add(entry.path)
+                logger.warning("skipping clip %d: %s", index, err)
+            sample.update(ok=False, error=err.reason)
+            sample["views"] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
+            if self.local_views > 0:
+                sample["local_views"] = torch.zeros(
+                    self.local_views, 1, self.local_target_frames, self.num_mel_bins
+                )
+            return sample
+
+        g = item_generator(self.seed, self.epoch, index)
+        sample["views"] = torch.stack(
+            [
+                self._view(wave, self.crop_samples, self.target_frames, self.roll_prob, g)
+                for _ in range(self.num_views)
+            ]
+        )  # [V, 1, T, F]
+        if self.local_views > 0:
+            sample["local_views"] = torch.stack(
+                [
+                    self._view(wave, self.local_crop_samples, self.local_target_frames, 0.0, g)
+                    for _ in range(self.local_views)
+                ]
+            )  # [L, 1, T_local, F]
+        return sample
+
+
+def collate_pretrain(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the decodable samples of a batch; drop and report the others.
+
+    Returns a dict with ``"views"`` ``(B, V, 1, T, F)``, ``"local_views"``
+    ``(B, L, 1, T_local, F)`` when present, ``"label"`` ``(B, K)``, ``"index"`` (int64 ``(B,)``),
+    ``"num_skipped"`` (int), ``"skip_reasons"`` (list of reason strings) and
+    ``"skipped_indices"`` (list of dataset indices). ``B`` may be 0 if every sample failed;
+    the caller must then skip the step.
+    """
+    if not samples:
+        raise ValueError("collate_pretrain got an empty list of samples")
+    good = [s for s in samples if s["ok"]]
+    bad = [s for s in samples if not s["ok"]]
+
+    def stack(key: str) -> torch.Tensor:
+        if good:
+            return torch.stack([s[key] for s in good])
+        return samples[0][key].new_zeros((0, *samples[0][key].shape))
+
+    batch: dict[str, Any] = {
+        "views": stack("views"),
+        "label": stack("label"),
+        "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
+        "num_skipped": len(bad),
+        "skip_reasons": [s["error"] for s in bad],
+        "skipped_indices": [s["index"] for s in bad],
+    }
+    if "local_views" in samples[0]:
+        batch["local_views"] = stack("local_views")
+    return batch

@@ -1,0 +1,32 @@
+"""Models: the timm ViT encoder, the projection / reconstruction heads and the student/teacher pair."""
+
+from .asit import ASiTModel, StudentTeacher, build_asit, unwrap_model
+from .heads import ProjectionHead, ReconstructionHead, WeightNormLinear
+from .vit import (
+    ATTN_BACKENDS,
+    VIT_PRESETS,
+    FlashAttnAttention,
+    build_backbone,
+    encode,
+    flash_attn_available,
+    resolve_attn_backend,
+    token_grid,
+)
+
+__all__ = [
+    "ATTN_BACKENDS",
+    "VIT_PRESETS",
+    "ASiTModel",
+    "FlashAttnAttention",
+    "ProjectionHead",
+    "ReconstructionHead",
+    "StudentTeacher",
+    "WeightNormLinear",
+    "build_asit",
+    "build_backbone",
+    "encode",
+    "flash_attn_available",
+    "resolve_attn_backend",
+    "token_grid",
+    "unwrap_model",
+]

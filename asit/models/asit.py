@@ -1,0 +1,225 @@
+"""The ASiT model (encoder + projection head + reconstruction head) and the student/teacher pair."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .heads import ProjectionHead, ReconstructionHead
+from .vit import VIT_PRESETS, build_backbone, encode, token_grid
+
+__all__ = ["ASiTModel", "StudentTeacher", "build_asit", "unwrap_model"]
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """Strip ``DistributedDataParallel`` (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+class ASiTModel(nn.Module):
+    """ViT encoder whose output tokens feed a projection head and (optionally) a reconstruction head.
+
+    State-dict prefixes are ``backbone.``, ``head.`` and ``recon_head.`` (the authors' checkpoints
+    use ``backbone.``, ``head.`` and ``head_recons.``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: ProjectionHead,
+        recon_head: ReconstructionHead | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.recon_head = recon_head
+
+    def forward(self, x: torch.Tensor, *, with_recon: bool = True) -> dict[str, torch.Tensor | None]:
+        """Args:
+            x: spectrograms ``[B, 1, T, F]``. ``T`` and ``F`` need not be multiples of the patch
+                size ``p``: trailing rows/columns that do not fill a patch are ignored, and the
+                reconstruction covers the floor grid only, ``T' = (T // p) * p``, ``F' = (F // p) * p``.
+            with_recon: set False to skip the reconstruction head (e.g. for clean local views).
+
+        Returns: dict with ``cls_logits [B, K_cls]``, ``token_logits [B, N, K_tok]``,
+        ``recon [B, 1, T', F']`` (None without a reconstruction head or with ``with_recon=False``)
+        and ``tokens [B, 1+N, D]`` (encoder output, [CLS] first).
+        """
+        tokens = encode(self.backbone, x)  # [B, 1+N, D]
+        cls_logits, token_logits = self.head(tokens)  # [B, Kc], [B, N, Kt]
+        recon = None
+        if with_recon and self.recon_head is not None:
+            recon = self.recon_head(tokens[:, 1:], token_grid(self.backbone, x))  # [B, 1, T', F']
+        return dict(cls_logits=cls_logits, token_logits=token_logits, recon=recon, tokens=tokens)
+
+
+class StudentTeacher(nn.Module):
+    """Student and EMA teacher.
+
+    On construction the student's weights (backbone + projection head, and buffers) are copied
+    into the teacher, the teacher gets ``requires_grad_(False)`` and stays in eval mode whatever
+    ``train()`` is called with. The teacher should be built with ``drop_path_rate=0`` and may
+    have no reconstruction head; the student's reconstruction head is never averaged.
+
+    DDP / torch.compile: pass the plain student (a wrapped one is unwrapped here; the wrapper
+    itself is not stored). Wrap ``self.student`` in DDP afterwards and keep the wrapper in the
+    engine: DDP shares the parameters, so ``update_teacher`` still sees the trained weights.
+    Under DDP build the pair identically on every rank (same seed) or broadcast afterwards.
+    """
+
+    _SKIP_PREFIX = "recon_head."
+
+    def __init__(self, student: ASiTModel, teacher: ASiTModel) -> None:
+        super().__init__()
+        self.student = unwrap_model(student)
+        self.teacher = unwrap_model(teacher)
+        self._pairs_built = False
+        self._student_params: list[torch.Tensor] = []
+        self._teacher_params: list[torch.Tensor] = []
+        self._student_buffers: list[torch.Tensor] = []
+        self._teacher_buffers: list[torch.Tensor] = []
+        self._build_pairs()
+        self.teacher.requires_grad_(False)
+        with torch.no_grad():
+            self._copy_all()
+        self.teacher.eval()
+
+    def _build_pairs(self) -> None:
+        """Match student and teacher tensors by name once (backbone + head, recon head skipped)."""
+
+        def pair(student_named, teacher_named, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            s_map = {n: t for n, t in student_named if not n.startswith(self._SKIP_PREFIX)}
+            t_map = {n: t for n, t in teacher_named if not n.startswith(self._SKIP_PREFIX)}
+            if s_map.keys() != t_map.keys():
+                diff = sorted(s_map.keys() ^ t_map.keys())
+                raise ValueError(f"student and teacher {kind} differ: {diff[:8]}")
+            names = list(s_map)
+            for n in names:
+                if s_map[n].shape != t_map[n].shape:
+                    raise ValueError(
+                        f"{kind} {n!r}: student {tuple(s_map[n].shape)} != teacher {tuple(t_map[n].shape)}"
+                    )
+            return [s_map[n] for n in names], [t_map[n] for n in names]
+
+        self._student_params, self._teacher_params = pair(
+            self.student.named_parameters(), self.teacher.named_parameters(), "parameters"
+        )
+        self._student_buffers, self._teacher_buffers = pair(
+            self.student.named_buffers(), self.teacher.named_buffers(), "buffers"
+        )
+        self._pairs_built = True
+
+    def _copy_all(self) -> None:
+        if self._teacher_params:
+            torch._foreach_copy_(self._teacher_params, self._student_params)
+        if self._teacher_buffers:
+            torch._foreach_copy_(self._teacher_buffers, self._student_buffers)
+
+    def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
+        # .to() / .cuda() / .half() may replace parameter tensors: rebuild the cached lists.
+        out = super()._apply(fn, recurse)
+        if self._pairs_built:
+            self._build_pairs()
+        return out
+
+    def train(self, mode: bool = True) -> StudentTeacher:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step ``t = m * t + (1 - m) * s`` over all matched parameters; buffers are copied."""
+        m = float(momentum)
+        if self._teacher_params:
+            torch._foreach_mul_(self._teacher_params, m)
+            torch._foreach_add_(self._teacher_params, self._student_params, alpha=1.0 - m)
+        if self._teacher_buffers:
+            torch._foreach_copy_(self._teacher_buffers, self._student_buffers)
+
+
+def _build_model(
+    vit_kwargs: dict,
+    *,
+    img_size: tuple[int, int],
+    patch_size: int,
+    in_chans: int,
+    drop_path_rate: float,
+    attn_backend: str,
+    head_kwargs: dict,
+    recon_kwargs: dict | None,
+) -> ASiTModel:
+    backbone = build_backbone(
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        drop_path_rate=drop_path_rate,
+        attn_backend=attn_backend,
+        **vit_kwargs,
+    )
+    dim = backbone.embed_dim
+    head = ProjectionHead(dim, **head_kwargs)
+    recon = None
+    if recon_kwargs is not None:
+        recon = ReconstructionHead(dim, patch_size=patch_size, in_chans=in_chans, **recon_kwargs)
+    return ASiTModel(backbone, head, recon)
+
+
+def build_asit(
+    *,
+    preset: str | dict,
+    img_size: tuple[int, int] = (592, 128),
+    patch_size: int = 16,
+    in_chans: int = 1,
+    drop_path_rate: float = 0.1,
+    out_cls: int = 8192,
+    out_tokens: int | None = 1024,
+    head_hidden: int = 2048,
+    head_bottleneck: int = 256,
+    trainable_g: bool = False,
+    recon_hidden: int = 768,
+    recon_out: int = 128,
+    attn_backend: str = "sdpa",
+) -> StudentTeacher:
+    """Build the student (drop path as given, with reconstruction head) and its teacher
+    (drop path 0, no reconstruction head), initialised to the same weights.
+
+    Args:
+        preset: a key of ``VIT_PRESETS`` (``"tiny" | "small" | "base"``) or a dict of
+            ``build_backbone`` keyword arguments (``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``).
+        out_tokens: ``None`` shares the [CLS] output layer with the data tokens (v2).
+    """
+    if isinstance(preset, str):
+        if preset not in VIT_PRESETS:
+            raise ValueError(f"unknown ViT preset {preset!r}; choose from {sorted(VIT_PRESETS)} or a dict")
+        vit_kwargs = dict(VIT_PRESETS[preset])
+    else:
+        vit_kwargs = dict(preset)
+    head_kwargs = dict(
+        out_cls=out_cls,
+        out_tokens=out_tokens,
+        hidden_dim=head_hidden,
+        bottleneck_dim=head_bottleneck,
+        trainable_g=trainable_g,
+    )
+    common = dict(
+        img_size=tuple(img_size),
+        patch_size=patch_size,
+        in_chans=in_chans,
+        attn_backend=attn_backend,
+        head_kwargs=head_kwargs,
+    )
+    student = _build_model(
+        vit_kwargs,
+        drop_path_rate=drop_path_rate,
+        recon_kwargs=dict(hidden_dim=recon_hidden, out_dim=recon_out),
+        **common,
+    )
+    teacher = _build_model(vit_kwargs, drop_path_rate=0.0, recon_kwargs=None, **common)
+    return StudentTeacher(student, teacher)

@@ -1,0 +1,185 @@
+"""The ViT encoder: timm's ``VisionTransformer`` configured for log-mel spectrograms.
+
+Input layout is ``(B, 1, T, F)``: time is the image height, frequency the width. With the
+default 592 x 128 input and 16 x 16 patches the token grid is 37 x 8 = 296 data tokens, plus
+one [CLS] token in front. Parameter names are exactly timm's (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv``, ``norm``), so encoders load into timm
+and other tools without a key-mapping script.
+
+Attention runs through ``F.scaled_dot_product_attention`` (PyTorch picks its flash / cuDNN /
+memory-efficient kernels on CUDA). With ``attn_backend="flash_attn"`` each block's attention
+calls ``flash_attn.flash_attn_qkvpacked_func`` instead, for CUDA fp16/bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Attention, VisionTransformer
+
+__all__ = [
+    "ATTN_BACKENDS",
+    "VIT_PRESETS",
+    "FlashAttnAttention",
+    "build_backbone",
+    "encode",
+    "flash_attn_available",
+    "resolve_attn_backend",
+    "token_grid",
+]
+
+VIT_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
+
+
+def flash_attn_available() -> bool:
+    """True when the ``flash_attn`` package can be imported."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_backend(attn_backend: str) -> str:
+    """Map ``"auto" | "sdpa" | "flash_attn"`` to the backend actually used (``"sdpa"`` or ``"flash_attn"``).
+
+    Raises:
+        ValueError: unknown name.
+        ImportError: ``"flash_attn"`` requested explicitly but the package is not installed.
+    """
+    if attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
+    if attn_backend == "sdpa":
+        return "sdpa"
+    available = flash_attn_available()
+    if attn_backend == "flash_attn" and not available:
+        raise ImportError(
+            "attn_backend='flash_attn' was requested but the 'flash_attn' package is not installed; "
+            "install it (pip install 'asit[flash]') or use attn_backend='sdpa' / 'auto'"
+        )
+    return "flash_attn" if available else "sdpa"
+
+
+class FlashAttnAttention(Attention):
+    """timm ``Attention`` whose forward calls ``flash_attn_qkvpacked_func`` when it can.
+
+    Same parameters and names as timm's ``Attention`` (it is only ever swapped in for an
+    existing instance). The FlashAttention path is taken for CUDA fp16/bf16 inputs without an
+    attention mask and without q/k normalisation; anything else falls back to timm's own
+    forward (SDPA).
+    """
+
+    def _use_flash(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
+        return (
+            x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and attn_mask is None
+            and not is_causal
+            and isinstance(self.q_norm, nn.Identity)
+            and isinstance(self.k_norm, nn.Identity)
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,  # [B, N, D]
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:  # [B, N, D]
+        if not self._use_flash(x, attn_mask, is_causal):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        from flash_attn import flash_attn_qkvpacked_func
+
+        B, N, _ = x.shape
+        attn_dim = self.num_heads * self.head_dim
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, Dh]
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x = flash_attn_qkvpacked_func(qkv, dropout_p=dropout_p, softmax_scale=self.scale)  # [B, N, H, Dh]
+        x = x.reshape(B, N, attn_dim)
+        norm = getattr(self, "norm", None)  # absent in older timm releases
+        if norm is not None:
+            x = norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+def build_backbone(
+    *,
+    img_size: tuple[int, int] = (592, 128),
+    patch_size: int = 16,
+    in_chans: int = 1,
+    embed_dim: int = 768,
+    depth: int = 12,
+    num_heads: int = 12,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.0,
+    attn_backend: str = "sdpa",
+) -> VisionTransformer:
+    """Build the ViT encoder (timm ``VisionTransformer``, no classifier, no pooling).
+
+    ``img_size`` is ``(T, F)`` and sets the size of the learned positional embedding; other
+    input sizes work too (``dynamic_img_size``): the embedding is resampled to the current
+    token grid, e.g. for the 192-frame local views of v2.
+
+    Args:
+        attn_backend: ``"sdpa"`` (PyTorch SDPA), ``"flash_attn"`` (the flash-attn package;
+            ImportError if missing) or ``"auto"`` (flash-attn when importable, else SDPA).
+    """
+    backend = resolve_attn_backend(attn_backend)
+    model = VisionTransformer(
+        img_size=tuple(img_size),
+        patch_size=patch_size,
+        in_chans=in_chans,
+        num_classes=0,
+        global_pool="",
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+    )
+    for block in model.blocks:
+        attn = block.attn
+        # timm reads TIMM_FUSED_ATTN from the environment; we always want the SDPA path.
+        attn.fused_attn = True
+        if backend == "flash_attn" and type(attn) is Attention:
+            attn.__class__ = FlashAttnAttention  # same parameters, different forward
+    return model
+
+
+def _patch_size(backbone: VisionTransformer) -> tuple[int, int]:
+    ph, pw = backbone.patch_embed.patch_size
+    return int(ph), int(pw)
+
+
+def token_grid(backbone: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
+    """Token grid ``(gh, gw)`` for input ``x`` ``[B, C, T, F]``: ``(T // p, F // p)`` (floor)."""
+    ph, pw = _patch_size(backbone)
+    return x.shape[-2] // ph, x.shape[-1] // pw
+
+
+def encode(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Encode spectrograms into tokens after the final norm, [CLS] first.
+
+    Args:
+        x: ``[B, C, T, F]``. If ``T`` or ``F`` is not a multiple of the patch size the trailing
+            rows/columns that do not fill a whole patch are dropped (the floor grid).
+
+    Returns:
+        ``[B, 1 + gh * gw, D]``; data tokens in row-major (time-major) order of the grid.
+    """
+    ph, pw = _patch_size(backbone)
+    gh, gw = token_grid(backbone, x)
+    if x.shape[-2] != gh * ph or x.shape[-1] != gw * pw:
+        x = x[..., : gh * ph, : gw * pw]
+    return backbone.forward_features(x)  # [B, 1+N, D]

@@ -1,0 +1,33 @@
+"""Fused ops for masked spectrogram modelling, usable without the rest of asit.
+
+Each op validates its arguments, then dispatches: CUDA tensors go to the Triton kernels in
+``asit_kernels``, everything else to the pure-PyTorch reference (``backend=`` or the
+``ASIT_OPS_BACKEND`` environment variable force either).
+"""
+
+from .center import update_center_
+from .distill_ce import DistillCEOutput, centered_softmax_cross_entropy, centered_softmax_cross_entropy_reference
+from .gmml import (
+    GMMLBlocks,
+    GMMLOutput,
+    gmml_corrupt,
+    gmml_corrupt_reference,
+    paint_block_mask,
+    sample_gmml_blocks,
+)
+from .masked_l1 import masked_l1_loss, masked_l1_loss_reference
+
+__all__ = [
+    "DistillCEOutput",
+    "GMMLBlocks",
+    "GMMLOutput",
+    "centered_softmax_cross_entropy",
+    "centered_softmax_cross_entropy_reference",
+    "gmml_corrupt",
+    "gmml_corrupt_reference",
+    "masked_l1_loss",
+    "masked_l1_loss_reference",
+    "paint_block_mask",
+    "sample_gmml_blocks",
+    "update_center_",
+]

@@ -1,0 +1,217 @@
+"""GMML corruption: sample rectangular blocks until their union covers a target fraction,
+then zero them or fill them with the same pixels of another spectrogram of the batch.
+
+Sampling and painting are separate. :func:`sample_gmml_blocks` draws all randomness with a
+``torch.Generator`` on the tensors' device; :func:`gmml_corrupt` only applies the blocks, so the
+reference and the Triton kernel must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, resolve_backend
+
+__all__ = ["GMMLBlocks", "GMMLOutput", "sample_gmml_blocks", "gmml_corrupt", "gmml_corrupt_reference",
+           "paint_block_mask"]
+
+# Blocks are drawn in chunks between host checks of "is every sample covered yet?".
+_ROUNDS_PER_CHECK = 8
+
+
+class GMMLBlocks(NamedTuple):
+    """Sampled corruption for a batch.
+
+    boxes:  int32 ``[B, M, 4]`` rows ``(top, left, height, width)``; unused slots have height 0.
+    alien:  bool ``[B]``, True = fill from ``source``, False = fill with zeros.
+    source: int64 ``[B]``, the batch index whose pixels fill an alien sample (ignored otherwise).
+    target: float32 ``[B]``, the coverage fraction each sample was drawn for.
+    """
+
+    boxes: torch.Tensor
+    alien: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+
+
+class GMMLOutput(NamedTuple):
+    """corrupted ``[B, C, H, W]`` (input dtype), mask bool ``[B, 1, H, W]`` (True = corrupted),
+    token_fraction float32 ``[B, (H // p) * (W // p)]`` (row-major token order, like patch_embed)."""
+
+    corrupted: torch.Tensor
+    mask: torch.Tensor
+    token_fraction: torch.Tensor
+
+
+def _randint(low: torch.Tensor | int, high: torch.Tensor | int, shape: tuple[int, ...],
+             generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform integers in [low, high] (inclusive), elementwise bounds, drawn from one uniform."""
+    u = torch.rand(shape, generator=generator, device=device)
+    span = torch.as_tensor(high, device=device) - torch.as_tensor(low, device=device) + 1
+    return (torch.as_tensor(low, device=device) + (u * span).floor().long()).clamp_max(
+        torch.as_tensor(high, device=device))
+
+
+def _rows_cols(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-box row and column membership: ``[B, M, H]`` and ``[B, M, W]`` bool."""
+    top, left, h, w = (boxes[..., i].long().unsqueeze(-1) for i in range(4))
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows = (rows >= top) & (rows < top + h)
+    in_cols = (cols >= left) & (cols < left + w)
+    return in_rows, in_cols
+
+
+def paint_block_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Union of the boxes as a bool mask ``[B, H, W]``.
+
+    A pixel is covered when some box covers both its row and its column; counting those boxes
+    is a batched matmul of the row and column indicators (exact: counts stay far below 2^24).
+    """
+    in_rows, in_cols = _rows_cols(boxes, height, width)  # [B, M, H], [B, M, W]
+    hits = torch.bmm(in_rows.transpose(1, 2).float(), in_cols.float())  # [B, H, W]
+    return hits > 0
+
+
+@torch.no_grad()
+def sample_gmml_blocks(
+    batch: int,
+    height: int,
+    width: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    zero_ratio: tuple[float, float] = (0.5, 0.7),
+    alien_ratio: float = 0.3,
+    alien_prob: float = 0.5,
+    max_block_frac: float = 0.3,
+    align: int = 1,
+    max_rounds: int = 1024,
+    allow_self_alien: bool = False,
+) -> GMMLBlocks:
+    """Draw GMML blocks for a batch of ``height × width`` spectrograms.
+
+    Each sample is in *alien* mode with probability ``alien_prob`` (target coverage
+    ``alien_ratio``) and otherwise in *zeros* mode (target ``U(zero_ratio)``). Blocks are drawn
+    until their union reaches the target: top-left corner uniform over the image, height uniform
+    in ``[align, max_block_frac·H]`` and width in ``[align, max_block_frac·W]`` (multiples of
+    ``align``; corners on the ``align`` grid), clipped at the border. The block that crosses the
+    target is kept, so final coverage is ≥ target. The loop runs over rounds, vectorised over
+    the batch: one block per still-uncovered sample per round.
+
+    The alien source is drawn uniformly from the *other* samples (``allow_self_alien=True``
+    reproduces the authors' code, which may pick the sample itself). With ``batch == 1`` there
+    is no other sample, so every sample uses zeros mode.
+    """
+    for name, v in (("batch", batch), ("height", height), ("width", width), ("align", align)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    lo, hi = zero_ratio
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ValueError(f"zero_ratio must satisfy 0 < low <= high <= 1, got {zero_ratio}")
+    if not (0.0 < alien_ratio <= 1.0):
+        raise ValueError(f"alien_ratio must be in (0, 1], got {alien_ratio}")
+    if not (0.0 <= alien_prob <= 1.0):
+        raise ValueError(f"alien_prob must be in [0, 1], got {alien_prob}")
+    if not (0.0 < max_block_frac <= 1.0):
+        raise ValueError(f"max_block_frac must be in (0, 1], got {max_block_frac}")
+    device = torch.device(device) if device is not None else (
+        generator.device if generator is not None else torch.device("cpu"))
+
+    alien = torch.rand(batch, generator=generator, device=device) < alien_prob
+    if batch == 1 and not allow_self_alien:
+        alien = torch.zeros_like(alien)
+    if allow_self_alien or batch == 1:
+        source = _randint(0, batch - 1, (batch,), generator, device)
+    else:
+        source = (torch.arange(batch, device=device) + _randint(1, batch - 1, (batch,), generator, device)) % batch
+    zero_target = lo + (hi - lo) * torch.rand(batch, generator=generator, device=device)
+    target = torch.where(alien, torch.full_like(zero_target, alien_ratio), zero_target)
+
+    # Sizes and corners live on the align grid, counted in cells of `align` pixels.
+    cells_h, cells_w = math.ceil(height / align), math.ceil(width / align)
+    max_h = max(1, int(max_block_frac * height) // align)
+    max_w = max(1, int(max_block_frac * width) // align)
+    covered = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    area = float(height * width)
+    rounds: list[torch.Tensor] = []
+    while len(rounds) < max_rounds:
+        for _ in range(min(_ROUNDS_PER_CHECK, max_rounds - len(rounds))):
+            active = covered.flatten(1).sum(1).float() < target * area  # [B]
+            top = _randint(0, cells_h - 1, (batch,), generator, device) * align
+            left = _randint(0, cells_w - 1, (batch,), generator, device) * align
+            bh = _randint(1, max_h, (batch,), generator, device) * align
+            bw = _randint(1, max_w, (batch,), generator, device) * align
+            bh = torch.minimum(bh, height - top) * active
+            bw = torch.minimum(bw, width - left) * active
+            box = torch.stack([top, left, bh, bw], dim=-1).to(torch.int32)[:, None]  # [B, 1, 4]
+            covered |= paint_block_mask(box, height, width)
+            rounds.append(box)
+        if not bool((covered.flatten(1).sum(1).float() < target * area).any()):
+            break
+    boxes = torch.cat(rounds, dim=1)
+    # Drop trailing rounds in which no sample drew a block.
+    used = (boxes[..., 2] > 0).any(0)
+    last = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return GMMLBlocks(boxes[:, :last].contiguous(), alien, source, target)
+
+
+def _check_blocks(x: torch.Tensor, blocks: GMMLBlocks) -> None:
+    if not isinstance(blocks, tuple) or len(blocks) != 4:
+        raise TypeError("blocks must be a GMMLBlocks (boxes, alien, source, target)")
+    boxes, alien, source, _ = blocks
+    b = x.shape[0]
+    check_tensor("blocks.boxes", boxes, ndim=3, dtypes=(torch.int32, torch.int64))
+    if boxes.shape[0] != b or boxes.shape[2] != 4:
+        raise ValueError(f"blocks.boxes must have shape [{b}, M, 4], got {tuple(boxes.shape)}")
+    check_tensor("blocks.alien", alien, ndim=1, dtypes=(torch.bool,))
+    check_tensor("blocks.source", source, ndim=1, dtypes=(torch.int32, torch.int64))
+    if alien.shape[0] != b or source.shape[0] != b:
+        raise ValueError(f"blocks.alien and blocks.source must have {b} entries (the batch size of x)")
+    check_same_device(x=x, **{"blocks.boxes": boxes, "blocks.alien": alien, "blocks.source": source})
+
+
+def gmml_corrupt_reference(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 16) -> GMMLOutput:
+    """Pure-PyTorch GMML painter (the CPU path and the oracle for the Triton kernel)."""
+    b, _, h, w = x.shape
+    mask = paint_block_mask(blocks.boxes, h, w).unsqueeze(1)  # [B, 1, H, W]
+    fill = torch.where(blocks.alien.view(b, 1, 1, 1), x[blocks.source.long()], torch.zeros((), dtype=x.dtype,
+                                                                                          device=x.device))
+    corrupted = torch.where(mask, fill, x)
+    if h >= patch_size and w >= patch_size:
+        frac = F.avg_pool2d(mask.float(), patch_size, patch_size).flatten(1)
+    else:
+        frac = mask.new_zeros((b, 0), dtype=torch.float32)
+    return GMMLOutput(corrupted, mask, frac)
+
+
+def gmml_corrupt(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 16, *,
+                 backend: str | None = None) -> GMMLOutput:
+    """Apply GMML blocks to a batch of spectrograms.
+
+    Args:
+        x: ``[B, C, H, W]`` float tensor (fp32, fp16, bf16 or fp64), the clean views.
+        blocks: from :func:`sample_gmml_blocks` (same device as ``x``).
+        patch_size: token size ``p`` for the per-token corrupted fraction.
+        backend: ``"reference"``, ``"triton"`` or ``"auto"``/None (CUDA → Triton);
+            ``ASIT_OPS_BACKEND`` overrides the default.
+
+    Returns:
+        :class:`GMMLOutput` ``(corrupted, mask, token_fraction)``: corrupted pixels are 0 in
+        zeros mode and ``x[source]`` at the same position in alien mode; the mask is bool
+        ``[B, 1, H, W]``; the token fraction is the mask averaged over each ``p × p`` patch,
+        ``[B, (H // p) * (W // p)]`` (a partial patch at the border is not a token).
+    """
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    _check_blocks(x, blocks)
+    if resolve_backend(backend, x.device) == "triton":
+        from .triton_dispatch import gmml_corrupt_triton
+
+        return gmml_corrupt_triton(x, blocks, patch_size)
+    return gmml_corrupt_reference(x, blocks, patch_size)

@@ -1,0 +1,55 @@
+"""Masked L1: mean absolute error over the masked (corrupted) pixels only."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_same_device, check_tensor, resolve_backend
+
+__all__ = ["masked_l1_loss", "masked_l1_loss_reference"]
+
+_IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def masked_l1_loss_reference(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(|pred - target| · mask) / max(sum(mask), 1)`` accumulated in fp32 (fp64 stays fp64)."""
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    m = mask.to(acc).expand(pred.shape)
+    num = ((pred.to(acc) - target.to(acc)).abs() * m).sum()
+    return num / m.sum().clamp_min(1.0)
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *,
+                   backend: str | None = None, deterministic: bool = False) -> torch.Tensor:
+    """Masked L1 loss, a scalar in fp32 (fp64 for fp64 inputs).
+
+    Args:
+        pred: ``[B, C, H, W]`` (any shape) reconstruction, fp32/bf16/fp16/fp64; gets gradients.
+        target: same shape and dtype as ``pred``; treated as a constant in the fused kernel.
+        mask: broadcastable to ``pred`` (e.g. ``[B, 1, H, W]``); bool or float weights
+            (True / 1 = corrupted pixel). The denominator is the mask's sum over the broadcast
+            shape, clamped to at least 1, so an empty mask gives 0, not NaN.
+        backend: ``"reference"``, ``"triton"`` or ``"auto"``/None (CUDA → Triton).
+        deterministic: ask the Triton kernel for a run-to-run identical reduction.
+    """
+    check_tensor("pred", pred, dtypes=_IN_DTYPES)
+    check_tensor("target", target, dtypes=_IN_DTYPES)
+    check_tensor("mask", mask, dtypes=_MASK_DTYPES)
+    if target.shape != pred.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal pred shape {tuple(pred.shape)}")
+    if target.dtype != pred.dtype:
+        raise TypeError(f"target dtype {target.dtype} must equal pred dtype {pred.dtype}")
+    try:
+        torch.broadcast_shapes(mask.shape, pred.shape)
+    except RuntimeError as err:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to pred shape "
+                         f"{tuple(pred.shape)}") from err
+    if mask.dim() > pred.dim():
+        raise ValueError(f"mask has more dimensions ({mask.dim()}) than pred ({pred.dim()})")
+    check_same_device(pred=pred, target=target, mask=mask)
+    if resolve_backend(backend, pred.device) == "triton":
+        from .triton_dispatch import masked_l1_loss_triton
+
+        return masked_l1_loss_triton(pred, target, mask, deterministic=deterministic)
+    return masked_l1_loss_reference(pred, target, mask)
