@@ -121,7 +121,7 @@ def _read_json(src: Path) -> list[tuple[AudioEntry, str]]:
         raw_path = item.get("wav")
         if not isinstance(raw_path, str) or not raw_path.strip():
             raise ManifestError(f'{src} {where}: missing or empty "wav" path')
-        raw_labels = item.get("labels", ())
+        raw_labels = item.get("labels")
         if raw_labels is None:
             labels: tuple[str, ...] = ()
         elif isinstance(raw_labels, str):
@@ -136,8 +136,10 @@ def _read_json(src: Path) -> list[tuple[AudioEntry, str]]:
 
 def _is_header(row: list[str]) -> bool:
     names = [c.strip().lower() for c in row]
-    return bool(names) and names[0] in {"path", "wav", "file", "filename"} and all(
-        n in {"label", "labels"} for n in names[1:]
+    return (
+        bool(names)
+        and names[0] in {"path", "wav", "file", "filename"}
+        and all(n in {"label", "labels"} for n in names[1:])
     )
 
 

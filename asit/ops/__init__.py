@@ -6,7 +6,11 @@ Each op validates its arguments, then dispatches: CUDA tensors go to the Triton 
 """
 
 from .center import update_center_
-from .distill_ce import DistillCEOutput, centered_softmax_cross_entropy, centered_softmax_cross_entropy_reference
+from .distill_ce import (
+    DistillCEOutput,
+    centered_softmax_cross_entropy,
+    centered_softmax_cross_entropy_reference,
+)
 from .gmml import (
     GMMLBlocks,
     GMMLOutput,

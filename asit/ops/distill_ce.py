@@ -79,7 +79,8 @@ def centered_softmax_cross_entropy(
     check_tensor("student", student, ndim=2, dtypes=_LOGIT_DTYPES)
     check_tensor("teacher", teacher, ndim=2, dtypes=_LOGIT_DTYPES)
     if teacher.shape != student.shape:
-        raise ValueError(f"teacher shape {tuple(teacher.shape)} must equal student shape {tuple(student.shape)}")
+        raise ValueError(f"teacher shape {tuple(teacher.shape)} must equal student shape "
+                         f"{tuple(student.shape)}")
     if teacher.dtype != student.dtype:
         raise TypeError(f"teacher dtype {teacher.dtype} must equal student dtype {student.dtype}")
     check_tensor("center", center, ndim=(1, 2), dtypes=(torch.float32, torch.float64))

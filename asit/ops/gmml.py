@@ -128,7 +128,8 @@ def sample_gmml_blocks(
     if allow_self_alien or batch == 1:
         source = _randint(0, batch - 1, (batch,), generator, device)
     else:
-        source = (torch.arange(batch, device=device) + _randint(1, batch - 1, (batch,), generator, device)) % batch
+        offset = _randint(1, batch - 1, (batch,), generator, device)
+        source = (torch.arange(batch, device=device) + offset) % batch
     zero_target = lo + (hi - lo) * torch.rand(batch, generator=generator, device=device)
     target = torch.where(alien, torch.full_like(zero_target, alien_ratio), zero_target)
 

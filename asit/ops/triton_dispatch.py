@@ -1,0 +1,177 @@
+"""Triton path of the fused ops: ``torch.library`` custom ops around the ``asit_kernels`` launchers.
+
+The ops are registered with ``torch.library.custom_op`` + ``register_fake`` (+ ``register_autograd``)
+rather than ``triton_op``/``wrap_triton``: that form also runs under ``TRITON_INTERPRET=1`` on CPU
+tensors, passes ``torch.library.opcheck`` and compiles with ``fullgraph=True`` (Inductor treats
+each op as opaque). Arguments are validated by the public functions in ``asit.ops`` before they
+reach this module.
+
+fp64 inputs fall back to the reference: the kernels accumulate in fp32. GMML is the exception
+(it only moves bits), so it runs for every float dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from asit_kernels import (
+    distill_ce_backward,
+    distill_ce_forward,
+    gmml_forward,
+    masked_l1_backward,
+    masked_l1_forward,
+)
+
+from .distill_ce import DistillCEOutput, _reduce, centered_softmax_cross_entropy_reference
+from .gmml import GMMLBlocks, GMMLOutput
+from .masked_l1 import masked_l1_loss_reference
+
+__all__ = ["centered_softmax_cross_entropy_triton", "gmml_corrupt_triton", "masked_l1_loss_triton"]
+
+
+# ---------------------------------------------------------------- GMML (forward only)
+
+@torch.library.custom_op("asit::gmml_corrupt", mutates_args=())
+def _gmml_corrupt_op(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, source: torch.Tensor,
+                     patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gmml_forward(x, boxes, alien, source, patch_size)
+
+
+@_gmml_corrupt_op.register_fake
+def _(x, boxes, alien, source, patch_size):
+    b, _, h, w = x.shape
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((b, 1, h, w), dtype=torch.bool),
+            x.new_empty((b, (h // patch_size) * (w // patch_size)), dtype=torch.float32))
+
+
+def gmml_corrupt_triton(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 16) -> GMMLOutput:
+    """Fused GMML painter; bit-identical to :func:`asit.ops.gmml_corrupt_reference`.
+
+    Forward only: ``x`` is detached (the corrupted view is an input, not differentiated through).
+    """
+    return GMMLOutput(*_gmml_corrupt_op(x.detach(), blocks.boxes, blocks.alien, blocks.source, patch_size))
+
+
+# ---------------------------------------------------------------- masked L1
+
+@torch.library.custom_op("asit::masked_l1", mutates_args=())
+def _masked_l1_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return masked_l1_forward(pred, target, mask, deterministic)
+
+
+@_masked_l1_op.register_fake
+def _(pred, target, mask, deterministic):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("asit::masked_l1_backward", mutates_args=())
+def _masked_l1_backward_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                           grad_out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return masked_l1_backward(pred, target, mask, grad_out, den)
+
+
+@_masked_l1_backward_op.register_fake
+def _(pred, target, mask, grad_out, den):
+    return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+
+
+def _masked_l1_setup(ctx, inputs, output):
+    pred, target, mask, _ = inputs
+    ctx.save_for_backward(pred, target, mask, output[1])
+
+
+def _masked_l1_grad(ctx, grad_loss, grad_den):
+    pred, target, mask, den = ctx.saved_tensors
+    grad_pred = grad_target = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_pred = _masked_l1_backward_op(pred, target, mask, grad_loss, den)
+        if ctx.needs_input_grad[1]:
+            grad_target = -grad_pred
+    # The mask is a constant (no gradient even if it is a float tensor that requires one).
+    return grad_pred, grad_target, None, None
+
+
+_masked_l1_op.register_autograd(_masked_l1_grad, setup_context=_masked_l1_setup)
+
+
+def masked_l1_loss_triton(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                          deterministic: bool = False) -> torch.Tensor:
+    """Fused masked L1 (0-d fp32). ``deterministic=True`` sums per-program partials in a fixed order
+    instead of with atomics. fp64 inputs use the reference."""
+    if pred.dtype == torch.float64:
+        return masked_l1_loss_reference(pred, target, mask)
+    loss, _ = _masked_l1_op(pred, target, mask, deterministic)
+    return loss
+
+
+# ---------------------------------------------------------------- centred softmax cross-entropy
+
+@torch.library.custom_op("asit::distill_ce", mutates_args=())
+def _distill_ce_op(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                   student_temp: torch.Tensor, teacher_temp: torch.Tensor,
+                   need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return distill_ce_forward(student, teacher, center, student_temp, teacher_temp, need_grad)
+
+
+@_distill_ce_op.register_fake
+def _(student, teacher, center, student_temp, teacher_temp, need_grad):
+    n, k = student.shape
+    return (student.new_empty((n,), dtype=torch.float32), student.new_empty((k,), dtype=torch.float32),
+            student.new_empty((n, k) if need_grad else (0,)))
+
+
+@torch.library.custom_op("asit::distill_ce_backward", mutates_args=())
+def _distill_ce_backward_op(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    return distill_ce_backward(grad, grad_rows)
+
+
+@_distill_ce_backward_op.register_fake
+def _(grad, grad_rows):
+    return torch.empty_like(grad)
+
+
+def _distill_ce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _distill_ce_grad(ctx, grad_rows, grad_teacher_sum, grad_grad):
+    (grad,) = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        if grad.numel() != grad_rows.numel() * grad.shape[-1] or grad.dim() != 2:
+            raise RuntimeError("asit::distill_ce was run without need_grad; no stored gradient to scale")
+        grad_student = _distill_ce_backward_op(grad, grad_rows)
+    return grad_student, None, None, None, None, None
+
+
+_distill_ce_op.register_autograd(_distill_ce_grad, setup_context=_distill_ce_setup)
+
+
+def _as_temp(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Temperature as a one-element tensor on ``like``'s device (no host sync, no recompiles)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).to(device=like.device)
+    return torch.full((), float(value), dtype=torch.float32, device=like.device)
+
+
+def centered_softmax_cross_entropy_triton(
+    student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+    student_temp: float | torch.Tensor, teacher_temp: float | torch.Tensor,
+    weights: torch.Tensor | None = None, reduction: str = "mean",
+) -> DistillCEOutput:
+    """Fused centred softmax cross-entropy; same contract as the reference.
+
+    The kernel returns per-row losses, the teacher column sums and the student gradient
+    ``(q - p)/τs``; the weighting and the mean over rows are PyTorch on the ``[N]`` vector, so
+    the backward is one pass that scales the stored gradient by the upstream per-row gradient.
+    fp64 inputs use the reference.
+    """
+    if student.dtype == torch.float64:
+        return centered_softmax_cross_entropy_reference(student, teacher, center, student_temp, teacher_temp,
+                                                        weights, reduction)
+    need_grad = torch.is_grad_enabled() and student.requires_grad
+    rows, teacher_sum, _ = _distill_ce_op(student, teacher.detach(), center.detach().reshape(-1),
+                                          _as_temp(student_temp, student), _as_temp(teacher_temp, student),
+                                          need_grad)
+    return DistillCEOutput(_reduce(rows, weights, reduction), teacher_sum.detach())

@@ -1,0 +1,506 @@
+"""The pretraining recipe: setup (data, model, optimiser, schedules), the training loop,
+checkpoints, logging and export. ``scripts/pretrain.py`` is a thin wrapper around :class:`Pretrainer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Sampler
+
+from asit.config import Config, config_to_dict, save_config
+from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
+from asit.ops import gmml_corrupt, sample_gmml_blocks
+
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    checkpoint_path,
+    find_latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+)
+from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .losses import ASiTLoss
+from .metrics import MetricWriter, softmax_entropy
+from .schedules import cosine_schedule, teacher_temp_schedule
+from .visualize import save_reconstruction_grid
+
+__all__ = ["Pretrainer", "EpochSampler"]
+
+log = logging.getLogger(__name__)
+
+
+class EpochSampler(Sampler[int]):
+    """Deterministic shuffled indices for one rank: a permutation seeded by ``(seed, epoch)``,
+    split across ranks, with the first ``skip`` indices dropped (used to resume mid-epoch)."""
+
+    def __init__(self, size: int, *, rank: int, world_size: int, seed: int, num_samples: int) -> None:
+        self.size, self.rank, self.world = size, rank, world_size
+        self.seed, self.num_samples = seed, num_samples
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.size, generator=g)[self.rank :: self.world][: self.num_samples]
+        return iter(perm[self.skip :].tolist())
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+class _StudentStep(nn.Module):
+    """What DDP wraps: the student applied to the corrupted global views and (v2) the clean local
+    views, in one forward so DDP sees one graph per step."""
+
+    def __init__(self, student: ASiTModel) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, corrupted: torch.Tensor, local_views: torch.Tensor | None = None):
+        out = self.student(corrupted)
+        local_cls = None
+        if local_views is not None:
+            local_cls = self.student(local_views, with_recon=False)["cls_logits"]
+        return out, local_cls
+
+
+def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases, norms, tokens and positional embeddings excluded (DINO's rule
+    extended to the timm names)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name.endswith(("cls_token", "pos_embed")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+
+def _rng_state(gmml_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "gmml": gmml_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+class Pretrainer:
+    """ASiT pretraining, single process or under torchrun (DDP).
+
+    Usage::
+
+        trainer = Pretrainer(load_config("demo_cpu"), resume=True)
+        trainer.setup()
+        trainer.train()
+        trainer.cleanup()
+    """
+
+    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.run_dir = Path(cfg.train.output_dir)
+        self.step = 0
+        self.start_epoch = 0
+        self.skip_batches = 0
+        self.bad_inputs: Counter[str] = Counter()
+        self._last_images: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Build everything; restore from the latest checkpoint when resuming."""
+        cfg = self.cfg
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+        self._setup_precision()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_schedules()
+        if self.resume:
+            self._restore()
+        self.writer = MetricWriter(self.run_dir, enabled=self.dist.is_main)
+
+    def _setup_precision(self) -> None:
+        prec = self.cfg.train.precision
+        if prec == "auto":
+            prec = "bf16" if self.device.type == "cuda" else "fp32"
+        if prec == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        self.precision = prec
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=prec == "fp16")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _setup_data(self) -> None:
+        from asit.data import PretrainDataset, collate_pretrain, ensure_demo_dataset, load_manifest
+
+        d = self.cfg.data
+        source = d.train_manifest
+        if source == "demo":
+            root = Path(d.cache_dir) / "demo" if d.cache_dir else None
+            if self.dist.is_main:
+                source = str(ensure_demo_dataset(root, num_clips=d.demo_clips, sample_rate=d.sample_rate,
+                                                 seconds=d.demo_seconds, seed=self.cfg.train.seed))
+            if self.dist.distributed:
+                holder = [source]
+                dist.broadcast_object_list(holder, src=0)
+                source = holder[0]
+        entries = load_manifest(source)
+        self.dataset = PretrainDataset(
+            entries, sample_rate=d.sample_rate, crop_seconds=d.crop_seconds, num_views=d.num_views,
+            local_views=d.local_views, local_crop_seconds=d.local_crop_seconds, num_mel_bins=d.num_mel_bins,
+            target_frames=d.target_frames, local_target_frames=d.local_target_frames, mean=d.mean, std=d.std,
+            roll_prob=d.roll_prob, seed=self.cfg.train.seed)
+        per_rank = len(entries) // self.dist.world_size
+        iters = per_rank // self.cfg.train.batch_size
+        if iters == 0:
+            raise ValueError(f"train.batch_size={self.cfg.train.batch_size} × {self.dist.world_size} process(es) "
+                             f"is larger than the dataset ({len(entries)} clips in {source})")
+        if self.cfg.train.max_steps_per_epoch:
+            iters = min(iters, self.cfg.train.max_steps_per_epoch)
+        self.iters_per_epoch = iters
+        self.sampler = EpochSampler(len(entries), rank=self.dist.rank, world_size=self.dist.world_size,
+                                    seed=self.cfg.train.seed, num_samples=iters * self.cfg.train.batch_size)
+        workers = d.num_workers
+        self.loader = DataLoader(
+            self.dataset, batch_size=self.cfg.train.batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=collate_pretrain, pin_memory=self.device.type == "cuda", drop_last=True,
+            persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+            # own generator: creating a loader iterator must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        if self.dist.is_main:
+            log.info("data: %d clips from %s, %d steps/epoch of %d per process", len(entries), source,
+                     iters, self.cfg.train.batch_size)
+
+    def _setup_model(self) -> None:
+        m, d = self.cfg.model, self.cfg.data
+        preset = dict(VIT_PRESETS[m.arch])
+        for key in ("embed_dim", "depth", "num_heads"):
+            if getattr(m, key) is not None:
+                preset[key] = getattr(m, key)
+        torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
+        self.pair: StudentTeacher = build_asit(
+            preset=preset, img_size=(d.target_frames, d.num_mel_bins), patch_size=m.patch_size,
+            drop_path_rate=m.drop_path_rate, out_cls=m.head_out_cls, out_tokens=m.head_out_tokens,
+            head_hidden=m.head_hidden, head_bottleneck=m.head_bottleneck, trainable_g=m.trainable_g,
+            recon_hidden=m.recon_hidden, recon_out=m.recon_out, attn_backend=m.attn_backend,
+        ).to(self.device)
+        torch.manual_seed(self.cfg.train.seed + self.dist.rank)
+        self.student = self.pair.student
+        self.teacher = self.pair.teacher
+        step_module = _StudentStep(self.student)
+        if self.dist.distributed:
+            step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.student_step = step_module
+        out_tokens = m.head_out_tokens if m.head_out_tokens is not None else m.head_out_cls
+        lc = self.cfg.loss
+        self.loss_fn = ASiTLoss(
+            m.head_out_cls, out_tokens, student_temp=lc.student_temp, center_momentum=lc.center_momentum,
+            weight_global=lc.weight_global, weight_local=lc.weight_local, weight_recon=lc.weight_recon,
+            local_tokens=lc.local_tokens, global_pairs=lc.global_pairs, all_reduce=self.dist.distributed,
+        ).to(self.device)
+        self.gmml_gen = torch.Generator(device=self.device)
+        self.gmml_gen.manual_seed(self.cfg.train.seed * 1000 + self.dist.rank + 1)
+        if self.dist.is_main:
+            n = sum(p.numel() for p in self.student.parameters())
+            log.info("student: %.1fM parameters (%s)", n / 1e6, m.arch)
+
+    def _setup_optimizer(self) -> None:
+        o = self.cfg.optim
+        kwargs: dict[str, Any] = {"betas": o.betas}
+        if self.device.type == "cuda":
+            kwargs["fused"] = True
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student), lr=0.0, **kwargs)
+        self.last_layer_params = [p for layer in self.student.head.last_layers for p in layer.parameters()
+                                  if p.requires_grad]
+
+    def _setup_schedules(self) -> None:
+        o, t, lc = self.cfg.optim, self.cfg.train, self.cfg.loss
+        it = self.iters_per_epoch
+        global_batch = t.batch_size * self.dist.world_size
+        self.lr_sched = cosine_schedule(o.lr * global_batch / 256.0, o.min_lr, t.epochs, it, o.warmup_epochs)
+        self.wd_sched = cosine_schedule(o.weight_decay, o.weight_decay_end, t.epochs, it)
+        self.momentum_sched = cosine_schedule(o.momentum_teacher, 1.0, t.epochs, it)
+        self.temp_sched = teacher_temp_schedule(lc.warmup_teacher_temp, lc.teacher_temp,
+                                                lc.warmup_teacher_temp_epochs, t.epochs, it)
+        self.total_steps = t.epochs * it
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.iters_per_epoch,
+            "iters_per_epoch": self.iters_per_epoch,
+            "world_size": self.dist.world_size,
+            "rng": _rng_state(self.gmml_gen),
+            "bad_inputs": dict(self.bad_inputs),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Atomically write the full training state (rank 0) and prune old checkpoints.
+
+        RNG states differ per rank; each rank stores its own in a small side file so resume is exact.
+        """
+        path = checkpoint_path(self.run_dir, self.step)
+        rng_path = path.with_name(f"rng_{self.step:09d}_rank{self.dist.rank}.pt")
+        atomic_save(_rng_state(self.gmml_gen), rng_path)
+        if self.dist.is_main:
+            atomic_save(self.state_dict(), path)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+            kept = {p.name.split("_")[1].split(".")[0] for p in path.parent.glob("checkpoint_*.pt")}
+            for f in path.parent.glob("rng_*_rank*.pt"):
+                if f.name.split("_")[1] not in kept:
+                    f.unlink(missing_ok=True)
+        if self.dist.distributed:
+            dist.barrier()
+        return path if self.dist.is_main else None
+
+    def _restore(self) -> None:
+        path = find_latest_checkpoint(self.run_dir)
+        if path is None:
+            if self.dist.is_main:
+                log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        if state["world_size"] != self.dist.world_size:
+            raise CheckpointError(f"{path} was written by {state['world_size']} process(es), this run has "
+                                  f"{self.dist.world_size}: exact resume needs the same world size")
+        if state["iters_per_epoch"] != self.iters_per_epoch:
+            raise CheckpointError(f"{path}: {state['iters_per_epoch']} steps/epoch there, {self.iters_per_epoch} "
+                                  "now (dataset or batch size changed)")
+        try:
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path} does not match the configured model: {err}") from err
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.bad_inputs.update(state.get("bad_inputs", {}))
+        self.step = int(state["step"])
+        self.start_epoch = self.step // self.iters_per_epoch
+        self.skip_batches = self.step % self.iters_per_epoch
+        rng_path = path.with_name(f"rng_{self.step:09d}_rank{self.dist.rank}.pt")
+        rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        self.gmml_gen.set_state(rng["gmml"].cpu() if self.device.type == "cpu" else rng["gmml"].cpu())
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.start_epoch,
+                     self.skip_batches)
+
+    # ------------------------------------------------------------------ training
+    def _corrupt(self, views: torch.Tensor):
+        """GMML on each global view separately (alien sources from the same view of other clips).
+
+        views: ``[B, V, 1, T, F]`` → view-major ``[V·B, 1, T, F]`` clean, corrupted, mask, token fraction.
+        """
+        g = self.cfg.gmml
+        b, v, _, t, f = views.shape
+        clean, corrupted, masks, fracs = [], [], [], []
+        for i in range(v):
+            x = views[:, i]
+            blocks = sample_gmml_blocks(b, t, f, generator=self.gmml_gen, device=self.device,
+                                        zero_ratio=g.zero_ratio, alien_ratio=g.alien_ratio,
+                                        alien_prob=g.alien_prob, max_block_frac=g.max_block_frac,
+                                        align=g.align, allow_self_alien=g.allow_self_alien)
+            out = gmml_corrupt(x, blocks, self.cfg.model.patch_size)
+            clean.append(x)
+            corrupted.append(out.corrupted)
+            masks.append(out.mask)
+            fracs.append(out.token_fraction)
+        return torch.cat(clean), torch.cat(corrupted), torch.cat(masks), torch.cat(fracs)
+
+    def _set_hyperparams(self) -> dict[str, float]:
+        i = min(self.step, self.total_steps - 1)
+        lr, wd = float(self.lr_sched[i]), float(self.wd_sched[i])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group["apply_wd"]:
+                group["weight_decay"] = wd
+        return {"lr": lr, "wd": wd, "momentum": float(self.momentum_sched[i]), "teacher_temp": float(self.temp_sched[i])}
+
+    def _clip_gradients(self) -> torch.Tensor | None:
+        o = self.cfg.optim
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        if o.clip_grad <= 0 or not params:
+            return torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        if o.clip_mode == "global":
+            return torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
+        # Authors' (DINO) clipping: each parameter's gradient separately, without host syncs.
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norms = torch._foreach_norm([p.grad for p in params])
+        scales = [torch.clamp(o.clip_grad / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_([p.grad for p in params], scales)
+        return total
+
+    def train_step(self, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        """One optimisation step on a collated batch; returns detached loss terms (no host sync)."""
+        hp = self._set_hyperparams()
+        views = batch["views"].to(self.device, non_blocking=True)
+        local_views = None
+        if "local_views" in batch and batch["local_views"].numel() > 0:
+            lv = batch["local_views"].to(self.device, non_blocking=True)  # [B, L, 1, T', F]
+            local_views = lv.transpose(0, 1).flatten(0, 1)
+        clean, corrupted, mask, frac = self._corrupt(views)
+        with self._autocast():
+            student_out, local_cls = self.student_step(corrupted, local_views)
+            with torch.no_grad():
+                teacher_out = self.teacher(clean, with_recon=False)
+            losses = self.loss_fn(student_out, teacher_out, clean, mask, frac, hp["teacher_temp"], local_cls)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_gradients()
+        if epoch < self.cfg.optim.freeze_last_layer_epochs:
+            for p in self.last_layer_params:
+                p.grad = None  # AdamW skips parameters without a gradient: frozen, no decay either
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.pair.update_teacher(hp["momentum"])
+        self.step += 1
+        out = {k: v.detach() for k, v in losses.items()}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm.detach()
+        self._last = (hp, student_out, teacher_out, clean, corrupted, mask)
+        return out
+
+    def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Collapse monitors: teacher entropy per head (max log K) and the centres' norms."""
+        lf = self.loss_fn
+        return {
+            "teacher_entropy_cls": softmax_entropy(teacher_out["cls_logits"], lf.center_global, hp["teacher_temp"]),
+            "teacher_entropy_tokens": softmax_entropy(teacher_out["token_logits"], lf.center_local,
+                                                      hp["teacher_temp"]),
+            "center_norm_cls": float(lf.center_global.norm()),
+            "center_norm_tokens": float(lf.center_local.norm()),
+        }
+
+    def train(self) -> dict[str, Any]:
+        """Run the remaining epochs; returns a summary (first/last logged loss, wall time, steps)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.student_step.train()
+        summary: dict[str, Any] = {"first_loss": None, "last_loss": None}
+        started = time.time()
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            skip = self.skip_batches if epoch == self.start_epoch else 0
+            self.sampler.set_epoch(epoch, skip * cfg.train.batch_size)
+            set_epoch = getattr(self.dataset, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(epoch)
+            bar = tqdm(total=self.iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                       disable=not (self.dist.is_main and cfg.train.progress), dynamic_ncols=True, leave=True)
+            window_start, window_samples = time.time(), 0
+            epoch_skipped: Counter[str] = Counter()
+            for batch in self.loader:
+                epoch_skipped.update(batch.get("skip_reasons", []))
+                if batch["views"].shape[0] < 2:
+                    log.warning("step %d: fewer than 2 usable clips in the batch, step skipped", self.step)
+                    self.step += 1
+                    bar.update(1)
+                    continue
+                terms = self.train_step(batch, epoch)
+                window_samples += batch["views"].shape[0] * self.dist.world_size
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    values = {k: float(v) for k, v in terms.items()}
+                    hp = self._last[0]
+                    elapsed = time.time() - window_start
+                    values.update(hp)
+                    values["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                    values["epoch"] = epoch
+                    values.update(self._monitors(hp, self._last[2]))
+                    if not all(math.isfinite(values[k]) for k in ("loss", "global", "local", "recon")):
+                        log.error("non-finite loss at step %d: %s", self.step, values)
+                    self.writer.write(self.step, values)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", glob=f"{values['global']:.3f}",
+                                    local=f"{values['local']:.3f}", rec=f"{values['recon']:.3f}",
+                                    sps=f"{values['samples_per_s']:.1f}")
+                    if summary["first_loss"] is None:
+                        summary["first_loss"] = values["loss"]
+                    summary["last_loss"] = values["loss"]
+                    window_start, window_samples = time.time(), 0
+                if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0 \
+                        and self.step % self.iters_per_epoch != 0:
+                    self.save_checkpoint()
+            bar.close()
+            self._end_epoch(epoch, epoch_skipped)
+        summary.update(steps=self.step, wall_time_s=time.time() - started)
+        if self.dist.is_main:
+            summary["encoder"] = str(self.export_teacher_encoder())
+            with open(self.run_dir / "summary.json", "w", encoding="utf-8") as fh:
+                json.dump(summary, fh, indent=2)
+        return summary
+
+    def _end_epoch(self, epoch: int, skipped: Counter[str]) -> None:
+        self.bad_inputs.update(skipped)
+        if skipped and self.dist.is_main:
+            log.warning("epoch %d: skipped %d unreadable clip(s): %s", epoch + 1, sum(skipped.values()),
+                        dict(skipped.most_common(5)))
+        self.writer.flush()
+        every = self.cfg.train.image_every_epochs
+        if self.dist.is_main and every and (epoch + 1) % every == 0 and getattr(self, "_last", None):
+            hp, s_out, _, clean, corrupted, mask = self._last
+            recon = s_out["recon"]
+            save_reconstruction_grid(self.run_dir / "images" / f"epoch_{epoch + 1:04d}.png", clean, corrupted,
+                                     recon, mask, title=f"epoch {epoch + 1}, step {self.step}")
+        self.save_checkpoint()
+
+    # ------------------------------------------------------------------ export / cleanup
+    def export_teacher_encoder(self) -> Path:
+        """Write the teacher backbone alone (timm parameter names) as safetensors, atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.teacher.backbone.state_dict().items()}
+        m, d = self.cfg.model, self.cfg.data
+        meta = {"format": "asit-encoder-v1", "arch": m.arch, "patch_size": str(m.patch_size),
+                "img_size": json.dumps([d.target_frames, d.num_mel_bins]), "sample_rate": str(d.sample_rate),
+                "num_mel_bins": str(d.num_mel_bins), "mean": str(d.mean), "std": str(d.std),
+                "config": json.dumps(config_to_dict(self.cfg)), "step": str(self.step)}
+        path = self.run_dir / "teacher_encoder.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    def cleanup(self) -> None:
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+        cleanup_distributed()
+
+

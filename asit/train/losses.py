@@ -1,0 +1,102 @@
+"""The ASiT objective: global ([CLS], cross-view) and local (data tokens, same view)
+self-distillation plus masked reconstruction. The module owns the two centres.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from asit.ops import centered_softmax_cross_entropy, masked_l1_loss, update_center_
+
+__all__ = ["ASiTLoss"]
+
+
+class ASiTLoss(nn.Module):
+    """``w_g · L_global + w_l · L_local + w_r · L_recon`` with EMA centres.
+
+    Centres are buffers (saved in checkpoints); they are updated with the teacher logits of the
+    current step *after* the losses are computed with the old values (as DINO/ASiT do), summed
+    across ranks through ``all_reduce`` (injected, so the module is testable without a process group).
+    """
+
+    def __init__(self, out_cls: int, out_tokens: int, *, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, weight_global: float = 1.0, weight_local: float = 1.0,
+                 weight_recon: float = 2.0, local_tokens: str = "all", global_pairs: str = "v1",
+                 all_reduce: bool | Callable[[torch.Tensor], None] = False) -> None:
+        super().__init__()
+        if local_tokens not in ("all", "corrupted"):
+            raise ValueError(f"local_tokens must be 'all' or 'corrupted', got {local_tokens!r}")
+        if global_pairs not in ("v1", "v2"):
+            raise ValueError(f"global_pairs must be 'v1' or 'v2', got {global_pairs!r}")
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.weights = (weight_global, weight_local, weight_recon)
+        self.local_tokens = local_tokens
+        self.global_pairs = global_pairs
+        self.all_reduce = all_reduce
+        self.register_buffer("center_global", torch.zeros(out_cls))
+        self.register_buffer("center_local", torch.zeros(out_tokens))
+
+    def _global_rows(self, s_cls: torch.Tensor, s_local_cls: torch.Tensor | None, t_cls: torch.Tensor,
+                     batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Pair student and teacher [CLS] rows. Returns (student rows, teacher rows, how many times
+        each teacher row was repeated)."""
+        s_views = list(s_cls.split(batch))  # global views, each [B, K]
+        t_views = list(t_cls.split(batch))
+        if self.global_pairs == "v1":
+            # student view 1 ↔ teacher view 2 and vice versa
+            return torch.cat([s_views[0], s_views[1]]), torch.cat([t_views[1], t_views[0]]), 1
+        if s_local_cls is not None:
+            s_views += list(s_local_cls.split(batch))
+        s_rows, t_rows = [], []
+        for ti, t in enumerate(t_views):
+            for si, s in enumerate(s_views):
+                if si != ti:  # same-view pairs are skipped
+                    s_rows.append(s)
+                    t_rows.append(t)
+        return torch.cat(s_rows), torch.cat(t_rows), len(s_views) - 1
+
+    def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                clean: torch.Tensor, mask: torch.Tensor, token_fraction: torch.Tensor,
+                teacher_temp: float, student_local_cls: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Args:
+            student: outputs on the corrupted global views (view-major ``[V·B, ...]``):
+                ``cls_logits [V·B, Kc]``, ``token_logits [V·B, N, Kt]``, ``recon [V·B, 1, T, F]``.
+            teacher: outputs on the clean global views: ``cls_logits``, ``token_logits``.
+            clean: ``[V·B, 1, T, F]`` clean views (reconstruction targets).
+            mask: ``[V·B, 1, T, F]`` bool, True = corrupted pixel.
+            token_fraction: ``[V·B, N]`` corrupted fraction per token.
+            teacher_temp: ``τ_t`` for this step.
+            student_local_cls: v2 only, ``[L·B, Kc]`` student [CLS] logits of the clean local views.
+
+        Returns: dict with ``loss`` (weighted total) and the terms ``global``, ``local``, ``recon``.
+        """
+        num_views = 2
+        batch = clean.shape[0] // num_views
+        s_rows, t_rows, repeats = self._global_rows(student["cls_logits"], student_local_cls,
+                                                    teacher["cls_logits"], batch)
+        glob = centered_softmax_cross_entropy(s_rows, t_rows, self.center_global, self.student_temp,
+                                              teacher_temp)
+        s_tok = student["token_logits"].flatten(0, 1)  # [V·B·N, Kt]
+        t_tok = teacher["token_logits"].flatten(0, 1)
+        weights = None
+        if self.local_tokens == "corrupted":
+            weights = (token_fraction.flatten() > 0).to(torch.float32)
+        local = centered_softmax_cross_entropy(s_tok, t_tok, self.center_local, self.student_temp,
+                                               teacher_temp, weights)
+        recon_pred = student["recon"]
+        target = clean[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
+        rec_mask = mask[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
+        recon = masked_l1_loss(recon_pred, target.to(recon_pred.dtype), rec_mask)
+        wg, wl, wr = self.weights
+        total = wg * glob.loss + wl * local.loss + wr * recon
+        with torch.no_grad():
+            update_center_(self.center_global, glob.teacher_sum / repeats, t_rows.shape[0] // repeats,
+                           self.center_momentum, self.all_reduce)
+            update_center_(self.center_local, local.teacher_sum, t_tok.shape[0], self.center_momentum,
+                           self.all_reduce)
+        return {"loss": total, "global": glob.loss.detach(), "local": local.loss.detach(),
+                "recon": recon.detach()}

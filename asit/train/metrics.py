@@ -1,0 +1,53 @@
+"""Run outputs for humans and tools: a JSON-lines log and TensorBoard scalars (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MetricWriter", "softmax_entropy"]
+
+
+@torch.no_grad()
+def softmax_entropy(logits: torch.Tensor, center: torch.Tensor, temp: float) -> float:
+    """Mean entropy (nats) of ``softmax((logits - center) / temp)`` over rows; its maximum is
+    ``log K``. A teacher collapsing to one class drives it to 0, a uniform teacher to ``log K``."""
+    p = torch.softmax((logits.float().reshape(-1, logits.shape[-1]) - center) / temp, dim=-1)
+    return float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
+
+
+class MetricWriter:
+    """Appends one JSON object per log step to ``<run>/log.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "log.jsonl"
+        self._tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **values}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,101 @@
+"""Forward + backward benchmarks of the fused ops: ``ref`` (eager reference), ``ref_compiled``
+(``torch.compile`` of the reference) and ``triton``.
+
+Each case reports GB/s of the op's minimal traffic next to the session's copy bandwidth, and
+peak memory on CUDA (pytest-benchmark ``extra_info``). Shapes are DESIGN §3's on CUDA and
+smaller ones on CPU, where only ``ref`` runs. Run with ``pytest bench/``.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+import triton
+
+import asit.ops as ops
+
+CUDA = torch.cuda.is_available()
+# (op, shape): DESIGN §3 on CUDA; reduced sizes on CPU so `pytest bench/` stays quick.
+CASES = [
+    ("gmml", (64, 1, 592, 128) if CUDA else (8, 1, 592, 128)),
+    ("masked_l1", (64, 1, 592, 128) if CUDA else (8, 1, 592, 128)),
+    ("ce_local", (37_888, 1024) if CUDA else (2048, 1024)),
+    ("ce_global", (128, 8192)),
+    ("ce_global", (128, 65_536) if CUDA else (16, 65_536)),
+]
+PROVIDERS = ["ref", "ref_compiled", "triton"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup(op: str, shape: tuple[int, ...], dtype: torch.dtype, provider: str, device: torch.device):
+    """Return ``(fn, bytes)``: a closure running forward + backward, and its minimal traffic."""
+    backend = "reference" if provider.startswith("ref") else "triton"
+    gen = torch.Generator(device=device).manual_seed(0)
+    size = dtype.itemsize
+    if op == "gmml":
+        b, c, h, w = shape
+        x = torch.randn(shape, device=device, generator=gen).to(dtype)
+        blocks = ops.sample_gmml_blocks(b, h, w, generator=gen, device=device)
+        fn = lambda: ops.gmml_corrupt(x, blocks, 16, backend=backend)
+        alien_px = int(blocks.alien.sum()) * c * h * w * 0.3
+        nbytes = 2 * x.numel() * size + alien_px * size + b * h * w + b * (h // 16) * (w // 16) * 4
+    elif op == "masked_l1":
+        pred = torch.randn(shape, device=device, generator=gen).to(dtype).requires_grad_()
+        target = torch.randn(shape, device=device, generator=gen).to(dtype)
+        mask = torch.rand(shape, device=device, generator=gen) < 0.5
+
+        def fn():
+            ops.masked_l1_loss(pred, target, mask, backend=backend).backward()
+
+        n = pred.numel()
+        nbytes = 2 * (2 * n * size + mask.numel()) + n * size  # fwd read, bwd read + write
+    else:
+        n, k = shape
+        student = torch.randn(shape, device=device, generator=gen).to(dtype).requires_grad_()
+        teacher = torch.randn(shape, device=device, generator=gen).to(dtype)
+        center = torch.randn(k, device=device, generator=gen)
+
+        def fn():
+            out = ops.centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04, backend=backend)
+            out.loss.backward()
+
+        nbytes = 5 * n * k * size  # fwd: read s, t, write grad; bwd: read grad, write grad_s
+    if provider == "ref_compiled":
+        fn = torch.compile(fn)
+    return fn, nbytes
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op,shape", CASES, ids=[f"{o}-{'x'.join(map(str, s))}" for o, s in CASES])
+def test_bench(benchmark, op, shape, dtype, provider, device, copy_gbps):
+    if provider == "triton" and not CUDA:
+        pytest.skip("Triton kernels need a CUDA device "
+                    "(the interpreter is a correctness tool, not a benchmark)")
+    if provider == "ref_compiled" and not CUDA:
+        pytest.skip("torch.compile of the reference takes tens of seconds per case on CPU; measured on CUDA")
+    fn, nbytes = setup(op, shape, dtype, provider, device)
+    fn()  # warm-up (compilation, autotuning, allocator)
+    sync(device)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        benchmark.extra_info["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+    def run():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(run, rounds=20 if CUDA else 3, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        gbps=nbytes / median / 1e9, copy_gbps=copy_gbps, bytes=nbytes,
+        device=torch.cuda.get_device_name(device) if CUDA else platform.processor() or "cpu",
+        torch=torch.__version__, triton=triton.__version__)

@@ -1,0 +1,81 @@
+"""Host-side helpers shared by the kernels: every block size comes from here."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Set to "1" (tests do) to fill every launcher-allocated output with NaN / 0xFF bytes, so an
+# element the kernel forgets to write cannot pass for a correct one.
+POISON_ENV = "ASIT_KERNELS_POISON"
+
+# Largest tile (elements per tensor) one program holds at once; keeps register use moderate.
+MAX_TILE = 8192
+# Elementwise kernels: elements per block, and roughly how many programs a launch should have.
+ELEMENTWISE_BLOCK = 1024
+TARGET_PROGRAMS = 1024
+
+
+def pow2_block(n: int, *, max_block: int = MAX_TILE, min_block: int = 16) -> int:
+    """Power-of-two block covering ``n`` elements, clamped to ``[min_block, max_block]``."""
+    return max(min_block, min(max_block, triton.next_power_of_2(max(int(n), 1))))
+
+
+def elementwise_blocks(n: int) -> tuple[int, int, int]:
+    """``(BLOCK, TILES, programs)`` for a flat reduction over ``n`` elements.
+
+    Each program walks ``TILES`` consecutive blocks of ``BLOCK`` elements; ``TILES`` is a power of
+    two so that few kernel variants are ever compiled.
+    """
+    block = min(ELEMENTWISE_BLOCK, pow2_block(n))
+    n_blocks = triton.cdiv(max(n, 1), block)
+    tiles = min(64, triton.next_power_of_2(triton.cdiv(n_blocks, TARGET_PROGRAMS)))
+    return block, tiles, triton.cdiv(n_blocks, tiles)
+
+
+def row_blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """``(ROWS, BLOCK_K)`` for row-wise kernels: a ``ROWS × BLOCK_K`` tile of at most ``MAX_TILE``."""
+    block_k = pow2_block(n_cols, max_block=4096)
+    rows = max(1, min(MAX_TILE // block_k, triton.next_power_of_2(max(n_rows, 1)), 8))
+    return rows, block_k
+
+
+def gmml_blocks(patch: int) -> tuple[int, int, int]:
+    """``(BLOCK_P, TOKENS, BLOCK_W)`` for the GMML painter.
+
+    A program covers one band of ``patch`` rows (padded to ``BLOCK_P``) and ``TOKENS`` whole
+    patches along the width (``TOKENS · patch`` columns, padded to ``BLOCK_W``), so no patch is
+    split between programs.
+    """
+    tokens = max(1, 128 // patch)
+    return triton.next_power_of_2(patch), tokens, triton.next_power_of_2(tokens * patch)
+
+
+def num_warps_for(tile: int) -> int:
+    """Warps per program for a tile of ``tile`` elements (Triton tutorial heuristic)."""
+    if tile >= 8192:
+        return 8
+    if tile >= 2048:
+        return 4
+    return 2
+
+
+@triton.jit
+def load_scalar_f32(ptr):
+    """Load element 0 of a one-element tensor as an fp32 scalar (masked, like every load)."""
+    idx = tl.arange(0, 1)
+    return tl.sum(tl.load(ptr + idx, mask=idx < 1, other=0.0).to(tl.float32), axis=0)
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer, or a poisoned one when ``ASIT_KERNELS_POISON=1``."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get(POISON_ENV) == "1":
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        else:
+            out.view(torch.uint8).fill_(0xFF)
+    return out

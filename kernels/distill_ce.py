@@ -1,0 +1,193 @@
+"""Centred, sharpened softmax cross-entropy (DINO/iBOT/ASiT self-distillation), fused.
+
+One program owns ``ROWS`` rows and walks K in chunks of ``BLOCK_K`` with an online softmax for
+both the student and the teacher. Pass 1 produces the per-row loss and writes the column sums
+of its rows' raw teacher logits as one partial row ``[K]``; pass 2 (only when a gradient is
+wanted) re-reads the chunks and writes ``(softmax(s/τs) - p)/τs`` per element. The partials are
+reduced over programs by a second small kernel in a fixed order, so ``teacher_sum`` is
+deterministic (no atomics; the price is ``(N / ROWS) · K`` fp32 of extra traffic).
+
+The backward multiplies the stored gradient by the upstream per-row gradient; the row
+weights and the mean's denominator live in that per-row gradient (the final reduction over
+rows is plain PyTorch on an ``[N]`` vector).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import load_scalar_f32, new_output, num_warps_for, pow2_block, row_blocks
+
+
+# Per row i, with a_k = s_ik / τs and b_k = (t_ik - c_k) / τt:
+#   p = softmax(b),  log q = a - m_s - log Z_s  (m_s = max a, Z_s = Σ exp(a - m_s))
+#   loss_i = -Σ_k p_k log q_k = log Z_s - Σ_k p_k (a_k - m_s)
+# computed online: U = Σ_k exp(b_k - m_t) (a_k - m_s) is rescaled whenever m_t or m_s grows,
+# and loss_i = log Z_s - U / Z_t (both terms ≥ 0: no cancellation).
+# Gradient: ∂loss_i/∂s_ik = (q_k - p_k) / τs.   Partial column sums: P_q,k = Σ_{i∈rows(q)} t_ik.
+@triton.jit
+def _distill_ce_forward_kernel(
+    student_ptr,  # [N, K] student logits (row stride stride_s, unit column stride)
+    teacher_ptr,  # [N, K] teacher logits (row stride stride_t, unit column stride)
+    center_ptr,  # [K] centre, fp32/fp64
+    student_temp_ptr,  # [1] τs
+    teacher_temp_ptr,  # [1] τt
+    loss_ptr,  # [N] fp32 output: per-row loss
+    grad_ptr,  # [N, K] output (student dtype, contiguous): (q - p) / τs; unused unless WRITE_GRAD
+    part_ptr,  # [cdiv(N, ROWS), K] fp32 output: per-program teacher column sums
+    n_rows,
+    n_cols,
+    stride_s,
+    stride_t,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    inv_ts = 1.0 / load_scalar_f32(student_temp_ptr)
+    inv_tt = 1.0 / load_scalar_f32(teacher_temp_ptr)
+    # Finite "minus infinity" keeps (m_s - m_s_new) · 0 = 0 on the first chunk.
+    m_s = tl.full([ROWS], -1.0e30, tl.float32)
+    z_s = tl.zeros([ROWS], dtype=tl.float32)
+    m_t = tl.full([ROWS], -1.0e30, tl.float32)
+    z_t = tl.zeros([ROWS], dtype=tl.float32)
+    u = tl.zeros([ROWS], dtype=tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < n_cols
+        ok = row_ok[:, None] & col_ok[None, :]
+        s = tl.load(student_ptr + rows[:, None] * stride_s + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        t = tl.load(teacher_ptr + rows[:, None] * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        c = tl.load(center_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(part_ptr + pid * n_cols + cols, tl.sum(t, axis=0), mask=col_ok)
+        a_raw = s * inv_ts  # finite everywhere (0 in masked lanes)
+        a = tl.where(col_ok[None, :], a_raw, float("-inf"))
+        b = tl.where(col_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
+        m_s_new = tl.maximum(m_s, tl.max(a, axis=1))
+        m_t_new = tl.maximum(m_t, tl.max(b, axis=1))
+        z_s = z_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(a - m_s_new[:, None]), axis=1)
+        alpha = tl.exp(m_t - m_t_new)
+        z_t_old = z_t * alpha
+        # Re-base U on the new maxima (U = 0 and z_t_old = 0 on the first chunk).
+        u = u * alpha + (m_s - m_s_new) * z_t_old
+        e_b = tl.exp(b - m_t_new[:, None])
+        u += tl.sum(e_b * (a_raw - m_s_new[:, None]), axis=1)  # e_b = 0 in masked columns
+        z_t = z_t_old + tl.sum(e_b, axis=1)
+        m_s = m_s_new
+        m_t = m_t_new
+    loss = tl.log(z_s) - u / z_t
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    if WRITE_GRAD:
+        inv_zs = 1.0 / z_s
+        inv_zt = 1.0 / z_t
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            ok = row_ok[:, None] & col_ok[None, :]
+            s = tl.load(student_ptr + rows[:, None] * stride_s + cols[None, :], mask=ok, other=0.0)
+            t = tl.load(teacher_ptr + rows[:, None] * stride_t + cols[None, :], mask=ok, other=0.0)
+            c = tl.load(center_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            q = tl.exp(s.to(tl.float32) * inv_ts - m_s[:, None]) * inv_zs[:, None]
+            p = tl.exp((t.to(tl.float32) - c[None, :]) * inv_tt - m_t[:, None]) * inv_zt[:, None]
+            grad = (q - p) * inv_ts
+            tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                     mask=ok)
+
+
+# teacher_sum_k = Σ_q P_q,k, summed in a fixed order (deterministic).
+@triton.jit
+def _column_sum_kernel(
+    part_ptr,  # [n_parts, K] fp32 partial column sums
+    out_ptr,  # [K] fp32 output
+    n_parts,
+    n_cols,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < n_cols
+    acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, n_parts, ROWS):
+        rows = r0 + tl.arange(0, ROWS).to(tl.int64)
+        ok = (rows < n_parts)[:, None] & col_ok[None, :]
+        acc += tl.load(part_ptr + rows[:, None] * n_cols + cols[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+# grad_s_ik = G_ik · g_i   (G from the forward, g the upstream gradient of the per-row losses)
+@triton.jit
+def _scale_rows_kernel(
+    grad_ptr,  # [N, K] stored gradient, contiguous
+    grad_rows_ptr,  # [N] fp32 upstream per-row gradient
+    out_ptr,  # [N, K] output, same dtype as grad
+    n_rows,
+    n_cols,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    ok = row_ok[:, None] & (cols < n_cols)[None, :]
+    offs = rows[:, None] * n_cols + cols[None, :]
+    g = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (grad * g[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _unit_col_stride(x: torch.Tensor) -> torch.Tensor:
+    """Keep row-strided views (e.g. row slices); copy anything whose columns are not adjacent."""
+    return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
+
+
+def distill_ce_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                       student_temp: torch.Tensor, teacher_temp: torch.Tensor,
+                       need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(row_loss [N] fp32, teacher_sum [K] fp32, grad [N, K] student dtype)``.
+
+    ``grad`` is ``(softmax(s/τs) - p)/τs`` (not yet scaled by any upstream gradient), or an empty
+    tensor when ``need_grad`` is False. Temperatures are one-element tensors (no recompilation and
+    no host sync when they change).
+    """
+    n, k = student.shape
+    s = _unit_col_stride(student)
+    t = _unit_col_stride(teacher)
+    c = center.reshape(-1).contiguous()
+    dev = student.device
+    rows, block_k = row_blocks(n, k)
+    programs = triton.cdiv(n, rows)
+    loss = new_output((n,), torch.float32, dev)
+    grad = new_output((n, k) if need_grad else (0,), student.dtype, dev)
+    part = new_output((programs, k), torch.float32, dev)
+    teacher_sum = new_output((k,), torch.float32, dev)
+    if n > 0:
+        _distill_ce_forward_kernel[(programs,)](
+            s, t, c, student_temp.reshape(1), teacher_temp.reshape(1), loss, grad, part, n, k,
+            s.stride(0), t.stride(0), ROWS=rows, BLOCK_K=block_k, WRITE_GRAD=need_grad,
+            num_warps=num_warps_for(rows * block_k))
+    if k > 0:
+        red_rows, red_k = row_blocks(programs, min(k, 256))
+        _column_sum_kernel[(triton.cdiv(k, red_k),)](
+            part, teacher_sum, programs, k, ROWS=red_rows, BLOCK_K=red_k,
+            num_warps=num_warps_for(red_rows * red_k))
+    return loss, teacher_sum, grad
+
+
+def distill_ce_backward(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """``grad · grad_rows[:, None]`` computed in fp32, stored in ``grad``'s dtype."""
+    n, k = grad.shape
+    out = new_output(grad.shape, grad.dtype, grad.device)
+    g = grad_rows.reshape(-1).to(torch.float32).contiguous()
+    rows, block_k = row_blocks(n, pow2_block(k, max_block=1024))
+    grid = (triton.cdiv(n, rows), triton.cdiv(k, block_k))
+    if n > 0 and k > 0:
+        _scale_rows_kernel[grid](grad, g, out, n, k, ROWS=rows, BLOCK_K=block_k,
+                                 num_warps=num_warps_for(rows * block_k))
+    return out

@@ -1,0 +1,112 @@
+"""Centred softmax cross-entropy kernel (asit_kernels.distill_ce) against the PyTorch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asit.ops import centered_softmax_cross_entropy, centered_softmax_cross_entropy_reference
+
+SHAPES = [(5, 1000), (3, 1023), (2, 8192), (11, 37)]
+
+
+def _expr(student, teacher, center, ts, tt, dtype):
+    """Per-row loss as a plain PyTorch expression evaluated in ``dtype`` (the error yardstick)."""
+    p = torch.softmax((teacher.to(dtype) - center.to(dtype)) / tt, dim=-1)
+    return -(p * torch.log_softmax(student.to(dtype) / ts, dim=-1)).sum(-1)
+
+
+def _inputs(n, k, dtype, device):
+    student = (3 * torch.randn(n, k, device=device)).to(dtype).requires_grad_()
+    teacher = (2 * torch.randn(n, k, device=device)).to(dtype)
+    center = 0.5 * torch.randn(k, device=device)
+    return student, teacher, center
+
+
+def _run(student, teacher, center, ts, tt, weights, reduction, upstream, backend):
+    s = student.detach().clone().requires_grad_()
+    out = centered_softmax_cross_entropy(s, teacher, center, ts, tt, weights, reduction=reduction,
+                                         backend=backend)
+    (out.loss * upstream).sum().backward()
+    return out, s.grad
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction,weighted", [("mean", False), ("mean", True), ("none", True)])
+def test_matches_fp64_reference(n, k, dtype, reduction, weighted, device, seed, poison):
+    student, teacher, center = _inputs(n, k, dtype, device)
+    weights = torch.rand(n, device=device) if weighted else None
+    ts, tt = 0.1, torch.tensor(0.04, device=device)
+    upstream = torch.rand(n if reduction == "none" else (), device=device) + 0.5  # not 1
+    out, grad = _run(student, teacher, center, ts, tt, weights, reduction, upstream, "triton")
+
+    s64 = student.detach().double()
+    w64 = None if weights is None else weights.double()
+    ref, grad64 = _run(s64, teacher.double(), center.double(), ts, tt.double(), w64, reduction,
+                       upstream.double(), "reference")
+    assert out.loss.dtype == torch.float32 and out.loss.shape == ref.loss.shape
+    assert grad.dtype == dtype and torch.isfinite(grad).all(), f"seed={seed}"
+    torch.testing.assert_close(out.teacher_sum.double(), teacher.double().sum(0), rtol=1e-5, atol=1e-4,
+                               msg=lambda m: f"seed={seed}: {m}")
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.loss.double(), ref.loss, rtol=2e-5, atol=2e-5,
+                                   msg=lambda m: f"seed={seed}: {m}")
+        torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"seed={seed}: {m}")
+    else:  # error vs fp64 at most 2x that of the same-dtype PyTorch expression, plus a small atol
+        rows64 = _expr(s64, teacher.double(), center.double(), ts, tt.double(), torch.float64)
+        rows_bf = _expr(student.detach(), teacher, center, ts, tt.to(dtype), dtype).double()
+        rows_k = centered_softmax_cross_entropy(student.detach(), teacher, center, ts, tt, reduction="none",
+                                                backend="triton").loss.double()
+        own = (rows_bf - rows64).abs()
+        assert ((rows_k - rows64).abs() <= 2 * own + 1e-4 * rows64.abs().clamp_min(1)).all(), f"seed={seed}"
+        s_bf = student.detach().clone().requires_grad_()
+        w = torch.ones(n, device=device) if weights is None else weights
+        rows = _expr(s_bf, teacher, center, ts, tt.to(dtype), dtype)
+        loss_bf = rows * w.to(dtype)
+        if reduction == "mean":
+            loss_bf = loss_bf.sum() / w.sum().to(dtype)
+        (loss_bf * upstream.to(dtype)).sum().backward()
+        own_g = (s_bf.grad.double() - grad64).abs().max()
+        atol = 2.0**-7 * grad64.abs().max()  # one bf16 ulp: the interpreter's fp32->bf16 truncates
+        assert (grad.double() - grad64).abs().max() <= 2 * own_g + atol, f"seed={seed}"
+
+
+def test_largest_k(device, seed, poison):
+    student, teacher, center = _inputs(2, 65536, torch.float32, device)
+    out, grad = _run(student, teacher, center, 0.1, 0.07, None, "mean", torch.tensor(2.0), "triton")
+    ref, grad_ref = _run(student, teacher, center, 0.1, 0.07, None, "mean", torch.tensor(2.0), "reference")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.teacher_sum, ref.teacher_sum, rtol=1e-5, atol=1e-4)
+
+
+def test_all_zero_weights(device, seed, poison):
+    student, teacher, center = _inputs(4, 100, torch.float32, device)
+    weights = torch.zeros(4, device=device)
+    out, grad = _run(student, teacher, center, 0.1, 0.04, weights, "mean", torch.tensor(1.5), "triton")
+    assert out.loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_noncontiguous_inputs_and_2d_center(device, seed, poison):
+    big = torch.randn(6, 300, device=device)
+    student = big[1:5, :257].detach().requires_grad_()  # row-strided view
+    teacher = torch.randn(257, 4, device=device).t()  # transposed: columns not adjacent
+    center = torch.randn(1, 257, device=device)
+    args = (student, teacher, center, torch.tensor(0.1), 0.05, None, "none", torch.rand(4) + 0.5)
+    out, grad = _run(*args, "triton")
+    ref, grad_ref = _run(*args, "reference")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.teacher_sum, ref.teacher_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_path_matches(device, seed, poison):
+    student, teacher, center = _inputs(3, 300, torch.float32, device)
+    with torch.no_grad():
+        out = centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04, backend="triton")
+    ref = centered_softmax_cross_entropy_reference(student.detach(), teacher, center, 0.1, 0.04)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.teacher_sum, ref.teacher_sum, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,194 @@
+"""torch.library registration, torch.compile, backend selection, validation and the centre update."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import asit.ops as ops
+from asit.ops import triton_dispatch  # noqa: F401  (registers the asit:: ops)
+
+
+def _blocks(b, h, w, device):
+    return ops.sample_gmml_blocks(b, h, w, device=device, max_block_frac=0.6)
+
+
+# ---------------------------------------------------------------- opcheck
+
+def test_opcheck_masked_l1(device):
+    pred = torch.randn(2, 1, 6, 5, device=device, requires_grad=True)
+    target = torch.randn(2, 1, 6, 5, device=device)
+    mask = torch.rand(2, 1, 6, 5, device=device) < 0.5
+    for det in (False, True):
+        torch.library.opcheck(torch.ops.asit.masked_l1.default, (pred, target, mask, det))
+    _, den = torch.ops.asit.masked_l1.default(pred.detach(), target, mask, True)
+    torch.library.opcheck(torch.ops.asit.masked_l1_backward.default,
+                          (pred.detach(), target, mask, torch.tensor(2.0), den))
+
+
+def test_opcheck_distill_ce(device):
+    student = torch.randn(3, 20, device=device, requires_grad=True)
+    teacher = torch.randn(3, 20, device=device)
+    center = torch.randn(20, device=device)
+    temps = (torch.tensor(0.1, device=device), torch.tensor(0.04, device=device))
+    torch.library.opcheck(torch.ops.asit.distill_ce.default, (student, teacher, center, *temps, True))
+    torch.library.opcheck(torch.ops.asit.distill_ce_backward.default,
+                          (torch.randn(3, 20, device=device), torch.rand(3, device=device)))
+
+
+def test_opcheck_gmml(device):
+    x = torch.randn(2, 1, 9, 8, device=device)
+    blocks = _blocks(2, 9, 8, device)
+    args = (x, blocks.boxes, blocks.alien, blocks.source, 4)
+    torch.library.opcheck(torch.ops.asit.gmml_corrupt.default, args)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_three_ops(device):
+    b, h, w, p, k = 2, 12, 10, 4, 24
+
+    def step(x, blocks, pred, student, teacher, center, tt):
+        g = ops.gmml_corrupt(x, blocks, p, backend="triton")
+        l1 = ops.masked_l1_loss(pred, x, g.mask, backend="triton")
+        ce = ops.centered_softmax_cross_entropy(student, teacher, center, 0.1, tt, g.token_fraction[0],
+                                                backend="triton")
+        return l1 + ce.loss, ce.teacher_sum, g.corrupted
+
+    x = torch.randn(b, 1, h, w, device=device)
+    blocks = _blocks(b, h, w, device)
+    student = torch.randn((h // p) * (w // p), k, device=device)
+    teacher, center = torch.randn_like(student), torch.randn(k, device=device)
+    pred = torch.randn_like(x)
+    tt = torch.tensor(0.04, device=device)
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        pr, st = pred.clone().requires_grad_(), student.clone().requires_grad_()
+        loss, tsum, corrupted = fn(x, blocks, pr, st, teacher, center, tt)
+        loss.backward()
+        results.append((loss, tsum, corrupted, pr.grad, st.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- backend selection
+
+@pytest.fixture
+def spies(monkeypatch):
+    called = []
+    for name in ("masked_l1_loss_triton", "centered_softmax_cross_entropy_triton", "gmml_corrupt_triton"):
+        real = getattr(triton_dispatch, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            called.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(triton_dispatch, name, spy)
+    return called
+
+
+def _call_all(device, backend=None):
+    x = torch.randn(2, 1, 8, 8, device=device)
+    mask = torch.rand(2, 1, 8, 8, device=device) < 0.5
+    ops.masked_l1_loss(x, x * 0.5, mask, backend=backend)
+    s = torch.randn(2, 9, device=device)
+    ops.centered_softmax_cross_entropy(s, s, torch.zeros(9, device=device), 0.1, 0.04, backend=backend)
+    ops.gmml_corrupt(x, _blocks(2, 8, 8, device), 4, backend=backend)
+
+
+def test_backend_argument_forces_triton(spies, monkeypatch):
+    monkeypatch.delenv("ASIT_OPS_BACKEND", raising=False)
+    _call_all(torch.device("cpu"), backend="triton")
+    assert len(spies) == 3
+
+
+def test_env_variable_forces_triton(spies, monkeypatch):
+    monkeypatch.setenv("ASIT_OPS_BACKEND", "triton")
+    _call_all(torch.device("cpu"))
+    assert len(spies) == 3
+
+
+def test_auto_on_cpu_uses_reference(spies, monkeypatch):
+    monkeypatch.delenv("ASIT_OPS_BACKEND", raising=False)
+    _call_all(torch.device("cpu"), backend="auto")
+    _call_all(torch.device("cpu"))
+    assert spies == []
+
+
+# ---------------------------------------------------------------- validation messages
+
+def test_validation_names_the_argument():
+    s = torch.randn(3, 10)
+    c = torch.zeros(10)
+    with pytest.raises(ValueError, match="student"):
+        ops.centered_softmax_cross_entropy(s[None], s[None], c, 0.1, 0.04, backend="triton")
+    with pytest.raises(ValueError, match="teacher shape"):
+        ops.centered_softmax_cross_entropy(s, s[:2], c, 0.1, 0.04, backend="triton")
+    with pytest.raises(TypeError, match="student"):
+        ops.centered_softmax_cross_entropy(s.long(), s.long(), c, 0.1, 0.04, backend="triton")
+    with pytest.raises(ValueError, match="student_temp"):
+        ops.centered_softmax_cross_entropy(s, s, c, -0.1, 0.04, backend="triton")
+    with pytest.raises(ValueError, match="teacher_temp"):
+        ops.centered_softmax_cross_entropy(s, s, c, 0.1, float("inf"), backend="triton")
+    with pytest.raises(ValueError, match="center"):
+        ops.centered_softmax_cross_entropy(s, s, torch.zeros(9), 0.1, 0.04, backend="triton")
+    with pytest.raises(ValueError, match="weights"):
+        ops.centered_softmax_cross_entropy(s, s, c, 0.1, 0.04, torch.ones(4), backend="triton")
+    with pytest.raises(ValueError, match="teacher is on meta"):
+        ops.centered_softmax_cross_entropy(s, s.to("meta"), c, 0.1, 0.04, backend="triton")
+
+    x = torch.randn(2, 1, 6, 6)
+    with pytest.raises(TypeError, match="pred"):
+        ops.masked_l1_loss(x.long(), x.long(), x > 0, backend="triton")
+    with pytest.raises(ValueError, match="target shape"):
+        ops.masked_l1_loss(x, x[:1], x > 0, backend="triton")
+    with pytest.raises(ValueError, match="mask shape"):
+        ops.masked_l1_loss(x, x, torch.ones(3, 1, 6, 6, dtype=torch.bool), backend="triton")
+    with pytest.raises(ValueError, match="mask is on meta"):
+        ops.masked_l1_loss(x, x, (x > 0).to("meta"), backend="triton")
+
+    blocks = _blocks(2, 6, 6, torch.device("cpu"))
+    with pytest.raises(ValueError, match="x must have 4"):
+        ops.gmml_corrupt(x[0], blocks, backend="triton")
+    with pytest.raises(TypeError, match="x has dtype"):
+        ops.gmml_corrupt(x.long(), blocks, backend="triton")
+    with pytest.raises(ValueError, match="blocks.boxes"):
+        ops.gmml_corrupt(x, blocks._replace(boxes=blocks.boxes[:1]), backend="triton")
+    with pytest.raises(ValueError, match="blocks.boxes is on meta"):
+        ops.gmml_corrupt(x, blocks._replace(boxes=blocks.boxes.to("meta")), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        ops.gmml_corrupt(x, blocks, backend="cuda")
+
+
+# ---------------------------------------------------------------- centre update across 2 ranks
+
+def _teacher_rows(rank: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + rank)
+    return torch.randn(3 + 2 * rank, 33, generator=gen)  # ranks hold different row counts
+
+
+def _center_worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        teacher = _teacher_rows(rank, seed)
+        out = ops.centered_softmax_cross_entropy(teacher, teacher, torch.zeros(33), 0.1, 0.04,
+                                                 backend="triton")
+        center = torch.linspace(-1, 1, 33)
+        ops.update_center_(center, out.teacher_sum, teacher.shape[0], 0.9, all_reduce=True)
+        torch.save(center, os.path.join(out_dir, f"center{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_center_update_two_process_gloo(tmp_path, seed):
+    mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
+    c0, c1 = (torch.load(tmp_path / f"center{r}.pt") for r in range(2))
+    assert torch.equal(c0, c1), f"seed={seed}"
+    rows = torch.cat([_teacher_rows(r, seed) for r in range(2)]).double()
+    expect = 0.9 * torch.linspace(-1, 1, 33).double() + 0.1 * rows.mean(0)
+    torch.testing.assert_close(c0.double(), expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")
