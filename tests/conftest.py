@@ -27,8 +27,9 @@ def device() -> torch.device:
 
 @pytest.fixture
 def seed() -> int:
-    """A fresh seed per test, seeded into torch and printed so a failure can be replayed."""
-    value = random.SystemRandom().randrange(2**31)
+    """A fresh seed per test, seeded into torch and printed; ASIT_TEST_SEED=<n> replays a failure."""
+    fixed = os.environ.get("ASIT_TEST_SEED")
+    value = int(fixed) if fixed else random.SystemRandom().randrange(2**31)
     torch.manual_seed(value)
     print(f"seed={value}")
     return value

@@ -69,7 +69,9 @@ def test_matches_fp64_reference(n, k, dtype, reduction, weighted, device, seed, 
             loss_bf = loss_bf.sum() / w.sum().to(dtype)
         (loss_bf * upstream.to(dtype)).sum().backward()
         own_g = (s_bf.grad.double() - grad64).abs().max()
-        atol = 2.0**-7 * grad64.abs().max()  # one bf16 ulp: the interpreter's fp32->bf16 truncates
+        # two bf16 ulps: the gradient is stored in bf16 by the forward and again after the backward's
+        # scaling, and the interpreter's fp32->bf16 conversion truncates instead of rounding
+        atol = 2.0**-6 * grad64.abs().max()
         assert (grad.double() - grad64).abs().max() <= 2 * own_g + atol, f"seed={seed}"
 
 

@@ -743,17 +743,12 @@ def test_validation_sample(kwargs, match):
         sample_gmml_blocks(args.pop("batch"), args.pop("height"), args.pop("width"), **args)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sample_gmml_blocks unpacks zero_ratio before validating it: "
-                   "(0.5,) raises 'not enough values to unpack', 0.6 raises TypeError 'cannot unpack "
-                   "non-iterable float' — neither message names zero_ratio")
 @pytest.mark.parametrize("zero_ratio", [(0.5,), (0.5, 0.6, 0.7), 0.6])
 def test_validation_sample_zero_ratio_malformed(zero_ratio):
     with pytest.raises((ValueError, TypeError), match="zero_ratio"):
         sample_gmml_blocks(2, 8, 8, zero_ratio=zero_ratio)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: max_rounds is not validated; max_rounds=0 ends in "
-                   "torch.cat() of an empty list (RuntimeError not naming max_rounds)")
 def test_validation_sample_max_rounds():
     with pytest.raises(ValueError, match="max_rounds"):
         sample_gmml_blocks(2, 8, 8, max_rounds=0)
@@ -779,10 +774,6 @@ def test_validation_masked_l1(args, kwargs, exc, match):
         masked_l1_loss(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: masked_l1_loss only checks that mask and pred broadcast "
-                   "*together*; a mask larger than pred ([B,C,H,W] mask vs [B,1,H,W] pred) passes "
-                   "validation and then fails inside the reference with a RuntimeError from expand(); "
-                   "check broadcast_shapes(mask, pred) == pred.shape instead")
 def test_validation_masked_l1_mask_larger_than_pred():
     pred = torch.zeros(2, 1, 4, 5)
     with pytest.raises(ValueError, match="mask"):

@@ -43,7 +43,7 @@ def centered_softmax_cross_entropy_reference(
     """Pure-PyTorch twin of the fused kernel (fp32 math; fp64 inputs stay fp64)."""
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     t = teacher.detach().to(acc)
-    p = torch.softmax((t - center.to(acc)) / teacher_temp, dim=-1)
+    p = torch.softmax((t - center.detach().to(acc)) / teacher_temp, dim=-1)
     log_q = torch.log_softmax(student.to(acc) / student_temp, dim=-1)
     rows = -(p * log_q).sum(-1)
     return DistillCEOutput(_reduce(rows, weights, reduction), t.sum(0).float())

@@ -8,6 +8,7 @@ reference and the Triton kernel must agree bit for bit.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -18,6 +19,8 @@ from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, resolve_back
 
 __all__ = ["GMMLBlocks", "GMMLOutput", "sample_gmml_blocks", "gmml_corrupt", "gmml_corrupt_reference",
            "paint_block_mask"]
+
+logger = logging.getLogger(__name__)
 
 # Blocks are drawn in chunks between host checks of "is every sample covered yet?".
 _ROUNDS_PER_CHECK = 8
@@ -108,8 +111,12 @@ def sample_gmml_blocks(
     is no other sample, so every sample uses zeros mode.
     """
     for name, v in (("batch", batch), ("height", height), ("width", width), ("align", align)):
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not isinstance(zero_ratio, (tuple, list)) or len(zero_ratio) != 2:
+        raise ValueError(f"zero_ratio must be a (low, high) pair, got {zero_ratio!r}")
+    if not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
     lo, hi = zero_ratio
     if not (0.0 < lo <= hi <= 1.0):
         raise ValueError(f"zero_ratio must satisfy 0 < low <= high <= 1, got {zero_ratio}")
@@ -123,7 +130,7 @@ def sample_gmml_blocks(
         generator.device if generator is not None else torch.device("cpu"))
 
     alien = torch.rand(batch, generator=generator, device=device) < alien_prob
-    if batch == 1 and not allow_self_alien:
+    if batch == 1:
         alien = torch.zeros_like(alien)
     if allow_self_alien or batch == 1:
         source = _randint(0, batch - 1, (batch,), generator, device)
@@ -154,6 +161,8 @@ def sample_gmml_blocks(
             rounds.append(box)
         if not bool((covered.flatten(1).sum(1).float() < target * area).any()):
             break
+    else:
+        logger.warning("sample_gmml_blocks: max_rounds=%d reached before every sample met its target", max_rounds)
     boxes = torch.cat(rounds, dim=1)
     # Drop trailing rounds in which no sample drew a block.
     used = (boxes[..., 2] > 0).any(0)
@@ -180,8 +189,9 @@ def gmml_corrupt_reference(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int 
     """Pure-PyTorch GMML painter (the CPU path and the oracle for the Triton kernel)."""
     b, _, h, w = x.shape
     mask = paint_block_mask(blocks.boxes, h, w).unsqueeze(1)  # [B, 1, H, W]
-    fill = torch.where(blocks.alien.view(b, 1, 1, 1), x[blocks.source.long()], torch.zeros((), dtype=x.dtype,
-                                                                                          device=x.device))
+    # zeros-mode samples read from themselves, so their (ignored) source index is never used
+    src = torch.where(blocks.alien, blocks.source.long(), torch.arange(b, device=x.device))
+    fill = torch.where(blocks.alien.view(b, 1, 1, 1), x[src], torch.zeros((), dtype=x.dtype, device=x.device))
     corrupted = torch.where(mask, fill, x)
     if h >= patch_size and w >= patch_size:
         frac = F.avg_pool2d(mask.float(), patch_size, patch_size).flatten(1)

@@ -41,12 +41,11 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     if target.dtype != pred.dtype:
         raise TypeError(f"target dtype {target.dtype} must equal pred dtype {pred.dtype}")
     try:
-        torch.broadcast_shapes(mask.shape, pred.shape)
-    except RuntimeError as err:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to pred shape "
-                         f"{tuple(pred.shape)}") from err
-    if mask.dim() > pred.dim():
-        raise ValueError(f"mask has more dimensions ({mask.dim()}) than pred ({pred.dim()})")
+        fits = torch.broadcast_shapes(mask.shape, pred.shape) == pred.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to pred shape {tuple(pred.shape)}")
     check_same_device(pred=pred, target=target, mask=mask)
     if resolve_backend(backend, pred.device) == "triton":
         from .triton_dispatch import masked_l1_loss_triton
