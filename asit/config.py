@@ -133,6 +133,7 @@ class TrainConfig:
     keep_last: int = 2
     image_every_epochs: int = 1
     progress: bool = True
+    max_consecutive_nonfinite: int = 20  # stop after this many skipped (NaN/Inf) steps in a row
 
 
 @dataclass
@@ -329,6 +330,24 @@ def _validate(cfg: Config) -> None:
         (0 <= cfg.optim.momentum_teacher <= 1, "optim.momentum_teacher must be in [0, 1]"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0"),
+        (cfg.optim.min_lr >= 0, "optim.min_lr must be >= 0"),
+        (cfg.optim.weight_decay >= 0 and cfg.optim.weight_decay_end >= 0, "optim weight decays must be >= 0"),
+        (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (cfg.optim.freeze_last_layer_epochs >= 0, "optim.freeze_last_layer_epochs must be >= 0"),
+        (cfg.loss.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs must be >= 0"),
+        (d.local_views == 0 or cfg.loss.global_pairs == "v2",
+         "data.local_views > 0 needs loss.global_pairs=v2 (the v1 [CLS] loss ignores local views)"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.demo_clips > 0, "data.demo_clips must be > 0"),
+        (0 < cfg.gmml.zero_ratio[0] <= cfg.gmml.zero_ratio[1] <= 1,
+         "gmml.zero_ratio must satisfy 0 < low <= high <= 1"),
+        (0 < cfg.gmml.alien_ratio <= 1, "gmml.alien_ratio must be in (0, 1]"),
+        (0 <= cfg.gmml.alien_prob <= 1, "gmml.alien_prob must be in [0, 1]"),
+        (0 < cfg.gmml.max_block_frac <= 1, "gmml.max_block_frac must be in (0, 1]"),
+        (cfg.gmml.align >= 1, "gmml.align must be >= 1"),
+        (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0: epoch ends only)"),
+        (t.image_every_epochs >= 0, "train.image_every_epochs must be >= 0 (0: never)"),
+        (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

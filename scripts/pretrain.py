@@ -17,14 +17,21 @@ import os
 import sys
 
 from asit.config import ConfigError, available_recipes, load_config
-from asit.train import Pretrainer
+from asit.train import NonFiniteLossError, Pretrainer
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo_cpu",
-                        help=f"recipe name ({', '.join(available_recipes())}) or a YAML file (default: demo_cpu)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+                        help=f"recipe name ({', '.join(available_recipes())}) or a YAML file "
+                             "(default: demo_cpu)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in train.output_dir")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -37,11 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Pretrainer(cfg, resume=args.resume)
     try:
         trainer.setup()
-        summary = trainer.train()
+        try:
+            summary = trainer.train()
+        except NonFiniteLossError as err:
+            logging.getLogger("asit").error("%s", err)
+            return 1
         if rank == 0:
             logging.getLogger("asit").info(
                 "done: %d steps in %.0f s, loss %.4f -> %.4f; encoder at %s", summary["steps"],
-                summary["wall_time_s"], summary["first_loss"] or float("nan"), summary["last_loss"] or float("nan"),
+                summary["wall_time_s"], _or_nan(summary["first_loss"]), _or_nan(summary["last_loss"]),
                 summary.get("encoder"))
     finally:
         trainer.cleanup()

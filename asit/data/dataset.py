@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .audio import AudioDecodeError, load_audio
-from .features import AUDIOSET_MEAN, AUDIOSET_STD, kaldi_fbank, normalize_fbank
+from .fbank import batched_kaldi_fbank
+from .features import AUDIOSET_MEAN, AUDIOSET_STD, normalize_fbank
 from .manifest import AudioEntry
 from .transforms import pad_or_crop_random, random_roll
 
@@ -34,7 +35,8 @@ class PretrainDataset(Dataset):
     """Clips turned into ``num_views`` global (and optionally ``local_views`` local) fbank views.
 
     Each global view is an independent random crop of ``crop_seconds`` (zero-padded if the clip
-    is shorter), circularly rolled with probability ``roll_prob``, then ``kaldi_fbank`` cut or
+    is shorter), circularly rolled with probability ``roll_prob``, then the Kaldi fbank
+    (:func:`~asit.data.fbank.batched_kaldi_fbank`, all views of a clip in one call) cut or
     padded to ``target_frames`` and normalised with ``mean``/``std``. Local views are random
     crops of ``local_crop_seconds`` (no roll) cut or padded to ``local_target_frames``.
 
@@ -128,12 +130,16 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _view(self, wave: torch.Tensor, length: int, frames: int, roll: float, g: torch.Generator):
-        crop = pad_or_crop_random(wave, length, g)
-        if roll > 0:
-            crop = random_roll(crop, roll, g)
-        fbank = kaldi_fbank(crop, self.sample_rate, self.num_mel_bins, frames)  # [T, F]
-        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(0)  # [1, T, F]
+    def _views(self, wave: torch.Tensor, count: int, length: int, frames: int, roll: float,
+               g: torch.Generator) -> torch.Tensor:
+        """``count`` random crops → normalised fbanks ``(count, 1, frames, F)``, one batched fbank call."""
+        crops = []
+        for _ in range(count):  # crop then roll, view after view: the generator's draw order
+            crop = pad_or_crop_random(wave, length, g)
+            crops.append(random_roll(crop, roll, g) if roll > 0 else crop)
+        waves = torch.stack(crops)  # [V, length]
+        fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, frames)  # [V, T, F]
+        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(1)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.entries):
@@ -146,31 +152,32 @@ class PretrainDataset(Dataset):
         try:
             wave = load_audio(entry.path, self.sample_rate)
         except AudioDecodeError as err:
-            if entry.path not in self._warned:
-                self._warned.add(entry.path)
-                logger.warning("skipping clip %d: %s", index, err)
-            sample.update(ok=False, error=err.reason)
-            sample["views"] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
-            if self.local_views > 0:
-                sample["local_views"] = torch.zeros(
-                    self.local_views, 1, self.local_target_frames, self.num_mel_bins
-                )
-            return sample
+            return self._skip(sample, index, err)
 
         g = item_generator(self.seed, self.epoch, index)
-        sample["views"] = torch.stack(
-            [
-                self._view(wave, self.crop_samples, self.target_frames, self.roll_prob, g)
-                for _ in range(self.num_views)
-            ]
-        )  # [V, 1, T, F]
+        views = self._views(wave, self.num_views, self.crop_samples, self.target_frames, self.roll_prob, g)
+        sample["views"] = views  # [V, 1, T, F]
         if self.local_views > 0:
-            sample["local_views"] = torch.stack(
-                [
-                    self._view(wave, self.local_crop_samples, self.local_target_frames, 0.0, g)
-                    for _ in range(self.local_views)
-                ]
+            sample["local_views"] = self._views(
+                wave, self.local_views, self.local_crop_samples, self.local_target_frames, 0.0, g
             )  # [L, 1, T_local, F]
+        # load_audio rules out NaN/Inf and overflowing samples; this guard keeps any other
+        # surprise from ever reaching a batch.
+        if not all(torch.isfinite(sample[k]).all() for k in ("views", "local_views") if k in sample):
+            return self._skip(sample, index, AudioDecodeError(entry.path, "non-finite", "non-finite fbank"))
+        return sample
+
+    def _skip(self, sample: dict[str, Any], index: int, err: AudioDecodeError) -> dict[str, Any]:
+        """Turn ``sample`` into a placeholder (zeros, ``ok=False``) and warn once per file."""
+        if err.path not in self._warned:
+            self._warned.add(err.path)
+            logger.warning("skipping clip %d: %s", index, err)
+        sample.update(ok=False, error=err.reason)
+        sample["views"] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
+        if self.local_views > 0:
+            sample["local_views"] = torch.zeros(
+                self.local_views, 1, self.local_target_frames, self.num_mel_bins
+            )
         return sample
 
 

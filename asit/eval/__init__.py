@@ -1,0 +1,19 @@
+"""Downstream evaluation: load a frozen encoder, extract embeddings, linear probes, checkpoint interop."""
+
+from .encoder import (
+    AudioEncoder,
+    EncoderError,
+    EncoderOutput,
+    backbone_spec,
+    load_encoder,
+    read_encoder_metadata,
+)
+
+__all__ = [
+    "AudioEncoder",
+    "EncoderError",
+    "EncoderOutput",
+    "backbone_spec",
+    "load_encoder",
+    "read_encoder_metadata",
+]

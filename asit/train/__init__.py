@@ -1,7 +1,10 @@
 """Pretraining engine: schedules, losses, checkpoints, logging and the :class:`Pretrainer` recipe."""
 
-from .engine import EpochSampler, Pretrainer
-from .losses import ASiTLoss
+from .engine import EpochSampler, NonFiniteLossError, Pretrainer, StepResult
+from .losses import ASiTLoss, CenterStats
 from .schedules import cosine_schedule, teacher_temp_schedule
 
-__all__ = ["ASiTLoss", "EpochSampler", "Pretrainer", "cosine_schedule", "teacher_temp_schedule"]
+__all__ = [
+    "ASiTLoss", "CenterStats", "EpochSampler", "NonFiniteLossError", "Pretrainer", "StepResult",
+    "cosine_schedule", "teacher_temp_schedule",
+]

@@ -7,12 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 
 import torch
 import torch.distributed as dist
@@ -38,7 +37,9 @@ from .metrics import MetricWriter, softmax_entropy
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
-__all__ = ["Pretrainer", "EpochSampler"]
+__all__ = ["EpochSampler", "NonFiniteLossError", "Pretrainer", "StepResult"]
+
+_CHECKED_TERMS = ("global", "local", "recon")
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,29 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(self.num_samples - self.skip, 0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss term or gradient norm."""
+
+
+@dataclass
+class StepResult:
+    """What one call of :meth:`Pretrainer.train_step` did.
+
+    ``terms``: detached ``loss``, ``global``, ``local``, ``recon`` and ``grad_norm`` (device tensors,
+    no host sync). ``nonfinite``: the names (``global``/``local``/``recon``/``grad_norm``) that were
+    NaN/Inf on some rank; non-empty means the step was skipped: no optimiser, teacher or centre
+    update. ``monitors``: collapse monitors (only when asked for).
+    """
+
+    terms: dict[str, torch.Tensor]
+    nonfinite: list[str] = field(default_factory=list)
+    monitors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.nonfinite)
 
 
 class _StudentStep(nn.Module):
@@ -120,7 +144,9 @@ class Pretrainer:
         self.start_epoch = 0
         self.skip_batches = 0
         self.bad_inputs: Counter[str] = Counter()
-        self._last_images: dict[str, torch.Tensor] | None = None
+        self.nonfinite_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
+        self.nonfinite_consecutive = 0
+        self._preview: tuple[torch.Tensor, ...] | None = None  # a few samples of the epoch's last step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -179,7 +205,8 @@ class Pretrainer:
         per_rank = len(entries) // self.dist.world_size
         iters = per_rank // self.cfg.train.batch_size
         if iters == 0:
-            raise ValueError(f"train.batch_size={self.cfg.train.batch_size} × {self.dist.world_size} process(es) "
+            raise ValueError(f"train.batch_size={self.cfg.train.batch_size} × {self.dist.world_size} "
+                             "process(es) "
                              f"is larger than the dataset ({len(entries)} clips in {source})")
         if self.cfg.train.max_steps_per_epoch:
             iters = min(iters, self.cfg.train.max_steps_per_epoch)
@@ -215,7 +242,8 @@ class Pretrainer:
         self.teacher = self.pair.teacher
         step_module = _StudentStep(self.student)
         if self.dist.distributed:
-            step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            step_module = DDP(step_module, device_ids=device_ids)
         self.student_step = step_module
         out_tokens = m.head_out_tokens if m.head_out_tokens is not None else m.head_out_cls
         lc = self.cfg.loss
@@ -264,6 +292,7 @@ class Pretrainer:
             "world_size": self.dist.world_size,
             "rng": _rng_state(self.gmml_gen),
             "bad_inputs": dict(self.bad_inputs),
+            "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
             "config": config_to_dict(self.cfg),
         }
 
@@ -297,7 +326,8 @@ class Pretrainer:
             raise CheckpointError(f"{path} was written by {state['world_size']} process(es), this run has "
                                   f"{self.dist.world_size}: exact resume needs the same world size")
         if state["iters_per_epoch"] != self.iters_per_epoch:
-            raise CheckpointError(f"{path}: {state['iters_per_epoch']} steps/epoch there, {self.iters_per_epoch} "
+            raise CheckpointError(f"{path}: {state['iters_per_epoch']} steps/epoch there, "
+                                  f"{self.iters_per_epoch} "
                                   "now (dataset or batch size changed)")
         try:
             self.student.load_state_dict(state["student"])
@@ -308,13 +338,16 @@ class Pretrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.load_state_dict(state["loss"])
         self.bad_inputs.update(state.get("bad_inputs", {}))
+        nonfinite = state.get("nonfinite", {})
+        self.nonfinite_total = int(nonfinite.get("total", 0))
+        self.nonfinite_consecutive = int(nonfinite.get("consecutive", 0))
         self.step = int(state["step"])
         self.start_epoch = self.step // self.iters_per_epoch
         self.skip_batches = self.step % self.iters_per_epoch
         rng_path = path.with_name(f"rng_{self.step:09d}_rank{self.dist.rank}.pt")
         rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
-        self.gmml_gen.set_state(rng["gmml"].cpu() if self.device.type == "cpu" else rng["gmml"].cpu())
+        self.gmml_gen.set_state(rng["gmml"].cpu())
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"].cpu())
         if self.dist.is_main:
@@ -350,7 +383,8 @@ class Pretrainer:
             group["lr"] = lr
             if group["apply_wd"]:
                 group["weight_decay"] = wd
-        return {"lr": lr, "wd": wd, "momentum": float(self.momentum_sched[i]), "teacher_temp": float(self.temp_sched[i])}
+        return {"lr": lr, "wd": wd, "momentum": float(self.momentum_sched[i]),
+                "teacher_temp": float(self.temp_sched[i])}
 
     def _clip_gradients(self) -> torch.Tensor | None:
         o = self.cfg.optim
@@ -366,8 +400,35 @@ class Pretrainer:
         torch._foreach_mul_([p.grad for p in params], scales)
         return total
 
-    def train_step(self, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
-        """One optimisation step on a collated batch; returns detached loss terms (no host sync)."""
+    def _all_ranks(self, flags: torch.Tensor) -> list[bool]:
+        """OR of boolean ``flags`` over all ranks, on the host (one tiny all-reduce under DDP)."""
+        flags = flags.to(torch.float32)
+        if self.dist.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
+
+    def _batch_usable(self, batch: dict[str, Any]) -> bool:
+        """True when every rank has at least 2 decodable clips (GMML's alien mode and the batch
+        statistics need 2). Ranks must agree, or DDP's gradient all-reduce would pair up different
+        steps and hang."""
+        too_small = batch["views"].shape[0] < 2
+        if not self.dist.distributed:
+            return not too_small
+        return not self._all_ranks(torch.tensor([too_small], device=self.device))[0]
+
+    def train_step(self, batch: dict[str, Any], epoch: int, *, monitors: bool = False,
+                   preview: bool = False) -> StepResult:
+        """One optimisation step on a collated batch.
+
+        A non-finite loss term or gradient norm (on any rank) skips the step: the gradients are
+        dropped and neither the optimiser, the teacher nor the centres change; the step counter still
+        advances (the batch is consumed and the schedules move on, so resume stays exact). Checking
+        costs one host sync per step (plus a tiny all-reduce under DDP).
+
+        Args:
+            monitors: also compute the collapse monitors (teacher entropies; a host sync).
+            preview: keep the first few samples for the epoch's reconstruction picture.
+        """
         hp = self._set_hyperparams()
         views = batch["views"].to(self.device, non_blocking=True)
         local_views = None
@@ -379,7 +440,8 @@ class Pretrainer:
             student_out, local_cls = self.student_step(corrupted, local_views)
             with torch.no_grad():
                 teacher_out = self.teacher(clean, with_recon=False)
-            losses = self.loss_fn(student_out, teacher_out, clean, mask, frac, hp["teacher_temp"], local_cls)
+            losses, center_stats = self.loss_fn(student_out, teacher_out, clean, mask, frac,
+                                                hp["teacher_temp"], local_cls)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         self.scaler.unscale_(self.optimizer)
@@ -387,29 +449,71 @@ class Pretrainer:
         if epoch < self.cfg.optim.freeze_last_layer_epochs:
             for p in self.last_layer_params:
                 p.grad = None  # AdamW skips parameters without a gradient: frozen, no decay either
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.pair.update_teacher(hp["momentum"])
-        self.step += 1
-        out = {k: v.detach() for k, v in losses.items()}
+        terms = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
-            out["grad_norm"] = grad_norm.detach()
-        self._last = (hp, student_out, teacher_out, clean, corrupted, mask)
-        return out
+            terms["grad_norm"] = grad_norm.detach()
+        result = StepResult(terms, nonfinite=self._nonfinite(terms))
+        if monitors:
+            result.monitors = self._monitors(hp, teacher_out)  # with the centres this step used
+        if preview and not result.skipped:
+            n = min(4, clean.shape[0])
+            recon = student_out["recon"]
+            self._preview = tuple(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask))
+        if result.skipped:
+            self._skip_step(result)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.loss_fn.update_centers_(center_stats)
+            self.pair.update_teacher(hp["momentum"])
+            self.nonfinite_consecutive = 0
+        self.step += 1
+        self._hp = hp
+        return result
+
+    def _nonfinite(self, terms: dict[str, torch.Tensor]) -> list[str]:
+        """Names of the loss terms / gradient norm that are NaN or Inf on any rank (host sync)."""
+        names = [k for k in (*_CHECKED_TERMS, "grad_norm") if k in terms]
+        flags = torch.stack([~torch.isfinite(terms[k].float()) for k in names])
+        return [k for k, bad in zip(names, self._all_ranks(flags), strict=True) if bad]
+
+    def _skip_step(self, result: StepResult) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()  # fp16: an overflow lowers the loss scale; a no-op otherwise
+        self.nonfinite_total += 1
+        self.nonfinite_consecutive += 1
+        what = ", ".join(result.nonfinite)
+        if self.dist.is_main:
+            log.warning("step %d: non-finite %s; step skipped (no optimiser, teacher or centre update), "
+                        "%d in a row, %d in total", self.step + 1, what, self.nonfinite_consecutive,
+                        self.nonfinite_total)
+            self.writer.write(self.step + 1, {
+                "event": "nonfinite_skip", "nonfinite": result.nonfinite,
+                "nonfinite_consecutive": self.nonfinite_consecutive, "nonfinite_total": self.nonfinite_total,
+                **{k: float(v) for k, v in result.terms.items()}})
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.nonfinite_consecutive >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_consecutive} consecutive steps had a non-finite loss or gradient norm "
+                f"(train.max_consecutive_nonfinite={limit}); the last, step {self.step + 1}, had non-finite "
+                f"{what}. Stopping. Try a lower optim.lr, train.precision=bf16/fp32, or check the data; "
+                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
 
     def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Collapse monitors: teacher entropy per head (max log K) and the centres' norms."""
+        """Collapse monitors: teacher entropy per head (max log K), with the step's centres."""
         lf = self.loss_fn
         return {
-            "teacher_entropy_cls": softmax_entropy(teacher_out["cls_logits"], lf.center_global, hp["teacher_temp"]),
+            "teacher_entropy_cls": softmax_entropy(teacher_out["cls_logits"], lf.center_global,
+                                                   hp["teacher_temp"]),
             "teacher_entropy_tokens": softmax_entropy(teacher_out["token_logits"], lf.center_local,
                                                       hp["teacher_temp"]),
-            "center_norm_cls": float(lf.center_global.norm()),
-            "center_norm_tokens": float(lf.center_local.norm()),
         }
 
     def train(self) -> dict[str, Any]:
-        """Run the remaining epochs; returns a summary (first/last logged loss, wall time, steps)."""
+        """Run the remaining epochs; returns a summary (first/last logged loss, wall time, steps).
+
+        Raises :class:`NonFiniteLossError` after ``train.max_consecutive_nonfinite`` skipped steps in a row.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -426,26 +530,24 @@ class Pretrainer:
                        disable=not (self.dist.is_main and cfg.train.progress), dynamic_ncols=True, leave=True)
             window_start, window_samples = time.time(), 0
             epoch_skipped: Counter[str] = Counter()
+            self._preview = None
             for batch in self.loader:
                 epoch_skipped.update(batch.get("skip_reasons", []))
-                if batch["views"].shape[0] < 2:
-                    log.warning("step %d: fewer than 2 usable clips in the batch, step skipped", self.step)
+                next_step = self.step + 1
+                log_now = next_step % cfg.train.log_every == 0 or next_step == self.total_steps
+                result = None
+                if self._batch_usable(batch):
+                    result = self.train_step(batch, epoch, monitors=log_now,
+                                             preview=next_step % self.iters_per_epoch == 0)
+                    window_samples += batch["views"].shape[0] * self.dist.world_size
+                else:
+                    log.warning("step %d: fewer than 2 usable clips in the batch (on some rank), "
+                                "step skipped", self.step + 1)
                     self.step += 1
-                    bar.update(1)
-                    continue
-                terms = self.train_step(batch, epoch)
-                window_samples += batch["views"].shape[0] * self.dist.world_size
                 bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    values = {k: float(v) for k, v in terms.items()}
-                    hp = self._last[0]
-                    elapsed = time.time() - window_start
-                    values.update(hp)
-                    values["samples_per_s"] = window_samples / max(elapsed, 1e-9)
-                    values["epoch"] = epoch
-                    values.update(self._monitors(hp, self._last[2]))
-                    if not all(math.isfinite(values[k]) for k in ("loss", "global", "local", "recon")):
-                        log.error("non-finite loss at step %d: %s", self.step, values)
+                if log_now and result is not None and not result.skipped:
+                    rate = window_samples / max(time.time() - window_start, 1e-9)
+                    values = self._log_values(result, epoch, rate)
                     self.writer.write(self.step, values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", glob=f"{values['global']:.3f}",
                                     local=f"{values['local']:.3f}", rec=f"{values['recon']:.3f}",
@@ -454,17 +556,29 @@ class Pretrainer:
                         summary["first_loss"] = values["loss"]
                     summary["last_loss"] = values["loss"]
                     window_start, window_samples = time.time(), 0
-                if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0 \
-                        and self.step % self.iters_per_epoch != 0:
+                every = cfg.train.checkpoint_every_steps
+                if every and self.step % every == 0 and self.step % self.iters_per_epoch != 0:
                     self.save_checkpoint()
             bar.close()
             self._end_epoch(epoch, epoch_skipped)
-        summary.update(steps=self.step, wall_time_s=time.time() - started)
+        summary.update(steps=self.step, wall_time_s=time.time() - started,
+                       nonfinite_skipped=self.nonfinite_total)
         if self.dist.is_main:
             summary["encoder"] = str(self.export_teacher_encoder())
             with open(self.run_dir / "summary.json", "w", encoding="utf-8") as fh:
                 json.dump(summary, fh, indent=2)
         return summary
+
+    def _log_values(self, result: StepResult, epoch: int, samples_per_s: float) -> dict[str, Any]:
+        values: dict[str, Any] = {k: float(v) for k, v in result.terms.items()}
+        values.update(self._hp)
+        values["samples_per_s"] = samples_per_s
+        values["epoch"] = epoch
+        values.update(result.monitors)
+        values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
+        values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
+        values["nonfinite_total"] = self.nonfinite_total
+        return values
 
     def _end_epoch(self, epoch: int, skipped: Counter[str]) -> None:
         self.bad_inputs.update(skipped)
@@ -473,9 +587,8 @@ class Pretrainer:
                         dict(skipped.most_common(5)))
         self.writer.flush()
         every = self.cfg.train.image_every_epochs
-        if self.dist.is_main and every and (epoch + 1) % every == 0 and getattr(self, "_last", None):
-            hp, s_out, _, clean, corrupted, mask = self._last
-            recon = s_out["recon"]
+        if self.dist.is_main and every and (epoch + 1) % every == 0 and self._preview is not None:
+            clean, corrupted, recon, mask = self._preview
             save_reconstruction_grid(self.run_dir / "images" / f"epoch_{epoch + 1:04d}.png", clean, corrupted,
                                      recon, mask, title=f"epoch {epoch + 1}, step {self.step}")
         self.save_checkpoint()
@@ -485,12 +598,16 @@ class Pretrainer:
         """Write the teacher backbone alone (timm parameter names) as safetensors, atomically."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.teacher.backbone.state_dict().items()}
+        backbone = self.teacher.backbone
+        tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         m, d = self.cfg.model, self.cfg.data
         meta = {"format": "asit-encoder-v1", "arch": m.arch, "patch_size": str(m.patch_size),
                 "img_size": json.dumps([d.target_frames, d.num_mel_bins]), "sample_rate": str(d.sample_rate),
                 "num_mel_bins": str(d.num_mel_bins), "mean": str(d.mean), "std": str(d.std),
-                "config": json.dumps(config_to_dict(self.cfg)), "step": str(self.step)}
+                "config": json.dumps(config_to_dict(self.cfg)), "step": str(self.step),
+                # the resolved width/depth/heads (the arch name alone is wrong when they are overridden)
+                "embed_dim": str(backbone.embed_dim), "depth": str(len(backbone.blocks)),
+                "num_heads": str(backbone.blocks[0].attn.num_heads)}
         path = self.run_dir / "teacher_encoder.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)

@@ -5,21 +5,34 @@ self-distillation plus masked reconstruction. The module owns the two centres.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from asit.ops import centered_softmax_cross_entropy, masked_l1_loss, update_center_
 
-__all__ = ["ASiTLoss"]
+__all__ = ["ASiTLoss", "CenterStats"]
+
+
+class CenterStats(NamedTuple):
+    """What the centre EMA needs from one step: column sums of this rank's teacher logits and how
+    many rows they sum (before any all-reduce)."""
+
+    global_sum: torch.Tensor  # [Kc]
+    global_count: int
+    local_sum: torch.Tensor  # [Kt]
+    local_count: int
 
 
 class ASiTLoss(nn.Module):
     """``w_g · L_global + w_l · L_local + w_r · L_recon`` with EMA centres.
 
-    Centres are buffers (saved in checkpoints); they are updated with the teacher logits of the
-    current step *after* the losses are computed with the old values (as DINO/ASiT do), summed
-    across ranks through ``all_reduce`` (injected, so the module is testable without a process group).
+    Centres are buffers (saved in checkpoints). ``forward`` uses the current values and returns,
+    next to the loss terms, the teacher statistics of the step; the caller applies them with
+    :meth:`update_centers_` once it knows the step is good (the engine skips non-finite steps), as
+    DINO/ASiT do after the loss. The update sums across ranks through ``all_reduce`` (injected, so
+    the module is testable without a process group); under DDP every rank must call it.
     """
 
     def __init__(self, out_cls: int, out_tokens: int, *, student_temp: float = 0.1,
@@ -61,7 +74,8 @@ class ASiTLoss(nn.Module):
 
     def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                 clean: torch.Tensor, mask: torch.Tensor, token_fraction: torch.Tensor,
-                teacher_temp: float, student_local_cls: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                teacher_temp: float, student_local_cls: torch.Tensor | None = None,
+                ) -> tuple[dict[str, torch.Tensor], CenterStats]:
         """Args:
             student: outputs on the corrupted global views (view-major ``[V·B, ...]``):
                 ``cls_logits [V·B, Kc]``, ``token_logits [V·B, N, Kt]``, ``recon [V·B, 1, T, F]``.
@@ -72,7 +86,9 @@ class ASiTLoss(nn.Module):
             teacher_temp: ``τ_t`` for this step.
             student_local_cls: v2 only, ``[L·B, Kc]`` student [CLS] logits of the clean local views.
 
-        Returns: dict with ``loss`` (weighted total) and the terms ``global``, ``local``, ``recon``.
+        Returns: ``(terms, stats)``: a dict with ``loss`` (weighted total, with gradient) and the
+        detached terms ``global``, ``local``, ``recon``; and the :class:`CenterStats` of this step
+        for :meth:`update_centers_`. The centres are not changed here.
         """
         num_views = 2
         batch = clean.shape[0] // num_views
@@ -93,10 +109,16 @@ class ASiTLoss(nn.Module):
         recon = masked_l1_loss(recon_pred, target.to(recon_pred.dtype), rec_mask)
         wg, wl, wr = self.weights
         total = wg * glob.loss + wl * local.loss + wr * recon
-        with torch.no_grad():
-            update_center_(self.center_global, glob.teacher_sum / repeats, t_rows.shape[0] // repeats,
-                           self.center_momentum, self.all_reduce)
-            update_center_(self.center_local, local.teacher_sum, t_tok.shape[0], self.center_momentum,
-                           self.all_reduce)
-        return {"loss": total, "global": glob.loss.detach(), "local": local.loss.detach(),
-                "recon": recon.detach()}
+        stats = CenterStats(glob.teacher_sum.detach() / repeats, t_rows.shape[0] // repeats,
+                            local.teacher_sum.detach(), t_tok.shape[0])
+        terms = {"loss": total, "global": glob.loss.detach(), "local": local.loss.detach(),
+                 "recon": recon.detach()}
+        return terms, stats
+
+    @torch.no_grad()
+    def update_centers_(self, stats: CenterStats) -> None:
+        """EMA step of both centres with one step's teacher statistics (a collective under DDP)."""
+        update_center_(self.center_global, stats.global_sum, stats.global_count, self.center_momentum,
+                       self.all_reduce)
+        update_center_(self.center_local, stats.local_sum, stats.local_count, self.center_momentum,
+                       self.all_reduce)

@@ -21,8 +21,18 @@ def softmax_entropy(logits: torch.Tensor, center: torch.Tensor, temp: float) -> 
     return float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
 
 
+def _json_value(value: Any) -> Any:
+    """NaN/Inf become ``null``: the log stays strict JSON (readable by jq, browsers, pandas)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 class MetricWriter:
-    """Appends one JSON object per log step to ``<run>/log.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per log step to ``<run>/log.jsonl`` and mirrors scalars to TensorBoard.
+
+    Non-finite values are written as ``null``; records with an ``"event"`` key mark incidents
+    (e.g. ``"nonfinite_skip"``) rather than regular log steps."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -36,9 +46,9 @@ class MetricWriter:
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": time.time(), **values}
+        record = {"step": step, "time": time.time(), **{k: _json_value(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)

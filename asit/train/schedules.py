@@ -32,7 +32,13 @@ def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int
 def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
                           iters_per_epoch: int) -> np.ndarray:
     """Teacher temperature per iteration: linear ``warmup_temp → temp`` over ``warmup_epochs``
-    epochs (per epoch, as DINO/ASiT do), then constant."""
-    warm = min(warmup_epochs, epochs)
-    per_epoch = np.concatenate([np.linspace(warmup_temp, temp, warm), np.full(epochs - warm, temp)])
+    epochs (one value per epoch, as DINO/ASiT do), then constant.
+
+    A run shorter than the warm-up sees the first ``epochs`` values of the same ramp (it does not
+    reach ``temp``), so a short run's schedule is a prefix of a longer run's."""
+    if epochs <= 0 or iters_per_epoch <= 0 or warmup_epochs < 0:
+        raise ValueError(f"need epochs > 0, iters_per_epoch > 0, warmup_epochs >= 0; got {epochs}, "
+                         f"{iters_per_epoch}, {warmup_epochs}")
+    ramp = np.linspace(warmup_temp, temp, warmup_epochs)
+    per_epoch = np.concatenate([ramp, np.full(max(epochs - warmup_epochs, 0), temp)])[:epochs]
     return np.repeat(per_epoch, iters_per_epoch).astype(np.float64)

@@ -1,0 +1,409 @@
+"""A frozen ASiT encoder for downstream use: waveforms in, clip and frame embeddings out.
+
+:func:`load_encoder` reads the ``teacher_encoder.safetensors`` that
+:meth:`asit.train.Pretrainer.export_teacher_encoder` writes (timm parameter names plus metadata:
+architecture, input size, sample rate, fbank statistics) and rebuilds the backbone with
+:func:`asit.models.build_backbone`. :class:`AudioEncoder` then turns audio of any length into
+
+* **clip embeddings** ``[B, D]``: the mean over windows of the [CLS] token (``pool="cls"``, the
+  default: [CLS] is what the global self-distillation loss trains), or the mean of the data
+  tokens over all windows (``pool="tokens"``);
+* **frame embeddings** ``[B, N, D]``: one vector per time patch (16 fbank frames = 160 ms), the
+  data tokens averaged over the frequency patches, with the time of each patch centre.
+
+The input pipeline is exactly the pretraining one (DESIGN §1): mean removal, Kaldi fbank,
+``(fbank - mean) / (2 * std)``; audio longer than one window (``target_frames`` frames) is cut
+into windows, the last one padded like pretraining pads short clips.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torchaudio.functional as AF
+from timm.models.vision_transformer import VisionTransformer
+
+from asit.data import kaldi_fbank, normalize_fbank
+from asit.models import VIT_PRESETS, build_backbone, encode
+
+__all__ = [
+    "ENCODER_FORMAT",
+    "AudioEncoder",
+    "EncoderError",
+    "EncoderOutput",
+    "backbone_spec",
+    "load_encoder",
+    "read_encoder_metadata",
+]
+
+ENCODER_FORMAT = "asit-encoder-v1"
+
+# Kaldi fbank framing used everywhere in asit (asit.data.features): 25 ms windows every 10 ms.
+FRAME_SHIFT_S = 0.010
+FRAME_LENGTH_S = 0.025
+
+Pool = Literal["cls", "tokens"]
+
+
+class EncoderError(ValueError):
+    """An encoder file is missing, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass
+class EncoderOutput:
+    """Embeddings of a batch of clips.
+
+    Attributes:
+        clip: ``[B, D]`` one vector per clip.
+        frames: ``[B, N, D]`` one vector per time patch; ``N`` is the largest count in the batch,
+            rows past ``num_frames[b]`` are zeros.
+        timestamps_s: ``[N]`` centre of each time patch in seconds (the same for every clip).
+        num_frames: ``[B]`` number of valid time patches of each clip.
+    """
+
+    clip: torch.Tensor
+    frames: torch.Tensor
+    timestamps_s: torch.Tensor
+    num_frames: torch.Tensor
+
+
+def read_encoder_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Return the string metadata stored in an encoder safetensors file."""
+    from safetensors import safe_open
+
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise EncoderError(f"{name}: encoder file does not exist")
+    try:
+        with safe_open(name, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise EncoderError(f"{name}: cannot read safetensors header: {exc}") from exc
+
+
+def backbone_spec(state: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, Any]:
+    """Keyword arguments of :func:`build_backbone` that reproduce the tensors in ``state``.
+
+    Widths, depth, patch size and MLP ratio come from the tensor shapes; the number of heads
+    (invisible in the shapes) from the stored config, else from the ``arch`` preset.
+    """
+    try:
+        proj = state["patch_embed.proj.weight"]  # [D, C, p, p]
+        fc1 = state["blocks.0.mlp.fc1.weight"]  # [hidden, D]
+    except KeyError as exc:
+        raise EncoderError(f"not a ViT state dict: missing {exc.args[0]!r}") from exc
+    embed_dim, in_chans, ph, pw = (int(s) for s in proj.shape)
+    if ph != pw:
+        raise EncoderError(f"non-square patches {ph}x{pw} are not supported")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    num_heads = None
+    config = json.loads(meta.get("config", "{}") or "{}")
+    num_heads = (config.get("model") or {}).get("num_heads")
+    if num_heads is None:
+        arch = meta.get("arch") or (config.get("model") or {}).get("arch")
+        preset = VIT_PRESETS.get(arch or "")
+        if preset is None or preset["embed_dim"] != embed_dim:
+            raise EncoderError(
+                "cannot tell the number of attention heads: no config.model.num_heads and "
+                f"no preset with embed_dim={embed_dim}"
+            )
+        num_heads = preset["num_heads"]
+    if "img_size" in meta:
+        img_size = tuple(int(v) for v in json.loads(meta["img_size"]))
+    else:  # the positional grid alone does not say which side is time; assume the default 592 x 128 ratio
+        raise EncoderError("metadata has no img_size")
+    return dict(
+        img_size=img_size,
+        patch_size=ph,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=int(num_heads),
+        mlp_ratio=fc1.shape[0] / embed_dim,
+    )
+
+
+def load_encoder(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    random_init: bool = False,
+    seed: int = 0,
+    hop_frames: int | None = None,
+    pool: Pool = "cls",
+    batch_size: int = 32,
+) -> AudioEncoder:
+    """Load an exported ASiT encoder (``teacher_encoder.safetensors``).
+
+    Args:
+        path: file written by ``Pretrainer.export_teacher_encoder``.
+        device: where the model runs.
+        random_init: build the same architecture with random weights (seeded by ``seed``)
+            instead of loading the stored ones: the baseline for probing experiments.
+        hop_frames, pool, batch_size: see :class:`AudioEncoder`.
+
+    Raises:
+        EncoderError: the file is missing, is not an asit encoder, or its tensors do not match.
+    """
+    from safetensors.torch import load_file
+
+    name = os.fspath(path)
+    meta = read_encoder_metadata(name)
+    fmt = meta.get("format")
+    if fmt != ENCODER_FORMAT:
+        raise EncoderError(f"{name}: format {fmt!r} is not {ENCODER_FORMAT!r} (not an asit encoder export)")
+    state = load_file(name, device="cpu")
+    try:
+        spec = backbone_spec(state, meta)
+        if int(meta["patch_size"]) != spec["patch_size"]:
+            raise EncoderError(f"metadata patch_size {meta['patch_size']} != tensors' {spec['patch_size']}")
+        sample_rate, num_mel_bins = int(meta["sample_rate"]), int(meta["num_mel_bins"])
+        mean, std = float(meta["mean"]), float(meta["std"])
+    except (KeyError, ValueError) as exc:
+        raise EncoderError(f"{name}: bad or missing metadata: {exc}") from exc
+    if spec["img_size"][1] != num_mel_bins:
+        raise EncoderError(f"{name}: img_size {spec['img_size']} disagrees with num_mel_bins={num_mel_bins}")
+
+    if random_init:
+        torch.manual_seed(seed)
+    backbone = build_backbone(**spec)
+    if not random_init:
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise EncoderError(f"{name}: tensors do not match the architecture {spec}: {exc}") from exc
+    encoder = AudioEncoder(
+        backbone,
+        sample_rate=sample_rate,
+        num_mel_bins=num_mel_bins,
+        mean=mean,
+        std=std,
+        hop_frames=hop_frames,
+        pool=pool,
+        batch_size=batch_size,
+    )
+    encoder.metadata = meta
+    return encoder.to(device)
+
+
+class AudioEncoder(nn.Module):
+    """A frozen ViT backbone plus the fbank front end it was pretrained with.
+
+    Args:
+        backbone: timm ``VisionTransformer`` from :func:`asit.models.build_backbone`; its
+            ``img_size`` is ``(target_frames, num_mel_bins)``.
+        sample_rate: the rate the model was pretrained at; :meth:`embed` resamples to it.
+        mean, std: fbank normalisation statistics used in pretraining.
+        hop_frames: distance between windows in fbank frames; default ``target_frames``
+            (non-overlapping). Must be a multiple of the patch size so that the time patches
+            of overlapping windows line up (their embeddings are then averaged).
+        pool: clip embedding: ``"cls"`` (mean over windows of [CLS]) or ``"tokens"`` (mean of
+            the data tokens of all windows, padding excluded).
+        batch_size: windows per forward pass.
+    """
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        *,
+        sample_rate: int,
+        num_mel_bins: int,
+        mean: float,
+        std: float,
+        hop_frames: int | None = None,
+        pool: Pool = "cls",
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        ph, pw = (int(s) for s in backbone.patch_embed.patch_size)
+        frames, mels = (int(s) for s in backbone.patch_embed.img_size)
+        if mels != num_mel_bins:
+            raise ValueError(f"backbone img_size {frames}x{mels} does not match num_mel_bins={num_mel_bins}")
+        if ph != pw:
+            raise ValueError(f"non-square patches {ph}x{pw} are not supported")
+        if pool not in ("cls", "tokens"):
+            raise ValueError(f"pool must be 'cls' or 'tokens', got {pool!r}")
+        self.sample_rate = int(sample_rate)
+        self.num_mel_bins = int(num_mel_bins)
+        self.target_frames = frames
+        self.patch_size = ph
+        self.embed_dim = int(backbone.embed_dim)
+        self.mean, self.std = float(mean), float(std)
+        self.hop_frames = int(hop_frames) if hop_frames is not None else frames
+        if self.hop_frames <= 0 or self.hop_frames % ph != 0 or self.hop_frames > frames:
+            raise ValueError(
+                f"hop_frames must be a positive multiple of patch_size={ph} and at most "
+                f"target_frames={frames}, got {self.hop_frames}"
+            )
+        self.pool: Pool = pool
+        self.batch_size = int(batch_size)
+        self.metadata: dict[str, str] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.cls_token.device
+
+    def train(self, mode: bool = True) -> AudioEncoder:
+        return super().train(False)  # always frozen: no dropout / drop path
+
+    # ------------------------------------------------------------------ front end
+    def num_fbank_frames(self, num_samples: int) -> int:
+        """Fbank frames Kaldi produces for ``num_samples`` samples (at least one: short input is padded)."""
+        shift = int(self.sample_rate * FRAME_SHIFT_S)
+        length = int(self.sample_rate * FRAME_LENGTH_S)
+        return 1 + max(num_samples - length, 0) // shift
+
+    def features(self, waves: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Normalised log-mel features, exactly as in pretraining.
+
+        Args:
+            waves: ``[B, T]`` (or ``[T]``) waveforms at :attr:`sample_rate`.
+            num_frames: output length in frames (cut or padded like pretraining); default: every
+                frame of the input (:meth:`num_fbank_frames`).
+
+        Returns:
+            ``[B, 1, frames, F]`` float32.
+        """
+        if waves.dim() == 1:
+            waves = waves.unsqueeze(0)
+        if waves.dim() != 2:
+            raise ValueError(f"waves must be [B, T] or [T], got shape {tuple(waves.shape)}")
+        frames = num_frames if num_frames is not None else self.num_fbank_frames(waves.shape[-1])
+        out = [self._fbank(w, frames) for w in waves]
+        return torch.stack(out).unsqueeze(1)  # [B, 1, frames, F]
+
+    def _fbank(self, wave: torch.Tensor, frames: int) -> torch.Tensor:
+        fbank = kaldi_fbank(wave, self.sample_rate, self.num_mel_bins, frames)  # [frames, F]
+        return normalize_fbank(fbank, self.mean, self.std)
+
+    def timestamps(self, num_patches: int) -> torch.Tensor:
+        """Centre, in seconds, of each time patch: the mean of its frames' window centres.
+
+        Fbank frame ``i`` covers ``[i·10 ms, i·10 ms + 25 ms)``, so patch ``j`` (frames
+        ``16j … 16j+15``) is centred at ``(16j + 7.5) · 10 ms + 12.5 ms``.
+        """
+        j = torch.arange(num_patches, dtype=torch.float64)
+        centre = (j * self.patch_size + (self.patch_size - 1) / 2) * FRAME_SHIFT_S + FRAME_LENGTH_S / 2
+        return centre.to(torch.float32)
+
+    # ------------------------------------------------------------------ model
+    def forward_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the ViT on ``[W, 1, target_frames, F]`` windows → tokens ``[W, 1 + gh·gw, D]``."""
+        return encode(self.backbone, x)
+
+    def _windows(self, fbank: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Cut ``[L, F]`` into windows ``[W, 1, target_frames, F]``; also their start frames."""
+        length, window, hop = fbank.shape[0], self.target_frames, self.hop_frames
+        count = 1 + max(0, math.ceil((length - window) / hop))
+        starts = [i * hop for i in range(count)]
+        pad_to = starts[-1] + window
+        if pad_to > length:  # padded with the normalised value of a zero fbank, as kaldi_fbank pads
+            fill = normalize_fbank(torch.zeros(()), self.mean, self.std).item()
+            pad = fbank.new_full((pad_to - length, fbank.shape[1]), fill)
+            fbank = torch.cat([fbank, pad])
+        windows = torch.stack([fbank[s : s + window] for s in starts]).unsqueeze(1)
+        return windows, starts
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        waves: torch.Tensor | Sequence[torch.Tensor],
+        sample_rate: int,
+        *,
+        pool: Pool | None = None,
+    ) -> EncoderOutput:
+        """Embed a batch of clips of any length.
+
+        Args:
+            waves: ``[B, T]`` tensor, a single ``[T]`` clip, or a list of 1-D tensors of
+                different lengths.
+            sample_rate: their sample rate; resampled to :attr:`sample_rate` when different.
+            pool: overrides the encoder's clip pooling (``"cls"`` or ``"tokens"``).
+
+        Returns:
+            :class:`EncoderOutput` on the encoder's device, float32.
+        """
+        pool = pool or self.pool
+        if pool not in ("cls", "tokens"):
+            raise ValueError(f"pool must be 'cls' or 'tokens', got {pool!r}")
+        clips = _as_list(waves)
+        if not clips:
+            raise ValueError("waves is empty: need at least one clip")
+        device, p = self.device, self.patch_size
+        grid_t = self.target_frames // p
+
+        all_windows, owners, starts = [], [], []
+        valid_patches = []
+        for b, wave in enumerate(clips):
+            wave = wave.to(device=device, dtype=torch.float32)
+            if sample_rate != self.sample_rate:
+                wave = AF.resample(wave, orig_freq=int(sample_rate), new_freq=self.sample_rate)
+            frames = self.num_fbank_frames(wave.numel())
+            windows, wstarts = self._windows(self._fbank(wave, frames))
+            all_windows.append(windows)
+            owners += [b] * len(wstarts)
+            starts += wstarts
+            valid_patches.append(math.ceil(frames / p))
+        windows = torch.cat(all_windows)  # [W, 1, target_frames, F]
+
+        tokens = torch.cat(
+            [
+                self.forward_windows(windows[i : i + self.batch_size])
+                for i in range(0, windows.shape[0], self.batch_size)
+            ]
+        )  # [W, 1 + N, D]
+        W, D = tokens.shape[0], tokens.shape[-1]
+        cls = tokens[:, 0]  # [W, D]
+        per_time = tokens[:, 1:].reshape(W, grid_t, -1, D).mean(2)  # [W, gh, D]: mean over frequency
+
+        B, n_max = len(clips), max(valid_patches)
+        total = max(s // p + grid_t for s in starts)
+        frame_sum = tokens.new_zeros(B, max(total, n_max), D)
+        frame_cnt = tokens.new_zeros(B, max(total, n_max), 1)
+        cls_sum, win_cnt = tokens.new_zeros(B, D), tokens.new_zeros(B, 1)
+        for w, (b, s) in enumerate(zip(owners, starts)):
+            j = s // p
+            frame_sum[b, j : j + grid_t] += per_time[w]
+            frame_cnt[b, j : j + grid_t] += 1
+            cls_sum[b] += cls[w]
+            win_cnt[b] += 1
+        frames_out = (frame_sum / frame_cnt.clamp_min(1))[:, :n_max]  # [B, N, D]
+        num_frames = torch.tensor(valid_patches, device=device)
+        valid = (torch.arange(n_max, device=device)[None] < num_frames[:, None]).unsqueeze(-1)  # [B, N, 1]
+        frames_out = frames_out * valid
+        if pool == "cls":
+            clip = cls_sum / win_cnt
+        else:
+            clip = frames_out.sum(1) / num_frames[:, None]
+        return EncoderOutput(
+            clip=clip,
+            frames=frames_out,
+            timestamps_s=self.timestamps(n_max).to(device),
+            num_frames=num_frames,
+        )
+
+
+def _as_list(waves: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(waves, torch.Tensor):
+        if waves.dim() == 1:
+            return [waves]
+        if waves.dim() != 2:
+            raise ValueError(
+                f"waves must be [B, T], [T] or a list of 1-D tensors, got shape {tuple(waves.shape)}"
+            )
+        return list(waves)
+    out = []
+    for i, w in enumerate(waves):
+        w = torch.as_tensor(w)
+        if w.dim() != 1:
+            raise ValueError(f"waves[{i}] must be 1-D, got shape {tuple(w.shape)}")
+        out.append(w)
+    return out

@@ -1,0 +1,129 @@
+"""Data pipeline throughput per CPU core: the authors' per-clip path against ours, batched.
+
+Both turn a batch of waveforms (2 views × 6 s at 32 kHz each, DESIGN §1) into normalised fbanks
+and a GMML-corrupted copy with its mask:
+
+* ``authors``: per clip and view, ``torchaudio.compliance.kaldi.fbank`` (through
+  :func:`asit.data.kaldi_fbank`), then the authors' GMML painter, a Python while-loop per
+  sample that draws one block at a time until ``mask.sum()`` reaches the target;
+* ``ours``: one :func:`asit.data.fbank.batched_kaldi_fbank` call for the batch, then
+  :func:`asit.ops.sample_gmml_blocks` + :func:`asit.ops.gmml_corrupt`.
+
+``ours_blocks_presampled`` times ours with the blocks sampled beforehand, which separates the
+cost of ``sample_gmml_blocks`` (vectorised over the batch for the GPU; on one CPU core its
+per-round full-image coverage checks cost more than the authors' loop). Decoding and cropping
+are the same for both and left out. ``torch.set_num_threads(1)`` makes
+the figures per core. Clips/s goes into ``extra_info`` (with the ratio, in the second case).
+Run with ``pytest bench/test_bench_data.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+
+import pytest
+import torch
+
+import asit.ops as ops
+from asit.data import kaldi_fbank, normalize_fbank
+from asit.data.fbank import batched_kaldi_fbank
+
+SR = 32000
+BATCH = 16  # clips
+VIEWS = 2
+SAMPLES = 6 * SR
+FRAMES, BINS = 592, 128
+MEAN, STD = -4.2677393, 4.5689974
+_RESULTS: dict[str, float] = {}
+
+
+def _waves() -> torch.Tensor:
+    """``[B, V, T]`` harmonic tones with noise: a stand-in for decoded, cropped clips."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(SAMPLES) / SR
+    f0 = 100 + 400 * torch.rand(BATCH, VIEWS, 1, generator=g)
+    tones = sum(torch.sin(2 * math.pi * k * f0 * t) / k for k in range(1, 6))
+    return 0.2 * tones + 0.05 * torch.randn(BATCH, VIEWS, SAMPLES, generator=g)
+
+
+def authors_gmml(x: torch.Tensor, batch: torch.Tensor, rng: random.Random):
+    """The authors' painter for one ``(1, T, F)`` view: blocks drawn one at a time in Python."""
+    _, h, w = x.shape
+    mask = torch.zeros_like(x)
+    alien = rng.random() < 0.5
+    target = (0.3 if alien else rng.uniform(0.5, 0.7)) * h * w
+    while mask.sum() < target:
+        bh, bw = rng.randint(1, int(0.3 * h)), rng.randint(1, int(0.3 * w))
+        top, left = rng.randint(0, h - 1), rng.randint(0, w - 1)
+        mask[:, top : top + bh, left : left + bw] = 1
+    if alien:  # like the authors, the source may be the sample itself
+        other = batch[rng.randrange(batch.shape[0])]
+        return x * (1 - mask) + other * mask, mask
+    return x * (1 - mask), mask
+
+
+def authors_path(waves: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rng = random.Random(0)
+    views = torch.stack([
+        normalize_fbank(kaldi_fbank(waves[b, v], SR, BINS, FRAMES), MEAN, STD).unsqueeze(0)
+        for b in range(waves.shape[0]) for v in range(waves.shape[1])
+    ])  # [B·V, 1, T, F]
+    return [authors_gmml(view, views, rng) for view in views]
+
+
+def our_path(waves: torch.Tensor, generator: torch.Generator, blocks: ops.GMMLBlocks | None = None):
+    fbank = batched_kaldi_fbank(waves.reshape(-1, SAMPLES), SR, BINS, FRAMES)  # [B·V, T, F]
+    views = normalize_fbank(fbank, MEAN, STD).unsqueeze(1)  # [B·V, 1, T, F]
+    if blocks is None:
+        blocks = ops.sample_gmml_blocks(views.shape[0], FRAMES, BINS, generator=generator)
+    return ops.gmml_corrupt(views, blocks, 16, backend="reference")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _record(benchmark, name: str) -> float:
+    clips_per_s = BATCH / benchmark.stats.stats.median
+    _RESULTS[name] = clips_per_s
+    benchmark.extra_info.update(
+        clips_per_s_per_core=round(clips_per_s, 2), batch=BATCH, views=VIEWS, seconds_per_view=6,
+        sample_rate=SR, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+    )
+    return clips_per_s
+
+
+def test_data_authors_per_clip(benchmark, one_thread):
+    waves = _waves()
+    out = benchmark.pedantic(authors_path, args=(waves,), rounds=3, iterations=1, warmup_rounds=1)
+    assert len(out) == BATCH * VIEWS and torch.isfinite(out[0][0]).all()
+    _record(benchmark, "authors")
+
+
+def test_data_ours_batched(benchmark, one_thread):
+    waves = _waves()
+    g = torch.Generator().manual_seed(0)
+    out = benchmark.pedantic(our_path, args=(waves, g), rounds=5, iterations=1, warmup_rounds=1)
+    assert out.corrupted.shape == (BATCH * VIEWS, 1, FRAMES, BINS) and torch.isfinite(out.corrupted).all()
+    ours = _record(benchmark, "ours")
+    if "authors" in _RESULTS:
+        benchmark.extra_info["speedup_vs_authors"] = round(ours / _RESULTS["authors"], 2)
+
+
+def test_data_ours_blocks_presampled(benchmark, one_thread):
+    """Ours without the block sampler (e.g. sampled on the GPU or ahead of time): its CPU cost apart."""
+    waves = _waves()
+    g = torch.Generator().manual_seed(0)
+    blocks = ops.sample_gmml_blocks(BATCH * VIEWS, FRAMES, BINS, generator=g)
+    out = benchmark.pedantic(our_path, args=(waves, g, blocks), rounds=5, iterations=1, warmup_rounds=1)
+    assert torch.isfinite(out.corrupted).all()
+    ours = _record(benchmark, "ours_presampled")
+    if "authors" in _RESULTS:
+        benchmark.extra_info["speedup_vs_authors"] = round(ours / _RESULTS["authors"], 2)

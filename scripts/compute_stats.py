@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Fbank mean and standard deviation of a corpus, as a config fragment for ``data.mean``/``data.std``.
+
+    python scripts/compute_stats.py /data/my_corpus.json                     # all clips, 32 kHz
+    python scripts/compute_stats.py /data/wavs --max-clips 20000 --num-workers 8 -o stats.yaml
+    python scripts/compute_stats.py manifest.csv --config asit_v2_vit_base    # that recipe's rate/bins
+
+The manifest is a JSON/CSV manifest or a folder of audio files (see asit.data.load_manifest).
+The result is printed and, with ``-o``, written as YAML (``data: {mean: ..., std: ...}``); use it
+with ``scripts/pretrain.py --config stats.yaml`` or as ``data.mean=... data.std=...`` overrides.
+Undecodable clips are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from asit.config import ConfigError, available_recipes, load_config
+from asit.data import ManifestError, load_manifest
+from asit.data.stats import compute_fbank_stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("manifest", help="JSON/CSV manifest or folder of audio files")
+    parser.add_argument("--config", default=None,
+                        help=f"recipe ({', '.join(available_recipes())}) or YAML file whose data.sample_rate "
+                             "and data.num_mel_bins to use (default: 32000 Hz, 128 bins)")
+    parser.add_argument("--sample-rate", type=int, default=None, help="override the sample rate (Hz)")
+    parser.add_argument("--num-mel-bins", type=int, default=None, help="override the number of mel bins")
+    parser.add_argument("--max-clips", type=int, default=None, help="use only the first N clips")
+    parser.add_argument("--num-workers", type=int, default=0, help="decoding processes (default: 0)")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="write the YAML fragment here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asit.data.stats").setLevel(logging.ERROR)  # skips are summarised at the end
+
+    try:
+        data = load_config(args.config).data
+        entries = load_manifest(args.manifest)
+    except (ConfigError, ManifestError) as err:
+        parser.error(str(err))
+    sample_rate = args.sample_rate or data.sample_rate
+    num_mel_bins = args.num_mel_bins or data.num_mel_bins
+    try:
+        stats = compute_fbank_stats(entries, sample_rate=sample_rate, num_mel_bins=num_mel_bins,
+                                    max_clips=args.max_clips, num_workers=args.num_workers,
+                                    progress=not args.no_progress)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    snippet = stats.yaml_snippet()
+    print(f"# {sample_rate} Hz, {num_mel_bins} mel bins, {args.manifest}")
+    print(snippet, end="")
+    print(f"# overrides: {stats.overrides()}")
+    if stats.skipped:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(stats.skipped.items()))
+        print(f"# skipped {sum(stats.skipped.values())} clips ({reasons})", file=sys.stderr)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(snippet, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

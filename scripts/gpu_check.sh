@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One-command check for a GPU machine without internet (torch + CUDA, triton, torchaudio, timm,
+# pytest-benchmark already installed; this repository copied in). Installs the project without
+# fetching anything, runs the test suite on the GPU (kernels against their references, compile,
+# attention backends) and the benchmarks, and prints a summary table last. JSON and logs go to
+# $OUT when it is set. Budget: under 9 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 ASIT_CACHE="${ASIT_CACHE:-$(mktemp -d)}"
+
+# Install offline; fall back to a path shim when pip cannot build the editable install.
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1; then
+    shim="$(mktemp -d)"
+    ln -s "$PWD/kernels" "$shim/asit_kernels"
+    export PYTHONPATH="$PWD:$shim:${PYTHONPATH:-}"
+    echo "editable install failed (see install.log); using PYTHONPATH shim" | tee -a "$OUT/install.log"
+fi
+python3 - <<'PY' | tee "$OUT/env.txt"
+import platform, torch, triton
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+PY
+
+status=0
+timeout 300 python3 -m pytest -q -x tests --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -n 30
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 200 python3 -m pytest -q bench --benchmark-json="$OUT/bench.json" --benchmark-columns=median,rounds \
+    2>&1 | tee "$OUT/bench.log" | tail -n 5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo
+echo "== summary ($(date -u +%F), $(tail -n 1 "$OUT/env.txt")) =="
+grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
+python3 bench/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"
+exit $status

@@ -1,0 +1,154 @@
+"""The batched fbank against torchaudio's per-clip Kaldi fbank on many kinds of input."""
+
+import math
+
+import pytest
+import torch
+import torchaudio.compliance.kaldi as kaldi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asit.data import kaldi_fbank
+from asit.data.fbank import KaldiFbank, batched_kaldi_fbank, num_fbank_frames
+
+TOL = 1e-3  # max abs difference in log-mel (fp32)
+RATES = (16000, 32000)
+
+
+def _speech_like(n: int, sr: int, g: torch.Generator) -> torch.Tensor:
+    """Harmonics of a wandering f0 shaped by three moving formants, in syllable-like bursts."""
+    t = torch.arange(n, dtype=torch.float64) / sr
+    f0 = 110 + 30 * torch.sin(2 * math.pi * 0.7 * t) + 20 * torch.rand((), generator=g, dtype=torch.float64)
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / sr
+    formants = [
+        (700 + 200 * torch.sin(2 * math.pi * 1.3 * t), 90.0),
+        (1200 + 400 * torch.cos(2 * math.pi * t), 110.0),
+        (2600.0 + 0 * t, 160.0),
+    ]
+    wave = torch.zeros(n, dtype=torch.float64)
+    for k in range(1, int(0.45 * sr / 140)):
+        fk = k * f0
+        gain = sum(torch.exp(-0.5 * ((fk - fc) / bw) ** 2) for fc, bw in formants) + 0.01
+        wave += gain * torch.sin(k * phase) / k
+    syllables = (torch.sin(2 * math.pi * 3.0 * t).clamp_min(0) ** 2)  # ~3 syllables per second
+    wave = wave * syllables + 0.002 * torch.randn(n, generator=g, dtype=torch.float64)
+    return (0.8 * wave / wave.abs().max()).float()
+
+
+def _inputs(sr: int, seconds: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+    n = round(seconds * sr)
+    t = torch.arange(n, dtype=torch.float64) / sr
+    tonal = 0.5 * torch.sin(2 * math.pi * 440 * t) + 0.25 * torch.sin(2 * math.pi * 3150 * t + 1.0)
+    noise = torch.randn(n, generator=g, dtype=torch.float64)
+    clipped = (4 * torch.sin(2 * math.pi * 220 * t) + noise).clamp(-1, 1)  # saturated at ±1
+    return {
+        "speech": _speech_like(n, sr, g),
+        "noise": 0.3 * torch.randn(n, generator=g),
+        "tonal": (tonal + 0.1).float(),  # with a DC offset
+        "clipped": clipped.float(),
+        "silent": torch.zeros(n),
+    }
+
+
+def _reference(wave: torch.Tensor, sr: int, bins: int, frames: int) -> torch.Tensor:
+    return kaldi_fbank(wave, sr, bins, frames)  # per clip, through torchaudio
+
+
+@pytest.mark.parametrize("sr", RATES)
+def test_matches_torchaudio_per_clip(sr):
+    g = torch.Generator().manual_seed(sr)
+    named = _inputs(sr, 6.0, g)
+    waves = torch.stack(list(named.values()))  # [B, T], every row a different kind
+    out = batched_kaldi_fbank(waves, sr)
+    assert out.shape == (len(named), 592, 128) and out.dtype == torch.float32
+    for i, (name, wave) in enumerate(named.items()):
+        diff = (out[i] - _reference(wave, sr, 128, 592)).abs().max().item()
+        assert diff <= TOL, f"{name} at {sr} Hz: max abs diff {diff}"
+    floor = math.log(torch.finfo(torch.float32).eps)
+    silent = out[list(named).index("silent")]
+    assert torch.isfinite(silent).all()
+    assert torch.equal(silent, torch.full((592, 128), floor))  # 598 frames, all at the floor
+
+
+@pytest.mark.parametrize("sr", RATES)
+@pytest.mark.parametrize("length", [0, 1, 10, 399, 400, 401, 800, 1123])
+def test_very_short_inputs_match_and_pad(sr, length):
+    g = torch.Generator().manual_seed(length)
+    waves = torch.randn(3, length, generator=g) * torch.tensor([[0.01], [0.5], [1.0]])
+    out = batched_kaldi_fbank(waves, sr, num_mel_bins=64, target_frames=12)
+    assert out.shape == (3, 12, 64) and torch.isfinite(out).all()
+    for i in range(3):
+        assert (out[i] - _reference(waves[i], sr, 64, 12)).abs().max().item() <= TOL
+    frames = num_fbank_frames(max(length, int(sr * 0.025)), int(sr * 0.025), int(sr * 0.01))
+    assert not out[:, min(frames, 12):].any()  # missing frames are zeros, like kaldi_fbank
+
+
+def test_all_frames_and_truncation():
+    sr = 16000
+    wave = 0.2 * torch.randn(2, 16000 + 123, generator=torch.Generator().manual_seed(1))
+    full = batched_kaldi_fbank(wave, sr, num_mel_bins=80, target_frames=None)
+    centred = wave[1] - wave[1].mean()
+    ref = kaldi.fbank(centred.unsqueeze(0), htk_compat=True, sample_frequency=sr, use_energy=False,
+                      window_type="hanning", num_mel_bins=80, dither=0.0, frame_shift=10, frame_length=25)
+    assert full.shape == (2, ref.shape[0], 80)
+    assert (full[1] - ref).abs().max() <= TOL
+    cut = batched_kaldi_fbank(wave, sr, num_mel_bins=80, target_frames=50)
+    assert torch.equal(cut, full[:, :50])
+
+
+def test_module_and_function_agree_and_single_wave():
+    sr = 32000
+    wave = 0.1 * torch.randn(3, 40000, generator=torch.Generator().manual_seed(2))
+    module = KaldiFbank(sr, 64, 100)
+    assert module.state_dict() == {}  # buffers are derived, never saved
+    assert torch.equal(module(wave), batched_kaldi_fbank(wave, sr, 64, 100))
+    assert torch.equal(module(wave[1]), module(wave)[1])
+    # fp16 input is computed in fp32; float64 stays float64 and agrees.
+    assert module(wave.half()).dtype == torch.float32
+    out64 = module(wave.double())
+    assert out64.dtype == torch.float64
+    assert (out64 - module(wave)).abs().max() <= TOL
+    assert batched_kaldi_fbank(wave[:0], sr, 64, 100).shape == (0, 100, 64)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="sample_rate"):
+        KaldiFbank(0)
+    with pytest.raises(ValueError, match="num_mel_bins"):
+        KaldiFbank(16000, num_mel_bins=2)
+    with pytest.raises(ValueError, match="target_frames"):
+        KaldiFbank(16000, target_frames=0)
+    module = KaldiFbank(16000)
+    with pytest.raises(TypeError, match="floating-point"):
+        module(torch.zeros(2, 100, dtype=torch.int16))
+    with pytest.raises(ValueError, match="shape"):
+        module(torch.zeros(2, 2, 100))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    sr = 32000
+    g = torch.Generator().manual_seed(3)
+    waves = torch.stack(list(_inputs(sr, 6.0, g).values()))
+    cpu = batched_kaldi_fbank(waves, sr)
+    cuda = batched_kaldi_fbank(waves.cuda(), sr)
+    assert cuda.device.type == "cuda"
+    assert (cuda.cpu() - cpu).abs().max().item() <= TOL
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sr=st.sampled_from(RATES),
+    length=st.integers(0, 12000),
+    amplitude=st.floats(1e-4, 1.0),
+    offset=st.floats(-0.5, 0.5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_lengths_and_amplitudes(sr, length, amplitude, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    waves = offset + amplitude * torch.randn(3, length, generator=g)
+    waves[1] = waves[1].clamp(-amplitude / 3, amplitude / 3)
+    out = batched_kaldi_fbank(waves, sr, num_mel_bins=40, target_frames=64)
+    assert torch.isfinite(out).all()
+    for i in range(3):
+        assert (out[i] - _reference(waves[i], sr, 40, 64)).abs().max().item() <= TOL

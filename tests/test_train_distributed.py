@@ -1,0 +1,78 @@
+"""Two-process DDP pretraining on CPU (gloo) through ``torchrun``: a run, then a resumed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asit.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.demo_clips=48", "data.num_workers=0", "data.crop_seconds=1.0", "data.target_frames=96",
+    "data.num_mel_bins=32",
+    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.head_out_cls=256",
+    "model.head_out_tokens=64", "model.head_hidden=128", "model.head_bottleneck=32", "model.recon_hidden=64",
+    "gmml.max_block_frac=0.9",
+    "train.batch_size=8", "train.max_steps_per_epoch=2", "train.log_every=1", "train.progress=false",
+    "train.image_every_epochs=0",
+]
+STEPS_PER_EPOCH = 2  # 48 clips / 2 ranks / 8 = 3, capped at 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "scripts" / "pretrain.py"),
+           "--config", "demo_cpu", *TINY, f"train.output_dir={out}", *args]
+    env = dict(os.environ, ASIT_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.mark.slow
+def test_ddp_run_then_resume(tmp_path) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    _torchrun(out, cache, "train.epochs=1")
+    ckpt_dir = out / "checkpoints"
+    first = load_checkpoint(ckpt_dir / f"checkpoint_{STEPS_PER_EPOCH:09d}.pt")
+    assert first["step"] == STEPS_PER_EPOCH and first["world_size"] == 2
+    rng = [torch.load(ckpt_dir / f"rng_{STEPS_PER_EPOCH:09d}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(rng[0]["gmml"], rng[1]["gmml"])  # each rank keeps its own stream
+
+    _torchrun(out, cache, "train.epochs=2", "--resume")
+    total = 2 * STEPS_PER_EPOCH
+    final = load_checkpoint(ckpt_dir / f"checkpoint_{total:09d}.pt")
+    assert final["step"] == total and final["epoch"] == 2
+    for r in (0, 1):
+        assert (ckpt_dir / f"rng_{total:09d}_rank{r}.pt").is_file()
+    # the centres continued from the first run's values (all-reduced, so they changed again)
+    for key in ("center_global", "center_local"):
+        assert first["loss"][key].abs().sum() > 0
+        assert not torch.equal(final["loss"][key], first["loss"][key])
+    assert not torch.equal(final["student"]["backbone.cls_token"], first["student"]["backbone.cls_token"])
+    with open(out / "log.jsonl", encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
+    assert [r["step"] for r in records] == list(range(1, total + 1))  # rank 0 only, contiguous
+    assert [r["epoch"] for r in records] == [0, 0, 1, 1]
+    assert (out / "teacher_encoder.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "teacher_encoder.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["step"] == str(total)
+        assert torch.equal(fh.get_tensor("cls_token"), final["teacher"]["backbone.cls_token"])
+    assert json.loads((out / "summary.json").read_text())["steps"] == total
