@@ -134,6 +134,11 @@ class TrainConfig:
     image_every_epochs: int = 1
     progress: bool = True
     max_consecutive_nonfinite: int = 20  # stop after this many skipped (NaN/Inf) steps in a row
+    # fast: GMML on the device, fused ops, torch.compile (CUDA), bf16. reference: the authors' pipeline
+    # shape (per-sample CPU GMML in the loader's collate, eager PyTorch losses, no compile, fp16 + scaler)
+    mode: Literal["fast", "reference"] = "fast"
+    compile: bool | None = None  # None: compile in fast mode on CUDA only
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 @dataclass

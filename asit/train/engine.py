@@ -169,8 +169,9 @@ class Pretrainer:
 
     def _setup_precision(self) -> None:
         prec = self.cfg.train.precision
-        if prec == "auto":
-            prec = "bf16" if self.device.type == "cuda" else "fp32"
+        if prec == "auto":  # reference mode: the authors' fp16 + loss scaling
+            gpu = "fp16" if self.cfg.train.mode == "reference" else "bf16"
+            prec = gpu if self.device.type == "cuda" else "fp32"
         if prec == "fp16" and self.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
         self.precision = prec
@@ -214,9 +215,18 @@ class Pretrainer:
         self.sampler = EpochSampler(len(entries), rank=self.dist.rank, world_size=self.dist.world_size,
                                     seed=self.cfg.train.seed, num_samples=iters * self.cfg.train.batch_size)
         workers = d.num_workers
+        collate = collate_pretrain
+        if self.cfg.train.mode == "reference":  # GMML on the CPU in the loader, like the authors' code
+            from asit.data.gmml_cpu import ReferenceGMMLCollate
+
+            g = self.cfg.gmml
+            collate = ReferenceGMMLCollate(
+                collate_pretrain, seed=self.cfg.train.seed, patch_size=self.cfg.model.patch_size,
+                zero_ratio=g.zero_ratio, alien_ratio=g.alien_ratio, alien_prob=g.alien_prob,
+                max_block_frac=g.max_block_frac, allow_self_alien=g.allow_self_alien)
         self.loader = DataLoader(
             self.dataset, batch_size=self.cfg.train.batch_size, sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_pretrain, pin_memory=self.device.type == "cuda", drop_last=True,
+            collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=True,
             persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
             # own generator: creating a loader iterator must not consume the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.cfg.train.seed))
@@ -244,6 +254,15 @@ class Pretrainer:
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             step_module = DDP(step_module, device_ids=device_ids)
+        self.teacher_forward = self.teacher
+        t = self.cfg.train
+        use_compile = t.compile if t.compile is not None else (t.mode == "fast" and self.device.type == "cuda")
+        if use_compile and t.mode == "reference":
+            raise ValueError("train.compile=true contradicts train.mode=reference (the eager baseline)")
+        if use_compile:
+            step_module = torch.compile(step_module, mode=t.compile_mode)
+            self.teacher_forward = torch.compile(self.teacher, mode=t.compile_mode)
+        self.compiled = bool(use_compile)
         self.student_step = step_module
         out_tokens = m.head_out_tokens if m.head_out_tokens is not None else m.head_out_cls
         lc = self.cfg.loss
@@ -251,12 +270,14 @@ class Pretrainer:
             m.head_out_cls, out_tokens, student_temp=lc.student_temp, center_momentum=lc.center_momentum,
             weight_global=lc.weight_global, weight_local=lc.weight_local, weight_recon=lc.weight_recon,
             local_tokens=lc.local_tokens, global_pairs=lc.global_pairs, all_reduce=self.dist.distributed,
+            backend="reference" if self.cfg.train.mode == "reference" else None,
         ).to(self.device)
         self.gmml_gen = torch.Generator(device=self.device)
         self.gmml_gen.manual_seed(self.cfg.train.seed * 1000 + self.dist.rank + 1)
         if self.dist.is_main:
             n = sum(p.numel() for p in self.student.parameters())
-            log.info("student: %.1fM parameters (%s)", n / 1e6, m.arch)
+            log.info("student: %.1fM parameters (%s); mode %s, precision %s, compile %s", n / 1e6, m.arch,
+                     self.cfg.train.mode, self.precision, self.compiled)
 
     def _setup_optimizer(self) -> None:
         o = self.cfg.optim
@@ -435,11 +456,16 @@ class Pretrainer:
         if "local_views" in batch and batch["local_views"].numel() > 0:
             lv = batch["local_views"].to(self.device, non_blocking=True)  # [B, L, 1, T', F]
             local_views = lv.transpose(0, 1).flatten(0, 1)
-        clean, corrupted, mask, frac = self._corrupt(views)
+        if "corrupted" in batch:  # reference mode: corrupted on the CPU by the loader
+            clean = views.transpose(0, 1).flatten(0, 1)
+            corrupted, mask, frac = (batch[k].to(self.device, non_blocking=True)
+                                     for k in ("corrupted", "mask", "token_fraction"))
+        else:
+            clean, corrupted, mask, frac = self._corrupt(views)
         with self._autocast():
             student_out, local_cls = self.student_step(corrupted, local_views)
             with torch.no_grad():
-                teacher_out = self.teacher(clean, with_recon=False)
+                teacher_out = self.teacher_forward(clean, with_recon=False)
             losses, center_stats = self.loss_fn(student_out, teacher_out, clean, mask, frac,
                                                 hp["teacher_temp"], local_cls)
         self.optimizer.zero_grad(set_to_none=True)

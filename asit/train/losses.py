@@ -38,8 +38,10 @@ class ASiTLoss(nn.Module):
     def __init__(self, out_cls: int, out_tokens: int, *, student_temp: float = 0.1,
                  center_momentum: float = 0.9, weight_global: float = 1.0, weight_local: float = 1.0,
                  weight_recon: float = 2.0, local_tokens: str = "all", global_pairs: str = "v1",
-                 all_reduce: bool | Callable[[torch.Tensor], None] = False) -> None:
+                 all_reduce: bool | Callable[[torch.Tensor], None] = False,
+                 backend: str | None = None) -> None:
         super().__init__()
+        self.backend = backend  # asit.ops backend: None = auto (Triton on CUDA), "reference" = eager
         if local_tokens not in ("all", "corrupted"):
             raise ValueError(f"local_tokens must be 'all' or 'corrupted', got {local_tokens!r}")
         if global_pairs not in ("v1", "v2"):
@@ -95,18 +97,18 @@ class ASiTLoss(nn.Module):
         s_rows, t_rows, repeats = self._global_rows(student["cls_logits"], student_local_cls,
                                                     teacher["cls_logits"], batch)
         glob = centered_softmax_cross_entropy(s_rows, t_rows, self.center_global, self.student_temp,
-                                              teacher_temp)
+                                              teacher_temp, backend=self.backend)
         s_tok = student["token_logits"].flatten(0, 1)  # [V·B·N, Kt]
         t_tok = teacher["token_logits"].flatten(0, 1)
         weights = None
         if self.local_tokens == "corrupted":
             weights = (token_fraction.flatten() > 0).to(torch.float32)
         local = centered_softmax_cross_entropy(s_tok, t_tok, self.center_local, self.student_temp,
-                                               teacher_temp, weights)
+                                               teacher_temp, weights, backend=self.backend)
         recon_pred = student["recon"]
         target = clean[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
         rec_mask = mask[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
-        recon = masked_l1_loss(recon_pred, target.to(recon_pred.dtype), rec_mask)
+        recon = masked_l1_loss(recon_pred, target.to(recon_pred.dtype), rec_mask, backend=self.backend)
         wg, wl, wr = self.weights
         total = wg * glob.loss + wl * local.loss + wr * recon
         stats = CenterStats(glob.teacher_sum.detach() / repeats, t_rows.shape[0] // repeats,

@@ -1,0 +1,109 @@
+"""Fast and reference training modes: the authors' per-sample CPU GMML in the loader, eager
+reference losses, and the compiled fast path matching the eager one."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_train_engine import TINY, _env  # noqa: F401  (module fixture: temp ASIT_CACHE, 1 thread)
+
+from asit.config import ConfigError, load_config
+from asit.data import collate_pretrain
+from asit.data.gmml_cpu import ReferenceGMMLCollate, gmml_per_sample
+from asit.train import Pretrainer
+
+
+def _trainer(tmp_path, *extra: str) -> Pretrainer:
+    trainer = Pretrainer(load_config("demo_cpu", [*TINY, f"train.output_dir={tmp_path}", *extra]))
+    trainer.setup()
+    return trainer
+
+
+def _batch(trainer: Pretrainer) -> dict:
+    trainer.step = trainer.iters_per_epoch  # past the 1-epoch warm-up, where lr starts at 0
+    return next(iter(trainer.loader))
+
+
+@pytest.mark.parametrize("alien_prob", [0.0, 1.0])
+def test_per_sample_gmml_covers_target_and_never_copies_itself(alien_prob):
+    views = torch.randn(5, 1, 40, 24)
+    corrupted, mask = gmml_per_sample(views, random.Random(3), alien_prob=alien_prob)
+    cover = mask.float().mean((1, 2, 3))
+    low = 0.3 if alien_prob == 1.0 else 0.5
+    assert bool((cover >= low - 1e-6).all()), cover
+    assert torch.equal(corrupted[~mask.expand_as(views)], views[~mask.expand_as(views)])
+    if alien_prob == 0.0:
+        assert bool((corrupted[mask.expand_as(views)] == 0).all())
+    else:  # every corrupted pixel comes from some *other* sample at the same position
+        for i in range(5):
+            m = mask[i, 0]
+            same = [j for j in range(5) if j != i and torch.equal(corrupted[i, 0][m], views[j, 0][m])]
+            assert same, f"sample {i} was not filled from another sample"
+
+
+def test_reference_collate_adds_view_major_corruption():
+    samples = [{"views": torch.randn(2, 1, 32, 32), "label": torch.zeros(0), "index": i, "ok": True, "error": ""}
+               for i in range(4)]
+    collate = ReferenceGMMLCollate(collate_pretrain, seed=0, patch_size=16)
+    a, b = collate(samples), collate(samples)
+    assert a["corrupted"].shape == (8, 1, 32, 32) and a["mask"].dtype == torch.bool
+    assert a["token_fraction"].shape == (8, 4)
+    assert torch.equal(a["corrupted"], b["corrupted"])  # seeded by the clip indices, not worker timing
+    pooled = a["mask"].float().reshape(8, 2, 16, 2, 16).mean((2, 4)).flatten(1)
+    torch.testing.assert_close(a["token_fraction"], pooled)
+
+
+def test_reference_mode_trains_with_loader_side_gmml(tmp_path):
+    trainer = _trainer(tmp_path, "train.mode=reference")
+    try:
+        assert trainer.precision == "fp32" and not trainer.compiled  # fp16 + scaler only on CUDA
+        assert trainer.loss_fn.backend == "reference"
+        batch = _batch(trainer)
+        assert "corrupted" in batch and batch["corrupted"].shape[0] == 2 * batch["views"].shape[0]
+        before = trainer.student.backbone.blocks[0].attn.qkv.weight.detach().clone()
+        result = trainer.train_step(batch, epoch=1)
+        assert not result.skipped and torch.isfinite(result.terms["loss"])
+        assert not torch.equal(before, trainer.student.backbone.blocks[0].attn.qkv.weight)
+    finally:
+        trainer.cleanup()
+
+
+def test_compile_in_reference_mode_is_rejected(tmp_path):
+    trainer = Pretrainer(load_config("demo_cpu", [*TINY, f"train.output_dir={tmp_path}", "train.mode=reference",
+                                                  "train.compile=true"]))
+    with pytest.raises(ValueError, match="train.compile"):
+        trainer.setup()
+    trainer.cleanup()
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ConfigError, match="train.mode"):
+        load_config("demo_cpu", ["train.mode=turbo"])
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(tmp_path):
+    """The compiled student/teacher give the same losses and updates as eager on the same batch."""
+    eager = _trainer(tmp_path / "eager", "model.drop_path_rate=0.0")
+    compiled = _trainer(tmp_path / "compiled", "model.drop_path_rate=0.0", "train.compile=true")
+    try:
+        assert compiled.compiled and not eager.compiled
+        batch = _batch(eager)
+        compiled.step = eager.step
+        before = eager.student.backbone.blocks[1].mlp.fc2.weight.detach().clone()
+        for t in (eager, compiled):
+            t.gmml_gen.manual_seed(7)
+        r_e = eager.train_step(batch, epoch=1)
+        r_c = compiled.train_step(batch, epoch=1)
+        for key in ("loss", "global", "local", "recon"):
+            torch.testing.assert_close(r_c.terms[key], r_e.terms[key], rtol=1e-4, atol=1e-5)
+        w_e = eager.student.backbone.blocks[1].mlp.fc2.weight
+        w_c = compiled.student.backbone.blocks[1].mlp.fc2.weight
+        assert not torch.equal(w_e, before)  # the step did update the weights
+        torch.testing.assert_close(w_c, w_e, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled.loss_fn.center_local, eager.loss_fn.center_local, rtol=1e-4, atol=1e-6)
+    finally:
+        eager.cleanup()
+        compiled.cleanup()
