@@ -28,7 +28,8 @@ def test_vit_base_recipe_takes_a_step(tmp_path):
         assert sum(p.numel() for p in trainer.student.backbone.parameters()) > 85_000_000  # ViT-B/16
         batch = next(iter(trainer.loader))
         assert batch["views"].shape == (2, 2, 1, 592, 128)
-        trainer.step = 20  # epoch 20 of the recipe's 100 (1 step each): past the 10-epoch warm-up, so the step changes weights
+        # epoch 20 of the recipe's 100 (one step each here): past the 10-epoch warm-up, so lr > 0
+        trainer.step = 20
         before = trainer.student.backbone.blocks[11].mlp.fc2.weight.detach().clone()
         result = trainer.train_step(batch, epoch=20)
         assert not result.skipped
