@@ -34,8 +34,12 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the audio comes from and how it becomes spectrogram views."""
 
-    train_manifest: str = "demo"  # JSON/CSV manifest, a folder of audio, or "demo" (built-in synthetic set)
-    backend: Literal["torch"] = "torch"
+    # JSON/CSV manifest, a folder of audio, "demo" (built-in synthetic set), or WebDataset shards:
+    # "shards:/dir/prefix-{000000..000099}.tar", "shards:/dir" or a folder holding a shard index.json
+    train_manifest: str = "demo"
+    backend: Literal["torch", "dali"] = "torch"  # dali: NVIDIA DALI decodes and crops (pip install asit[dali])
+    dali_fbank: Literal["torch", "dali"] = "torch"  # dali backend: Kaldi-exact fbank in torch, or DALI's own
+    shuffle_buffer: int = 256  # shards: clips in each worker's shuffle buffer
     sample_rate: int = 32000
     crop_seconds: float = 6.0
     num_views: int = 2
@@ -130,7 +134,12 @@ class TrainConfig:
     output_dir: str = "runs/asit"
     log_every: int = 10
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
-    keep_last: int = 2
+    keep_last: int = 2  # the newest checkpoints kept (besides the permanent ones below)
+    keep_every_steps: int = 0  # >0: checkpoints at multiples of this step are never pruned
+    keep_every_epochs: int = 0  # >0: the checkpoint after every this many epochs is never pruned
+    # resume from the latest good checkpoint when torchrun restarts the workers (TORCHELASTIC_RESTART_COUNT > 0)
+    auto_resume: bool = True
+    verify_replicas: bool = True  # at each checkpoint, hash the weights on every rank; stop if they differ
     image_every_epochs: int = 1
     progress: bool = True
     max_consecutive_nonfinite: int = 20  # stop after this many skipped (NaN/Inf) steps in a row
@@ -329,6 +338,7 @@ def _validate(cfg: Config) -> None:
         (t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch must be > 0"),
         (t.log_every > 0, "train.log_every must be > 0"),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (t.keep_every_steps >= 0 and t.keep_every_epochs >= 0, "train.keep_every_steps/epochs must be >= 0 (0: off)"),
         (cfg.loss.student_temp > 0 and cfg.loss.teacher_temp > 0 and cfg.loss.warmup_teacher_temp > 0,
          "loss temperatures must be > 0"),
         (0 <= cfg.loss.center_momentum <= 1, "loss.center_momentum must be in [0, 1]"),

@@ -127,3 +127,40 @@ def test_data_ours_blocks_presampled(benchmark, one_thread):
     ours = _record(benchmark, "ours_presampled")
     if "authors" in _RESULTS:
         benchmark.extra_info["speedup_vs_authors"] = round(ours / _RESULTS["authors"], 2)
+
+
+# ---- DALI on the CPU: decode + crop in DALI, then the fbank (ours in torch, or DALI's own) ----------
+
+
+@pytest.fixture(scope="module")
+def dali_corpus(tmp_path_factory):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'asit[dali]')")
+    from asit.data import ensure_demo_dataset, load_manifest
+
+    root = ensure_demo_dataset(tmp_path_factory.mktemp("dali_demo"), num_clips=4 * BATCH, sample_rate=SR,
+                               seconds=10.0, seed=0)
+    return load_manifest(root)
+
+
+@pytest.mark.parametrize("fbank", ["torch", "dali"])
+def test_data_dali_cpu(benchmark, one_thread, dali_corpus, fbank):
+    """Clips/s of :class:`asit.data.dali.DaliPretrainLoader` on the CPU: decode 10 s WAV clips, 2 random
+    6 s crops with roll, fbank, normalise. Unlike the cases above this includes decoding and has no GMML.
+    Not strictly per core: DALI's one worker thread prefetches (2 batches) beside the one torch thread."""
+    from asit.data.dali import DaliPretrainLoader
+
+    loader = DaliPretrainLoader(dali_corpus, batch_size=BATCH, sample_rate=SR, num_views=VIEWS, num_mel_bins=BINS,
+                                target_frames=FRAMES, fbank=fbank, num_threads=1, seed=0)
+    batches = iter(_cycle(loader))
+    out = benchmark.pedantic(lambda: next(batches), rounds=5, iterations=1, warmup_rounds=1)
+    assert out["views"].shape == (BATCH, VIEWS, 1, FRAMES, BINS) and torch.isfinite(out["views"]).all()
+    _record(benchmark, f"dali_cpu_{fbank}")
+    benchmark.extra_info.update(fbank=fbank, includes_decode=True)
+
+
+def _cycle(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1

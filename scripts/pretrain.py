@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 scripts/pretrain.py --config asit_vit_base \\
         data.train_manifest=/data/audioset_2m.json train.output_dir=runs/as2m_vitb
     python scripts/pretrain.py --config demo_cpu --resume                 # continue the latest checkpoint
+    torchrun --nproc_per_node=8 --max-restarts=3 scripts/pretrain.py ...  # restarted workers resume by themselves
 
 Any ``section.key=value`` argument overrides the recipe (see asit/config.py for every key).
 """
@@ -17,7 +18,9 @@ import os
 import sys
 
 from asit.config import ConfigError, available_recipes, load_config
-from asit.train import NonFiniteLossError, Pretrainer
+from asit.data import ManifestError
+from asit.train import NonFiniteLossError, Pretrainer, ReplicaMismatchError
+from asit.train.checkpoint import CheckpointError
 
 
 def _or_nan(value: float | None) -> float:
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"recipe name ({', '.join(available_recipes())}) or a YAML file "
                              "(default: demo_cpu)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in train.output_dir")
+                        help="continue from the latest good checkpoint in train.output_dir (from scratch if "
+                             "there is none); after a torchrun restart this happens anyway (train.auto_resume)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -43,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     trainer = Pretrainer(cfg, resume=args.resume)
     try:
-        trainer.setup()
         try:
+            trainer.setup()
             summary = trainer.train()
-        except NonFiniteLossError as err:
+        except (CheckpointError, ManifestError, NonFiniteLossError, ReplicaMismatchError) as err:
             logging.getLogger("asit").error("%s", err)
             return 1
         if rank == 0:

@@ -187,7 +187,7 @@ def _center_worker(rank: int, world: int, init_file: str, out_dir: str, seed: in
 @pytest.mark.slow
 def test_center_update_two_process_gloo(tmp_path, seed):
     mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), str(tmp_path), seed), nprocs=2, join=True)
-    c0, c1 = (torch.load(tmp_path / f"center{r}.pt") for r in range(2))
+    c0, c1 = (torch.load(tmp_path / f"center{r}.pt", weights_only=True) for r in range(2))
     assert torch.equal(c0, c1), f"seed={seed}"
     rows = torch.cat([_teacher_rows(r, seed) for r in range(2)]).double()
     expect = 0.9 * torch.linspace(-1, 1, 33).double() + 0.1 * rows.mean(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ import soundfile as sf
 import torch
 import torchaudio.transforms as T
 
-__all__ = ["MAX_SECONDS", "AudioDecodeError", "load_audio"]
+__all__ = ["MAX_SECONDS", "AudioDecodeError", "decode_audio_bytes", "load_audio"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,11 @@ class AudioDecodeError(RuntimeError):
         return f"{self.path}: {self.reason}{extra}"
 
 
-def _read(name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """``(samples [T, C] float32, file rate)``; header checks come before any large allocation."""
+def _read(name: str, max_seconds: float | None, source: io.BytesIO | None = None) -> tuple[np.ndarray, int]:
+    """``(samples [T, C] float32, file rate)`` of ``source`` (default: the file ``name``);
+    header checks come before any large allocation."""
     try:
-        with sf.SoundFile(name) as handle:
+        with sf.SoundFile(name if source is None else source) as handle:
             rate, channels, frames = int(handle.samplerate), int(handle.channels), int(handle.frames)
             if not MIN_FILE_RATE <= rate <= MAX_FILE_RATE:
                 raise AudioDecodeError(name, "bad-sample-rate", f"{rate} Hz in the header")
@@ -105,6 +107,25 @@ def load_audio(
     if not os.path.isfile(name):
         raise AudioDecodeError(name, "missing", "no such file")
     data, file_rate = _read(name, max_seconds)
+    return _mono_at_rate(data, file_rate, sample_rate, name)
+
+
+def decode_audio_bytes(
+    data: bytes, sample_rate: int, *, name: str = "<bytes>", max_seconds: float | None = MAX_SECONDS
+) -> torch.Tensor:
+    """:func:`load_audio` for an encoded file held in memory (e.g. a WebDataset member).
+
+    ``name`` is only used in error messages. Same checks, same output, same
+    :class:`AudioDecodeError` reasons (except ``"missing"``).
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    samples, file_rate = _read(name, max_seconds, io.BytesIO(data))
+    return _mono_at_rate(samples, file_rate, sample_rate, name)
+
+
+def _mono_at_rate(data: np.ndarray, file_rate: int, sample_rate: int, name: str) -> torch.Tensor:
+    """Validate decoded samples ``[T, C]``, average the channels and resample to ``sample_rate``."""
     if data.size == 0:
         raise AudioDecodeError(name, "empty", "no audio samples")
     if not np.isfinite(data).all():

@@ -15,7 +15,7 @@ from .features import AUDIOSET_MEAN, AUDIOSET_STD, normalize_fbank
 from .manifest import AudioEntry
 from .transforms import pad_or_crop_random, random_roll
 
-__all__ = ["PretrainDataset", "collate_pretrain", "item_generator"]
+__all__ = ["ClipViews", "PretrainDataset", "collate_pretrain", "item_generator"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,123 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-class PretrainDataset(Dataset):
+class ClipViews:
+    """The per-clip part of the pretraining input: a decoded waveform → a sample dict of views.
+
+    Shared by the map-style :class:`PretrainDataset` and the sharded
+    :class:`~asit.data.shards.ShardPretrainDataset`, so both give identical views for the same
+    ``(seed, epoch, index)``. Each global view is an independent random crop of ``crop_seconds``
+    (zero-padded if the clip is shorter), circularly rolled with probability ``roll_prob``, then
+    the Kaldi fbank (:func:`~asit.data.fbank.batched_kaldi_fbank`, all views of a clip in one
+    call) cut or padded to ``target_frames`` and normalised with ``mean``/``std``. Local views
+    are random crops of ``local_crop_seconds`` (no roll) cut or padded to ``local_target_frames``.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 32000,
+        crop_seconds: float = 6.0,
+        num_views: int = 2,
+        local_views: int = 0,
+        local_crop_seconds: float = 2.0,
+        num_mel_bins: int = 128,
+        target_frames: int = 592,
+        local_target_frames: int = 192,
+        mean: float = AUDIOSET_MEAN,
+        std: float = AUDIOSET_STD,
+        roll_prob: float = 0.5,
+        seed: int = 0,
+        label_vocab: list[str] | None = None,
+    ) -> None:
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
+        if local_views < 0:
+            raise ValueError(f"local_views must be >= 0, got {local_views}")
+        if crop_seconds <= 0 or (local_views > 0 and local_crop_seconds <= 0):
+            raise ValueError(f"crop lengths must be positive, got {crop_seconds}, {local_crop_seconds}")
+        if not 0.0 <= roll_prob <= 1.0:
+            raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
+        if std <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.sample_rate = sample_rate
+        self.crop_samples = round(crop_seconds * sample_rate)
+        self.local_crop_samples = round(local_crop_seconds * sample_rate)
+        self.num_views = num_views
+        self.local_views = local_views
+        self.num_mel_bins = num_mel_bins
+        self.target_frames = target_frames
+        self.local_target_frames = local_target_frames
+        self.mean = mean
+        self.std = std
+        self.roll_prob = roll_prob
+        self.seed = seed
+        self.epoch = 0
+        self.label_vocab = list(label_vocab) if label_vocab is not None else []
+        self._label_position = {label: i for i, label in enumerate(self.label_vocab)}
+        self._warned: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops are produced."""
+        self.epoch = int(epoch)
+
+    def label_vector(self, rows: list[int]) -> torch.Tensor:
+        """Multi-hot float32 ``(len(label_vocab),)`` with ones at ``rows``."""
+        label = torch.zeros(len(self.label_vocab), dtype=torch.float32)
+        label[rows] = 1.0
+        return label
+
+    def _views(self, wave: torch.Tensor, count: int, length: int, frames: int, roll: float,
+               g: torch.Generator) -> torch.Tensor:
+        """``count`` random crops → normalised fbanks ``(count, 1, frames, F)``, one batched fbank call."""
+        crops = []
+        for _ in range(count):  # crop then roll, view after view: the generator's draw order
+            crop = pad_or_crop_random(wave, length, g)
+            crops.append(random_roll(crop, roll, g) if roll > 0 else crop)
+        waves = torch.stack(crops)  # [V, length]
+        fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, frames)  # [V, T, F]
+        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(1)
+
+    def make_sample(self, wave: torch.Tensor | AudioDecodeError, index: int, label: torch.Tensor,
+                    path: str) -> dict[str, Any]:
+        """The sample dict of clip ``index`` from its decoded ``wave`` ``(T,)`` (or its decode error).
+
+        Randomness comes from :func:`item_generator` with ``(seed, epoch, index)``.
+        """
+        sample: dict[str, Any] = {"label": label, "index": index, "ok": True, "error": ""}
+        if isinstance(wave, AudioDecodeError):
+            return self._skip(sample, index, wave)
+        g = item_generator(self.seed, self.epoch, index)
+        views = self._views(wave, self.num_views, self.crop_samples, self.target_frames, self.roll_prob, g)
+        sample["views"] = views  # [V, 1, T, F]
+        if self.local_views > 0:
+            sample["local_views"] = self._views(
+                wave, self.local_views, self.local_crop_samples, self.local_target_frames, 0.0, g
+            )  # [L, 1, T_local, F]
+        # load_audio rules out NaN/Inf and overflowing samples; this guard keeps any other
+        # surprise from ever reaching a batch.
+        if not all(torch.isfinite(sample[k]).all() for k in ("views", "local_views") if k in sample):
+            return self._skip(sample, index, AudioDecodeError(path, "non-finite", "non-finite fbank"))
+        return sample
+
+    def _skip(self, sample: dict[str, Any], index: int, err: AudioDecodeError) -> dict[str, Any]:
+        """Turn ``sample`` into a placeholder (zeros, ``ok=False``) and warn once per file."""
+        if err.path not in self._warned:
+            self._warned.add(err.path)
+            logger.warning("skipping clip %d: %s", index, err)
+        sample.update(ok=False, error=err.reason)
+        sample["views"] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
+        if self.local_views > 0:
+            sample["local_views"] = torch.zeros(
+                self.local_views, 1, self.local_target_frames, self.num_mel_bins
+            )
+        return sample
+
+
+class PretrainDataset(ClipViews, Dataset):
     """Clips turned into ``num_views`` global (and optionally ``local_views`` local) fbank views.
 
-    Each global view is an independent random crop of ``crop_seconds`` (zero-padded if the clip
-    is shorter), circularly rolled with probability ``roll_prob``, then the Kaldi fbank
-    (:func:`~asit.data.fbank.batched_kaldi_fbank`, all views of a clip in one call) cut or
-    padded to ``target_frames`` and normalised with ``mean``/``std``. Local views are random
-    crops of ``local_crop_seconds`` (no roll) cut or padded to ``local_target_frames``.
+    The views are made by :class:`ClipViews` (see there for crops, roll, fbank, normalisation).
 
     A sample is a dict:
 
@@ -57,63 +166,20 @@ class PretrainDataset(Dataset):
     their own copy of the dataset, so the epoch must reach them another way.
     """
 
-    def __init__(
-        self,
-        entries: list[AudioEntry],
-        *,
-        sample_rate: int = 32000,
-        crop_seconds: float = 6.0,
-        num_views: int = 2,
-        local_views: int = 0,
-        local_crop_seconds: float = 2.0,
-        num_mel_bins: int = 128,
-        target_frames: int = 592,
-        local_target_frames: int = 192,
-        mean: float = AUDIOSET_MEAN,
-        std: float = AUDIOSET_STD,
-        roll_prob: float = 0.5,
-        seed: int = 0,
-        label_vocab: list[str] | None = None,
-    ) -> None:
+    def __init__(self, entries: list[AudioEntry], **options: Any) -> None:
         if not entries:
             raise ValueError("entries is empty: the dataset needs at least one clip")
-        if num_views < 1:
-            raise ValueError(f"num_views must be >= 1, got {num_views}")
-        if local_views < 0:
-            raise ValueError(f"local_views must be >= 0, got {local_views}")
-        if crop_seconds <= 0 or (local_views > 0 and local_crop_seconds <= 0):
-            raise ValueError(f"crop lengths must be positive, got {crop_seconds}, {local_crop_seconds}")
-        if not 0.0 <= roll_prob <= 1.0:
-            raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
-        if std <= 0:
-            raise ValueError(f"std must be positive, got {std}")
-
+        super().__init__(**options)
         self.entries = list(entries)
-        self.sample_rate = sample_rate
-        self.crop_samples = round(crop_seconds * sample_rate)
-        self.local_crop_samples = round(local_crop_seconds * sample_rate)
-        self.num_views = num_views
-        self.local_views = local_views
-        self.num_mel_bins = num_mel_bins
-        self.target_frames = target_frames
-        self.local_target_frames = local_target_frames
-        self.mean = mean
-        self.std = std
-        self.roll_prob = roll_prob
-        self.seed = seed
-        self.epoch = 0
-        self.label_vocab = list(label_vocab) if label_vocab is not None else []
         self._label_rows = self._label_indices()
-        self._warned: set[str] = set()
 
     def _label_indices(self) -> list[list[int]]:
-        position = {label: i for i, label in enumerate(self.label_vocab)}
         rows, unknown = [], set()
         for entry in self.entries:
             row = []
             for label in entry.labels:
-                if label in position:
-                    row.append(position[label])
+                if label in self._label_position:
+                    row.append(self._label_position[label])
                 elif self.label_vocab:
                     unknown.add(label)
             rows.append(row)
@@ -123,62 +189,18 @@ class PretrainDataset(Dataset):
             )
         return rows
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random crops ``__getitem__`` produces."""
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return len(self.entries)
-
-    def _views(self, wave: torch.Tensor, count: int, length: int, frames: int, roll: float,
-               g: torch.Generator) -> torch.Tensor:
-        """``count`` random crops → normalised fbanks ``(count, 1, frames, F)``, one batched fbank call."""
-        crops = []
-        for _ in range(count):  # crop then roll, view after view: the generator's draw order
-            crop = pad_or_crop_random(wave, length, g)
-            crops.append(random_roll(crop, roll, g) if roll > 0 else crop)
-        waves = torch.stack(crops)  # [V, length]
-        fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, frames)  # [V, T, F]
-        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(1)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.entries):
             raise IndexError(f"index {index} out of range for {len(self.entries)} clips")
         entry = self.entries[index]
-        label = torch.zeros(len(self.label_vocab), dtype=torch.float32)
-        label[self._label_rows[index]] = 1.0
-        sample: dict[str, Any] = {"label": label, "index": index, "ok": True, "error": ""}
-
         try:
-            wave = load_audio(entry.path, self.sample_rate)
+            wave: torch.Tensor | AudioDecodeError = load_audio(entry.path, self.sample_rate)
         except AudioDecodeError as err:
-            return self._skip(sample, index, err)
-
-        g = item_generator(self.seed, self.epoch, index)
-        views = self._views(wave, self.num_views, self.crop_samples, self.target_frames, self.roll_prob, g)
-        sample["views"] = views  # [V, 1, T, F]
-        if self.local_views > 0:
-            sample["local_views"] = self._views(
-                wave, self.local_views, self.local_crop_samples, self.local_target_frames, 0.0, g
-            )  # [L, 1, T_local, F]
-        # load_audio rules out NaN/Inf and overflowing samples; this guard keeps any other
-        # surprise from ever reaching a batch.
-        if not all(torch.isfinite(sample[k]).all() for k in ("views", "local_views") if k in sample):
-            return self._skip(sample, index, AudioDecodeError(entry.path, "non-finite", "non-finite fbank"))
-        return sample
-
-    def _skip(self, sample: dict[str, Any], index: int, err: AudioDecodeError) -> dict[str, Any]:
-        """Turn ``sample`` into a placeholder (zeros, ``ok=False``) and warn once per file."""
-        if err.path not in self._warned:
-            self._warned.add(err.path)
-            logger.warning("skipping clip %d: %s", index, err)
-        sample.update(ok=False, error=err.reason)
-        sample["views"] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
-        if self.local_views > 0:
-            sample["local_views"] = torch.zeros(
-                self.local_views, 1, self.local_target_frames, self.num_mel_bins
-            )
-        return sample
+            wave = err
+        return self.make_sample(wave, index, self.label_vector(self._label_rows[index]), entry.path)
 
 
 def collate_pretrain(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,48 +1,183 @@
-"""Atomic checkpoint files: written to a temporary file, fsynced, then renamed into place."""
+"""Checkpoint files that survive crashes.
+
+* Written atomically: a temporary file in the same folder, fsynced, renamed into place, folder fsynced.
+* Checked on load: a SHA-256 sidecar (``<file>.sha256``, ``sha256sum -c`` format) written atomically
+  after the file, then ``torch.load(weights_only=True)`` (no arbitrary pickles) and the required keys.
+  Any failure there raises :class:`CorruptCheckpointError`; a resume then falls back to an older file.
+* Pruned: the newest ``keep_last`` files, plus any the caller marks as permanent, are kept.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save", "find_latest_checkpoint", "load_checkpoint", "prune_checkpoints", "CheckpointError"]
+__all__ = [
+    "CheckpointError", "CorruptCheckpointError", "REQUIRED_KEYS", "atomic_save", "checkpoint_path",
+    "checkpoint_step", "file_sha256", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "prune_checkpoints", "quarantine", "rng_path", "tensor_digest",
+]
 
 log = logging.getLogger(__name__)
-_STEP_RE = re.compile(r"checkpoint_(\d+)\.pt$")
+_STEP_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+_RNG_RE = re.compile(r"^rng_(\d+)_rank\d+\.pt$")
+CHECKSUM_SUFFIX = ".sha256"
+REQUIRED_KEYS = ("student", "teacher", "optimizer", "loss", "step", "epoch", "config")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read or does not match the run; the message names the file."""
+    """A checkpoint file cannot be used for this run; the message names the file."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync it, then ``os.replace``: a crash
-    leaves either the old file or the complete new one, never a truncated file."""
-    path = Path(path)
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is damaged: unreadable, truncated, a checksum mismatch or missing keys.
+
+    Unlike a plain :class:`CheckpointError` (a sound file that does not fit the run), an older
+    checkpoint may be used instead."""
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` on a temporary file next to ``path``, fsync it and rename it to ``path``: a crash
+    leaves either the old file or the complete new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through (no second read of the file)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, then its SHA-256 to ``<path>.sha256`` (atomically).
+
+    A crash between the two leaves a complete file without a sidecar, which :func:`load_checkpoint`
+    still accepts after its structural checks."""
+    path = Path(path)
+    digest: list[str] = []
+
+    def write(fh: IO[bytes]) -> None:
+        hashing = _HashingWriter(fh)
+        torch.save(obj, hashing)
+        digest.append(hashing.sha.hexdigest())
+
+    _atomic_write(path, write)
+    line = f"{digest[0]}  {path.name}\n".encode()
+    _atomic_write(_checksum_path(path), lambda fh: fh.write(line))
     return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _verify_checksum(path: Path) -> bool:
+    """True when the sidecar exists and matches, False when there is none; raises on a mismatch."""
+    sidecar = _checksum_path(path)
+    try:
+        text = sidecar.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"checkpoint {path}: cannot read its checksum file {sidecar}: {err}") from err
+    expected = text.split()[0].lower() if text.split() else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise CorruptCheckpointError(f"checkpoint {path}: its checksum file {sidecar} is malformed")
+    try:
+        actual = file_sha256(path)
+    except OSError as err:
+        raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if actual != expected:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: SHA-256 {actual[:12]}… does not match "
+                                     f"{expected[:12]}… recorded in {sidecar.name}")
+    return True
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    required: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:
+    """Load a checkpoint safely: the SHA-256 sidecar (when present) must match, ``torch.load`` runs with
+    ``weights_only=True`` (no arbitrary pickles) and the ``required`` top-level keys must be there.
+
+    Raises:
+        CorruptCheckpointError: any of these checks failed (the message names the file and why).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptCheckpointError(f"checkpoint {path} does not exist")
+    _verify_checksum(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unusable file
+        raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CorruptCheckpointError(f"checkpoint {path} lacks {missing}: not an asit pretraining checkpoint")
+    return state
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of ``tensors`` (bitwise identity, any device)."""
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        sha.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        sha.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()
+
+
+# --------------------------------------------------------------------------- layout and pruning
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -50,36 +185,72 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint_{step:09d}.pt"
 
 
+def rng_path(run_dir: str | Path, step: int, rank: int) -> Path:
+    """``<run_dir>/checkpoints/rng_<step:09d>_rank<rank>.pt``: one rank's RNG states at ``step``."""
+    return Path(run_dir) / "checkpoints" / f"rng_{step:09d}_rank{rank}.pt"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    m = _STEP_RE.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not named checkpoint_<step>.pt")
+    return int(m.group(1))
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoints of a run, oldest first (by global step)."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.search(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run, or None."""
+    """The newest checkpoint of a run by name (not verified), or None."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints."""
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+def _unlink_with_checksum(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _checksum_path(path).unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary pickles) and check its structure."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Callable[[int], bool] | None = None) -> list[Path]:
+    """Delete all checkpoints but the newest ``keep_last`` and those whose step ``keep(step)`` marks
+    permanent, with their checksum and RNG files; also RNG files of older steps without a checkpoint and
+    temporary files left by killed writers. Call only while no other process writes to the folder.
+
+    Returns the deleted checkpoints.
+    """
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return []
+    gone = [p for p in ckpts[:-keep_last] if keep is None or not keep(checkpoint_step(p))]
+    for path in gone:
+        _unlink_with_checksum(path)
+    kept = {checkpoint_step(p) for p in ckpts if p not in gone}
+    newest = max(kept)
+    folder = ckpts[0].parent
+    for f in folder.iterdir():
+        m = _RNG_RE.match(f.name)
+        if m and int(m.group(1)) not in kept and int(m.group(1)) < newest:
+            _unlink_with_checksum(f)
+        elif f.name.startswith(".") and f.name.endswith(".tmp"):
+            f.unlink(missing_ok=True)
+    return gone
+
+
+def quarantine(path: str | Path) -> Path:
+    """Rename a damaged checkpoint (and its checksum file) to ``<name>.corrupt`` so it is no longer a
+    resume candidate but stays for inspection. Returns the new path."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure here means an unusable file
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    required = ("student", "teacher", "optimizer", "loss", "step", "epoch", "config")
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}: not an asit pretraining checkpoint")
-    return state
+    target = path.with_name(path.name + ".corrupt")
+    if path.exists():
+        os.replace(path, target)
+    sidecar = _checksum_path(path)
+    if sidecar.exists():
+        os.replace(sidecar, target.with_name(target.name + CHECKSUM_SUFFIX))
+    _fsync_dir(path.parent)
+    return target

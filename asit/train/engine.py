@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,11 +26,16 @@ from asit.ops import gmml_corrupt, sample_gmml_blocks
 
 from .checkpoint import (
     CheckpointError,
+    CorruptCheckpointError,
     atomic_save,
     checkpoint_path,
-    find_latest_checkpoint,
+    checkpoint_step,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    quarantine,
+    rng_path,
+    tensor_digest,
 )
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .losses import ASiTLoss
@@ -37,9 +43,14 @@ from .metrics import MetricWriter, softmax_entropy
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
-__all__ = ["EpochSampler", "NonFiniteLossError", "Pretrainer", "StepResult"]
+__all__ = ["EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult"]
 
 _CHECKED_TERMS = ("global", "local", "recon")
+# Test hook (fault injection): ASIT_FAULT_AT_STEP=N makes rank ASIT_FAULT_RANK (default: the last rank)
+# exit abruptly with os._exit(1) right after step N, once per run directory (a marker file there records
+# that it fired, so the restarted workers run on). Used by the elastic-restart tests; unset in real runs.
+FAULT_STEP_ENV = "ASIT_FAULT_AT_STEP"
+FAULT_RANK_ENV = "ASIT_FAULT_RANK"
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +78,10 @@ class EpochSampler(Sampler[int]):
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss term or gradient norm."""
+
+
+class ReplicaMismatchError(RuntimeError):
+    """The ranks' weights or centres differ at a checkpoint: the DDP replicas drifted apart."""
 
 
 @dataclass
@@ -125,6 +140,50 @@ def _rng_state(gmml_gen: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
+def _fault_step(rank: int, world_size: int) -> int | None:
+    """The step after which this rank simulates a crash (the ``ASIT_FAULT_AT_STEP`` test hook), or None."""
+    raw = os.environ.get(FAULT_STEP_ENV)
+    if not raw:
+        return None
+    target = int(os.environ.get(FAULT_RANK_ENV, str(world_size - 1)))
+    return int(raw) if rank == target else None
+
+
+def _inject_fault(run_dir: Path, step: int) -> None:
+    """Exit this worker at once (no cleanup, like a segfault or an OOM kill), unless it already happened
+    in this run directory."""
+    marker = run_dir / f".fault_injected_step{step}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    log.error("%s=%d: simulating a crash of this worker (test hook)", FAULT_STEP_ENV, step)
+    os._exit(1)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the records a crashed run logged after ``step`` (the step resumed from) and any line it left
+    unfinished, so the resumed run's log holds every step once."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("%s: dropped %d record(s) written after step %d by the interrupted run", path, dropped, step)
+
+
 class Pretrainer:
     """ASiT pretraining, single process or under torchrun (DDP).
 
@@ -163,8 +222,13 @@ class Pretrainer:
         self._setup_model()
         self._setup_optimizer()
         self._setup_schedules()
-        if self.resume:
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if self.resume or (cfg.train.auto_resume and restarts > 0):
+            if restarts and self.dist.is_main:
+                log.warning("torchrun restarted the workers (restart %d): resuming from the latest good "
+                            "checkpoint", restarts)
             self._restore()
+        self._fault_at = _fault_step(self.dist.rank, self.dist.world_size)
         self.writer = MetricWriter(self.run_dir, enabled=self.dist.is_main)
 
     def _setup_precision(self) -> None:
@@ -185,6 +249,7 @@ class Pretrainer:
 
     def _setup_data(self) -> None:
         from asit.data import PretrainDataset, collate_pretrain, ensure_demo_dataset, load_manifest
+        from asit.data.shards import ShardPretrainDataset, is_shard_source, open_shard_source
 
         d = self.cfg.data
         source = d.train_manifest
@@ -197,23 +262,47 @@ class Pretrainer:
                 holder = [source]
                 dist.broadcast_object_list(holder, src=0)
                 source = holder[0]
-        entries = load_manifest(source)
-        self.dataset = PretrainDataset(
-            entries, sample_rate=d.sample_rate, crop_seconds=d.crop_seconds, num_views=d.num_views,
-            local_views=d.local_views, local_crop_seconds=d.local_crop_seconds, num_mel_bins=d.num_mel_bins,
-            target_frames=d.target_frames, local_target_frames=d.local_target_frames, mean=d.mean, std=d.std,
-            roll_prob=d.roll_prob, seed=self.cfg.train.seed)
-        per_rank = len(entries) // self.dist.world_size
+        shards = open_shard_source(source) if is_shard_source(source) else None
+        entries = load_manifest(source) if shards is None else []
+        total = shards.total if shards is not None else len(entries)
+        views = dict(sample_rate=d.sample_rate, crop_seconds=d.crop_seconds, num_views=d.num_views,
+                     local_views=d.local_views, local_crop_seconds=d.local_crop_seconds, num_mel_bins=d.num_mel_bins,
+                     target_frames=d.target_frames, local_target_frames=d.local_target_frames, mean=d.mean,
+                     std=d.std, roll_prob=d.roll_prob, seed=self.cfg.train.seed)
+        per_rank = total // self.dist.world_size
         iters = per_rank // self.cfg.train.batch_size
         if iters == 0:
             raise ValueError(f"train.batch_size={self.cfg.train.batch_size} × {self.dist.world_size} "
                              "process(es) "
-                             f"is larger than the dataset ({len(entries)} clips in {source})")
+                             f"is larger than the dataset ({total} clips in {source})")
         if self.cfg.train.max_steps_per_epoch:
             iters = min(iters, self.cfg.train.max_steps_per_epoch)
         self.iters_per_epoch = iters
-        self.sampler = EpochSampler(len(entries), rank=self.dist.rank, world_size=self.dist.world_size,
-                                    seed=self.cfg.train.seed, num_samples=iters * self.cfg.train.batch_size)
+        if d.backend == "dali":
+            if shards is not None or self.cfg.train.mode == "reference":
+                raise ValueError("data.backend=dali reads a JSON/CSV manifest or a folder, in train.mode=fast")
+            from asit.data.dali import DaliPretrainLoader
+
+            views.pop("local_views")
+            self.loader = DaliPretrainLoader(
+                entries, batch_size=self.cfg.train.batch_size, local_views=d.local_views, shard_id=self.dist.rank,
+                num_shards=self.dist.world_size, steps_per_epoch=iters, fbank=d.dali_fbank,
+                device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
+                num_threads=max(1, d.num_workers), **views)
+            self.dataset, self.sampler = None, self.loader  # the loader takes set_epoch(epoch, skip)
+            if self.dist.is_main:
+                log.info("data: DALI, %d clips from %s, %d steps/epoch of %d per process", total, source, iters,
+                         self.cfg.train.batch_size)
+            return
+        if shards is not None:
+            self.dataset = ShardPretrainDataset(
+                shards, rank=self.dist.rank, world_size=self.dist.world_size, batch_size=self.cfg.train.batch_size,
+                samples_per_rank=iters * self.cfg.train.batch_size, shuffle_buffer=d.shuffle_buffer, **views)
+            self.sampler = self.dataset.epoch_control()
+        else:
+            self.dataset = PretrainDataset(entries, **views)
+            self.sampler = EpochSampler(len(entries), rank=self.dist.rank, world_size=self.dist.world_size,
+                                        seed=self.cfg.train.seed, num_samples=iters * self.cfg.train.batch_size)
         workers = d.num_workers
         collate = collate_pretrain
         if self.cfg.train.mode == "reference":  # GMML on the CPU in the loader, like the authors' code
@@ -225,13 +314,14 @@ class Pretrainer:
                 zero_ratio=g.zero_ratio, alien_ratio=g.alien_ratio, alien_prob=g.alien_prob,
                 max_block_frac=g.max_block_frac, allow_self_alien=g.allow_self_alien)
         self.loader = DataLoader(
-            self.dataset, batch_size=self.cfg.train.batch_size, sampler=self.sampler, num_workers=workers,
+            self.dataset, batch_size=self.cfg.train.batch_size, num_workers=workers,
+            sampler=self.sampler if shards is None else None,
             collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=True,
             persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
             # own generator: creating a loader iterator must not consume the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.cfg.train.seed))
         if self.dist.is_main:
-            log.info("data: %d clips from %s, %d steps/epoch of %d per process", len(entries), source,
+            log.info("data: %d clips from %s, %d steps/epoch of %d per process", total, source,
                      iters, self.cfg.train.batch_size)
 
     def _setup_model(self) -> None:
@@ -318,31 +408,139 @@ class Pretrainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Atomically write the full training state (rank 0) and prune old checkpoints.
+        """Write the full training state and prune old checkpoints; every rank must call it.
 
-        RNG states differ per rank; each rank stores its own in a small side file so resume is exact.
+        Order: (1) with ``train.verify_replicas`` every rank hashes its weights and centres and the hashes
+        are compared (:class:`ReplicaMismatchError` if they differ); (2) every rank writes its RNG states
+        (they differ per rank) to a side file; (3) barrier; (4) rank 0 writes the checkpoint and its
+        checksum, atomically: the commit point, so a checkpoint on disk always has all its RNG files; then
+        it prunes; (5) barrier. A crash at any point leaves the previous checkpoint usable.
         """
-        path = checkpoint_path(self.run_dir, self.step)
-        rng_path = path.with_name(f"rng_{self.step:09d}_rank{self.dist.rank}.pt")
-        atomic_save(_rng_state(self.gmml_gen), rng_path)
+        step = self.step
+        digests = self._replica_digests() if self.cfg.train.verify_replicas else None
+        atomic_save(_rng_state(self.gmml_gen), rng_path(self.run_dir, step, self.dist.rank))
+        if self.dist.distributed:
+            dist.barrier()
+        path = checkpoint_path(self.run_dir, step)
         if self.dist.is_main:
-            atomic_save(self.state_dict(), path)
-            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
-            kept = {p.name.split("_")[1].split(".")[0] for p in path.parent.glob("checkpoint_*.pt")}
-            for f in path.parent.glob("rng_*_rank*.pt"):
-                if f.name.split("_")[1] not in kept:
-                    f.unlink(missing_ok=True)
+            state = self.state_dict()
+            if digests is not None:
+                state["replica_digests"] = digests
+            atomic_save(state, path)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last, keep=self._is_permanent)
         if self.dist.distributed:
             dist.barrier()
         return path if self.dist.is_main else None
 
+    def _is_permanent(self, step: int) -> bool:
+        """Checkpoints never pruned: every ``keep_every_steps`` steps and every ``keep_every_epochs`` epochs."""
+        t = self.cfg.train
+        if t.keep_every_steps and step % t.keep_every_steps == 0:
+            return True
+        it = self.iters_per_epoch
+        return bool(t.keep_every_epochs and step % it == 0 and (step // it) % t.keep_every_epochs == 0)
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """``obj`` from every rank, in rank order (a list of one without a process group)."""
+        if not self.dist.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _replica_digests(self) -> list[str]:
+        """SHA-256 of student, teacher and centres on every rank; raises if any rank differs from rank 0."""
+        tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        tensors.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        tensors.update({f"loss.{k}": v for k, v in self.loss_fn.state_dict().items()})
+        digests = self._gather(tensor_digest(tensors))
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise ReplicaMismatchError(
+                f"step {self.step}: the weights/centres of rank(s) {differ} differ from rank 0's "
+                f"(SHA-256 {[d[:12] for d in digests]}); the DDP replicas drifted apart, so no checkpoint "
+                f"was written. The last good one is in {self.run_dir / 'checkpoints'}")
+        return digests
+
     def _restore(self) -> None:
-        path = find_latest_checkpoint(self.run_dir)
-        if path is None:
+        """Continue from the newest checkpoint that every rank can read.
+
+        Damaged candidates (unreadable, truncated, checksum mismatch, missing keys or RNG file) are reported
+        by name, renamed to ``*.corrupt`` and the next older one is tried; the ranks agree on the choice.
+        A sound checkpoint that does not fit this run (world size, steps per epoch, model) raises
+        :class:`CheckpointError` before any training step.
+        """
+        names = [p.name for p in list_checkpoints(self.run_dir)]
+        if self.dist.distributed:  # rank 0's view decides (all ranks must try the same files)
+            holder = [names]
+            dist.broadcast_object_list(holder, src=0)
+            names = holder[0]
+        folder = self.run_dir / "checkpoints"
+        damaged: list[str] = []
+        for name in reversed(names):
+            path = folder / name
+            try:
+                state = load_checkpoint(path, map_location=self.device)
+                rng = self._read_rng(path, state)
+                problem = None
+            except CorruptCheckpointError as err:
+                state, rng, problem = None, None, str(err)
+            problems = [p for p in self._gather(problem) if p]
+            if not problems:
+                break
+            damaged.append(name)
+            if self.dist.is_main:
+                for p in dict.fromkeys(problems):
+                    log.warning("%s; using an older checkpoint", p)
+                log.warning("moved the damaged checkpoint aside: %s", quarantine(path))
+            if self.dist.distributed:
+                dist.barrier()
+        else:
+            if damaged:
+                raise CorruptCheckpointError(
+                    f"no usable checkpoint in {folder}: all of {damaged} are damaged (renamed to *.corrupt; "
+                    "see the warnings above). Remove --resume or the folder to start from scratch")
             if self.dist.is_main:
                 log.info("no checkpoint in %s: starting from scratch", self.run_dir)
             return
-        state = load_checkpoint(path, map_location=self.device)
+        self._apply_state(path, state, rng)
+
+    def _read_rng(self, path: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """This rank's RNG states for checkpoint ``path``: rank 0's are inside it, the others' in side files."""
+        if self.dist.rank == 0:
+            return state["rng"]
+        side = rng_path(self.run_dir, checkpoint_step(path), self.dist.rank)
+        if not side.is_file():
+            raise CorruptCheckpointError(f"checkpoint {path}: the RNG file of rank {self.dist.rank}, {side.name}, "
+                                         "is missing")
+        return load_checkpoint(side, required=("torch", "gmml"))
+
+    def _check_model_matches(self, path: Path, state: dict[str, Any]) -> None:
+        """Raise a :class:`CheckpointError` naming ``path`` and the differing settings when the checkpoint was
+        written for another model (before any tensor is copied)."""
+        ours, theirs = self.student.state_dict(), state["student"]
+        missing = sorted(ours.keys() - theirs.keys())
+        unexpected = sorted(theirs.keys() - ours.keys())
+        reshaped = sorted(k for k in ours.keys() & theirs.keys() if ours[k].shape != theirs[k].shape)
+        if not (missing or unexpected or reshaped):
+            return
+        saved = state["config"].get("model", {}) if isinstance(state["config"], dict) else {}
+        now = config_to_dict(self.cfg)["model"]
+        settings = [f"model.{k}: {saved[k]!r} there, {v!r} here" for k, v in now.items()
+                    if k in saved and saved[k] != v]
+        tensors = []
+        if reshaped:
+            k = reshaped[0]
+            tensors.append(f"{len(reshaped)} tensor(s) of another shape, e.g. {k} {tuple(theirs[k].shape)} there, "
+                           f"{tuple(ours[k].shape)} here")
+        if missing:
+            tensors.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            tensors.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise CheckpointError(f"{path} was written for a different model ({'; '.join(settings + tensors)}): "
+                              "resume with the same model settings or use a new train.output_dir")
+
+    def _apply_state(self, path: Path, state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
         if state["world_size"] != self.dist.world_size:
             raise CheckpointError(f"{path} was written by {state['world_size']} process(es), this run has "
                                   f"{self.dist.world_size}: exact resume needs the same world size")
@@ -350,6 +548,7 @@ class Pretrainer:
             raise CheckpointError(f"{path}: {state['iters_per_epoch']} steps/epoch there, "
                                   f"{self.iters_per_epoch} "
                                   "now (dataset or batch size changed)")
+        self._check_model_matches(path, state)
         try:
             self.student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
@@ -365,13 +564,12 @@ class Pretrainer:
         self.step = int(state["step"])
         self.start_epoch = self.step // self.iters_per_epoch
         self.skip_batches = self.step % self.iters_per_epoch
-        rng_path = path.with_name(f"rng_{self.step:09d}_rank{self.dist.rank}.pt")
-        rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         self.gmml_gen.set_state(rng["gmml"].cpu())
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"].cpu())
         if self.dist.is_main:
+            _trim_log(self.run_dir / "log.jsonl", self.step)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.start_epoch,
                      self.skip_batches)
 
@@ -582,6 +780,8 @@ class Pretrainer:
                         summary["first_loss"] = values["loss"]
                     summary["last_loss"] = values["loss"]
                     window_start, window_samples = time.time(), 0
+                if self.step == self._fault_at:
+                    _inject_fault(self.run_dir, self.step)
                 every = cfg.train.checkpoint_every_steps
                 if every and self.step % every == 0 and self.step % self.iters_per_epoch != 0:
                     self.save_checkpoint()

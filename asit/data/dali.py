@@ -1,0 +1,317 @@
+"""NVIDIA DALI input pipeline: decode, resample, random crops and rolls in DALI; the fbank after it.
+
+:func:`build_dali_pipeline` reads files with ``fn.readers.file`` (sharded by ``shard_id`` /
+``num_shards``, the whole list permuted with ``seed`` before every epoch, so each epoch every clip
+is read exactly once across shards), decodes with ``fn.decoders.audio`` (mono, resampled to
+``sample_rate``) and cuts the views: a random window of ``crop_seconds`` (zero-padded when the
+clip is shorter, as in :func:`~asit.data.transforms.pad_or_crop_random`), circularly rolled with
+probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`). Then either
+
+* ``fbank="torch"`` (default): the pipeline returns the waveform crops and
+  :class:`DaliPretrainLoader` computes the Kaldi-exact fbank with
+  :func:`~asit.data.fbank.batched_kaldi_fbank` on the target device (the GPU in training), or
+* ``fbank="dali"``: DALI computes log-mel filter banks itself (``preemphasis_filter`` →
+  ``spectrogram`` with Kaldi's window → ``mel_filter_bank`` (HTK mel, 20 Hz to Nyquist) → log
+  with Kaldi's floor), which differ from Kaldi's slightly (no per-frame DC removal; the
+  pre-emphasis runs over the whole crop, not frame by frame); ``tests/test_data_dali.py``
+  measures the difference.
+
+:class:`DaliPretrainLoader` runs the pipeline (on the CPU with ``device_id=None``) and yields
+batches in :func:`~asit.data.dataset.collate_pretrain`'s layout. Unlike the map-style dataset,
+DALI cannot skip a clip that fails to decode in the middle of a run: the loader checks every
+file's header up front (``check_files``) and leaves out those soundfile cannot open.
+The crops come from DALI's random generators, so the views differ from the torch backend's
+(same distribution, different draws).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .audio import AudioDecodeError, load_audio
+from .fbank import KaldiFbank, batched_kaldi_fbank
+from .features import AUDIOSET_MEAN, AUDIOSET_STD, normalize_fbank
+from .manifest import AudioEntry
+
+__all__ = ["DaliPretrainLoader", "build_dali_pipeline", "dali_available"]
+
+logger = logging.getLogger(__name__)
+
+_LOG_FLOOR = float(np.log(np.finfo(np.float32).eps))  # Kaldi's floor: log(float32 eps) ≈ -15.94
+
+
+def dali_available() -> bool:
+    """Whether ``nvidia.dali`` imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_dali():
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+    except ImportError as exc:
+        raise ImportError("the DALI backend needs NVIDIA DALI: pip install 'asit[dali]' "
+                          "(nvidia-dali-cuda130)") from exc
+    return dali, fn, types
+
+
+def _crop(fn, types, dali, audio, length: int, roll_prob: float):
+    """One random window of ``length`` samples (zero-padded past the end), rolled with prob. ``roll_prob``."""
+    total = fn.cast(audio.shape()[0], dtype=types.FLOAT)
+    start = fn.cast(dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * dali.math.max(total - length, 0.0)),
+                    dtype=types.INT32)
+    crop = fn.slice(audio, start=start, shape=[length], axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
+    if roll_prob <= 0:
+        return crop
+    # torch.roll(x, s)[i] = x[(i - s) mod L]: the window of [x, x] starting at (L - s) mod L.
+    shift = fn.cast(dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * length), dtype=types.INT32)
+    shift = shift * fn.cast(fn.random.coin_flip(probability=roll_prob), dtype=types.INT32)
+    doubled = fn.cat(crop, crop, axis=0)
+    return fn.slice(doubled, start=(length - shift) % length, shape=[length], axes=[0])
+
+
+def _dali_fbank(fn, dali, crop, sample_rate: int, num_mel_bins: int, frames: int, mean: float, std: float):
+    """DALI log-mel ``(frames, F)`` of one crop, normalised like :func:`~asit.data.features.normalize_fbank`."""
+    kaldi = KaldiFbank(sample_rate, num_mel_bins, None)  # window sizes and Kaldi's window, nothing else
+    wave = crop - fn.reductions.mean(crop)
+    wave = fn.preemphasis_filter(wave, preemph_coeff=0.97, border="clamp")
+    power = fn.spectrogram(wave, nfft=kaldi.fft_size, window_length=kaldi.window_size,
+                           window_step=kaldi.window_shift, window_fn=kaldi.window.tolist(), power=2,
+                           center_windows=False, layout="tf")  # [T, K]
+    mel = fn.mel_filter_bank(power, nfilter=num_mel_bins, sample_rate=float(sample_rate), freq_low=20.0,
+                             freq_high=sample_rate / 2.0, mel_formula="htk", normalize=False)  # [T, F]
+    logmel = dali.math.log(dali.math.max(mel, float(np.finfo(np.float32).eps)))
+    logmel = fn.slice(logmel, start=[0], shape=[frames], axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
+    return (logmel - mean) * (1.0 / (2.0 * std))
+
+
+def build_dali_pipeline(
+    files: list[str],
+    labels: list[int],
+    *,
+    batch_size: int,
+    sample_rate: int = 32000,
+    crop_seconds: float = 6.0,
+    num_views: int = 2,
+    num_mel_bins: int = 128,
+    target_frames: int = 592,
+    mean: float = AUDIOSET_MEAN,
+    std: float = AUDIOSET_STD,
+    seed: int = 0,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    device_id: int | None = None,
+    roll_prob: float = 0.5,
+    local_views: int = 0,
+    local_crop_seconds: float = 2.0,
+    local_target_frames: int = 192,
+    fbank: Literal["torch", "dali"] = "torch",
+    num_threads: int = 2,
+    prefetch: int = 2,
+):
+    """A built DALI pipeline over ``files`` (see the module docstring).
+
+    ``labels`` are per-file integers passed through (the loader uses the manifest index).
+    Outputs, per sample: ``label`` int32 ``(1,)``; with ``fbank="torch"``: ``waves`` float32
+    ``(V, crop)`` and, when ``local_views > 0``, ``local_waves`` ``(L, local_crop)``; with
+    ``fbank="dali"``: ``views`` float32 ``(V, T, F)`` normalised, and ``local_views``
+    ``(L, T_local, F)``. ``device_id=None`` runs everything on the CPU; with a GPU the crops (and
+    the DALI fbank) move to it. The reader is named ``"reader"``.
+    """
+    dali, fn, types = _import_dali()
+    if len(files) != len(labels):
+        raise ValueError(f"{len(files)} files but {len(labels)} labels")
+    if not files:
+        raise ValueError("files is empty")
+    if fbank not in ("torch", "dali"):
+        raise ValueError(f"fbank must be 'torch' or 'dali', got {fbank!r}")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
+    if num_views < 1 or local_views < 0:
+        raise ValueError(f"need num_views >= 1 and local_views >= 0, got {num_views}, {local_views}")
+    if not 0.0 <= roll_prob <= 1.0:
+        raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
+    crop = round(crop_seconds * sample_rate)
+    local_crop = round(local_crop_seconds * sample_rate)
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                       prefetch_queue_depth=prefetch)
+    def pipeline():
+        encoded, label = fn.readers.file(
+            files=list(files), labels=[int(x) for x in labels], shard_id=shard_id, num_shards=num_shards,
+            shuffle_after_epoch=True, shuffle_after_epoch_seed=seed, name="reader")
+        audio, _ = fn.decoders.audio(encoded, downmix=True, sample_rate=float(sample_rate), dtype=types.FLOAT)
+        views = [_crop(fn, types, dali, audio, crop, roll_prob) for _ in range(num_views)]
+        local = [_crop(fn, types, dali, audio, local_crop, 0.0) for _ in range(local_views)]
+        if device_id is not None:
+            views, local = [v.gpu() for v in views], [v.gpu() for v in local]
+        if fbank == "dali":
+            views = [_dali_fbank(fn, dali, v, sample_rate, num_mel_bins, target_frames, mean, std) for v in views]
+            local = [_dali_fbank(fn, dali, v, sample_rate, num_mel_bins, local_target_frames, mean, std)
+                     for v in local]
+        outputs = [label, fn.stack(*views)]
+        if local:
+            outputs.append(fn.stack(*local))
+        return tuple(outputs)
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def _check_files(entries: list[AudioEntry], sample_rate: int) -> tuple[list[int], Counter[str]]:
+    """Indices of the entries whose header soundfile reads, and the reasons the others failed."""
+    import soundfile as sf
+
+    good, reasons = [], Counter()
+    for i, entry in enumerate(entries):
+        try:
+            info = sf.info(entry.path)
+            if info.frames <= 0:
+                raise AudioDecodeError(entry.path, "empty", "no audio samples")
+        except AudioDecodeError as err:
+            reasons[err.reason] += 1
+            continue
+        except Exception:  # libsndfile raises several types; all mean "cannot decode"
+            try:  # load_audio gives the reason ("missing", "unreadable", ...)
+                load_audio(entry.path, sample_rate)
+                reasons["unreadable"] += 1
+            except AudioDecodeError as err:
+                reasons[err.reason] += 1
+            continue
+        good.append(i)
+    return good, reasons
+
+
+class DaliPretrainLoader:
+    """Batches of pretraining views from a DALI pipeline, in :func:`~asit.data.dataset.collate_pretrain`'s layout.
+
+    Each batch: ``views`` float32 ``(B, V, 1, T, F)`` normalised, ``local_views``
+    ``(B, L, 1, T_local, F)`` when ``local_views > 0``, ``label`` multi-hot ``(B, K)``,
+    ``index`` int64 ``(B,)`` (manifest indices), ``num_skipped`` 0, ``skip_reasons`` ``[]``,
+    ``skipped_indices`` ``[]``; tensors on ``cuda:device_id``, or the CPU for ``device_id=None``.
+
+    One pass of ``iter()`` yields ``steps_per_epoch`` batches (default: this shard's clips //
+    ``batch_size``) from the pipeline's continuous stream. :meth:`set_epoch` with a position
+    behind the stream's (a resumed run) runs the pipeline forward to it, batch by batch.
+    Files that fail the header check are left out and counted in :attr:`excluded`.
+    Other keyword arguments go to :func:`build_dali_pipeline`.
+    """
+
+    def __init__(
+        self,
+        entries: list[AudioEntry],
+        *,
+        batch_size: int,
+        sample_rate: int = 32000,
+        num_mel_bins: int = 128,
+        target_frames: int = 592,
+        local_views: int = 0,
+        local_target_frames: int = 192,
+        mean: float = AUDIOSET_MEAN,
+        std: float = AUDIOSET_STD,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        device_id: int | None = None,
+        fbank: Literal["torch", "dali"] = "torch",
+        steps_per_epoch: int | None = None,
+        label_vocab: list[str] | None = None,
+        check_files: bool = True,
+        **pipeline_options: Any,
+    ) -> None:
+        if not entries:
+            raise ValueError("entries is empty")
+        keep, self.excluded = _check_files(entries, sample_rate) if check_files else (
+            list(range(len(entries))), Counter())
+        if self.excluded:
+            logger.warning("DALI loader: left out %d clips that cannot be decoded: %s",
+                           sum(self.excluded.values()), dict(self.excluded))
+        if not keep:
+            raise ValueError("no decodable clips")
+        self.batch_size = batch_size
+        self.sample_rate, self.num_mel_bins = sample_rate, num_mel_bins
+        self.target_frames, self.local_target_frames = target_frames, local_target_frames
+        self.mean, self.std = mean, std
+        self.fbank = fbank
+        self.local_views = local_views
+        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+        vocab = list(label_vocab) if label_vocab is not None else []
+        position = {label: k for k, label in enumerate(vocab)}
+        self.labels = torch.zeros(len(entries), len(vocab))  # [N, K] multi-hot, by manifest index
+        for i, entry in enumerate(entries):
+            self.labels[i, [position[x] for x in entry.labels if x in position]] = 1.0
+        self._build = lambda: build_dali_pipeline(
+            [entries[i].path for i in keep], keep, batch_size=batch_size, sample_rate=sample_rate,
+            num_mel_bins=num_mel_bins, target_frames=target_frames, local_views=local_views,
+            local_target_frames=local_target_frames, mean=mean, std=std, shard_id=shard_id,
+            num_shards=num_shards, device_id=device_id, fbank=fbank, **pipeline_options)
+        self.pipe = self._build()
+        shard_size = len(range(shard_id, len(keep), num_shards))  # DALI's shards differ by at most one
+        self.steps_per_epoch = steps_per_epoch or max(1, shard_size // batch_size)
+        self.epoch, self.position = 0, 0  # position: batches drawn from the pipeline so far
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start epoch ``epoch`` after its first ``skip`` samples (a multiple of the batch size)."""
+        if skip % self.batch_size:
+            raise ValueError(f"skip of {skip} samples is not a multiple of batch_size={self.batch_size}")
+        self.epoch = int(epoch)
+        target = self.epoch * self.steps_per_epoch + skip // self.batch_size
+        if target < self.position:  # behind the stream: start it again
+            self.pipe = self._build()
+            self.position = 0
+        while self.position < target:
+            self.pipe.run()
+            self.position += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        end = (self.epoch + 1) * self.steps_per_epoch
+        while self.position < end:
+            outputs = self.pipe.run()
+            self.position += 1
+            yield self._batch(outputs)
+
+    def _tensor(self, tensor_list) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.array(tensor_list.as_tensor()))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+        return out
+
+    def _views(self, data: torch.Tensor, frames: int) -> torch.Tensor:
+        """Pipeline output ``(B, V, ...)`` → normalised fbanks ``(B, V, 1, T, F)``."""
+        if self.fbank == "dali":
+            return data.unsqueeze(2)
+        b, v, length = data.shape
+        fbank = batched_kaldi_fbank(data.reshape(b * v, length), self.sample_rate, self.num_mel_bins, frames)
+        return normalize_fbank(fbank, self.mean, self.std).reshape(b, v, 1, frames, self.num_mel_bins)
+
+    def _batch(self, outputs) -> dict[str, Any]:
+        index = torch.from_numpy(np.array(outputs[0].as_tensor())).reshape(-1).to(torch.int64)  # [B]
+        batch: dict[str, Any] = {
+            "views": self._views(self._tensor(outputs[1]), self.target_frames),
+            "label": self.labels[index].to(self.device),
+            "index": index,
+            "num_skipped": 0,
+            "skip_reasons": [],
+            "skipped_indices": [],
+        }
+        if self.local_views > 0:
+            batch["local_views"] = self._views(self._tensor(outputs[2]), self.local_target_frames)
+        return batch

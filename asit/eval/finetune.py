@@ -1,0 +1,1015 @@
+"""Fine-tuning a pretrained ASiT teacher encoder on a labelled task with the AST/SSAST recipe.
+
+``run_finetune(load_finetune_config("esc50", ["encoder=runs/asit/teacher_encoder.safetensors"]))``
+rebuilds the exported teacher backbone (``teacher_encoder.safetensors``), puts a fresh head on it
+and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
+
+* **Head**: ``LayerNorm(D) → Linear(D, K)`` (AST's ``mlp_head``) on a pooled vector: the mean of the
+  data tokens (``model.pool=tokens``, SSAST's choice for patch models and our default), the [CLS]
+  token (``cls``), or the average of the two (``both``).
+* **Input**: the pretraining front end (Kaldi fbank, ``(x - mean) / (2 std)``, the encoder's
+  statistics unless ``data.mean/std`` say otherwise) over ``data.target_frames`` frames (default:
+  the encoder's window; other lengths resample the positional embedding). Training takes a random
+  window of longer clips, evaluation the first; shorter clips are zero-padded as in pretraining.
+* **Augmentation** (training only, on the device, per batch): mixup of the *waveforms* before the
+  fbank (as AST does) with ``λ ~ Beta(α, α)`` (AST: α = 10) applied to each clip with probability
+  ``augment.mixup_prob``, the partner being another clip of the batch, and the targets mixed with
+  the same ``λ``; SpecAugment frequency and time masking (``torchaudio.transforms``, independent
+  per clip, widths ``< freqm`` / ``< timem``) applied to the normalised fbank, masked values set to
+  0 (the corpus mean; AST masks before normalising, which fills with ``(0 - mean) / (2 std)``);
+  optionally AST's speech-commands noise (``+ U(0, 1) · u / 10``) and a ±10-frame time roll.
+* **Sampling**: shuffled, or AudioSet-style balanced (``data.balanced_sampling``): a
+  :class:`~torch.utils.data.WeightedRandomSampler` (with replacement) whose weight for a clip is
+  the sum over its labels of ``1 / count(label)`` — AST's ``sum 1000 / (count + 0.01)`` up to the
+  constant factor and the 0.01 smoothing.
+* **Optimisation**: AdamW (AST's Adam betas ``(0.95, 0.999)``, weight decay 5e-7), a linear warm-up
+  over ``optim.warmup_steps`` iterations, then either AST's step schedule (the lr multiplied by
+  ``decay_factor`` every ``decay_every`` epochs from epoch ``decay_start``; AS-20K: halved every 5
+  from 10) or a cosine to ``min_lr``. BCE-with-logits for multi-label tasks, cross-entropy (soft
+  targets under mixup) for single-label ones.
+* **Evaluation** after every epoch: mAP (multi-label) or accuracy (single-label) plus per-class AP /
+  accuracy; the best checkpoint by that metric is kept (``best.pt``, written atomically), and the
+  weights of epochs ``average_start … average_end`` (1-based, inclusive) can be averaged (AST's
+  weight averaging; ``averaged.pt``).
+* **Cross-validation** (``data.cv_folds > 0``, ESC-50): folds from a metadata CSV's ``fold``
+  column, from the clips' paths (a ``foldN`` folder or ESC-50's ``N-…`` file names) or from
+  :func:`~asit.eval.linear_probe.stratified_folds`; one run per fold, and the mean and standard
+  deviation over folds.
+* **Labels**: a ``class_labels_indices.csv`` (``index,mid,display_name``; a manifest label matches
+  the ``mid`` or the ``display_name``), else the sorted labels of the manifests.
+* **Outputs** under ``train.output_dir`` (per fold in ``fold_<k>/`` for CV): ``config.yaml``,
+  ``log.jsonl`` (training loss and lr every ``log_every`` steps, a ``val_<metric>`` record per
+  epoch), TensorBoard scalars, ``best.pt``, ``averaged.pt`` and ``results.json``.
+
+Works as a plain process or under ``torchrun`` (DDP; evaluation is sharded and gathered).
+Not implemented: resuming an interrupted fine-tune, multi-window (sliding) evaluation of long clips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio.transforms as TT
+import yaml
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
+
+from asit.config import ConfigError, _build, _read_yaml, _set_dotted
+from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest, normalize_fbank
+from asit.data.fbank import batched_kaldi_fbank
+from asit.models import build_backbone, encode
+
+from .encoder import FRAME_LENGTH_S, FRAME_SHIFT_S, backbone_spec, load_encoder
+from .linear_probe import average_precision, stratified_folds
+
+__all__ = [
+    "FINETUNE_PRESET_DIR",
+    "FinetuneConfig",
+    "FinetuneModel",
+    "Finetuner",
+    "LabelSpace",
+    "SpecAugment",
+    "WeightedDistributedSampler",
+    "apply_mixup",
+    "assign_folds",
+    "available_presets",
+    "balanced_sample_weights",
+    "evaluate_scores",
+    "finetune_config_to_dict",
+    "finetune_lr_schedule",
+    "load_finetune_config",
+    "read_class_csv",
+    "run_finetune",
+    "sample_mixup",
+]
+
+log = logging.getLogger(__name__)
+
+FINETUNE_PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+
+
+# =========================================================================== configuration
+
+
+@dataclass
+class FTDataConfig:
+    """Which clips, which labels, which folds."""
+
+    train_manifest: str = "demo"  # JSON/CSV manifest, folder of class folders, or "demo"
+    val_manifest: str | None = None  # required unless cv_folds > 0
+    label_csv: str | None = None  # class_labels_indices.csv (index,mid,display_name); None: manifest labels
+    task: Literal["auto", "single_label", "multi_label"] = "auto"  # auto: single-label iff 1 label per clip
+    target_frames: int | None = None  # fbank frames per example; None: the encoder's window
+    mean: float | None = None  # fbank statistics; None: the encoder's (pretraining) ones
+    std: float | None = None
+    balanced_sampling: bool = False  # AudioSet-style WeightedRandomSampler
+    cv_folds: int = 0  # > 0: k-fold cross-validation over train_manifest
+    fold_source: Literal["auto", "metadata", "path", "stratified"] = "auto"
+    fold_csv: str | None = None  # metadata CSV with a file-name column and a `fold` column
+    num_workers: int = 4
+    demo_clips: int = 120
+    demo_seconds: float = 3.0
+    cache_dir: str | None = None  # demo data location; default $ASIT_CACHE or ~/.cache/asit
+
+
+@dataclass
+class FTModelConfig:
+    """The backbone and the new head."""
+
+    pool: Literal["tokens", "cls", "both"] = "tokens"
+    drop_path_rate: float = 0.0  # AST/SSAST fine-tune without drop path
+    random_init: bool = False  # same architecture, random weights: the baseline
+
+
+@dataclass
+class FTAugmentConfig:
+    """AST training-time augmentation."""
+
+    mixup_prob: float = 0.0  # probability that a clip is mixed (the "mixup" column of AST's recipes)
+    mixup_alpha: float = 10.0  # λ ~ Beta(α, α); AST uses 10
+    freqm: int = 0  # SpecAugment frequency-mask width bound (0: off)
+    timem: int = 0  # SpecAugment time-mask width bound (0: off)
+    noise: bool = False  # AST's speech-commands noise and ±10-frame roll
+
+
+@dataclass
+class FTOptimConfig:
+    """AdamW, warm-up and the per-epoch schedule."""
+
+    lr: float = 1e-4
+    weight_decay: float = 5e-7
+    betas: tuple[float, float] = (0.95, 0.999)
+    head_lr_scale: float = 1.0  # lr multiplier of the new head
+    warmup_steps: int = 1000  # linear warm-up, in iterations (AST: 1000)
+    schedule: Literal["step", "cosine"] = "step"
+    decay_start: int = 10  # step: first epoch (0-based count of finished epochs) with a decayed lr
+    decay_every: int = 5
+    decay_factor: float = 0.5
+    min_lr: float = 0.0  # cosine: final lr
+    clip_grad: float = 0.0  # global-norm clipping; 0 disables
+    loss: Literal["auto", "bce", "ce"] = "auto"  # auto: BCE for multi-label, CE for single-label
+
+
+@dataclass
+class FTTrainConfig:
+    """Length, batch, output and model selection."""
+
+    epochs: int = 10
+    batch_size: int = 16  # per process
+    eval_batch_size: int | None = None  # default: 2 × batch_size
+    max_steps_per_epoch: int | None = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    output_dir: str = "runs/finetune"
+    log_every: int = 10
+    progress: bool = True
+    average_start: int | None = None  # 1-based first epoch of weight averaging (None: off)
+    average_end: int | None = None  # 1-based last epoch, inclusive (None or past the end: the last epoch)
+    report: Literal["best", "last", "averaged"] = "best"  # which model's score is the run's result
+    save_best: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    """A whole fine-tuning recipe."""
+
+    name: str = "custom"
+    encoder: str = "runs/asit/teacher_encoder.safetensors"
+    data: FTDataConfig = field(default_factory=FTDataConfig)
+    model: FTModelConfig = field(default_factory=FTModelConfig)
+    augment: FTAugmentConfig = field(default_factory=FTAugmentConfig)
+    optim: FTOptimConfig = field(default_factory=FTOptimConfig)
+    train: FTTrainConfig = field(default_factory=FTTrainConfig)
+
+
+def available_presets() -> list[str]:
+    """Names of the fine-tuning presets shipped in ``asit/configs/finetune``."""
+    return sorted(p.stem for p in FINETUNE_PRESET_DIR.glob("*.yaml"))
+
+
+def finetune_config_to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), loadable again by :func:`load_finetune_config`."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_finetune_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
+    """Load a preset (shipped name or YAML path; None = defaults) and apply ``key=value`` overrides.
+
+    Values are parsed as YAML (``optim.lr=1e-4``, ``data.val_manifest=null``).
+
+    Raises:
+        ConfigError: unknown preset, key or value, or inconsistent settings; the message names them.
+    """
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        path = Path(preset)
+        if not path.suffix:
+            path = FINETUNE_PRESET_DIR / f"{preset}.yaml"
+            if not path.exists():
+                raise ConfigError(f"unknown fine-tuning preset '{preset}' (shipped: {', '.join(available_presets())})")
+        elif not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        tree = _read_yaml(path)
+        tree.setdefault("name", path.stem)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': cannot parse value: {err}") from err
+        _set_dotted(tree, key.strip(), value)
+    cfg = _build(FinetuneConfig, tree)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    d, a, o, t = cfg.data, cfg.augment, cfg.optim, cfg.train
+    checks = [
+        (d.cv_folds == 0 or d.cv_folds >= 2, "data.cv_folds must be 0 (off) or >= 2"),
+        (d.cv_folds > 0 or d.val_manifest is not None, "data.val_manifest is required unless data.cv_folds > 0"),
+        (d.target_frames is None or d.target_frames > 0, "data.target_frames must be > 0"),
+        (d.std is None or d.std > 0, "data.std must be > 0"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.demo_clips > 0 and d.demo_seconds > 0, "data.demo_clips and data.demo_seconds must be > 0"),
+        (0 <= a.mixup_prob <= 1, "augment.mixup_prob must be in [0, 1]"),
+        (a.mixup_alpha > 0, "augment.mixup_alpha must be > 0"),
+        (a.freqm >= 0 and a.timem >= 0, "augment.freqm and augment.timem must be >= 0"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (o.head_lr_scale > 0, "optim.head_lr_scale must be > 0"),
+        (o.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (o.decay_every >= 1, "optim.decay_every must be >= 1"),
+        (0 < o.decay_factor <= 1, "optim.decay_factor must be in (0, 1]"),
+        (0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]"),
+        (o.clip_grad >= 0, "optim.clip_grad must be >= 0"),
+        (t.epochs > 0, "train.epochs must be > 0"),
+        (t.batch_size > 0, "train.batch_size must be > 0"),
+        (t.eval_batch_size is None or t.eval_batch_size > 0, "train.eval_batch_size must be > 0"),
+        (t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch must be > 0"),
+        (t.log_every > 0, "train.log_every must be > 0"),
+        (t.average_start is None or 1 <= t.average_start <= t.epochs,
+         "train.average_start must be in [1, train.epochs] (1-based; null disables weight averaging)"),
+        (t.average_end is None or (t.average_start is not None and t.average_start <= t.average_end),
+         "train.average_end needs train.average_start <= average_end (an end past train.epochs means the last)"),
+        (t.report != "averaged" or t.average_start is not None, "train.report=averaged needs train.average_start"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# =========================================================================== labels and folds
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """Class names (output index order) and how manifest labels map onto them."""
+
+    names: tuple[str, ...]  # human-readable, e.g. display_name
+    index: dict[str, int]  # manifest label (mid, display name or plain label) → class index
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def encode(self, labels: Sequence[str], where: str = "") -> list[int]:
+        try:
+            return sorted({self.index[x] for x in labels})
+        except KeyError as exc:
+            raise ValueError(f"{where}: label {exc.args[0]!r} is not in the label map") from None
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[AudioEntry]) -> LabelSpace:
+        names = sorted({x for e in entries for x in e.labels})
+        return cls(tuple(names), {n: i for i, n in enumerate(names)})
+
+
+def read_class_csv(path: str | os.PathLike) -> LabelSpace:
+    """Read an AudioSet-style ``class_labels_indices.csv`` (header ``index,mid,display_name``).
+
+    A manifest label may be either the ``mid`` or the ``display_name``; the names reported are
+    the display names. Only ``index`` and one of the two name columns are required.
+    """
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "index" not in rows[0] or not ({"mid", "display_name"} & rows[0].keys()):
+        raise ValueError(f"{path}: expected a header with 'index' and 'mid' and/or 'display_name'")
+    size = len(rows)
+    names: list[str | None] = [None] * size
+    index: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            i = int(row["index"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} line {line}: bad index {row.get('index')!r}") from None
+        if not 0 <= i < size or names[i] is not None:
+            raise ValueError(f"{path} line {line}: index {i} is out of range or repeated")
+        mid, display = (row.get("mid") or "").strip(), (row.get("display_name") or "").strip()
+        names[i] = display or mid
+        for key in (mid, display):
+            if key:
+                index.setdefault(key, i)
+    return LabelSpace(tuple(n or "" for n in names), index)
+
+
+_FOLD_DIR = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
+_ESC50_NAME = re.compile(r"^(\d+)-[^-]+-[^-]+-\d+\.\w+$")  # {fold}-{clip id}-{take}-{target}.wav
+
+
+def _fold_from_path(path: str) -> int | None:
+    parts = Path(path).parts
+    for part in parts[:-1]:
+        if m := _FOLD_DIR.match(part):
+            return int(m.group(1))
+    if m := _ESC50_NAME.match(parts[-1]):
+        return int(m.group(1))
+    return None
+
+
+def _folds_from_csv(entries: Sequence[AudioEntry], path: str) -> list[int | None]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        name_col = next((c for c in ("filename", "path", "wav", "file") if c in cols), None)
+        if name_col is None or "fold" not in cols:
+            raise ValueError(f"{path}: a fold CSV needs a 'fold' column and one of filename/path/wav/file")
+        by_name = {Path(row[name_col]).name: int(row["fold"]) for row in reader}
+    return [by_name.get(Path(e.path).name) for e in entries]
+
+
+def assign_folds(
+    entries: Sequence[AudioEntry], k: int, *, source: str = "auto", fold_csv: str | None = None, seed: int = 0
+) -> np.ndarray:
+    """Fold index ``0 … k-1`` of every clip.
+
+    ``source``: ``"metadata"`` (the ``fold`` column of ``fold_csv``, matched by file name),
+    ``"path"`` (a ``foldN`` folder in the path, or ESC-50's ``N-…`` file names), ``"stratified"``
+    (:func:`stratified_folds` over the labels) or ``"auto"`` (the first of these that covers every
+    clip). Given fold numbers (e.g. ESC-50's 1–5) are mapped in sorted order onto ``0 … k-1``.
+    """
+    given: list[int | None] | None = None
+    if source in ("auto", "metadata") and fold_csv and os.path.isfile(fold_csv):
+        given = _folds_from_csv(entries, fold_csv)
+    elif source == "metadata":
+        raise ValueError(f"data.fold_source=metadata but data.fold_csv={fold_csv!r} is not a file")
+    if source == "path" or (source == "auto" and (given is None or None in given)):
+        given = [_fold_from_path(e.path) for e in entries]
+    if source == "stratified" or (source == "auto" and None in given):
+        return stratified_folds([e.labels for e in entries], k, seed)
+    missing = [e.path for e, f in zip(entries, given) if f is None]
+    if missing:
+        raise ValueError(f"no fold for {len(missing)} clip(s), e.g. {missing[0]}")
+    numbers = sorted(set(given))
+    if len(numbers) != k:
+        raise ValueError(f"data.cv_folds={k} but the clips carry {len(numbers)} fold numbers {numbers}")
+    order = {n: i for i, n in enumerate(numbers)}
+    return np.array([order[f] for f in given], dtype=np.int64)
+
+
+def balanced_sample_weights(targets: np.ndarray) -> np.ndarray:
+    """AudioSet-style sampling weight per clip: ``sum over its labels of 1 / count(label)``.
+
+    Args:
+        targets: ``[N, K]`` 0/1 multi-hot labels.
+
+    Returns:
+        ``[N]`` float64 weights (0 for a clip without labels: it is never drawn). AST uses
+        ``sum 1000 / (count + 0.01)``: the same up to a constant factor and the smoothing.
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    counts = targets.sum(0)  # [K]
+    inverse = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+    return targets @ inverse
+
+
+# =========================================================================== augmentation
+
+
+def sample_mixup(
+    batch: int, alpha: float, prob: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw a mixup plan: per clip ``λ`` (``Beta(α, α)`` with probability ``prob``, else 1) and a
+    partner, another clip of the batch (a random cyclic derangement; itself only when ``batch == 1``).
+
+    Returns:
+        ``(lam [B] float32, partner [B] int64)`` on the CPU.
+    """
+    perm = rng.permutation(batch)
+    partner = np.empty(batch, dtype=np.int64)
+    partner[perm] = np.roll(perm, -1)
+    mixed = rng.random(batch) < prob
+    lam = np.where(mixed, rng.beta(alpha, alpha, size=batch), 1.0)
+    return torch.from_numpy(lam.astype(np.float32)), torch.from_numpy(partner)
+
+
+def apply_mixup(
+    x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x' = λ x + (1 - λ) x[partner]`` and ``y' = λ y + (1 - λ) y[partner]`` with the same ``λ``.
+
+    Args:
+        x: ``[B, ...]`` inputs (waveforms ``[B, S]`` here). y: ``[B, K]`` (multi-/one-hot) targets.
+        lam: ``[B]``; partner: ``[B]`` indices into the batch.
+    """
+    lam = lam.to(x.device, x.dtype)
+    partner = partner.to(x.device)
+    lx = lam.view(-1, *([1] * (x.dim() - 1)))
+    ly = lam.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    return lx * x + (1 - lx) * x[partner], ly * y + (1 - ly) * y[partner]
+
+
+class SpecAugment(nn.Module):
+    """Frequency then time masking of ``[B, C, T, F]`` spectrograms, independent per clip.
+
+    ``torchaudio.transforms.FrequencyMasking(freqm)`` / ``TimeMasking(timem)`` with ``iid_masks``:
+    one band per axis and clip, of width uniform in ``[0, width)``, filled with 0.
+    """
+
+    def __init__(self, freqm: int, timem: int) -> None:
+        super().__init__()
+        self.freq = TT.FrequencyMasking(freqm, iid_masks=True) if freqm > 0 else None
+        self.time = TT.TimeMasking(timem, iid_masks=True) if timem > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x must be [B, C, T, F], got shape {tuple(x.shape)}")
+        x = x.transpose(-1, -2)  # torchaudio wants (..., freq, time)
+        if self.freq is not None:
+            x = self.freq(x)
+        if self.time is not None:
+            x = self.time(x)
+        return x.transpose(-1, -2)
+
+
+def add_noise_and_shift(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AST's speech-commands augmentation: ``x + U(0,1) · u / 10`` (``u ~ U(0,1)`` per clip), then a
+    circular time shift by an integer in ``[-10, 10)`` frames per clip. ``x``: ``[B, C, T, F]``."""
+    B = x.shape[0]
+    scale = torch.rand(B, 1, 1, 1, device=x.device, generator=generator) / 10
+    x = x + torch.rand(x.shape, device=x.device, generator=generator) * scale
+    shifts = torch.randint(-10, 10, (B,), generator=generator).tolist()
+    return torch.stack([torch.roll(x[b], shifts[b], dims=-2) for b in range(B)])
+
+
+# =========================================================================== schedule
+
+
+def finetune_lr_schedule(cfg: FTOptimConfig, epochs: int, iters_per_epoch: int) -> np.ndarray:
+    """Learning rate of every iteration, ``[epochs · iters_per_epoch]`` float64.
+
+    ``lr_i = base(i) · min(1, (i + 1) / warmup_steps)`` where ``base`` is
+
+    * ``step`` (AST's ``MultiStepLR`` stepped once per epoch): ``lr · decay_factor ** n(e)`` with
+      ``n(e)`` the number of milestones ``decay_start, decay_start + decay_every, …`` that are
+      ``<= e`` (``e`` the 0-based epoch). AS-20K: epochs 1–10 at ``lr``, 11–15 at ``lr / 2``, …;
+    * ``cosine``: ``min_lr + (lr - min_lr) · (1 + cos(π · t)) / 2`` with ``t`` going 0 → 1 from the end
+      of the warm-up to the last iteration.
+    """
+    if epochs <= 0 or iters_per_epoch <= 0:
+        raise ValueError(f"epochs and iters_per_epoch must be > 0, got {epochs}, {iters_per_epoch}")
+    total = epochs * iters_per_epoch
+    it = np.arange(total)
+    if cfg.schedule == "step":
+        epoch = it // iters_per_epoch
+        decays = np.where(epoch >= cfg.decay_start, (epoch - cfg.decay_start) // cfg.decay_every + 1, 0)
+        base = cfg.lr * cfg.decay_factor ** decays
+    else:
+        warm = min(cfg.warmup_steps, total - 1)
+        t = np.clip((it - warm) / max(total - 1 - warm, 1), 0.0, 1.0)
+        base = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + np.cos(np.pi * t))
+    warmup = np.minimum(1.0, (it + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    return (base * warmup).astype(np.float64)
+
+
+# =========================================================================== metrics
+
+
+def evaluate_scores(scores: np.ndarray, targets: np.ndarray, multilabel: bool) -> tuple[float, list[float | None]]:
+    """The task metric and its per-class values.
+
+    Multi-label: mAP over the classes with a positive, per class the AP (None without positives).
+    Single-label (``targets`` ``[N, K]`` one-hot or ``[N]`` indices): top-1 accuracy, per class the
+    accuracy on that class's clips (None for a class without clips).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    K = scores.shape[1]
+    if multilabel:
+        targets = np.asarray(targets) > 0.5
+        per = [average_precision(scores[:, k], targets[:, k]) if targets[:, k].any() else None for k in range(K)]
+        present = [v for v in per if v is not None]
+        if not present:
+            raise ValueError("no class has a positive example: mAP is undefined")
+        return float(np.mean(present)), per
+    targets = np.asarray(targets)
+    truth = targets.argmax(1) if targets.ndim == 2 else targets
+    correct = scores.argmax(1) == truth
+    per = [float(correct[truth == k].mean()) if (truth == k).any() else None for k in range(K)]
+    return float(correct.mean()), per
+
+
+# =========================================================================== data
+
+
+class LabelledClips(Dataset):
+    """Clips with their target vectors; each item is a fixed-length waveform window.
+
+    Training items are a random window of ``num_samples`` samples (the start of every epoch's
+    generator differs by ``set_epoch``), evaluation items the first window; shorter clips are
+    zero-padded. A clip that cannot be decoded gives ``None`` (dropped by :func:`collate_clips`).
+    """
+
+    def __init__(
+        self, entries: Sequence[AudioEntry], targets: np.ndarray, *, sample_rate: int, num_samples: int,
+        train: bool, seed: int = 0,
+    ) -> None:
+        self.entries = list(entries)
+        self.targets = torch.as_tensor(targets, dtype=torch.float32)  # [N, K]
+        self.sample_rate, self.num_samples, self.train, self.seed = sample_rate, num_samples, train, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        entry = self.entries[i]
+        try:
+            wave = load_audio(entry.path, self.sample_rate)
+        except AudioDecodeError as err:
+            log.warning("skipping %s", err)
+            return None
+        n = self.num_samples
+        if wave.numel() > n:
+            start = 0
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.epoch, i])
+                start = int(rng.integers(0, wave.numel() - n + 1))
+            wave = wave[start : start + n]
+        elif wave.numel() < n:
+            wave = F.pad(wave, (0, n - wave.numel()))
+        return {"wave": wave, "target": self.targets[i], "index": i}
+
+
+def collate_clips(items: list[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
+    """Stack the decodable items: ``wave [B, S]``, ``target [B, K]``, ``index [B]``."""
+    items = [x for x in items if x is not None]
+    if not items:
+        return {"wave": torch.empty(0, 0), "target": torch.empty(0, 0), "index": torch.empty(0, dtype=torch.long)}
+    return {
+        "wave": torch.stack([x["wave"] for x in items]),
+        "target": torch.stack([x["target"] for x in items]),
+        "index": torch.tensor([x["index"] for x in items]),
+    }
+
+
+class WeightedDistributedSampler(WeightedRandomSampler):
+    """:class:`WeightedRandomSampler` (with replacement) split across DDP ranks.
+
+    Every rank draws the same ``num_samples`` indices from a generator seeded by ``(seed, epoch)``
+    and keeps every ``world_size``-th one, so the ranks see disjoint parts of one weighted draw.
+    """
+
+    def __init__(self, weights: Sequence[float], num_samples: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0) -> None:
+        super().__init__(weights, num_samples, replacement=True)
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        self.per_rank = math.ceil(num_samples / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        draw = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=g)
+        return iter(draw[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+# =========================================================================== model
+
+
+class FinetuneModel(nn.Module):
+    """ViT backbone + ``LayerNorm → Linear`` head on the pooled tokens.
+
+    ``forward(x [B, 1, T, F]) → logits [B, K]``. ``pool``: ``"tokens"`` (mean of the data tokens),
+    ``"cls"`` ([CLS]) or ``"both"`` (the average of the two vectors).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, pool: str = "tokens") -> None:
+        super().__init__()
+        if pool not in ("tokens", "cls", "both"):
+            raise ValueError(f"pool must be 'tokens', 'cls' or 'both', got {pool!r}")
+        self.backbone = backbone
+        self.pool = pool
+        dim = int(backbone.embed_dim)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = encode(self.backbone, x)  # [B, 1 + N, D]
+        cls, data = tokens[:, 0], tokens[:, 1:].mean(1)  # [B, D] each
+        pooled = {"cls": cls, "tokens": data, "both": None}[self.pool]
+        if pooled is None:
+            pooled = 0.5 * (cls + data)
+        return self.head(pooled)
+
+
+# =========================================================================== training
+
+
+def _resolve_manifest(source: str, d: FTDataConfig, seed: int) -> str:
+    if source != "demo":
+        return source
+    from asit.data import ensure_demo_dataset
+
+    root = Path(d.cache_dir) / "demo" if d.cache_dir else None
+    return str(ensure_demo_dataset(root, num_clips=d.demo_clips, seconds=d.demo_seconds, seed=seed))
+
+
+def _targets(entries: Sequence[AudioEntry], labels: LabelSpace, where: str) -> np.ndarray:
+    y = np.zeros((len(entries), labels.num_classes), dtype=np.float32)
+    for i, e in enumerate(entries):
+        y[i, labels.encode(e.labels, f"{where} clip {e.path}")] = 1.0
+    return y
+
+
+class Finetuner:
+    """One fine-tuning run (one fold): ``setup()``, ``train()`` → results dict, ``cleanup()``.
+
+    Args:
+        cfg: the recipe.
+        train_entries, val_entries: the clips.
+        labels: the class list.
+        multilabel: task type (decides the loss and the metric).
+        run_dir: where this run writes.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, train_entries: Sequence[AudioEntry], val_entries: Sequence[AudioEntry],
+                 labels: LabelSpace, multilabel: bool, run_dir: str | Path) -> None:
+        from asit.train.distributed import init_distributed
+
+        self.cfg, self.labels, self.multilabel = cfg, labels, multilabel
+        self.train_entries, self.val_entries = list(train_entries), list(val_entries)
+        self.run_dir = Path(run_dir)
+        self.dist = init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        loss = cfg.optim.loss if cfg.optim.loss != "auto" else ("bce" if multilabel else "ce")
+        self.loss_kind = loss
+        self.metric = "mAP" if multilabel else "accuracy"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        torch.manual_seed(cfg.train.seed)
+        encoder = load_encoder(cfg.encoder, random_init=cfg.model.random_init, seed=cfg.train.seed)
+        self.encoder_meta = dict(encoder.metadata)
+        self.sample_rate, self.num_mel_bins = encoder.sample_rate, encoder.num_mel_bins
+        self.mean = d.mean if d.mean is not None else encoder.mean
+        self.std = d.std if d.std is not None else encoder.std
+        self.frames = d.target_frames or encoder.target_frames
+        if self.frames % encoder.patch_size:
+            raise ConfigError(f"data.target_frames={self.frames} is not a multiple of the patch size "
+                              f"{encoder.patch_size}")
+        spec = backbone_spec(encoder.backbone.state_dict(), self.encoder_meta)
+        backbone = build_backbone(**spec, drop_path_rate=cfg.model.drop_path_rate)
+        backbone.load_state_dict(encoder.backbone.state_dict())
+        del encoder
+        self.model = FinetuneModel(backbone, self.labels.num_classes, cfg.model.pool).to(self.device)
+        self.ddp_model: nn.Module = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+        o = cfg.optim
+        head = list(self.model.head.parameters())
+        head_ids = {id(p) for p in head}
+        groups = []
+        for params, scale in (([p for p in self.model.parameters() if id(p) not in head_ids], 1.0),
+                              (head, o.head_lr_scale)):
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]  # biases, norms, tokens' 1-D params
+            groups += [{"params": decay, "weight_decay": o.weight_decay, "lr_scale": scale},
+                       {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas)
+
+        window = int(self.sample_rate * FRAME_LENGTH_S)
+        shift = int(self.sample_rate * FRAME_SHIFT_S)
+        num_samples = window + (self.frames - 1) * shift
+        self.train_targets = _targets(self.train_entries, self.labels, "train")
+        val_targets = _targets(self.val_entries, self.labels, "val")
+        self.train_set = LabelledClips(self.train_entries, self.train_targets, sample_rate=self.sample_rate,
+                                       num_samples=num_samples, train=True, seed=cfg.train.seed)
+        self.val_set = LabelledClips(self.val_entries, val_targets, sample_rate=self.sample_rate,
+                                     num_samples=num_samples, train=False)
+        r, w = self.dist.rank, self.dist.world_size
+        if d.balanced_sampling:
+            weights = balanced_sample_weights(self.train_targets)
+            self.sampler = WeightedDistributedSampler(weights.tolist(), len(self.train_set), rank=r, world_size=w,
+                                                      seed=cfg.train.seed)
+        else:
+            self.sampler = DistributedSampler(self.train_set, num_replicas=w, rank=r, shuffle=True,
+                                              seed=cfg.train.seed, drop_last=False)
+        loader_kw = dict(num_workers=d.num_workers, collate_fn=collate_clips,
+                         pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self.train_loader = DataLoader(self.train_set, batch_size=cfg.train.batch_size, sampler=self.sampler,
+                                       drop_last=len(self.sampler) > cfg.train.batch_size, **loader_kw)
+        # evaluation: a contiguous shard per rank, gathered and put back in order
+        self.val_indices = list(range(len(self.val_set)))[r::w]
+        self.val_loader = DataLoader(Subset(self.val_set, self.val_indices),
+                                     batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
+                                     shuffle=False, **loader_kw)
+        steps = len(self.train_loader)
+        if cfg.train.max_steps_per_epoch:
+            steps = min(steps, cfg.train.max_steps_per_epoch)
+        self.iters_per_epoch = steps
+        self.lr_schedule = finetune_lr_schedule(o, cfg.train.epochs, steps)
+        self.specaug = SpecAugment(cfg.augment.freqm, cfg.augment.timem)
+        self.mix_rng = np.random.default_rng([cfg.train.seed, self.dist.rank])
+        p = cfg.train.precision
+        if p == "auto":
+            p = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = torch.bfloat16 if p == "bf16" else None
+
+        from asit.train.metrics import MetricWriter
+
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "config.yaml", "w", encoding="utf-8") as fh:
+                yaml.safe_dump(finetune_config_to_dict(cfg), fh, sort_keys=False)
+        self.writer = MetricWriter(self.run_dir, enabled=self.dist.is_main)
+
+    # ------------------------------------------------------------------ steps
+    def features(self, waves: torch.Tensor) -> torch.Tensor:
+        """Waveforms ``[B, S]`` → normalised fbank ``[B, 1, T, F]``."""
+        fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, self.frames)  # [B, T, F]
+        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(1)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.loss_kind == "bce":
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.cross_entropy(logits, target)  # soft (mixed) targets are class probabilities
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> float:
+        a = self.cfg.augment
+        wave = batch["wave"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        if a.mixup_prob > 0:
+            lam, partner = sample_mixup(wave.shape[0], a.mixup_alpha, a.mixup_prob, self.mix_rng)
+            wave, target = apply_mixup(wave, target, lam, partner)
+        with torch.no_grad():
+            x = self.specaug(self.features(wave))
+            if a.noise:
+                x = add_noise_and_shift(x)
+        lr = float(self.lr_schedule[step])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        with self._autocast():
+            logits = self.ddp_model(x)
+        loss = self._loss(logits, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (sigmoid or softmax) and targets of the validation clips, gathered from all ranks."""
+        self.model.eval()
+        scores, targets, order = [], [], []
+        for batch in self.val_loader:
+            if batch["wave"].numel() == 0:
+                continue
+            with self._autocast():
+                logits = self.model(self.features(batch["wave"].to(self.device))).float()
+            prob = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, -1)
+            scores.append(prob.cpu())
+            targets.append(batch["target"])
+            order.append(batch["index"])  # positions in the whole validation set
+        self.model.train()
+        part = (torch.cat(scores).numpy(), torch.cat(targets).numpy(), torch.cat(order).numpy()) if scores else None
+        parts = [part]
+        if self.dist.distributed:
+            parts = [None] * self.dist.world_size
+            dist.all_gather_object(parts, part)
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            raise RuntimeError("no validation clip could be decoded")
+        s, t, idx = (np.concatenate(x) for x in zip(*parts))
+        keep = np.argsort(idx, kind="stable")
+        return s[keep], t[keep]
+
+    def evaluate(self) -> dict[str, Any]:
+        scores, targets = self.predict()
+        value, per_class = evaluate_scores(scores, targets, self.multilabel)
+        return {self.metric: value, "per_class": dict(zip(self.labels.names, per_class)), "n_clips": len(scores)}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        """Train for ``train.epochs`` epochs, evaluating after each; returns the run's results."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        avg_start = t.average_start
+        avg_end = min(t.average_end or t.epochs, t.epochs)
+        averaged: dict[str, torch.Tensor] | None = None
+        n_avg = 0
+        best: dict[str, Any] | None = None
+        history = []
+        step = 0
+        started = time.time()
+        self.model.train()
+        for epoch in range(t.epochs):
+            self.sampler.set_epoch(epoch)
+            self.train_set.set_epoch(epoch)
+            bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True,
+                       disable=not (self.dist.is_main and t.progress), leave=False)
+            losses = []
+            for i, batch in enumerate(self.train_loader):
+                if i >= self.iters_per_epoch:
+                    break
+                if batch["wave"].shape[0] == 0:  # every clip of the batch undecodable
+                    step += 1
+                    continue
+                loss = self.train_step(batch, step)
+                step += 1
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[step - 1]:.2e}")
+                if step % t.log_every == 0:
+                    self.writer.write(step, {"loss": loss, "lr": float(self.lr_schedule[step - 1]), "epoch": epoch})
+            bar.close()
+            ev = self.evaluate()
+            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
+                      self.metric: ev[self.metric]}
+            history.append(record)
+            self.writer.write(step, {"epoch": epoch, f"val_{self.metric}": ev[self.metric],
+                                     "train_loss_epoch": record["train_loss"]})
+            self.writer.flush()
+            if self.dist.is_main:
+                log.info("epoch %d/%d: train loss %.4f, val %s %.4f", epoch + 1, t.epochs,
+                         record["train_loss"] or float("nan"), self.metric, ev[self.metric])
+            if best is None or ev[self.metric] > best[self.metric]:
+                best = {"epoch": epoch + 1, **ev}
+                if t.save_best:
+                    self._save("best.pt", self.model.state_dict(), epoch + 1, ev[self.metric])
+            if avg_start is not None and avg_start <= epoch + 1 <= avg_end:
+                state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+                n_avg += 1
+                if averaged is None:
+                    averaged = state
+                else:  # running mean
+                    for k, v in state.items():
+                        averaged[k] += (v - averaged[k]) / n_avg
+        last = {"epoch": t.epochs, **ev}
+        result: dict[str, Any] = {"metric": self.metric, "best": best, "last": last, "history": history,
+                                  "steps": step, "wall_time_s": time.time() - started}
+        if averaged is not None:
+            final_state = copy.deepcopy(self.model.state_dict())
+            self.model.load_state_dict({k: v.to(final_state[k].dtype) for k, v in averaged.items()})
+            ev_avg = self.evaluate()
+            result["averaged"] = {"epochs": [avg_start, avg_end], "n_models": n_avg, **ev_avg}
+            self._save("averaged.pt", self.model.state_dict(), t.epochs, ev_avg[self.metric])
+            self.writer.write(step, {"epoch": t.epochs - 1, f"val_{self.metric}_averaged": ev_avg[self.metric]})
+            self.model.load_state_dict(final_state)
+        chosen = result[t.report]
+        result.update(value=chosen[self.metric], per_class=chosen["per_class"], report=t.report)
+        if self.dist.is_main:
+            _write_json(self.run_dir / "results.json", result)
+        return result
+
+    def _save(self, name: str, state: dict[str, torch.Tensor], epoch: int, value: float) -> None:
+        if not self.dist.is_main:
+            return
+        from asit.train.checkpoint import atomic_save
+
+        atomic_save({
+            "model": {k: v.detach().cpu() for k, v in state.items()},
+            "epoch": epoch, "metric": self.metric, "value": value,
+            "classes": list(self.labels.names), "pool": self.cfg.model.pool,
+            "config": finetune_config_to_dict(self.cfg), "encoder_metadata": self.encoder_meta,
+        }, self.run_dir / name)
+
+    def cleanup(self) -> None:
+        self.writer.close()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _is_multilabel(cfg: FTDataConfig, entries: Sequence[AudioEntry]) -> bool:
+    if cfg.task != "auto":
+        return cfg.task == "multi_label"
+    return any(len(e.labels) != 1 for e in entries)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune as ``cfg`` says (one run, or one per fold); returns and writes ``results.json``.
+
+    The results hold ``metric``, ``value`` (the reported model's score; for CV the mean over
+    folds, with ``std`` and ``folds``), ``per_class`` and, per run, ``best`` / ``last`` /
+    ``averaged`` evaluations and the per-epoch ``history``.
+    """
+    from asit.train.distributed import cleanup_distributed, init_distributed
+
+    d = cfg.data
+    out = Path(cfg.train.output_dir)
+    train_entries = load_manifest(_resolve_manifest(d.train_manifest, d, cfg.train.seed))
+    val_entries = load_manifest(_resolve_manifest(d.val_manifest, d, cfg.train.seed)) if d.val_manifest else []
+    labels = read_class_csv(d.label_csv) if d.label_csv else LabelSpace.from_entries(train_entries + val_entries)
+    multilabel = _is_multilabel(d, train_entries + val_entries)
+    if not multilabel:
+        unlabelled = [e for e in train_entries if len(e.labels) != 1]
+        if unlabelled:
+            raise ValueError(f"single-label task but {len(unlabelled)} clip(s) have no or several labels, "
+                             f"e.g. {unlabelled[0].path}")
+    info = init_distributed(cfg.train.device)
+    base = {"name": cfg.name, "encoder": cfg.encoder, "task": "multi-label" if multilabel else "single-label",
+            "classes": list(labels.names)}
+    try:
+        if d.cv_folds == 0:
+            runner = Finetuner(cfg, train_entries, val_entries, labels, multilabel, out)
+            runner.setup()
+            try:
+                result = {**base, **runner.train()}
+            finally:
+                runner.cleanup()
+        else:
+            fold_of = assign_folds(train_entries, d.cv_folds, source=d.fold_source, fold_csv=d.fold_csv,
+                                   seed=cfg.train.seed)
+            folds = []
+            for k in range(d.cv_folds):
+                train_k = [e for e, f in zip(train_entries, fold_of) if f != k]
+                test_k = [e for e, f in zip(train_entries, fold_of) if f == k]
+                runner = Finetuner(cfg, train_k, test_k, labels, multilabel, out / f"fold_{k}")
+                runner.setup()
+                try:
+                    folds.append({"fold": k, "n_train": len(train_k), "n_test": len(test_k), **runner.train()})
+                finally:
+                    runner.cleanup()
+            values = np.array([f["value"] for f in folds])
+            per_class = {}
+            for name in labels.names:
+                vals = [f["per_class"][name] for f in folds if f["per_class"].get(name) is not None]
+                per_class[name] = float(np.mean(vals)) if vals else None
+            result = {**base, "metric": folds[0]["metric"], "value": float(values.mean()),
+                      "std": float(values.std()), "report": cfg.train.report, "per_class": per_class,
+                      "folds": folds}
+        result["config"] = finetune_config_to_dict(cfg)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / "results.json", result)
+        return result
+    finally:
+        cleanup_distributed()

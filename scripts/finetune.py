@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Fine-tune a pretrained ASiT teacher encoder on a labelled task (AST/SSAST recipe).
+
+    python scripts/finetune.py --preset demo encoder=runs/demo_cpu/teacher_encoder.safetensors
+    torchrun --nproc_per_node=8 scripts/finetune.py --preset as20k \\
+        encoder=runs/as2m_vitb/teacher_encoder.safetensors data.train_manifest=/data/as20k.json \\
+        data.val_manifest=/data/as_eval.json data.label_csv=/data/class_labels_indices.csv
+    python scripts/finetune.py --preset esc50 data.train_manifest=/data/ESC-50/audio \\
+        data.fold_csv=/data/ESC-50/meta/esc50.csv train.output_dir=runs/esc50
+
+Presets: asit/configs/finetune/*.yaml; any ``section.key=value`` argument overrides one (see
+asit/eval/finetune.py for every key). Results: ``<train.output_dir>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from asit.config import ConfigError
+from asit.data import ManifestError
+from asit.eval import EncoderError
+from asit.eval.finetune import available_presets, load_finetune_config, run_finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="demo",
+                        help=f"preset name ({', '.join(available_presets())}) or a YAML file (default: demo)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_finetune_config(args.preset, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    try:
+        result = run_finetune(cfg)
+    except (ManifestError, EncoderError, ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        spread = f" ± {result['std']:.4f} over {len(result['folds'])} folds" if "folds" in result else ""
+        print(f"{result['metric']} ({result['report']}): {result['value']:.4f}{spread} "
+              f"-> {cfg.train.output_dir}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Pack a manifest into WebDataset tar shards for ``data.train_manifest=shards:...``.
+
+    python scripts/make_shards.py /data/as2m.json --out /data/as2m_shards/as2m-%06d.tar
+    python scripts/make_shards.py /data/wavs --out shards/demo-%06d.tar --shard-size 256MB
+
+Each clip becomes one sample: its audio bytes with the original extension (flac, wav, ...) and a
+JSON member with its labels, manifest index and source path. ``index.json`` in the output folder
+lists the shards and their clip counts. Train on them with
+``data.train_manifest=shards:/data/as2m_shards`` (the folder) or a brace pattern such as
+``shards:/data/as2m_shards/as2m-{000000..000099}.tar``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from asit.data import ManifestError, load_manifest
+from asit.data.shards import parse_shard_size, write_shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest", help="JSON/CSV manifest or folder of audio files")
+    parser.add_argument("--out", required=True, help="shard name pattern with one %%d placeholder, "
+                                                     "e.g. dir/prefix-%%06d.tar")
+    parser.add_argument("--shard-size", default="1000",
+                        help="clips per shard (1000) or bytes per shard (256MB, 2GB); default 1000 clips")
+    parser.add_argument("--index", default=None, help="index file (default: index.json next to the shards)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        max_count, max_bytes = parse_shard_size(args.shard_size)
+        entries = load_manifest(args.manifest)
+    except (ValueError, ManifestError) as err:
+        parser.error(str(err))
+    try:
+        index = write_shards(entries, args.out, max_count=max_count, max_bytes=max_bytes, index_path=args.index)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(index)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

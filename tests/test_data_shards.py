@@ -1,0 +1,199 @@
+"""WebDataset shards: manifest → shards → samples round trip, rank/worker splitting, corrupt members."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader
+
+from asit.data import AudioEntry, PretrainDataset, collate_pretrain, load_audio
+from asit.data.audio import decode_audio_bytes
+from asit.data.shards import (
+    ShardPretrainDataset,
+    is_shard_source,
+    open_shard_source,
+    parse_shard_size,
+    write_shards,
+)
+
+pytest.importorskip("webdataset")
+
+SR = 16000
+VIEWS = dict(sample_rate=SR, crop_seconds=0.5, num_mel_bins=32, target_frames=48, roll_prob=0.5)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """11 clips of random length, wav and flac, 16 and 8 kHz, some labelled."""
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(11):
+        rate = SR if i % 3 else 8000
+        ext = "flac" if i % 2 else "wav"
+        path = tmp_path / "audio" / f"clip{i}.{ext}"
+        path.parent.mkdir(exist_ok=True)
+        sf.write(path, (0.3 * rng.standard_normal(int(rate * rng.uniform(0.2, 1.2)))).astype(np.float32), rate)
+        labels = (("dog",) if i % 2 else ("cat", "dog")) if i % 4 else ()
+        entries.append(AudioEntry(str(path), labels))
+    return entries
+
+
+def _pack(entries, tmp_path, size=3):
+    return write_shards(entries, tmp_path / "shards" / "demo-%06d.tar", max_count=size)
+
+
+def _members(url):
+    with tarfile.open(url) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def test_parse_shard_size():
+    assert parse_shard_size("1000") == (1000, None)
+    assert parse_shard_size("256MB") == (None, 256_000_000)
+    assert parse_shard_size("2GB") == (None, 2_000_000_000)
+    for bad in ("", "-3", "1.5", "12TB", "0"):
+        with pytest.raises(ValueError):
+            parse_shard_size(bad)
+
+
+def test_round_trip_manifest_to_shards_to_samples(corpus, tmp_path):
+    index = _pack(corpus, tmp_path)
+    doc = json.loads(index.read_text())
+    assert [s["count"] for s in doc["shards"]] == [3, 3, 3, 2] and doc["total"] == 11
+    assert doc["labels"] == ["cat", "dog"]
+
+    # Members: audio bytes unchanged with the original extension, json with labels and path.
+    shards = open_shard_source(index.parent)
+    seen = {}
+    for url in shards.urls:
+        for name, data in _members(url).items():
+            key, ext = name.split(".", 1)
+            seen.setdefault(key, {})[ext] = data
+    assert len(seen) == 11
+    for key, member in seen.items():
+        meta = json.loads(member["json"])
+        entry = corpus[meta["index"]]
+        assert int(key) == meta["index"] and meta["path"] == entry.path and tuple(meta["labels"]) == entry.labels
+        ext = entry.path.rsplit(".", 1)[1]
+        with open(entry.path, "rb") as fh:
+            assert member[ext] == fh.read()
+        assert torch.equal(decode_audio_bytes(member[ext], SR), load_audio(entry.path, SR))
+
+    # Samples: same clips, labels and views as the map-style dataset for the same (seed, epoch, index).
+    ds = ShardPretrainDataset(shards, seed=3, shuffle_buffer=4, **VIEWS)
+    ds.set_epoch(1)
+    ref = PretrainDataset(corpus, seed=3, label_vocab=["cat", "dog"], **VIEWS)
+    ref.set_epoch(1)
+    samples = list(ds)
+    assert sorted(s["index"] for s in samples) == list(range(11))
+    for s in samples:
+        expected = ref[s["index"]]
+        assert s["ok"] and torch.equal(s["label"], expected["label"])
+        torch.testing.assert_close(s["views"], expected["views"], rtol=0, atol=0)
+    batch = collate_pretrain(samples[:4])
+    assert batch["views"].shape == (4, 2, 1, 48, 32) and batch["num_skipped"] == 0
+
+
+def test_brace_pattern_source_and_counts_without_index(corpus, tmp_path):
+    index = _pack(corpus, tmp_path, size=4)
+    pattern = f"shards:{index.parent}/demo-{{000000..000002}}.tar"
+    assert is_shard_source(pattern) and is_shard_source(index.parent)
+    assert not is_shard_source(tmp_path / "audio")
+    assert open_shard_source(pattern).counts == [4, 4, 3]
+    index.unlink()  # without the index the counts come from the tar headers
+    assert open_shard_source(pattern).counts == [4, 4, 3]
+
+
+def test_shuffle_is_deterministic_and_changes_with_epoch(corpus, tmp_path):
+    shards = open_shard_source(_pack(corpus, tmp_path).parent)
+
+    def order(epoch, seed=0):
+        ds = ShardPretrainDataset(shards, seed=seed, shuffle_buffer=4, **VIEWS)
+        ds.set_epoch(epoch)
+        return [s["index"] for s in ds]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert sorted(order(2)) == list(range(11))
+
+
+@pytest.mark.parametrize("workers,size", [(0, 2), (2, 2), (2, 4)])  # size 4: 3 shards, fewer than workers
+def test_two_ranks_cover_every_clip_once_per_epoch(corpus, tmp_path, workers, size):
+    shards = open_shard_source(_pack(corpus, tmp_path, size=size).parent)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            ds = ShardPretrainDataset(shards, rank=rank, world_size=2, seed=5, **VIEWS)
+            ds.set_epoch(epoch)
+            loader = DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=collate_pretrain)
+            seen += [int(i) for batch in loader for i in batch["index"]]
+        assert sorted(seen) == list(range(11)), f"epoch {epoch}"
+
+
+def test_fixed_epoch_length_gives_equal_full_batches_and_skip(corpus, tmp_path):
+    shards = open_shard_source(_pack(corpus, tmp_path, size=5).parent)  # 3 shards: 5, 5, 1
+    for rank in (0, 1):  # rank 1 holds 1 or 5 clips: it cycles to fill its 8 samples
+        ds = ShardPretrainDataset(shards, rank=rank, world_size=2, seed=1, samples_per_rank=8, batch_size=2,
+                                  **VIEWS)
+        loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_pretrain, drop_last=True)
+        full = [b["index"].tolist() for b in loader]
+        assert len(full) == 4 and all(len(b) == 2 for b in full)
+        control = ds.epoch_control()
+        control.set_epoch(0, skip=4)  # resume after two batches: the same last two batches
+        assert [b["index"].tolist() for b in loader] == full[2:]
+
+
+def test_corrupt_member_is_skipped_and_counted(corpus, tmp_path):
+    bad = tmp_path / "audio" / "broken.wav"
+    bad.write_bytes(b"RIFF not really a wave file" * 20)
+    entries = [*corpus[:4], AudioEntry(str(bad), ("cat",))]
+    shards = open_shard_source(_pack(entries, tmp_path).parent)
+    ds = ShardPretrainDataset(shards, seed=0, **VIEWS)
+    samples = list(ds)
+    assert len(samples) == 5
+    batch = collate_pretrain(samples)
+    assert batch["views"].shape[0] == 4 and batch["num_skipped"] == 1
+    assert batch["skip_reasons"] == ["unreadable"] and batch["skipped_indices"] == [4]
+
+
+def test_member_without_metadata_is_skipped(corpus, tmp_path):
+    url = tmp_path / "raw-000000.tar"
+    with tarfile.open(url, "w") as tar:
+        for name, data in (("000000001.wav", open(corpus[0].path, "rb").read()), ("000000001.json", b"{oops")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ds = ShardPretrainDataset(open_shard_source(f"shards:{url}"), **VIEWS)
+    (sample,) = list(ds)
+    assert not sample["ok"] and sample["error"] == "bad-metadata" and sample["index"] == -1
+
+
+def test_engine_trains_on_shards(tmp_path, monkeypatch):
+    from asit.config import load_config
+    from asit.data import ensure_demo_dataset, load_manifest
+    from asit.train import Pretrainer
+
+    torch.set_num_threads(1)
+    demo = ensure_demo_dataset(tmp_path / "demo", num_clips=16, sample_rate=SR, seconds=1.0, seed=0)
+    index = write_shards(load_manifest(demo), tmp_path / "shards" / "d-%06d.tar", max_count=4)
+    cfg = load_config("demo_cpu", [
+        f"data.train_manifest=shards:{index.parent}", f"data.sample_rate={SR}", "data.num_workers=0",
+        "data.crop_seconds=1.0", "data.target_frames=96", "data.num_mel_bins=32", "model.depth=1",
+        "model.embed_dim=32", "model.num_heads=2", "model.head_out_cls=64", "model.head_out_tokens=32",
+        "model.head_hidden=64", "model.head_bottleneck=16", "model.recon_hidden=32", "gmml.max_block_frac=0.9",
+        "train.batch_size=4", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
+        f"train.output_dir={tmp_path / 'run'}"])
+    trainer = Pretrainer(cfg)
+    try:
+        trainer.setup()
+        assert isinstance(trainer.dataset, ShardPretrainDataset)
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])

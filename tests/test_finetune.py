@@ -1,0 +1,317 @@
+"""asit.eval.finetune: presets, mixup, SpecAugment, balanced sampling, schedule, folds, end to end."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_eval_encoder import write_encoder  # tests/ is on sys.path under pytest
+
+from asit.config import ConfigError
+from asit.data import AudioEntry
+from asit.eval.finetune import (
+    FinetuneModel,
+    SpecAugment,
+    WeightedDistributedSampler,
+    apply_mixup,
+    assign_folds,
+    available_presets,
+    balanced_sample_weights,
+    evaluate_scores,
+    finetune_lr_schedule,
+    load_finetune_config,
+    read_class_csv,
+    run_finetune,
+    sample_mixup,
+)
+from asit.models import build_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize(
+    "preset, lr, epochs, batch, freqm, timem, mixup",
+    [
+        ("as20k", 5e-5, 25, 12, 48, 192, 0.5),
+        ("as2m", 1e-5, 5, 12, 48, 192, 0.5),
+        ("esc50", 1e-4, 50, 48, 24, 96, 0.0),
+        ("scv2", 2.5e-4, 30, 128, 48, 48, 0.6),
+    ],
+)
+def test_presets_carry_the_ast_recipe(preset, lr, epochs, batch, freqm, timem, mixup):
+    cfg = load_finetune_config(preset)
+    assert cfg.name == preset
+    assert cfg.optim.lr == pytest.approx(lr)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (epochs, batch)
+    assert (cfg.augment.freqm, cfg.augment.timem) == (freqm, timem)
+    assert cfg.augment.mixup_prob == pytest.approx(mixup)
+
+
+def test_preset_specifics():
+    as20k = load_finetune_config("as20k")
+    assert (as20k.optim.schedule, as20k.optim.decay_start, as20k.optim.decay_every) == ("step", 10, 5)
+    assert as20k.optim.decay_factor == 0.5
+    assert (as20k.train.average_start, as20k.train.average_end, as20k.train.report) == (6, 25, "averaged")
+    assert as20k.data.task == "multi_label"
+    assert load_finetune_config("as2m").data.balanced_sampling
+    esc = load_finetune_config("esc50")
+    assert esc.data.cv_folds == 5 and esc.data.task == "single_label"
+    assert {"as20k", "as2m", "esc50", "scv1", "scv2", "voxceleb_sid", "demo"} <= set(available_presets())
+    for name in available_presets():  # every shipped preset validates
+        load_finetune_config(name)
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_finetune_config("esc50", ["optim.lr=3e-4", "data.cv_folds=0", "data.val_manifest=x.csv"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.data.cv_folds == 0
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_finetune_config("esc50", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="val_manifest"):
+        load_finetune_config("scv2", ["data.val_manifest=null"])
+    with pytest.raises(ConfigError, match="mixup_prob"):
+        load_finetune_config("scv2", ["augment.mixup_prob=1.5"])
+    with pytest.raises(ConfigError, match="unknown fine-tuning preset"):
+        load_finetune_config("nope")
+    with pytest.raises(ConfigError, match="average_start"):
+        load_finetune_config("scv2", ["train.report=averaged"])
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_mixup_mixes_inputs_and_labels_with_the_same_lambda():
+    rng = np.random.default_rng(0)
+    B, S, K = 9, 50, 9
+    x = torch.randn(B, S, dtype=torch.float64)
+    y = torch.eye(K, dtype=torch.float64)[torch.randperm(K)]  # every clip a different class
+    lam, partner = sample_mixup(B, alpha=10.0, prob=1.0, rng=rng)
+    assert (partner != torch.arange(B)).all()  # a derangement: nobody mixes with itself
+    assert sorted(partner.tolist()) == list(range(B))
+    xm, ym = apply_mixup(x, y, lam, partner)
+    lam64 = lam.double()
+    torch.testing.assert_close(xm, lam64[:, None] * x + (1 - lam64[:, None]) * x[partner])
+    # the weight of the clip's own class is λ and the partner's 1 - λ: the same λ as the input's
+    own, other = y.argmax(1), y[partner].argmax(1)
+    torch.testing.assert_close(ym[torch.arange(B), own], lam64)
+    torch.testing.assert_close(ym[torch.arange(B), other], 1 - lam64)
+    torch.testing.assert_close(ym.sum(1), torch.ones(B, dtype=torch.float64))
+    # λ recovered from the inputs equals the label weight
+    lam_from_x = ((xm - x[partner]) / (x - x[partner]))[:, 0]
+    torch.testing.assert_close(lam_from_x, ym[torch.arange(B), own])
+    assert ((lam > 0) & (lam < 1)).all() and (lam - 0.5).abs().max() < 0.45  # Beta(10, 10) is near 0.5
+
+
+def test_mixup_probability():
+    rng = np.random.default_rng(1)
+    lam, _ = sample_mixup(4000, alpha=10.0, prob=0.3, rng=rng)
+    assert (lam < 1).float().mean().item() == pytest.approx(0.3, abs=0.03)
+    lam0, _ = sample_mixup(16, alpha=10.0, prob=0.0, rng=rng)
+    x, y = torch.randn(16, 5), torch.rand(16, 3)
+    xm, ym = apply_mixup(x, y, lam0, torch.randperm(16))
+    assert torch.equal(xm, x) and torch.equal(ym, y)
+
+
+def _band(mask_1d: torch.Tensor) -> tuple[int, int]:
+    """(start, width) of the True run; asserts the run is contiguous."""
+    idx = mask_1d.nonzero().flatten()
+    if idx.numel() == 0:
+        return 0, 0
+    assert idx[-1] - idx[0] + 1 == idx.numel(), "mask band not contiguous"
+    return int(idx[0]), int(idx.numel())
+
+
+@pytest.mark.parametrize("freqm, timem", [(10, 20), (0, 7), (5, 0)])
+def test_specaugment_masks_one_band_per_axis_within_the_widths(freqm, timem, seed):
+    B, T, Fq = 64, 100, 40
+    x = torch.rand(B, 1, T, Fq) + 1.0  # never 0, so 0 means masked
+    out = SpecAugment(freqm, timem)(x)
+    masked = out[:, 0] == 0  # [B, T, F]
+    time_rows = masked.all(2)  # [B, T]
+    freq_cols = masked.all(1)  # [B, F]
+    widths_t, widths_f = [], []
+    for b in range(B):
+        _, wt = _band(time_rows[b])
+        _, wf = _band(freq_cols[b])
+        widths_t.append(wt)
+        widths_f.append(wf)
+        # nothing masked outside the two bands, and the rest untouched
+        expected = time_rows[b][:, None] | freq_cols[b][None, :]
+        assert torch.equal(masked[b], expected)
+        assert torch.equal(out[b, 0][~expected], x[b, 0][~expected])
+    assert max(widths_t) < max(timem, 1) and max(widths_f) < max(freqm, 1)
+    if timem > 2:
+        assert len(set(widths_t)) > 1  # independent per clip
+    if freqm > 2:
+        assert len(set(widths_f)) > 1
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_balanced_weights_are_sums_of_inverse_label_counts():
+    rng = np.random.default_rng(2)
+    targets = (rng.random((40, 7)) < 0.25).astype(np.float32)
+    targets[0] = 0  # an unlabelled clip
+    w = balanced_sample_weights(targets)
+    counts = targets.sum(0)
+    for i in range(40):
+        assert w[i] == pytest.approx(sum(1.0 / counts[k] for k in np.flatnonzero(targets[i])))
+    assert w[0] == 0
+    ast = targets @ (1000.0 / (counts + 0.01))  # AST's weights: proportional up to the smoothing
+    np.testing.assert_allclose(w[1:] / w[1:].sum(), ast[1:] / ast[1:].sum(), rtol=1e-3)
+
+
+def test_weighted_sampler_follows_the_weights_and_splits_ranks():
+    weights = [1.0, 3.0, 0.0, 6.0]
+    ranks = [WeightedDistributedSampler(weights, 3000, rank=r, world_size=3, seed=5) for r in range(3)]
+    for s in ranks:
+        s.set_epoch(1)
+    draws = [list(s) for s in ranks]
+    assert all(len(d) == len(s) == 1000 for d, s in zip(draws, ranks))
+    single = WeightedDistributedSampler(weights, 3000, seed=5)
+    single.set_epoch(1)
+    merged = [None] * 3000
+    for r, d in enumerate(draws):
+        merged[r::3] = d
+    assert merged == list(single)  # the ranks partition one weighted draw
+    freq = np.bincount(merged, minlength=4) / 3000
+    np.testing.assert_allclose(freq, [0.1, 0.3, 0.0, 0.6], atol=0.03)
+    single.set_epoch(2)
+    assert list(single) != merged
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_as20k_step_schedule():
+    cfg = load_finetune_config("as20k").optim
+    iters = 200
+    lr = finetune_lr_schedule(cfg, 25, iters)
+    assert lr.shape == (25 * iters,)
+    # linear warm-up over the first 1000 iterations
+    np.testing.assert_allclose(lr[:1000], 5e-5 * np.arange(1, 1001) / 1000)
+    per_epoch = lr[::iters][5:]  # first iteration of epochs 6 … 25 (after the warm-up)
+    expected = [5e-5] * 5 + [2.5e-5] * 5 + [1.25e-5] * 5 + [6.25e-6] * 5  # 1-based epochs 6-10, 11-15, …
+    np.testing.assert_allclose(per_epoch, expected)
+    assert np.all(lr[10 * iters : 11 * iters] == 2.5e-5)  # epoch 11 constant
+
+
+def test_cosine_schedule_endpoints():
+    cfg = load_finetune_config("demo", ["optim.warmup_steps=4", "optim.lr=1e-3", "optim.min_lr=1e-5"]).optim
+    lr = finetune_lr_schedule(cfg, 3, 10)
+    np.testing.assert_allclose(lr[:4], 1e-3 * np.arange(1, 5) / 4)
+    assert lr[4] == pytest.approx(1e-3) and lr[-1] == pytest.approx(1e-5)
+    assert np.all(np.diff(lr[4:]) <= 0)
+
+
+# --------------------------------------------------------------------------- labels, folds, metrics
+
+
+def test_class_csv_maps_mids_and_names(tmp_path):
+    path = tmp_path / "class_labels_indices.csv"
+    path.write_text('index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/05zppz,"Male speech, man speaking"\n'
+                    "2,/m/02zsn,Female speech\n")
+    labels = read_class_csv(path)
+    assert labels.names == ("Speech", "Male speech, man speaking", "Female speech")
+    assert labels.encode(["/m/02zsn", "Speech"]) == [0, 2]
+    with pytest.raises(ValueError, match="/m/nope"):
+        labels.encode(["/m/nope"], "clip x")
+
+
+def test_folds_from_names_folders_csv_and_stratified(tmp_path):
+    esc = [AudioEntry(f"/d/audio/{f}-1000{i}-A-{i % 3}.wav", (f"c{i % 3}",)) for f in (1, 2, 3) for i in range(4)]
+    folds = assign_folds(esc, 3)
+    assert folds.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    us8k = [AudioEntry(f"/d/fold{f}/x{i}.wav", ("a",)) for f in (10, 2) for i in range(2)]
+    assert assign_folds(us8k, 2, source="path").tolist() == [1, 1, 0, 0]  # numbers sorted: 2 → 0, 10 → 1
+    meta = tmp_path / "meta.csv"
+    meta.write_text("filename,fold,target\n" + "".join(
+        f"{Path(e.path).name},{5 - int(Path(e.path).name[0])},0\n" for e in esc))
+    assert assign_folds(esc, 3, fold_csv=str(meta)).tolist() == [2] * 4 + [1] * 4 + [0] * 4
+    plain = [AudioEntry(f"/d/x{i}.wav", (f"c{i % 2}",)) for i in range(10)]
+    folds = assign_folds(plain, 5, seed=3)
+    assert np.bincount(folds).tolist() == [2] * 5
+    with pytest.raises(ValueError, match="fold numbers"):
+        assign_folds(esc, 5, source="path")
+
+
+def test_evaluate_scores_per_class():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.7, 0.0]])
+    value, per = evaluate_scores(scores, np.array([0, 1, 0]), multilabel=False)
+    assert value == pytest.approx(2 / 3) and per == [0.5, 1.0, None]
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]])
+    value, per = evaluate_scores(scores, targets, multilabel=True)
+    assert per[2] is None and per[1] == pytest.approx(1.0) and per[0] == pytest.approx(1.0)
+    assert value == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("pool", ["tokens", "cls", "both"])
+def test_model_pools_and_head(pool):
+    backbone = build_backbone(img_size=(32, 32), patch_size=16, embed_dim=24, depth=1, num_heads=2)
+    model = FinetuneModel(backbone, 5, pool)
+    out = model(torch.randn(3, 1, 48, 32))  # other lengths than the positional grid work
+    assert out.shape == (3, 5)
+    assert isinstance(model.head[0], torch.nn.LayerNorm) and model.head[1].out_features == 5
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def demo_encoder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    return write_encoder(root / "teacher_encoder.safetensors"), root / "cache"
+
+
+def _demo_overrides(encoder, cache, out, *extra):
+    return [f"encoder={encoder}", f"data.cache_dir={cache}", "data.demo_clips=60", "data.num_workers=0",
+            "train.batch_size=10", "train.progress=false", f"train.output_dir={out}", *extra]
+
+
+def test_end_to_end_demo_finetune(demo_encoder, tmp_path):
+    encoder, cache = demo_encoder
+    out = tmp_path / "run"
+    cfg = load_finetune_config("demo", _demo_overrides(encoder, cache, out, "train.epochs=2", "train.log_every=1",
+                                                       "train.average_start=1", "train.average_end=2"))
+    result = run_finetune(cfg)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metric"] == "accuracy" and saved["task"] == "single-label"
+    assert len(saved["classes"]) == 6 and len(saved["history"]) == 2
+    # validation = the training clips here: well above chance (1/6) after 2 epochs
+    assert result["best"]["accuracy"] > 1 / 6 + 0.1
+    assert saved["value"] == pytest.approx(result["best"]["accuracy"])
+    assert set(saved["per_class"]) == set(saved["classes"])
+    assert saved["averaged"]["n_models"] == 2
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["epoch"] == saved["best"]["epoch"] and ckpt["classes"] == saved["classes"]
+    assert ckpt["value"] == pytest.approx(saved["best"]["accuracy"])
+    assert "head.1.weight" in ckpt["model"] and "backbone.cls_token" in ckpt["model"]
+    assert (out / "averaged.pt").is_file() and (out / "config.yaml").is_file()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in r and "lr" in r for r in records)
+    assert sum("val_accuracy" in r for r in records) == 2
+
+
+def test_cross_validation_via_script(demo_encoder, tmp_path, monkeypatch):
+    encoder, cache = demo_encoder
+    out = tmp_path / "cv"
+    argv = ["finetune.py", "--preset", "demo", *_demo_overrides(
+        encoder, cache, out, "train.epochs=1", "data.val_manifest=null", "data.cv_folds=2",
+        "train.max_steps_per_epoch=2", "train.average_start=null", "train.average_end=null",
+        "train.save_best=false")]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "scripts" / "finetune.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert [f["fold"] for f in saved["folds"]] == [0, 1]
+    assert sum(f["n_test"] for f in saved["folds"]) == 60
+    assert saved["value"] == pytest.approx(np.mean([f["value"] for f in saved["folds"]]))
+    assert (out / "fold_0" / "results.json").is_file() and (out / "fold_1" / "log.jsonl").is_file()
