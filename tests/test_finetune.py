@@ -271,21 +271,24 @@ def demo_encoder(tmp_path_factory):
 
 
 def _demo_overrides(encoder, cache, out, *extra):
-    return [f"encoder={encoder}", f"data.cache_dir={cache}", "data.demo_clips=60", "data.num_workers=0",
-            "train.batch_size=10", "train.progress=false", f"train.output_dir={out}", *extra]
+    # 120 clips of 0.64 s: each clip fits the encoder's 64-frame window at 8 kHz (longer demo clips
+    # are mostly silence in their first window, the one evaluation sees)
+    return [f"encoder={encoder}", f"data.cache_dir={cache}", "data.demo_clips=120", "data.demo_seconds=0.64",
+            "data.num_workers=0", "train.batch_size=6", "train.progress=false", f"train.output_dir={out}", *extra]
 
 
 def test_end_to_end_demo_finetune(demo_encoder, tmp_path):
     encoder, cache = demo_encoder
     out = tmp_path / "run"
     cfg = load_finetune_config("demo", _demo_overrides(encoder, cache, out, "train.epochs=2", "train.log_every=1",
-                                                       "train.average_start=1", "train.average_end=2"))
+                                                       "augment.mixup_prob=0", "train.average_start=1"))
     result = run_finetune(cfg)
     saved = json.loads((out / "results.json").read_text())
     assert saved["metric"] == "accuracy" and saved["task"] == "single-label"
     assert len(saved["classes"]) == 6 and len(saved["history"]) == 2
-    # validation = the training clips here: well above chance (1/6) after 2 epochs
-    assert result["best"]["accuracy"] > 1 / 6 + 0.1
+    # validation = the training clips here: above chance (1/6; its standard error over 120 clips is 0.034)
+    # after 2 epochs even from this random-weight encoder (seeds 0-3 give 0.38-0.43)
+    assert result["best"]["accuracy"] > 0.3
     assert saved["value"] == pytest.approx(result["best"]["accuracy"])
     assert set(saved["per_class"]) == set(saved["classes"])
     assert saved["averaged"]["n_models"] == 2
@@ -312,6 +315,6 @@ def test_cross_validation_via_script(demo_encoder, tmp_path, monkeypatch):
     assert exit_info.value.code == 0
     saved = json.loads((out / "results.json").read_text())
     assert [f["fold"] for f in saved["folds"]] == [0, 1]
-    assert sum(f["n_test"] for f in saved["folds"]) == 60
+    assert sum(f["n_test"] for f in saved["folds"]) == 120
     assert saved["value"] == pytest.approx(np.mean([f["value"] for f in saved["folds"]]))
     assert (out / "fold_0" / "results.json").is_file() and (out / "fold_1" / "log.jsonl").is_file()
