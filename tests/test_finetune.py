@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +16,11 @@ import torch
 from test_eval_encoder import write_encoder  # tests/ is on sys.path under pytest
 
 from asit.config import ConfigError
-from asit.data import AudioEntry
+from asit.data import AudioEntry, load_manifest
 from asit.eval.finetune import (
     FinetuneModel,
+    Finetuner,
+    LabelSpace,
     SpecAugment,
     WeightedDistributedSampler,
     apply_mixup,
@@ -31,6 +37,15 @@ from asit.eval.finetune import (
 from asit.models import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run fastest on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- presets
@@ -318,3 +333,37 @@ def test_cross_validation_via_script(demo_encoder, tmp_path, monkeypatch):
     assert sum(f["n_test"] for f in saved["folds"]) == 120
     assert saved["value"] == pytest.approx(np.mean([f["value"] for f in saved["folds"]]))
     assert (out / "fold_0" / "results.json").is_file() and (out / "fold_1" / "log.jsonl").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_gather_the_whole_validation_set(demo_encoder, tmp_path):
+    encoder, cache = demo_encoder
+    out = tmp_path / "ddp"
+    overrides = _demo_overrides(encoder, cache, out, "train.epochs=1", "train.max_steps_per_epoch=3",
+                                "data.balanced_sampling=true", "train.average_start=null", "train.average_end=null")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "scripts" / "finetune.py"),
+           "--preset", "demo", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["steps"] == 3 and saved["best"]["n_clips"] == 120  # every clip once, from both ranks
+    # the gathered evaluation equals a single-process evaluation of the saved best model
+    cfg = load_finetune_config("demo", overrides)
+    entries = load_manifest(cache / "demo" / "manifest.csv")
+    runner = Finetuner(cfg, entries, entries, LabelSpace.from_entries(entries), False, tmp_path / "single")
+    runner.setup()
+    try:
+        runner.model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
+        again = runner.evaluate()
+    finally:
+        runner.cleanup()
+    assert again["accuracy"] == pytest.approx(saved["best"]["accuracy"])
+    assert again["per_class"] == pytest.approx(saved["best"]["per_class"])

@@ -381,6 +381,8 @@ def assign_folds(
         given = _folds_from_csv(entries, fold_csv)
     elif source == "metadata":
         raise ValueError(f"data.fold_source=metadata but data.fold_csv={fold_csv!r} is not a file")
+    elif fold_csv:
+        log.warning("data.fold_csv=%s is not a file; taking the folds from the paths or stratifying", fold_csv)
     if source == "path" or (source == "auto" and (given is None or None in given)):
         given = [_fold_from_path(e.path) for e in entries]
     if source == "stratified" or (source == "auto" and None in given):
@@ -970,7 +972,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     labels = read_class_csv(d.label_csv) if d.label_csv else LabelSpace.from_entries(train_entries + val_entries)
     multilabel = _is_multilabel(d, train_entries + val_entries)
     if not multilabel:
-        unlabelled = [e for e in train_entries if len(e.labels) != 1]
+        unlabelled = [e for e in train_entries + val_entries if len(e.labels) != 1]
         if unlabelled:
             raise ValueError(f"single-label task but {len(unlabelled)} clip(s) have no or several labels, "
                              f"e.g. {unlabelled[0].path}")
