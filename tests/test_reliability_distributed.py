@@ -168,8 +168,8 @@ def test_elastic_restart_resumes_automatically(reference, cache, tmp_path) -> No
     """A worker exits with status 1 after step 5 (its checkpoint not yet written): torchrun restarts both
     workers once and, without ``--resume``, they continue from checkpoint 4 (train.auto_resume)."""
     out = tmp_path / "run"
-    launcher = ["--nnodes=1", "--nproc_per_node=2", "--max-restarts=1", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]
+    launcher = ["--nnodes=1", "--nproc_per_node=2", "--max-restarts=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--local_addr=127.0.0.1"]
     text = _torchrun(out, cache, "train.checkpoint_every_steps=1", launcher=launcher,
                      env={"ASIT_FAULT_AT_STEP": str(FAULT_STEP)})
     assert (out / f".fault_injected_step{FAULT_STEP}").exists()  # the fault did fire

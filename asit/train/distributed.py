@@ -52,10 +52,27 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+                                **_restart_store(rank, world, timeout))
         log.info("initialised %s process group: rank %d of %d", backend, rank, world)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """After a torchrun restart, the process group's store under a prefix of its own (as keyword arguments
+    for ``init_process_group``; empty otherwise).
+
+    torchrun keeps the store it hosts across worker restarts, and the process group writes its keys (the
+    workers' gloo/nccl addresses, barrier counters) under the same names each time: a restarted worker
+    could read a dead worker's address (connection refused) or a stale barrier count (a hang).
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"asit/attempt_{restart}", agent_store), "rank": rank, "world_size": world}
 
 
 def cleanup_distributed() -> None:
