@@ -344,6 +344,9 @@ def test_nonfinite_gradient_norm_alone_skips(trainer) -> None:
     assert math.isfinite(float(result.terms["loss"]))
     assert_states_equal(_frozen_state(trainer), before)
     assert trainer.nonfinite_total == 1
+    trainer.writer.flush()
+    event = [r for r in read_log(trainer.run_dir) if r.get("event") == "nonfinite_skip"][-1]
+    assert event["nonfinite_params"] == ["backbone"]  # only cls_token's gradient was poisoned
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch) -> None:

@@ -701,18 +701,35 @@ class Pretrainer:
         flags = torch.stack([~torch.isfinite(terms[k].float()) for k in names])
         return [k for k, bad in zip(names, self._all_ranks(flags), strict=True) if bad]
 
+    def _nonfinite_params(self) -> list[str]:
+        """Which parts of the student (e.g. ``backbone.blocks.3``, ``head``) hold a NaN/Inf gradient.
+
+        Only called on the skip path, so its per-parameter host syncs cost nothing in normal steps.
+        """
+        parts: list[str] = []
+        for name, p in self.student.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                pieces = name.split(".")
+                part = ".".join(pieces[:3] if pieces[1:2] == ["blocks"] else pieces[:1])
+                if part not in parts:
+                    parts.append(part)
+        return parts
+
     def _skip_step(self, result: StepResult) -> None:
+        bad_parts = self._nonfinite_params() if "grad_norm" in result.nonfinite else []
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()  # fp16: an overflow lowers the loss scale; a no-op otherwise
         self.nonfinite_total += 1
         self.nonfinite_consecutive += 1
         what = ", ".join(result.nonfinite)
+        if bad_parts:
+            what += f" (gradients in {', '.join(bad_parts[:8])}{' ...' if len(bad_parts) > 8 else ''})"
         if self.dist.is_main:
             log.warning("step %d: non-finite %s; step skipped (no optimiser, teacher or centre update), "
                         "%d in a row, %d in total", self.step + 1, what, self.nonfinite_consecutive,
                         self.nonfinite_total)
             self.writer.write(self.step + 1, {
-                "event": "nonfinite_skip", "nonfinite": result.nonfinite,
+                "event": "nonfinite_skip", "nonfinite": result.nonfinite, "nonfinite_params": bad_parts,
                 "nonfinite_consecutive": self.nonfinite_consecutive, "nonfinite_total": self.nonfinite_total,
                 **{k: float(v) for k, v in result.terms.items()}})
         limit = self.cfg.train.max_consecutive_nonfinite
