@@ -180,6 +180,7 @@ def _center_worker(rank: int, world: int, init_file: str, out_dir: str, seed: in
         center = torch.linspace(-1, 1, 33)
         ops.update_center_(center, out.teacher_sum, teacher.shape[0], 0.9, all_reduce=True)
         torch.save(center, os.path.join(out_dir, f"center{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
