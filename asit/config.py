@@ -39,6 +39,7 @@ class DataConfig:
     train_manifest: str = "demo"
     backend: Literal["torch", "dali"] = "torch"  # dali: NVIDIA DALI decodes and crops (pip install asit[dali])
     dali_fbank: Literal["torch", "dali"] = "torch"  # dali backend: Kaldi-exact fbank in torch, or DALI's own
+    max_bad_fraction: float = 0.05  # stop when more than this fraction of an epoch's clips is unreadable
     shuffle_buffer: int = 256  # shards: clips in each worker's shuffle buffer
     sample_rate: int = 32000
     crop_seconds: float = 6.0
@@ -334,6 +335,7 @@ def _validate(cfg: Config) -> None:
         (d.local_views == 0 or d.local_target_frames % m.patch_size == 0,
          "data.local_target_frames must be a multiple of model.patch_size"),
         (t.epochs > 0, "train.epochs must be > 0"),
+        (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch must be > 0"),
         (t.log_every > 0, "train.log_every must be > 0"),

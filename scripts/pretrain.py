@@ -19,7 +19,7 @@ import sys
 
 from asit.config import ConfigError, available_recipes, load_config
 from asit.data import ManifestError
-from asit.train import NonFiniteLossError, Pretrainer, ReplicaMismatchError
+from asit.train import BadDataError, NonFiniteLossError, Pretrainer, ReplicaMismatchError
 from asit.train.checkpoint import CheckpointError
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer.setup()
             summary = trainer.train()
-        except (CheckpointError, ManifestError, NonFiniteLossError, ReplicaMismatchError) as err:
+        except (BadDataError, CheckpointError, ManifestError, NonFiniteLossError, ReplicaMismatchError) as err:
             logging.getLogger("asit").error("%s", err)
             return 1
         if rank == 0:

@@ -1,11 +1,12 @@
 """Pretraining engine: schedules, losses, checkpoints, logging and the :class:`Pretrainer` recipe."""
 
-from .engine import EpochSampler, NonFiniteLossError, Pretrainer, ReplicaMismatchError, StepResult
+from .engine import BadDataError, EpochSampler, NonFiniteLossError, Pretrainer, ReplicaMismatchError, StepResult
 from .losses import ASiTLoss, CenterStats
 from .schedules import cosine_schedule, teacher_temp_schedule
 
 __all__ = [
-    "ASiTLoss", "CenterStats", "EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError",
+    "ASiTLoss", "BadDataError", "CenterStats", "EpochSampler", "NonFiniteLossError", "Pretrainer",
+    "ReplicaMismatchError",
     "StepResult",
     "cosine_schedule", "teacher_temp_schedule",
 ]

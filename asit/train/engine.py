@@ -76,6 +76,10 @@ class EpochSampler(Sampler[int]):
         return max(self.num_samples - self.skip, 0)
 
 
+class BadDataError(RuntimeError):
+    """Too many clips of an epoch could not be decoded (``data.max_bad_fraction``)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss term or gradient norm."""
 
@@ -772,8 +776,11 @@ class Pretrainer:
             window_start, window_samples = time.time(), 0
             epoch_skipped: Counter[str] = Counter()
             self._preview = None
+            epoch_seen = 0
             for batch in self.loader:
                 epoch_skipped.update(batch.get("skip_reasons", []))
+                epoch_seen += batch["views"].shape[0] + int(batch.get("num_skipped", 0))
+                self._check_bad_fraction(epoch, epoch_seen, epoch_skipped)
                 next_step = self.step + 1
                 log_now = next_step % cfg.train.log_every == 0 or next_step == self.total_steps
                 result = None
@@ -822,6 +829,21 @@ class Pretrainer:
         values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
         values["nonfinite_total"] = self.nonfinite_total
         return values
+
+    def _check_bad_fraction(self, epoch: int, seen: int, skipped: Counter[str]) -> None:
+        """Stop when unreadable clips exceed ``data.max_bad_fraction`` of what this rank loaded this epoch.
+
+        Judged once at least 100 clips (or the whole epoch on a smaller set) were seen, so one bad file
+        in a tiny first batch does not stop a run.
+        """
+        bad = sum(skipped.values())
+        limit = self.cfg.data.max_bad_fraction
+        enough = seen >= min(100, self.iters_per_epoch * self.cfg.train.batch_size)
+        if bad and enough and bad > limit * seen:
+            raise BadDataError(
+                f"epoch {epoch + 1}: {bad} of {seen} clips ({bad / seen:.1%}) could not be used, more than "
+                f"data.max_bad_fraction={limit}; reasons: {dict(skipped.most_common(5))}. Check the manifest "
+                f"{self.cfg.data.train_manifest} (the log names each file) or raise the limit.")
 
     def _end_epoch(self, epoch: int, skipped: Counter[str]) -> None:
         self.bad_inputs.update(skipped)
