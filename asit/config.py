@@ -373,5 +373,8 @@ def _validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    with open(path, "w", encoding="utf-8") as fh:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:  # temp file + rename: a crash never leaves half a file
         yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    tmp.replace(path)
