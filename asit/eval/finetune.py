@@ -813,6 +813,16 @@ class Finetuner:
         self.optimizer.step()
         return float(loss.detach())
 
+    def _batch_empty_anywhere(self, batch: dict[str, Any]) -> bool:
+        """True when this rank's batch or any other rank's has no decodable clip. Ranks must skip
+        together, or DDP's gradient all-reduce would pair up different steps and hang."""
+        empty = batch["wave"].shape[0] == 0
+        if not self.dist.distributed:
+            return empty
+        flag = torch.tensor([float(empty)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one tiny collective per step under DDP
+        return bool(flag.item())
+
     @torch.no_grad()
     def predict(self) -> tuple[np.ndarray, np.ndarray]:
         """Scores (sigmoid or softmax) and targets of the validation clips, gathered from all ranks."""
@@ -869,7 +879,7 @@ class Finetuner:
             for i, batch in enumerate(self.train_loader):
                 if i >= self.iters_per_epoch:
                     break
-                if batch["wave"].shape[0] == 0:  # every clip of the batch undecodable
+                if self._batch_empty_anywhere(batch):  # every clip undecodable, on some rank
                     step += 1
                     continue
                 loss = self.train_step(batch, step)
