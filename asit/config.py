@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -287,19 +288,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a recipe (shipped name or YAML path; None = defaults) and apply ``key=value`` overrides.
+def load_tree(source: str | Path | None, overrides: Sequence[str], *, recipe_dir: Path, kind: str,
+              shipped: Callable[[], list[str]]) -> dict[str, Any]:
+    """The raw nested dict of a config: a shipped name (``<recipe_dir>/<name>.yaml``) or a YAML path
+    (None = empty), with ``section.key=value`` overrides applied (values parsed as YAML).
 
-    Values in overrides are parsed as YAML (``optim.lr=1e-4``, ``model.head_out_tokens=null``,
-    ``gmml.zero_ratio=[0.4,0.6]``).
+    Shared by :func:`load_config` and the fine-tuning presets; ``kind`` names the source in errors.
     """
     tree: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
+    if source is not None:
+        path = Path(source)
         if not path.suffix:
-            path = RECIPE_DIR / f"{recipe}.yaml"
+            path = recipe_dir / f"{source}.yaml"
             if not path.exists():
-                raise ConfigError(f"unknown recipe '{recipe}' (shipped: {', '.join(available_recipes())})")
+                raise ConfigError(f"unknown {kind} '{source}' (shipped: {', '.join(shipped())})")
         elif not path.exists():
             raise ConfigError(f"config file not found: {path}")
         tree = _read_yaml(path)
@@ -316,6 +318,16 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': cannot parse value: {err}") from err
         _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe (shipped name or YAML path; None = defaults) and apply ``key=value`` overrides.
+
+    Values in overrides are parsed as YAML (``optim.lr=1e-4``, ``model.head_out_tokens=null``,
+    ``gmml.zero_ratio=[0.4,0.6]``).
+    """
+    tree = load_tree(recipe, overrides, recipe_dir=RECIPE_DIR, kind="recipe", shipped=available_recipes)
     cfg = _build(Config, tree)
     _validate(cfg)
     return cfg

@@ -71,7 +71,7 @@ import torchaudio.transforms as TT
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
 
-from asit.config import ConfigError, _build, _read_yaml, _set_dotted
+from asit.config import ConfigError, _build, load_tree
 from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest, normalize_fbank
 from asit.data.fbank import batched_kaldi_fbank
 from asit.models import build_backbone, encode
@@ -226,26 +226,8 @@ def load_finetune_config(preset: str | Path | None = None, overrides: Sequence[s
     Raises:
         ConfigError: unknown preset, key or value, or inconsistent settings; the message names them.
     """
-    tree: dict[str, Any] = {}
-    if preset is not None:
-        path = Path(preset)
-        if not path.suffix:
-            path = FINETUNE_PRESET_DIR / f"{preset}.yaml"
-            if not path.exists():
-                raise ConfigError(f"unknown fine-tuning preset '{preset}' (shipped: {', '.join(available_presets())})")
-        elif not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        tree = _read_yaml(path)
-        tree.setdefault("name", path.stem)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' must look like section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': cannot parse value: {err}") from err
-        _set_dotted(tree, key.strip(), value)
+    tree = load_tree(preset, overrides, recipe_dir=FINETUNE_PRESET_DIR, kind="fine-tuning preset",
+                     shipped=available_presets)
     cfg = _build(FinetuneConfig, tree)
     _validate(cfg)
     return cfg
