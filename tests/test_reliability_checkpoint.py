@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import TINY_MODEL
 
 from asit.config import load_config
 from asit.data import ManifestError
@@ -32,11 +33,7 @@ from asit.train.checkpoint import (
 from asit.train.engine import _fault_step, _inject_fault, _trim_log
 
 TINY = [
-    "data.demo_clips=48", "data.num_workers=0", "data.crop_seconds=1.0", "data.target_frames=96",
-    "data.num_mel_bins=32",
-    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.head_out_cls=256",
-    "model.head_out_tokens=64", "model.head_hidden=128", "model.head_bottleneck=32", "model.recon_hidden=64",
-    "gmml.max_block_frac=0.9",
+    *TINY_MODEL,
     "train.batch_size=8", "train.epochs=2", "train.max_steps_per_epoch=3", "train.log_every=1",
     "train.progress=false", "train.image_every_epochs=0",
 ]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import TINY_MODEL
 
 from asit.train.checkpoint import checkpoint_path, load_checkpoint, rng_path, tensor_digest
 
@@ -32,11 +33,7 @@ STEPS_PER_EPOCH = 3  # 48 clips / 2 ranks / batch 8
 EPOCHS = 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 TINY = [
-    "data.demo_clips=48", "data.num_workers=0", "data.crop_seconds=1.0", "data.target_frames=96",
-    "data.num_mel_bins=32",
-    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.head_out_cls=256",
-    "model.head_out_tokens=64", "model.head_hidden=128", "model.head_bottleneck=32", "model.recon_hidden=64",
-    "gmml.max_block_frac=0.9",
+    *TINY_MODEL,
     "train.batch_size=8", f"train.epochs={EPOCHS}", "train.log_every=1", "train.progress=false",
     "train.image_every_epochs=0", "train.keep_last=2",
 ]

@@ -14,19 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import IMG, TINY_MODEL
 
 from asit.config import load_config
 from asit.train import NonFiniteLossError, Pretrainer
 from asit.train.checkpoint import load_checkpoint
 from asit.train.losses import ASiTLoss
 
-IMG = (96, 32)
 TINY = [
-    "data.demo_clips=48", "data.num_workers=0", "data.crop_seconds=1.0", f"data.target_frames={IMG[0]}",
-    f"data.num_mel_bins={IMG[1]}",
-    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.head_out_cls=256",
-    "model.head_out_tokens=64", "model.head_hidden=128", "model.head_bottleneck=32", "model.recon_hidden=64",
-    "gmml.max_block_frac=0.9",  # fewer GMML rounds: the block sampler is the slowest part on CPU
+    *TINY_MODEL,
     "train.batch_size=8", "train.epochs=2", "train.max_steps_per_epoch=3", "train.log_every=1",
     "train.progress=false",
 ]

@@ -1,0 +1,11 @@
+"""The tiny model and data the engine tests train: a 2-layer 64-wide ViT on 96 x 32 spectrograms of
+48 one-second crops of the demo corpus. Each test file adds its own ``train.*`` overrides."""
+
+IMG = (96, 32)
+TINY_MODEL = [
+    "data.demo_clips=48", "data.num_workers=0", "data.crop_seconds=1.0", f"data.target_frames={IMG[0]}",
+    f"data.num_mel_bins={IMG[1]}",
+    "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.head_out_cls=256",
+    "model.head_out_tokens=64", "model.head_hidden=128", "model.head_bottleneck=32", "model.recon_hidden=64",
+    "gmml.max_block_frac=0.9",  # fewer GMML rounds: the block sampler is the slowest part on CPU
+]
