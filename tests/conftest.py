@@ -39,3 +39,12 @@ def seed() -> int:
 def poison(monkeypatch) -> None:
     """Launchers fill their outputs with NaN / 0xFF first, so unwritten elements are caught."""
     monkeypatch.setenv("ASIT_KERNELS_POISON", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models on a shared 2-core machine run fastest so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
