@@ -287,9 +287,8 @@ class Pretrainer:
                 raise ValueError("data.backend=dali reads a JSON/CSV manifest or a folder, in train.mode=fast")
             from asit.data.dali import DaliPretrainLoader
 
-            views.pop("local_views")
             self.loader = DaliPretrainLoader(
-                entries, batch_size=self.cfg.train.batch_size, local_views=d.local_views, shard_id=self.dist.rank,
+                entries, batch_size=self.cfg.train.batch_size, shard_id=self.dist.rank,
                 num_shards=self.dist.world_size, steps_per_epoch=iters, fbank=d.dali_fbank,
                 device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                 num_threads=max(1, d.num_workers), **views)
