@@ -10,9 +10,9 @@ and a GMML-corrupted copy with its mask:
   :func:`asit.ops.sample_gmml_blocks` + :func:`asit.ops.gmml_corrupt`.
 
 ``ours_blocks_presampled`` times ours with the blocks sampled beforehand, which separates the
-cost of ``sample_gmml_blocks`` (vectorised over the batch for the GPU; on one CPU core its
-per-round full-image coverage checks cost more than the authors' loop). Decoding and cropping
-are the same for both and left out. ``torch.set_num_threads(1)`` makes
+cost of ``sample_gmml_blocks`` (on a CPU it paints candidate blocks one at a time, counting the
+pixels each newly covers; on a GPU a vectorised binary search over the batch finds the same
+blocks). Decoding and cropping are the same for both and left out. ``torch.set_num_threads(1)`` makes
 the figures per core. Clips/s goes into ``extra_info`` (with the ratio, in the second case).
 Run with ``pytest bench/test_bench_data.py``.
 """

@@ -279,6 +279,44 @@ def test_sample_property(b, h, w, align, alien_prob, seed):
         assert not (blocks.source == torch.arange(b)).any()
 
 
+@pytest.mark.parametrize(("shape", "kwargs"), [
+    ((9, 592, 128), {}),
+    ((5, 67, 45), {"align": 16}),
+    ((6, 31, 17), {"zero_ratio": (0.9, 1.0), "max_block_frac": 0.1}),
+    ((4, 40, 40), {"zero_ratio": (0.95, 1.0), "max_block_frac": 0.05, "max_rounds": 70}),  # rounds run out
+])
+def test_sample_cpu_finder_matches_vectorised(monkeypatch, shape, kwargs):
+    """On the CPU the shortest covering prefixes are found by painting block by block; the GPU's
+    vectorised binary search must give identical blocks from the same generator state."""
+    from asit.ops import gmml
+
+    seed = random.SystemRandom().randrange(2**31)
+    sequential = sample_gmml_blocks(*shape, generator=torch.Generator().manual_seed(seed), **kwargs)
+    monkeypatch.setattr(gmml, "_SequentialPrefix", lambda *args: None)
+    vectorised = sample_gmml_blocks(*shape, generator=torch.Generator().manual_seed(seed), **kwargs)
+    for name, a, b in zip(sequential._fields, sequential, vectorised, strict=True):
+        assert torch.equal(a, b), f"{name} differs (seed {seed})"
+    if "max_rounds" in kwargs:  # every slot drawn, some sample still short of its target
+        assert sequential.boxes.shape[1] == kwargs["max_rounds"]
+    else:
+        assert_coverage_semantics(sequential, *shape[1:])
+
+
+def test_paint_cpu_matches_matmul_on_any_boxes(gen):
+    """Boxes partly or wholly outside the image, and empty ones, are clipped the same way."""
+    from asit.ops.gmml import _paint_matmul, paint_block_mask
+
+    h, w = 23, 19
+    boxes = torch.stack([
+        torch.randint(-10, h + 5, (6, 40), generator=gen), torch.randint(-10, w + 5, (6, 40), generator=gen),
+        torch.randint(-3, h + 3, (6, 40), generator=gen), torch.randint(-3, w + 3, (6, 40), generator=gen),
+    ], dim=-1).to(torch.int32)
+    got = paint_block_mask(boxes, h, w)
+    assert got.dtype == torch.bool and got.shape == (6, h, w)
+    assert torch.equal(got, _paint_matmul(boxes, h, w))
+    assert got.any() and not got.all()
+
+
 # --------------------------------------------------------------------------------------------
 # gmml_corrupt
 # --------------------------------------------------------------------------------------------
