@@ -29,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo",
                         help=f"preset name ({', '.join(available_presets())}) or a YAML file (default: demo)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue after the last finished epoch (and fold) in train.output_dir, if any")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
+    if args.resume:
+        args.overrides.append("train.resume=true")
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -361,3 +361,63 @@ def test_ddp_two_ranks_gather_the_whole_validation_set(demo_encoder, tmp_path):
         runner.cleanup()
     assert again["accuracy"] == pytest.approx(saved["best"]["accuracy"])
     assert again["per_class"] == pytest.approx(saved["best"]["per_class"])
+
+
+def test_resume_after_an_interrupted_epoch_is_exact(demo_encoder, tmp_path, monkeypatch):
+    """Kill the run (an exception) right after epoch 2's resume point, resume with train.resume=true:
+    the weights, AdamW state and results equal an uninterrupted run's, bit for bit. Mixup, SpecAugment,
+    noise and weight averaging are on, so every RNG stream that a resume must restore is exercised."""
+    from asit.eval.finetune import Finetuner
+
+    encoder, cache = demo_encoder
+    extra = ("train.epochs=3", "train.max_steps_per_epoch=4", "augment.mixup_prob=0.5", "augment.noise=true",
+             "train.average_start=2", "train.resume=true")
+    full = run_finetune(load_finetune_config("demo", _demo_overrides(encoder, cache, tmp_path / "full", *extra)))
+
+    out = tmp_path / "cut"
+    cfg = load_finetune_config("demo", _demo_overrides(encoder, cache, out, *extra))
+    real_save = Finetuner._save_resume_point
+
+    def save_then_crash(self, progress):
+        real_save(self, progress)
+        if progress["epoch"] == 2:
+            raise KeyboardInterrupt("simulated crash after epoch 2")
+
+    monkeypatch.setattr(Finetuner, "_save_resume_point", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(cfg)
+    assert not (out / "results.json").exists()
+    assert sorted(p.name for p in out.glob("rng_*.pt")) == ["rng_epoch0002_rank0.pt"]
+    monkeypatch.setattr(Finetuner, "_save_resume_point", real_save)
+    resumed = run_finetune(cfg)
+
+    assert resumed["history"] == full["history"] and resumed["best"] == full["best"]
+    assert resumed["averaged"] == full["averaged"] and resumed["steps"] == full["steps"] == 12
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]), i
+    for k, v in a["averaged"].items():
+        assert torch.equal(v, b["averaged"][k]), k
+    # the average of epochs 2 and 3 is not the last weights (it once aliased them on the CPU)
+    assert not torch.equal(a["averaged"]["head.1.weight"], a["model"]["head.1.weight"])
+
+
+def test_resume_refuses_a_different_length_and_skips_finished_folds(demo_encoder, tmp_path, caplog):
+    encoder, cache = demo_encoder
+    out = tmp_path / "cv"
+    extra = ("train.epochs=1", "data.val_manifest=null", "data.cv_folds=2", "train.max_steps_per_epoch=2",
+             "train.average_start=null", "train.average_end=null", "train.resume=true")
+    first = run_finetune(load_finetune_config("demo", _demo_overrides(encoder, cache, out, *extra)))
+    (out / "fold_1" / "results.json").unlink()  # as if the run died during fold 1's evaluation
+    with caplog.at_level("INFO", logger="asit.eval.finetune"):
+        again = run_finetune(load_finetune_config("demo", _demo_overrides(encoder, cache, out, *extra)))
+    assert "fold 0 already finished" in caplog.text
+    assert again["value"] == first["value"] and again["folds"][0]["history"] == first["folds"][0]["history"]
+
+    longer = load_finetune_config("demo", _demo_overrides(encoder, cache, out / "fold_1", "train.epochs=2",
+                                                          "train.max_steps_per_epoch=2", "train.resume=true"))
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: .*train\.epochs: 1 there, 2 here"):
+        run_finetune(longer)

@@ -40,9 +40,14 @@ and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
 * **Outputs** under ``train.output_dir`` (per fold in ``fold_<k>/`` for CV): ``config.yaml``,
   ``log.jsonl`` (training loss and lr every ``log_every`` steps, a ``val_<metric>`` record per
   epoch), TensorBoard scalars, ``best.pt``, ``averaged.pt`` and ``results.json``.
+* **Resume** (``train.resume``, ``--resume``): after every epoch ``last.pt`` (model, AdamW, best and
+  averaged weights, history) and one ``rng_epoch<E>_rank<r>.pt`` per process are written
+  atomically with SHA-256 sidecars; a resumed run continues after the last finished epoch and ends
+  bitwise equal to an uninterrupted one (same world size and hardware). Finished folds of a
+  cross-validation are not rerun.
 
 Works as a plain process or under ``torchrun`` (DDP; evaluation is sharded and gathered).
-Not implemented: resuming an interrupted fine-tune, multi-window (sliding) evaluation of long clips.
+Not implemented: multi-window (sliding) evaluation of long clips.
 """
 
 from __future__ import annotations
@@ -185,6 +190,7 @@ class FTTrainConfig:
     average_end: int | None = None  # 1-based last epoch, inclusive (None or past the end: the last epoch)
     report: Literal["best", "last", "averaged"] = "best"  # which model's score is the run's result
     save_best: bool = True
+    resume: bool = False  # continue from <output_dir>/last.pt (per fold for CV) when it exists
 
 
 @dataclass
@@ -851,8 +857,15 @@ class Finetuner:
         history = []
         step = 0
         started = time.time()
+        start_epoch, ev = 0, None
+        resumed = self._load_resume_point() if t.resume else None
+        if resumed is not None:
+            start_epoch, step = resumed["epoch"], resumed["step"]
+            best, history, ev = resumed["best"], resumed["history"], resumed["last_eval"]
+            averaged, n_avg = resumed["averaged"], resumed["n_avg"]
+            started -= resumed["wall_time_s"]
         self.model.train()
-        for epoch in range(t.epochs):
+        for epoch in range(start_epoch, t.epochs):
             self.sampler.set_epoch(epoch)
             self.train_set.set_epoch(epoch)
             bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True,
@@ -887,13 +900,20 @@ class Finetuner:
                 if t.save_best:
                     self._save("best.pt", self.model.state_dict(), epoch + 1, ev[self.metric])
             if avg_start is not None and avg_start <= epoch + 1 <= avg_end:
-                state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+                # a copy: on the CPU .float().cpu() would alias the live weights (and += would train them)
+                state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.model.state_dict().items()}
                 n_avg += 1
                 if averaged is None:
                     averaged = state
                 else:  # running mean
                     for k, v in state.items():
                         averaged[k] += (v - averaged[k]) / n_avg
+            self._save_resume_point({
+                "epoch": epoch + 1, "step": step, "best": best, "history": history, "last_eval": ev,
+                "averaged": averaged, "n_avg": n_avg, "wall_time_s": time.time() - started,
+            })
+        if ev is None:
+            raise ConfigError("train.epochs must be at least 1")
         last = {"epoch": t.epochs, **ev}
         result: dict[str, Any] = {"metric": self.metric, "best": best, "last": last, "history": history,
                                   "steps": step, "wall_time_s": time.time() - started}
@@ -922,6 +942,68 @@ class Finetuner:
             "classes": list(self.labels.names), "pool": self.cfg.model.pool,
             "config": finetune_config_to_dict(self.cfg), "encoder_metadata": self.encoder_meta,
         }, self.run_dir / name)
+
+    # ------------------------------------------------------------------ resume
+    def _rng_path(self, epoch: int, rank: int) -> Path:
+        return self.run_dir / f"rng_epoch{epoch:04d}_rank{rank}.pt"
+
+    def _rng_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                                 "mixup": json.dumps(self.mix_rng.bit_generator.state)}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _save_resume_point(self, progress: dict[str, Any]) -> None:
+        """After an epoch: every rank writes its RNG states, then rank 0 writes ``last.pt``, which
+        names that epoch (so a crash between the two leaves the previous, complete resume point)."""
+        from asit.train.checkpoint import atomic_save
+
+        epoch, rank = progress["epoch"], self.dist.rank
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.distributed:
+            dist.barrier()
+        atomic_save(self._rng_state(), self._rng_path(epoch, rank))
+        if self.dist.distributed:
+            dist.barrier()
+        if self.dist.is_main:
+            atomic_save({"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                         "optimizer": self.optimizer.state_dict(), "config": finetune_config_to_dict(self.cfg),
+                         "iters_per_epoch": self.iters_per_epoch, "world_size": self.dist.world_size,
+                         **progress}, self.run_dir / "last.pt")
+        if self.dist.distributed:
+            dist.barrier()
+        for old in self.run_dir.glob(f"rng_epoch*_rank{rank}.pt*"):
+            if not old.name.startswith(f"rng_epoch{epoch:04d}_"):
+                old.unlink(missing_ok=True)
+
+    def _load_resume_point(self) -> dict[str, Any] | None:
+        """Restore model, optimiser and this rank's RNG states from ``last.pt``; None when absent."""
+        from asit.train.checkpoint import load_checkpoint
+
+        path = self.run_dir / "last.pt"
+        if not path.exists():
+            log.info("no %s yet: starting from scratch", path)
+            return None
+        state = load_checkpoint(path, map_location="cpu", required=("model", "optimizer", "epoch", "step"))
+        mismatched = [f"{k}: {state[k]} there, {v} here" for k, v in (
+            ("iters_per_epoch", self.iters_per_epoch), ("world_size", self.dist.world_size))
+            if state[k] != v]
+        saved_train = state["config"]["train"]
+        if saved_train["epochs"] != self.cfg.train.epochs:
+            mismatched.append(f"train.epochs: {saved_train['epochs']} there, {self.cfg.train.epochs} here")
+        if mismatched:
+            raise ConfigError(f"cannot resume from {path}: " + "; ".join(mismatched))
+        rng = load_checkpoint(self._rng_path(state["epoch"], self.dist.rank), required=("torch", "mixup"))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.mix_rng.bit_generator.state = json.loads(rng["mixup"])
+        log.info("resuming %s after epoch %d (step %d)", self.run_dir, state["epoch"], state["step"])
+        return state
 
     def cleanup(self) -> None:
         self.writer.close()
@@ -986,6 +1068,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             for k in range(d.cv_folds):
                 train_k = [e for e, f in zip(train_entries, fold_of) if f != k]
                 test_k = [e for e, f in zip(train_entries, fold_of) if f == k]
+                done = out / f"fold_{k}" / "results.json"
+                if cfg.train.resume and done.is_file():  # this fold finished before the interruption
+                    log.info("fold %d already finished: reading %s", k, done)
+                    folds.append({"fold": k, "n_train": len(train_k), "n_test": len(test_k),
+                                  **json.loads(done.read_text(encoding="utf-8"))})
+                    continue
                 runner = Finetuner(cfg, train_k, test_k, labels, multilabel, out / f"fold_{k}")
                 runner.setup()
                 try:
