@@ -1,5 +1,6 @@
-"""End to end: pretrain a tiny ASiT on the demo corpus, export the teacher, linear-probe it, and
-compare with the same probe on a randomly initialised encoder of the same architecture."""
+"""End to end: pretrain a small ASiT on the demo corpus, export the teacher, linear-probe it, and
+compare with the same probe on a randomly initialised encoder of the same architecture (the very
+weights pretraining started from)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,30 @@ from asit.eval.linear_probe import ProbeConfig, probe_encoder
 from asit.train import Pretrainer
 
 CHANCE = 1 / 6
+# demo_cpu's model and data (240 clips of 3 s, 16 kHz, 4-block 128-wide ViT) with settings that make a
+# 600-step run (~140 s on 2 cores) learn: 128 prototypes per head instead of 1024/256, a peak lr of
+# 3e-2 x 16/256, and four 1 s local views in the [CLS] loss (ASiT v2's all-pairs global loss).
+# Measured on the 2-core dev machine, 5-fold accuracy, pretrained - random init (tokens pooling, [CLS]):
+# train.seed 0: +0.116, +0.129; seed 1: +0.121, +0.062; seed 2: +0.042, +0.142. Without the local views
+# the tokens gap was +0.13, +0.02, +0.09 over the same seeds; with demo_cpu's own settings (lr 1e-3,
+# 450 steps) or shorter runs there was none (the probes stayed within one fold-std of each other).
+LEARNING = [
+    "train.epochs=40", "optim.lr=3.0e-2", "optim.warmup_epochs=3", "loss.warmup_teacher_temp_epochs=5",
+    "model.head_out_cls=128", "model.head_out_tokens=128",
+    "data.local_views=4", "data.local_crop_seconds=1.0", "data.local_target_frames=96", "loss.global_pairs=v2",
+]
 
 
 @pytest.mark.slow
-def test_pretraining_then_linear_probe(tmp_path, monkeypatch):
+def test_pretraining_beats_random_init_in_a_linear_probe(tmp_path, monkeypatch):
     monkeypatch.setenv("ASIT_CACHE", str(tmp_path / "cache"))
-    manifest = ensure_demo_dataset(
-        tmp_path / "cache" / "demo", num_clips=120, sample_rate=16000, seconds=3.0, seed=0
-    )
-    cfg = load_config(
-        "demo_cpu",
-        [
-            f"train.output_dir={tmp_path / 'run'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.num_workers=0",
-            "data.demo_clips=120",
-            "train.epochs=5",
-            "train.device=cpu",
-            "train.progress=false",
-            "train.image_every_epochs=0",
-            "model.depth=2",
-            "optim.lr=1.0e-2",
-            "train.seed=0",
-        ],
-    )
+    manifest = ensure_demo_dataset(tmp_path / "cache" / "demo", num_clips=240, sample_rate=16000, seconds=3.0,
+                                   seed=0)
+    cfg = load_config("demo_cpu", [
+        f"train.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
+        "data.demo_clips=240", "train.device=cpu", "train.progress=false", "train.image_every_epochs=0",
+        "train.seed=0", *LEARNING,
+    ])
     started = time.time()
     trainer = Pretrainer(cfg)
     try:
@@ -46,24 +47,21 @@ def test_pretraining_then_linear_probe(tmp_path, monkeypatch):
         trainer.cleanup()
     pretrain_s = time.time() - started
 
-    probe = ProbeConfig(folds=5, seed=0)
-    common = dict(cache_dir=tmp_path / "emb", cfg=probe, progress=False)
-    trained = probe_encoder(summary["encoder"], manifest, **common)
-    # init_seed = train.seed: the baseline starts from the very weights pretraining started from
-    random = probe_encoder(summary["encoder"], manifest, random_init=True, init_seed=0, **common)
-    numbers = (
-        f"pretrained {trained['mean']:.3f} ± {trained['std']:.3f} vs random init "
-        f"{random['mean']:.3f} ± {random['std']:.3f} (5-fold accuracy, 120 clips, 6 classes; "
-        f"{summary['steps']} steps in {pretrain_s:.0f} s)"
-    )
-    print(numbers)
+    results = {}
+    for pool in ("tokens", "cls"):
+        common = dict(cache_dir=tmp_path / "emb", cfg=ProbeConfig(folds=5, seed=0), progress=False, pool=pool)
+        results[pool] = (probe_encoder(summary["encoder"], manifest, **common),
+                         probe_encoder(summary["encoder"], manifest, random_init=True, init_seed=0, **common))
+    print(f"{summary['steps']} pretraining steps in {pretrain_s:.0f} s; 5-fold accuracy, 240 clips, 6 classes:")
+    for pool, (trained, random) in results.items():
+        print(f"  {pool:>6} pooling: pretrained {trained['mean']:.3f} ± {trained['std']:.3f}, "
+              f"random init {random['mean']:.3f} ± {random['std']:.3f}")
 
-    # What holds robustly: the pipeline runs, both encoders are far above chance, and they differ.
-    assert trained["num_clips"] == random["num_clips"] == 120
-    assert trained["mean"] > 2 * CHANCE and random["mean"] > 2 * CHANCE
-    assert trained["folds"] != random["folds"] or trained["embeddings"] != random["embeddings"]
-    # What does not (yet) hold within a CPU test budget: measured over several budgets (21-210 steps,
-    # lr 1e-3..3e-2, depth 2-4) pretrained and random-init probes stayed within one fold-std of each
-    # other, sometimes one ahead, sometimes the other. Reported, not asserted.
-    if trained["mean"] <= random["mean"]:
-        pytest.xfail(f"pretraining did not beat random init in the test budget: {numbers}")
+    gaps = {pool: trained["mean"] - random["mean"] for pool, (trained, random) in results.items()}
+    for trained, random in results.values():
+        assert trained["num_clips"] == random["num_clips"] == 240
+        assert random["mean"] > 2 * CHANCE  # the baseline is a real one, not a broken encoder
+        assert trained["embeddings"] != random["embeddings"]
+    assert summary["steps"] == 600
+    assert all(gap > 0 for gap in gaps.values()), gaps
+    assert sum(gaps.values()) / len(gaps) > 0.05, gaps
