@@ -302,13 +302,14 @@ def gmml_corrupt_reference(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int 
     # zeros-mode samples read from themselves, so their (ignored) source index is never used
     src = torch.where(blocks.alien, blocks.source.long(), torch.arange(b, device=x.device))
     fill = x[src]  # a copy: zeros-mode samples are then zeroed in place
-    fill[~blocks.alien] = 0
+    fill.index_fill_(0, (~blocks.alien).nonzero().flatten(), 0)
     corrupted = torch.where(mask, fill, x)
     if h >= patch_size and w >= patch_size:
-        ph, pw = h // patch_size, w // patch_size
-        tiles = mask[..., : ph * patch_size, : pw * patch_size].reshape(b, ph, patch_size, pw, patch_size)
-        counts = tiles.sum(dim=(2, 4), dtype=torch.int32)  # exact; / p² is the same rounding as avg_pool2d
-        frac = (counts.to(torch.float32) / float(patch_size * patch_size)).flatten(1)
+        p, ph, pw = patch_size, h // patch_size, w // patch_size
+        tiles = mask.view(torch.uint8)[..., : ph * p, : pw * p].reshape(b, ph, p, pw, p)
+        # exact integer counts, the contiguous axis first (several times faster than one 2-axis sum)
+        counts = tiles.sum(dim=4, dtype=torch.int32).sum(dim=2)  # [B, ph, pw]
+        frac = (counts.to(torch.float32) / float(p * p)).flatten(1)  # the rounding of avg_pool2d
     else:
         frac = mask.new_zeros((b, 0), dtype=torch.float32)
     return GMMLOutput(corrupted, mask, frac)
