@@ -59,7 +59,7 @@ def _trainer(tmp_path, arch: str, batch: int, mode: str) -> Pretrainer:
         f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
     ]
     if arch == "tiny-cpu":
-        overrides += ["model.depth=2"]
+        overrides += ["model.depth=2", "data.local_views=0", "loss.global_pairs=v1"]
         recipe = "demo_cpu"
     else:
         recipe = f"asit_vit_{arch}"

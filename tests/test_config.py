@@ -147,7 +147,7 @@ def test_malformed_overrides(override: str) -> None:
     (["data.num_mel_bins=60"], "data.num_mel_bins"),
     (["data.local_views=2", "data.local_target_frames=100", "loss.global_pairs=v2"],
      "data.local_target_frames"),
-    (["data.local_views=2"], "loss.global_pairs=v2"),  # v1 pairs would ignore the local views
+    (["data.local_views=2", "loss.global_pairs=v1"], "loss.global_pairs=v2"),  # v1 pairs would ignore the local views
     (["data.num_views=3"], "data.num_views"),
     (["train.epochs=0"], "train.epochs"),
     (["train.batch_size=0"], "train.batch_size"),

@@ -187,6 +187,7 @@ def test_engine_trains_on_shards(tmp_path, monkeypatch):
         "data.crop_seconds=1.0", "data.target_frames=96", "data.num_mel_bins=32", "model.depth=1",
         "model.embed_dim=32", "model.num_heads=2", "model.head_out_cls=64", "model.head_out_tokens=32",
         "model.head_hidden=64", "model.head_bottleneck=16", "model.recon_hidden=32", "gmml.max_block_frac=0.9",
+        "data.local_views=0", "loss.global_pairs=v1",
         "train.batch_size=4", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
         f"train.output_dir={tmp_path / 'run'}"])
     trainer = Pretrainer(cfg)
