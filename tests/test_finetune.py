@@ -421,3 +421,60 @@ def test_resume_refuses_a_different_length_and_skips_finished_folds(demo_encoder
                                                           "train.max_steps_per_epoch=2", "train.resume=true"))
     with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: .*train\.epochs: 1 there, 2 here"):
         run_finetune(longer)
+
+
+def test_all_windows_evaluation_averages_the_scores_of_each_clip(tmp_path):
+    """eval_windows=all: a clip of 2.5 windows is cut into 3 (the last zero-padded) and its score is the
+    mean of the windows' scores, computed independently here with the model on each window."""
+    import soundfile as sf
+    import torch.nn as nn
+
+    from asit.eval.finetune import Finetuner, LabelledClips, collate_clips
+
+    sr, n = 8000, 8000
+    g = torch.Generator().manual_seed(0)
+    lengths = (n // 3, 2 * n + n // 2, n)
+    rows = ["path,label"]
+    for i, length in enumerate(lengths):
+        sf.write(tmp_path / f"c{i}.wav", (0.3 * torch.randn(length, generator=g)).numpy(), sr, subtype="FLOAT")
+        rows.append(f"c{i}.wav,{'ab'[i % 2]}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    entries = load_manifest(tmp_path / "m.csv")
+    targets = np.eye(2, dtype=np.float32)[[0, 1, 0]]
+
+    items = [LabelledClips(entries, targets, sample_rate=sr, num_samples=n, train=False, all_windows=True)[i]
+             for i in range(3)]
+    assert [x["wave"].shape for x in items] == [(1, n), (3, n), (1, n)]
+    assert torch.equal(items[1]["wave"][2, n // 2 :], torch.zeros(n - n // 2))  # padded tail
+    batch = collate_clips(items)
+    assert batch["wave"].shape == (5, n) and batch["owner"].tolist() == [0, 1, 1, 1, 2]
+
+    class Fake(Finetuner):  # only what predict() uses
+        def __init__(self):
+            self.model = nn.Linear(n, 2)
+            self.multilabel, self.device, self.autocast_dtype = False, torch.device("cpu"), None
+            self.val_loader = [batch]
+            self.dist = type("D", (), {"distributed": False})()
+
+        def features(self, waves):
+            return waves
+
+    fake = Fake()
+    scores, got_targets = fake.predict()
+    with torch.no_grad():
+        per_window = torch.softmax(fake.model(batch["wave"]), -1)
+    want = torch.stack([per_window[0], per_window[1:4].mean(0), per_window[4]])
+    assert torch.allclose(torch.from_numpy(scores), want, atol=1e-6)
+    assert np.array_equal(got_targets, targets)
+
+
+def test_all_windows_evaluation_end_to_end(demo_encoder, tmp_path):
+    encoder, cache = demo_encoder
+    cfg = load_finetune_config("demo", [*_demo_overrides(encoder, cache, tmp_path / "run", "train.epochs=1",
+                                                          "train.max_steps_per_epoch=2", "train.eval_windows=all",
+                                                          "train.average_start=null", "train.average_end=null"),
+                                        "data.demo_seconds=1.5", f"data.cache_dir={tmp_path / 'cache15'}"])
+    result = run_finetune(cfg)
+    assert result["last"]["n_clips"] == 120 and 0.0 <= result["last"]["accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="eval_windows"):
+        load_finetune_config("demo", ["train.eval_windows=some"])

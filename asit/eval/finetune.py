@@ -46,8 +46,11 @@ and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
   bitwise equal to an uninterrupted one (same world size and hardware). Finished folds of a
   cross-validation are not rerun.
 
+* **Long clips** (``train.eval_windows=all``): evaluation cuts each clip into consecutive windows of
+  ``target_frames`` (the last zero-padded) and averages their scores; the default scores the
+  first window, which covers the whole clip in the AudioSet, ESC-50 and Speech Commands presets.
+
 Works as a plain process or under ``torchrun`` (DDP; evaluation is sharded and gathered).
-Not implemented: multi-window (sliding) evaluation of long clips.
 """
 
 from __future__ import annotations
@@ -191,6 +194,7 @@ class FTTrainConfig:
     report: Literal["best", "last", "averaged"] = "best"  # which model's score is the run's result
     save_best: bool = True
     resume: bool = False  # continue from <output_dir>/last.pt (per fold for CV) when it exists
+    eval_windows: Literal["first", "all"] = "first"  # all: mean score over consecutive windows of each clip
 
 
 @dataclass
@@ -533,17 +537,20 @@ class LabelledClips(Dataset):
     """Clips with their target vectors; each item is a fixed-length waveform window.
 
     Training items are a random window of ``num_samples`` samples (the start of every epoch's
-    generator differs by ``set_epoch``), evaluation items the first window; shorter clips are
-    zero-padded. A clip that cannot be decoded gives ``None`` (dropped by :func:`collate_clips`).
+    generator differs by ``set_epoch``), evaluation items the first window or, with
+    ``all_windows=True``, every consecutive window of the clip stacked as ``wave [W, S]`` (the last
+    one zero-padded; its scores are averaged by the evaluation); shorter clips are zero-padded. A
+    clip that cannot be decoded gives ``None`` (dropped by :func:`collate_clips`).
     """
 
     def __init__(
         self, entries: Sequence[AudioEntry], targets: np.ndarray, *, sample_rate: int, num_samples: int,
-        train: bool, seed: int = 0,
+        train: bool, seed: int = 0, all_windows: bool = False,
     ) -> None:
         self.entries = list(entries)
         self.targets = torch.as_tensor(targets, dtype=torch.float32)  # [N, K]
         self.sample_rate, self.num_samples, self.train, self.seed = sample_rate, num_samples, train, seed
+        self.all_windows = all_windows and not train
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -560,6 +567,10 @@ class LabelledClips(Dataset):
             log.warning("skipping %s", err)
             return None
         n = self.num_samples
+        if self.all_windows:
+            count = max(1, math.ceil(wave.numel() / n))
+            windows = F.pad(wave, (0, count * n - wave.numel())).view(count, n)
+            return {"wave": windows, "target": self.targets[i], "index": i}
         if wave.numel() > n:
             start = 0
             if self.train:
@@ -572,15 +583,19 @@ class LabelledClips(Dataset):
 
 
 def collate_clips(items: list[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
-    """Stack the decodable items: ``wave [B, S]``, ``target [B, K]``, ``index [B]``."""
+    """Stack the decodable items: ``wave [B, S]``, ``target [B, K]``, ``index [B]``. Items holding
+    several windows (``wave [W_i, S]``) are concatenated into ``wave [ΣW_i, S]`` with ``owner``
+    giving each window's position in the batch."""
     items = [x for x in items if x is not None]
     if not items:
         return {"wave": torch.empty(0, 0), "target": torch.empty(0, 0), "index": torch.empty(0, dtype=torch.long)}
-    return {
-        "wave": torch.stack([x["wave"] for x in items]),
-        "target": torch.stack([x["target"] for x in items]),
-        "index": torch.tensor([x["index"] for x in items]),
-    }
+    batch = {"target": torch.stack([x["target"] for x in items]), "index": torch.tensor([x["index"] for x in items])}
+    if items[0]["wave"].dim() == 2:
+        batch["wave"] = torch.cat([x["wave"] for x in items])
+        batch["owner"] = torch.cat([torch.full((x["wave"].shape[0],), b) for b, x in enumerate(items)])
+    else:
+        batch["wave"] = torch.stack([x["wave"] for x in items])
+    return batch
 
 
 class WeightedDistributedSampler(WeightedRandomSampler):
@@ -722,7 +737,7 @@ class Finetuner:
         self.train_set = LabelledClips(self.train_entries, self.train_targets, sample_rate=self.sample_rate,
                                        num_samples=num_samples, train=True, seed=cfg.train.seed)
         self.val_set = LabelledClips(self.val_entries, val_targets, sample_rate=self.sample_rate,
-                                     num_samples=num_samples, train=False)
+                                     num_samples=num_samples, train=False, all_windows=cfg.train.eval_windows == "all")
         r, w = self.dist.rank, self.dist.world_size
         if d.balanced_sampling:
             weights = balanced_sample_weights(self.train_targets)
@@ -821,8 +836,12 @@ class Finetuner:
                 continue
             with self._autocast():
                 logits = self.model(self.features(batch["wave"].to(self.device))).float()
-            prob = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, -1)
-            scores.append(prob.cpu())
+            prob = (torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, -1)).cpu()
+            if "owner" in batch:  # several windows per clip: the mean of their scores
+                clips = batch["target"].shape[0]
+                counts = torch.bincount(batch["owner"], minlength=clips).unsqueeze(1).to(prob.dtype)
+                prob = prob.new_zeros(clips, prob.shape[1]).index_add_(0, batch["owner"], prob) / counts
+            scores.append(prob)
             targets.append(batch["target"])
             order.append(batch["index"])  # positions in the whole validation set
         self.model.train()
