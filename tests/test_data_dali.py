@@ -91,6 +91,45 @@ def test_undecodable_file_is_left_out(demo, tmp_path):
     assert sorted(i for b in loader for i in b["index"].tolist()) == [0, 1, 2, 3]
 
 
+def _corrupt_body_flac(path, seed: int = 0) -> None:
+    """A FLAC whose header is intact (soundfile's header check passes) but whose frames are noise bytes."""
+    x = (0.3 * np.random.default_rng(seed).standard_normal(SR)).astype(np.float32)
+    sf.write(path, x, SR, format="FLAC")
+    data = bytearray(path.read_bytes())
+    cut = len(data) // 3
+    data[cut:] = np.random.default_rng(seed + 1).integers(0, 256, len(data) - cut, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_file_failing_mid_run_is_left_out_counted_and_replayed_identically(demo, tmp_path, caplog):
+    bad = tmp_path / "bad.flac"
+    _corrupt_body_flac(bad)
+    assert sf.info(str(bad)).frames == SR  # the header is fine: only decoding the data fails
+    entries = [*demo[:8], AudioEntry(str(bad))]
+    loader = DaliPretrainLoader(entries, batch_size=3, seed=1, **SMALL)
+    assert loader.excluded == {}  # passes the up-front check
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        stream = [b for epoch in range(3) for b in (loader.set_epoch(epoch) or loader)]
+    assert len(stream) == 9 and all(torch.isfinite(b["views"]).all() for b in stream)
+    assert all(8 not in b["index"].tolist() for b in stream)
+    reported = [(b["skipped_indices"], b["skip_reasons"]) for b in stream if b["num_skipped"]]
+    assert reported == [([8], ["undecodable"])]
+    assert loader.excluded == {"undecodable": 1} and str(bad) in caplog.text
+
+    # a resumed run (a fresh loader placed at epoch 2) meets the failure again and continues identically
+    resumed = DaliPretrainLoader(entries, batch_size=3, seed=1, **SMALL)
+    resumed.set_epoch(2)
+    again = list(resumed)
+    assert [b["index"].tolist() for b in again] == [b["index"].tolist() for b in stream[6:]]
+    for a, b in zip(again, stream[6:]):
+        assert torch.equal(a["views"], b["views"])
+    assert resumed.excluded == {"undecodable": 1}
+    # rewinding the first loader restarts from the full list and meets the same failure at the same point
+    loader.set_epoch(0)
+    assert [b["index"].tolist() for b in loader] == [b["index"].tolist() for b in stream[:3]]
+    assert loader.excluded == {"undecodable": 1}
+
+
 def test_pipeline_resamples_and_pads_short_clips(tmp_path):
     path = tmp_path / "short.wav"
     sf.write(path, (0.5 * np.sin(np.arange(4410) / 10)).astype(np.float32), 44100)  # 0.1 s at 44.1 kHz

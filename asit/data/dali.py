@@ -17,9 +17,14 @@ probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`). Then eith
   measures the difference.
 
 :class:`DaliPretrainLoader` runs the pipeline (on the CPU with ``device_id=None``) and yields
-batches in :func:`~asit.data.dataset.collate_pretrain`'s layout. Unlike the map-style dataset,
-DALI cannot skip a clip that fails to decode in the middle of a run: the loader checks every
-file's header up front (``check_files``) and leaves out those soundfile cannot open.
+batches in :func:`~asit.data.dataset.collate_pretrain`'s layout. Bad files are handled in two
+places: every file's header is checked up front (``check_files``; those soundfile cannot open are
+left out), and a file whose header is fine but whose data DALI fails to decode mid-run (DALI
+names it in its error) is left out on the spot: the pipeline is rebuilt without it, with a new
+shuffle seed, and the batch is drawn again. The rest of that epoch then follows the new
+permutation (some clips may come twice, others not at all, in that epoch only); the clip is
+counted in the next batch's ``num_skipped``/``skip_reasons`` (reason ``"undecodable"``) and
+logged by name. DALI rebuilds are deterministic, so a resumed run replays them identically.
 The crops come from DALI's random generators, so the views differ from the torch backend's
 (same distribution, different draws).
 """
@@ -27,6 +32,7 @@ The crops come from DALI's random generators, so the views differ from the torch
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -199,8 +205,9 @@ class DaliPretrainLoader:
 
     Each batch: ``views`` float32 ``(B, V, 1, T, F)`` normalised, ``local_views``
     ``(B, L, 1, T_local, F)`` when ``local_views > 0``, ``label`` multi-hot ``(B, K)``,
-    ``index`` int64 ``(B,)`` (manifest indices), ``num_skipped`` 0, ``skip_reasons`` ``[]``,
-    ``skipped_indices`` ``[]``; tensors on ``cuda:device_id``, or the CPU for ``device_id=None``.
+    ``index`` int64 ``(B,)`` (manifest indices), ``num_skipped``, ``skip_reasons`` and
+    ``skipped_indices`` (clips left out mid-run since the previous batch, see the module
+    docstring); tensors on ``cuda:device_id``, or the CPU for ``device_id=None``.
 
     One pass of ``iter()`` yields ``steps_per_epoch`` batches (default: this shard's clips //
     ``batch_size``) from the pipeline's continuous stream. :meth:`set_epoch` with a position
@@ -251,11 +258,17 @@ class DaliPretrainLoader:
         self.labels = torch.zeros(len(entries), len(vocab))  # [N, K] multi-hot, by manifest index
         for i, entry in enumerate(entries):
             self.labels[i, [position[x] for x in entry.labels if x in position]] = 1.0
+        self.entries, self.keep = entries, list(keep)
+        self._seed = int(pipeline_options.pop("seed", 0))
+        self._rebuilds = 0  # pipelines rebuilt after a mid-run decode failure
+        self._pending: list[int] = []  # clips left out since the last batch, reported with the next
+        self._midrun_excluded: list[int] = []  # clips left out after failing to decode mid-run
         self._build = lambda: build_dali_pipeline(
-            [entries[i].path for i in keep], keep, batch_size=batch_size, sample_rate=sample_rate,
+            [entries[i].path for i in self.keep], self.keep, batch_size=batch_size, sample_rate=sample_rate,
             num_mel_bins=num_mel_bins, target_frames=target_frames, local_views=local_views,
             local_target_frames=local_target_frames, mean=mean, std=std, shard_id=shard_id,
-            num_shards=num_shards, device_id=device_id, fbank=fbank, **pipeline_options)
+            num_shards=num_shards, device_id=device_id, fbank=fbank,
+            seed=self._seed + 1_000_003 * self._rebuilds, **pipeline_options)
         self.pipe = self._build()
         shard_size = len(range(shard_id, len(keep), num_shards))  # DALI's shards differ by at most one
         self.steps_per_epoch = steps_per_epoch or max(1, shard_size // batch_size)
@@ -271,18 +284,57 @@ class DaliPretrainLoader:
         self.epoch = int(epoch)
         target = self.epoch * self.steps_per_epoch + skip // self.batch_size
         if target < self.position:  # behind the stream: start it again
+            self.keep = sorted(self.keep + self._midrun_excluded)
+            self._midrun_excluded.clear()
+            self.excluded["undecodable"] -= self._rebuilds
+            self.excluded += Counter()  # drop a zero count
+            self._rebuilds, self._pending = 0, []
             self.pipe = self._build()
             self.position = 0
         while self.position < target:
-            self.pipe.run()
+            self._run()
             self.position += 1
+        self._pending = []  # failures while replaying were reported when the stream first passed them
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         end = (self.epoch + 1) * self.steps_per_epoch
         while self.position < end:
-            outputs = self.pipe.run()
+            outputs = self._run()
             self.position += 1
             yield self._batch(outputs)
+
+    def _run(self):
+        """One batch from the pipeline; a clip DALI fails to decode is left out and the pipeline rebuilt."""
+        while True:
+            try:
+                return self.pipe.run()
+            except RuntimeError as err:
+                bad = self._culprit(str(err))
+                if bad is None:
+                    raise
+                self.keep.remove(bad)
+                self._midrun_excluded.append(bad)
+                self._pending.append(bad)
+                self.excluded["undecodable"] += 1
+                self._rebuilds += 1
+                logger.warning("DALI loader: %s cannot be decoded (%s); left out, pipeline rebuilt with a new "
+                               "shuffle (%d clips left out mid-run so far)", self.entries[bad].path,
+                               _first_line(str(err)), self._rebuilds)
+                if len(self.keep) < self.pipe.max_batch_size:
+                    raise ValueError(f"only {len(self.keep)} decodable clips left, fewer than a batch") from err
+                del self.pipe
+                self.pipe = self._build()
+
+    def _culprit(self, message: str) -> int | None:
+        """The kept clip a DALI error message names (DALI's audio decoder says ``Error decoding file <path>``)."""
+        match = re.search(r"Error decoding (?:audio )?file (.+?)\.(?: |$)", message, re.MULTILINE)
+        if match:
+            named = match.group(1)
+            for i in self.keep:
+                if self.entries[i].path == named:
+                    return i
+        named_in = [i for i in self.keep if self.entries[i].path in message]
+        return max(named_in, key=lambda i: len(self.entries[i].path)) if named_in else None
 
     def _tensor(self, tensor_list) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -308,10 +360,19 @@ class DaliPretrainLoader:
             "views": self._views(self._tensor(outputs[1]), self.target_frames),
             "label": self.labels[index].to(self.device),
             "index": index,
-            "num_skipped": 0,
-            "skip_reasons": [],
-            "skipped_indices": [],
+            "num_skipped": len(self._pending),
+            "skip_reasons": ["undecodable"] * len(self._pending),
+            "skipped_indices": list(self._pending),
         }
+        self._pending = []
         if self.local_views > 0:
             batch["local_views"] = self._views(self._tensor(outputs[2]), self.local_target_frames)
         return batch
+
+
+def _first_line(message: str) -> str:
+    """The line of a DALI error that says what failed (DALI wraps it in several lines of context)."""
+    for line in message.splitlines():
+        if "Error decoding" in line:
+            return line.strip()[:300]
+    return message.strip().splitlines()[-1][:300] if message.strip() else "no message"
