@@ -29,8 +29,26 @@ def test_embeddings_shapes_dtypes_and_timestamps(model, seconds):
     assert emb.shape[:2] == ts.shape and emb.shape[0] == 3 and emb.shape[2] == 48
     assert torch.all(ts.diff(dim=1) > 0)
     assert ts[0, 0] == pytest.approx(87.5) and torch.all(ts[:, -1] <= seconds * 1000 + 160)
-    expected = -(-(1 + max(int(seconds * SR) - 200, 0) // 80) // 16)  # ceil(fbank frames / 16)
-    assert ts.shape[1] == expected
+    frames = 1 + max(int(seconds * SR) - 200, 0) // 80
+    if seconds > 1:  # four grids of ceil(frames left / 16) patches, 40 ms apart
+        assert ts.shape[1] == sum(-(-(frames - o) // 16) for o in (0, 4, 8, 12))
+        torch.testing.assert_close(ts[0, :12].diff(), torch.full((11,), 40.0))
+    else:  # too short to advance: the native grid
+        assert ts.shape[1] == -(-frames // 16)
+
+
+def test_dense_timestamps_are_real_outputs_of_shifted_inputs(tmp_path):
+    """Every 4th timestamp embedding is the native grid's; the others equal embedding the clip advanced."""
+    path = str(write_encoder(tmp_path / "e.safetensors"))
+    dense, native = hear.load_model(path), hear.load_model(path, timestamp_hop_ms=160)
+    audio = torch.randn(2, 3 * SR, generator=torch.Generator().manual_seed(0)) * 0.1
+    emb, ts = hear.get_timestamp_embeddings(audio, dense)
+    emb0, ts0 = hear.get_timestamp_embeddings(audio, native)
+    assert torch.equal(ts[:, ::4][:, : ts0.shape[1]], ts0) and torch.equal(emb[:, ::4][:, : ts0.shape[1]], emb0)
+    advanced = native.encoder.embed(audio[:, 8 * SR // 100 :], SR).frames  # 8 frames = 80 ms later
+    torch.testing.assert_close(emb[:, 2::4][:, : advanced.shape[1]], advanced, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="timestamp_hop_ms"):
+        hear.load_model(path, timestamp_hop_ms=50)
 
 
 def test_load_model_needs_a_path(monkeypatch):
