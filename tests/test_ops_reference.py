@@ -317,6 +317,16 @@ def test_paint_cpu_matches_matmul_on_any_boxes(gen):
     assert got.any() and not got.all()
 
 
+def test_corrupt_reference_traces_without_graph_breaks(gen):
+    """The CPU painter runs in NumPy eagerly; under torch.compile the traceable matmul painter is used."""
+    x = torch.randn(3, 1, 20, 18, generator=gen)
+    blocks = sample_gmml_blocks(3, 20, 18, generator=gen)
+    compiled = torch.compile(lambda t, b: gmml_corrupt(t, b, 4, backend="reference"), fullgraph=True,
+                             backend="eager")
+    for want, got in zip(gmml_corrupt(x, blocks, 4, backend="reference"), compiled(x, blocks), strict=True):
+        assert torch.equal(want, got)
+
+
 # --------------------------------------------------------------------------------------------
 # gmml_corrupt
 # --------------------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ def paint_block_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tens
     A pixel is covered when some box covers both its row and its column; counting those boxes
     is a batched matmul of the row and column indicators (exact: counts stay far below 2^24).
     """
-    if boxes.device.type == "cpu":  # painting box by box is several times faster on a CPU core
+    # painting box by box is several times faster on a CPU core (eagerly: it runs in NumPy, which
+    # torch.compile cannot trace, so compiled code keeps the matmul)
+    if boxes.device.type == "cpu" and not torch.compiler.is_compiling():
         return _paint_sequential(boxes, height, width)
     return _paint_matmul(boxes, height, width)
 
