@@ -75,12 +75,23 @@ def test_two_shards_cover_the_data(demo):
     assert seen[0][2] != seen[1][2]  # reshuffled between epochs
 
 
-def test_resume_position_replays_the_stream(demo):
+def test_resume_position_replays_the_stream(demo, monkeypatch):
     full = DaliPretrainLoader(demo, batch_size=4, seed=2, **SMALL)
-    stream = [b["index"].tolist() for epoch in (0, 1) for b in (full.set_epoch(epoch) or full)]
+    stream = [b for epoch in (0, 1, 2) for b in (full.set_epoch(epoch) or full)]
+    epochs = [sorted(i for b in stream[3 * e : 3 * e + 3] for i in b["index"].tolist()) for e in range(3)]
+    assert epochs == [list(range(12))] * 3  # every clip once per epoch
+    assert len({tuple(b["index"].tolist()) for b in stream}) > 3  # and a new order each epoch
+
     resumed = DaliPretrainLoader(demo, batch_size=4, seed=2, **SMALL)
-    resumed.set_epoch(1, skip=4)
-    assert [b["index"].tolist() for b in resumed] == stream[4:]
+    runs = []  # pipeline batches drawn: placing the stream must not replay the earlier epochs
+    real_run = resumed._run
+    monkeypatch.setattr(resumed, "_run", lambda: runs.append(1) or real_run())
+    resumed.set_epoch(2, skip=4)
+    assert len(runs) == 1  # only the skipped batch of epoch 2
+    again = list(resumed)
+    assert [b["index"].tolist() for b in again] == [b["index"].tolist() for b in stream[7:]]
+    for a, b in zip(again, stream[7:]):
+        assert torch.equal(a["views"], b["views"])
 
 
 def test_undecodable_file_is_left_out(demo, tmp_path):
@@ -102,6 +113,8 @@ def _corrupt_body_flac(path, seed: int = 0) -> None:
 
 
 def test_file_failing_mid_run_is_left_out_counted_and_replayed_identically(demo, tmp_path, caplog):
+    """A clip whose data DALI cannot decode does not stop the stream; a resumed loader meets it at
+    the same point and continues with the same batches."""
     bad = tmp_path / "bad.flac"
     _corrupt_body_flac(bad)
     assert sf.info(str(bad)).frames == SR  # the header is fine: only decoding the data fails
@@ -112,8 +125,9 @@ def test_file_failing_mid_run_is_left_out_counted_and_replayed_identically(demo,
         stream = [b for epoch in range(3) for b in (loader.set_epoch(epoch) or loader)]
     assert len(stream) == 9 and all(torch.isfinite(b["views"]).all() for b in stream)
     assert all(8 not in b["index"].tolist() for b in stream)
+    # every epoch starts from the whole list, so the file is met, left out and reported once per epoch
     reported = [(b["skipped_indices"], b["skip_reasons"]) for b in stream if b["num_skipped"]]
-    assert reported == [([8], ["undecodable"])]
+    assert reported == [([8], ["undecodable"])] * 3
     assert loader.excluded == {"undecodable": 1} and str(bad) in caplog.text
 
     # a resumed run (a fresh loader placed at epoch 2) meets the failure again and continues identically

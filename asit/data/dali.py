@@ -1,8 +1,9 @@
 """NVIDIA DALI input pipeline: decode, resample, random crops and rolls in DALI; the fbank after it.
 
 :func:`build_dali_pipeline` reads files with ``fn.readers.file`` (sharded by ``shard_id`` /
-``num_shards``, the whole list permuted with ``seed`` before every epoch, so each epoch every clip
-is read exactly once across shards), decodes with ``fn.decoders.audio`` (mono, resampled to
+``num_shards``; :class:`DaliPretrainLoader` builds one pipeline per epoch over a permutation of the
+list seeded by ``(seed, epoch)``, so each epoch every clip is read once across shards and a
+resumed run places the stream without replaying earlier epochs), decodes with ``fn.decoders.audio`` (mono, resampled to
 ``sample_rate``) and cuts the views: a random window of ``crop_seconds`` (zero-padded when the
 clip is shorter, as in :func:`~asit.data.transforms.pad_or_crop_random`), circularly rolled with
 probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`). Then either
@@ -20,11 +21,13 @@ probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`). Then eith
 batches in :func:`~asit.data.dataset.collate_pretrain`'s layout. Bad files are handled in two
 places: every file's header is checked up front (``check_files``; those soundfile cannot open are
 left out), and a file whose header is fine but whose data DALI fails to decode mid-run (DALI
-names it in its error) is left out on the spot: the pipeline is rebuilt without it, with a new
-shuffle seed, and the batch is drawn again. The rest of that epoch then follows the new
+names it in its error) is left out on the spot: the epoch's pipeline is rebuilt without it, with
+a new permutation, and the batch is drawn again. The rest of that epoch follows the new
 permutation (some clips may come twice, others not at all, in that epoch only); the clip is
 counted in the next batch's ``num_skipped``/``skip_reasons`` (reason ``"undecodable"``) and
-logged by name. DALI rebuilds are deterministic, so a resumed run replays them identically.
+logged by name. Every epoch starts from the full list again, so such a file is met (and
+reported) once per epoch, and each epoch's stream depends only on ``(seed, epoch)``: a resumed
+run replays it identically.
 The crops come from DALI's random generators, so the views differ from the torch backend's
 (same distribution, different draws).
 """
@@ -125,6 +128,7 @@ def build_dali_pipeline(
     fbank: Literal["torch", "dali"] = "torch",
     num_threads: int = 2,
     prefetch: int = 2,
+    shuffle: bool = True,
 ):
     """A built DALI pipeline over ``files`` (see the module docstring).
 
@@ -133,7 +137,9 @@ def build_dali_pipeline(
     ``(V, crop)`` and, when ``local_views > 0``, ``local_waves`` ``(L, local_crop)``; with
     ``fbank="dali"``: ``views`` float32 ``(V, T, F)`` normalised, and ``local_views``
     ``(L, T_local, F)``. ``device_id=None`` runs everything on the CPU; with a GPU the crops (and
-    the DALI fbank) move to it. The reader is named ``"reader"``.
+    the DALI fbank) move to it. The reader is named ``"reader"``. ``shuffle=False`` reads ``files``
+    in the given order (each shard a contiguous part), as :class:`DaliPretrainLoader` does with its
+    own per-epoch permutation.
     """
     dali, fn, types = _import_dali()
     if len(files) != len(labels):
@@ -156,7 +162,7 @@ def build_dali_pipeline(
     def pipeline():
         encoded, label = fn.readers.file(
             files=list(files), labels=[int(x) for x in labels], shard_id=shard_id, num_shards=num_shards,
-            shuffle_after_epoch=True, shuffle_after_epoch_seed=seed, name="reader")
+            shuffle_after_epoch=shuffle, shuffle_after_epoch_seed=seed, name="reader")
         audio, _ = fn.decoders.audio(encoded, downmix=True, sample_rate=float(sample_rate), dtype=types.FLOAT)
         views = [_crop(fn, types, dali, audio, crop, roll_prob) for _ in range(num_views)]
         local = [_crop(fn, types, dali, audio, local_crop, 0.0) for _ in range(local_views)]
@@ -210,8 +216,8 @@ class DaliPretrainLoader:
     docstring); tensors on ``cuda:device_id``, or the CPU for ``device_id=None``.
 
     One pass of ``iter()`` yields ``steps_per_epoch`` batches (default: this shard's clips //
-    ``batch_size``) from the pipeline's continuous stream. :meth:`set_epoch` with a position
-    behind the stream's (a resumed run) runs the pipeline forward to it, batch by batch.
+    ``batch_size``) of the current epoch; :meth:`set_epoch` ``(epoch, skip)`` starts an epoch's
+    pipeline and, for a resumed run, draws the first ``skip`` samples of that epoch again.
     Files that fail the header check are left out and counted in :attr:`excluded`.
     Other keyword arguments go to :func:`build_dali_pipeline`.
     """
@@ -260,48 +266,54 @@ class DaliPretrainLoader:
             self.labels[i, [position[x] for x in entry.labels if x in position]] = 1.0
         self.entries, self.keep = entries, list(keep)
         self._seed = int(pipeline_options.pop("seed", 0))
-        self._rebuilds = 0  # pipelines rebuilt after a mid-run decode failure
+        self._pipeline_args = dict(
+            batch_size=batch_size, sample_rate=sample_rate, num_mel_bins=num_mel_bins, target_frames=target_frames,
+            local_views=local_views, local_target_frames=local_target_frames, mean=mean, std=std,
+            shard_id=shard_id, num_shards=num_shards, device_id=device_id, fbank=fbank, **pipeline_options)
+        self._failed: set[int] = set()  # clips that failed to decode mid-run (in any epoch)
         self._pending: list[int] = []  # clips left out since the last batch, reported with the next
-        self._midrun_excluded: list[int] = []  # clips left out after failing to decode mid-run
-        self._build = lambda: build_dali_pipeline(
-            [entries[i].path for i in self.keep], self.keep, batch_size=batch_size, sample_rate=sample_rate,
-            num_mel_bins=num_mel_bins, target_frames=target_frames, local_views=local_views,
-            local_target_frames=local_target_frames, mean=mean, std=std, shard_id=shard_id,
-            num_shards=num_shards, device_id=device_id, fbank=fbank,
-            seed=self._seed + 1_000_003 * self._rebuilds, **pipeline_options)
-        self.pipe = self._build()
         shard_size = len(range(shard_id, len(keep), num_shards))  # DALI's shards differ by at most one
         self.steps_per_epoch = steps_per_epoch or max(1, shard_size // batch_size)
-        self.epoch, self.position = 0, 0  # position: batches drawn from the pipeline so far
+        self.epoch = 0
+        self.pipe = None  # built per epoch by set_epoch (or the first iter())
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Start epoch ``epoch`` after its first ``skip`` samples (a multiple of the batch size)."""
+        """Start epoch ``epoch`` after its first ``skip`` samples (a multiple of the batch size).
+
+        Every epoch has a pipeline of its own over a permutation of the clips seeded by
+        ``(seed, epoch)``, so placing the stream costs at most the skipped batches of this epoch,
+        never the earlier epochs."""
         if skip % self.batch_size:
             raise ValueError(f"skip of {skip} samples is not a multiple of batch_size={self.batch_size}")
         self.epoch = int(epoch)
-        target = self.epoch * self.steps_per_epoch + skip // self.batch_size
-        if target < self.position:  # behind the stream: start it again
-            self.keep = sorted(self.keep + self._midrun_excluded)
-            self._midrun_excluded.clear()
-            self.excluded["undecodable"] -= self._rebuilds
-            self.excluded += Counter()  # drop a zero count
-            self._rebuilds, self._pending = 0, []
-            self.pipe = self._build()
-            self.position = 0
-        while self.position < target:
+        self._epoch_keep = list(self.keep)  # this epoch's clips: less those that fail in it
+        self._rebuilds = 0  # pipelines of this epoch rebuilt after a failure
+        self._start_pipeline()
+        self._step = 0  # batches drawn in this epoch
+        while self._step < skip // self.batch_size:
             self._run()
-            self.position += 1
-        self._pending = []  # failures while replaying were reported when the stream first passed them
+            self._step += 1
+        self._pending = []  # failures met while replaying were reported when the stream first passed them
+
+    def _start_pipeline(self) -> None:
+        rng = np.random.default_rng([self._seed, self.epoch, self._rebuilds])
+        order = [self._epoch_keep[i] for i in rng.permutation(len(self._epoch_keep))]
+        seed = int(np.random.default_rng([self._seed, self.epoch, self._rebuilds, 1]).integers(2**31))
+        self.pipe = None  # release the old pipeline first
+        self.pipe = build_dali_pipeline([self.entries[i].path for i in order], order, seed=seed, shuffle=False,
+                                        **self._pipeline_args)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        end = (self.epoch + 1) * self.steps_per_epoch
-        while self.position < end:
+        if self.pipe is None:
+            self.set_epoch(self.epoch)
+        while self._step < self.steps_per_epoch:
             outputs = self._run()
-            self.position += 1
+            self._step += 1
             yield self._batch(outputs)
+        self.pipe, self.epoch = None, self.epoch + 1  # a further iter() without set_epoch: the next epoch
 
     def _run(self):
         """One batch from the pipeline; a clip DALI fails to decode is left out and the pipeline rebuilt."""
@@ -312,28 +324,27 @@ class DaliPretrainLoader:
                 bad = self._culprit(str(err))
                 if bad is None:
                     raise
-                self.keep.remove(bad)
-                self._midrun_excluded.append(bad)
+                self._epoch_keep.remove(bad)
                 self._pending.append(bad)
-                self.excluded["undecodable"] += 1
+                if bad not in self._failed:
+                    self._failed.add(bad)
+                    self.excluded["undecodable"] += 1
                 self._rebuilds += 1
-                logger.warning("DALI loader: %s cannot be decoded (%s); left out, pipeline rebuilt with a new "
-                               "shuffle (%d clips left out mid-run so far)", self.entries[bad].path,
-                               _first_line(str(err)), self._rebuilds)
-                if len(self.keep) < self.pipe.max_batch_size:
-                    raise ValueError(f"only {len(self.keep)} decodable clips left, fewer than a batch") from err
-                del self.pipe
-                self.pipe = self._build()
+                logger.warning("DALI loader: %s cannot be decoded (%s); left out of epoch %d, its pipeline rebuilt "
+                               "with a new shuffle", self.entries[bad].path, _first_line(str(err)), self.epoch + 1)
+                if len(self._epoch_keep) < self.batch_size:
+                    raise ValueError(f"only {len(self._epoch_keep)} decodable clips left, fewer than a batch") from err
+                self._start_pipeline()
 
     def _culprit(self, message: str) -> int | None:
         """The kept clip a DALI error message names (DALI's audio decoder says ``Error decoding file <path>``)."""
         match = re.search(r"Error decoding (?:audio )?file (.+?)\.(?: |$)", message, re.MULTILINE)
         if match:
             named = match.group(1)
-            for i in self.keep:
+            for i in self._epoch_keep:
                 if self.entries[i].path == named:
                     return i
-        named_in = [i for i in self.keep if self.entries[i].path in message]
+        named_in = [i for i in self._epoch_keep if self.entries[i].path in message]
         return max(named_in, key=lambda i: len(self.entries[i].path)) if named_in else None
 
     def _tensor(self, tensor_list) -> torch.Tensor:
