@@ -364,7 +364,7 @@ def test_ddp_two_ranks_gather_the_whole_validation_set(demo_encoder, tmp_path):
 
 
 def test_resume_after_an_interrupted_epoch_is_exact(demo_encoder, tmp_path, monkeypatch):
-    """Kill the run (an exception) right after epoch 2's resume point, resume with train.resume=true:
+    """Kill the run (an exception) in epoch 3, after epoch 2's resume point, resume with train.resume=true:
     the weights, AdamW state and results equal an uninterrupted run's, bit for bit. Mixup, SpecAugment,
     noise and weight averaging are on, so every RNG stream that a resume must restore is exercised."""
     from asit.eval.finetune import Finetuner
@@ -376,22 +376,28 @@ def test_resume_after_an_interrupted_epoch_is_exact(demo_encoder, tmp_path, monk
 
     out = tmp_path / "cut"
     cfg = load_finetune_config("demo", _demo_overrides(encoder, cache, out, *extra))
-    real_save = Finetuner._save_resume_point
+    real_step = Finetuner.train_step
 
-    def save_then_crash(self, progress):
-        real_save(self, progress)
-        if progress["epoch"] == 2:
-            raise KeyboardInterrupt("simulated crash after epoch 2")
+    def crash_in_epoch_3(self, batch, step):
+        if step == 10:  # the 3rd step of epoch 3, after the log record of step 10 (log_every=2)
+            raise KeyboardInterrupt("simulated crash in epoch 3")
+        return real_step(self, batch, step)
 
-    monkeypatch.setattr(Finetuner, "_save_resume_point", save_then_crash)
+    monkeypatch.setattr(Finetuner, "train_step", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         run_finetune(cfg)
     assert not (out / "results.json").exists()
     assert sorted(p.name for p in out.glob("rng_*.pt")) == ["rng_epoch0002_rank0.pt"]
-    monkeypatch.setattr(Finetuner, "_save_resume_point", real_save)
+    assert any(json.loads(line)["step"] == 10 for line in (out / "log.jsonl").read_text().splitlines())
+    monkeypatch.setattr(Finetuner, "train_step", real_step)
     resumed = run_finetune(cfg)
 
     assert resumed["history"] == full["history"] and resumed["best"] == full["best"]
+    # the log holds every step once: the crashed run's records after its resume point were dropped
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    full_records = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in records]
+    assert strip == [{k: v for k, v in r.items() if k != "time"} for r in full_records]
     assert resumed["averaged"] == full["averaged"] and resumed["steps"] == full["steps"] == 12
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(out / "last.pt", weights_only=True)

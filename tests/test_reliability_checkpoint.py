@@ -30,7 +30,8 @@ from asit.train.checkpoint import (
     rng_path,
     tensor_digest,
 )
-from asit.train.engine import _fault_step, _inject_fault, _trim_log
+from asit.train.engine import _fault_step, _inject_fault
+from asit.train.metrics import trim_log
 
 TINY = [
     *TINY_MODEL,
@@ -291,7 +292,7 @@ def test_trim_log_drops_later_and_cut_records(tmp_path) -> None:
     log = tmp_path / "log.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)]
     log.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # the last line cut by a kill
-    _trim_log(log, 2)
+    trim_log(log, 2)
     assert log.read_text() == "".join(line + "\n" for line in lines[:2])
 
 

@@ -1021,6 +1021,10 @@ class Finetuner:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.mix_rng.bit_generator.state = json.loads(rng["mixup"])
+        if self.dist.is_main:  # the interrupted epoch's records would otherwise appear twice
+            from asit.train.metrics import trim_log
+
+            trim_log(self.run_dir / "log.jsonl", state["step"])
         log.info("resuming %s after epoch %d (step %d)", self.run_dir, state["epoch"], state["step"])
         return state
 

@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .losses import ASiTLoss
-from .metrics import MetricWriter, softmax_entropy
+from .metrics import MetricWriter, softmax_entropy, trim_log
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
@@ -163,29 +163,6 @@ def _inject_fault(run_dir: Path, step: int) -> None:
         return
     log.error("%s=%d: simulating a crash of this worker (test hook)", FAULT_STEP_ENV, step)
     os._exit(1)
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop the records a crashed run logged after ``step`` (the step resumed from) and any line it left
-    unfinished, so the resumed run's log holds every step once."""
-    if not path.is_file():
-        return
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            ok = isinstance(record, dict) and int(record.get("step", 0)) <= step
-        except (ValueError, TypeError):
-            ok = False
-        if ok:
-            kept.append(line + "\n")
-        else:
-            dropped += 1
-    if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
-        log.info("%s: dropped %d record(s) written after step %d by the interrupted run", path, dropped, step)
 
 
 class Pretrainer:
@@ -572,7 +549,7 @@ class Pretrainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"].cpu())
         if self.dist.is_main:
-            _trim_log(self.run_dir / "log.jsonl", self.step)
+            trim_log(self.run_dir / "log.jsonl", self.step)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.start_epoch,
                      self.skip_batches)
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["MetricWriter", "softmax_entropy"]
+__all__ = ["MetricWriter", "softmax_entropy", "trim_log"]
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -61,3 +65,26 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records a crashed run logged after ``step`` (the step resumed from) and any line it left
+    unfinished, so the resumed run's log holds every step once."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        logger.info("%s: dropped %d record(s) written after step %d by the interrupted run", path, dropped, step)
