@@ -301,7 +301,10 @@ class DaliPretrainLoader:
     def _start_pipeline(self) -> None:
         rng = np.random.default_rng([self._seed, self.epoch, self._rebuilds])
         order = [self._epoch_keep[i] for i in rng.permutation(len(self._epoch_keep))]
-        seed = int(np.random.default_rng([self._seed, self.epoch, self._rebuilds, 1]).integers(2**31))
+        # the permutation is shared by all shards (so they partition it); the crops' seed is per shard, or
+        # every rank would draw the same crop offsets for its i-th clip
+        shard = self._pipeline_args["shard_id"]
+        seed = int(np.random.default_rng([self._seed, self.epoch, self._rebuilds, 1, shard]).integers(2**31))
         self.pipe = None  # release the old pipeline first
         self.pipe = build_dali_pipeline([self.entries[i].path for i in order], order, seed=seed, shuffle=False,
                                         **self._pipeline_args)
@@ -332,6 +335,7 @@ class DaliPretrainLoader:
                 self._rebuilds += 1
                 logger.warning("DALI loader: %s cannot be decoded (%s); left out of epoch %d, its pipeline rebuilt "
                                "with a new shuffle", self.entries[bad].path, _first_line(str(err)), self.epoch + 1)
+                # (on this rank only: under DDP the shards then overlap for the rest of the epoch)
                 if len(self._epoch_keep) < self.batch_size:
                     raise ValueError(f"only {len(self._epoch_keep)} decodable clips left, fewer than a batch") from err
                 self._start_pipeline()
