@@ -363,6 +363,41 @@ def test_ddp_two_ranks_gather_the_whole_validation_set(demo_encoder, tmp_path):
     assert again["per_class"] == pytest.approx(saved["best"]["per_class"])
 
 
+@pytest.mark.slow
+def test_ddp_resume_after_a_crash_is_exact(demo_encoder, tmp_path):
+    """Two torchrun ranks (mixup on: each rank has its own RNG streams) die after epoch 1; --resume ends
+    with the same weights and results as an uninterrupted run."""
+    from asit.eval.finetune import FAULT_EPOCH_ENV
+
+    encoder, cache = demo_encoder
+
+    def run(out, *extra_args, fault=None):
+        overrides = _demo_overrides(encoder, cache, out, "train.epochs=2", "train.max_steps_per_epoch=2",
+                                    "augment.mixup_prob=0.5", "train.average_start=null", "train.average_end=null")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "scripts" / "finetune.py"),
+               "--preset", "demo", *extra_args, *overrides]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.pop(FAULT_EPOCH_ENV, None)
+        if fault is not None:
+            env[FAULT_EPOCH_ENV] = str(fault)
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-4000:]
+    crashed = run(tmp_path / "cut", fault=1)
+    assert crashed.returncode != 0 and not (tmp_path / "cut" / "results.json").exists()
+    assert sorted(p.name for p in (tmp_path / "cut").glob("rng_*.pt")) == [
+        "rng_epoch0001_rank0.pt", "rng_epoch0001_rank1.pt"]
+    resumed = run(tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "cut"))
+    assert a["history"] == b["history"] and a["steps"] == b["steps"] == 4
+    wa, wb = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("full", "cut"))
+    for k, v in wa.items():
+        assert torch.equal(v, wb[k]), k
+
+
 def test_resume_after_an_interrupted_epoch_is_exact(demo_encoder, tmp_path, monkeypatch):
     """Kill the run (an exception) in epoch 3, after epoch 2's resume point, resume with train.resume=true:
     the weights, AdamW state and results equal an uninterrupted run's, bit for bit. Mixup, SpecAugment,

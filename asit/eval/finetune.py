@@ -110,6 +110,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+FAULT_EPOCH_ENV = "ASIT_FT_FAULT_AFTER_EPOCH"  # tests: every process exits after this epoch's resume point
+
 FINETUNE_PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
 
@@ -931,6 +933,9 @@ class Finetuner:
                 "epoch": epoch + 1, "step": step, "best": best, "history": history, "last_eval": ev,
                 "averaged": averaged, "n_avg": n_avg, "wall_time_s": time.time() - started,
             })
+            if os.environ.get(FAULT_EPOCH_ENV) == str(epoch + 1):  # test hook: die like a killed worker
+                log.error("%s=%d: simulating a crash after this epoch (test hook)", FAULT_EPOCH_ENV, epoch + 1)
+                os._exit(1)
         if ev is None:
             raise ConfigError("train.epochs must be at least 1")
         last = {"epoch": t.epochs, **ev}
