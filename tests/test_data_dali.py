@@ -94,6 +94,27 @@ def test_resume_position_replays_the_stream(demo, monkeypatch):
         assert torch.equal(a["views"], b["views"])
 
 
+def test_shards_share_the_permutation_but_not_the_crop_seed(demo, monkeypatch):
+    import asit.data.dali as dali_module
+
+    built = []
+    real = dali_module.build_dali_pipeline
+
+    def spy(files, labels, **kwargs):
+        built.append((kwargs["shard_id"], list(labels), kwargs["seed"]))
+        return real(files, labels, **kwargs)
+
+    monkeypatch.setattr(dali_module, "build_dali_pipeline", spy)
+    for shard in (0, 1):
+        loader = DaliPretrainLoader(demo, batch_size=2, seed=5, shard_id=shard, num_shards=2, **SMALL)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+    (s0e0, s0e1, s1e0, s1e1) = built
+    assert s0e0[1] == s1e0[1] and s0e1[1] == s1e1[1]  # one permutation per epoch, shared by the shards
+    assert s0e0[1] != s0e1[1]  # and a new one each epoch
+    assert len({s0e0[2], s0e1[2], s1e0[2], s1e1[2]}) == 4  # crop seeds: per shard and per epoch
+
+
 def test_undecodable_file_is_left_out(demo, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio" * 100)
