@@ -10,6 +10,6 @@ TINY_MODEL = [
     "model.head_out_tokens=64", "model.head_hidden=128", "model.head_bottleneck=32", "model.recon_hidden=64",
     "gmml.max_block_frac=0.9",  # fewer GMML blocks per sample: quicker steps
     # the engine tests were calibrated on the v1-style demo (no local views, lr 1e-3 x B/256)
-    *["data.local_views=0", "loss.global_pairs=v1", "optim.lr=1.0e-3", "optim.warmup_epochs=1",
-      "loss.warmup_teacher_temp_epochs=3"],
+    "data.local_views=0", "loss.global_pairs=v1", "optim.lr=1.0e-3", "optim.warmup_epochs=1",
+    "loss.warmup_teacher_temp_epochs=3",
 ]

@@ -936,8 +936,7 @@ class Finetuner:
             if os.environ.get(FAULT_EPOCH_ENV) == str(epoch + 1):  # test hook: die like a killed worker
                 log.error("%s=%d: simulating a crash after this epoch (test hook)", FAULT_EPOCH_ENV, epoch + 1)
                 os._exit(1)
-        if ev is None:
-            raise ConfigError("train.epochs must be at least 1")
+        assert ev is not None  # train.epochs > 0 is validated, and a resume point holds its last evaluation
         last = {"epoch": t.epochs, **ev}
         result: dict[str, Any] = {"metric": self.metric, "best": best, "last": last, "history": history,
                                   "steps": step, "wall_time_s": time.time() - started}
