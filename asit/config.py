@@ -89,6 +89,9 @@ class GMMLConfig:
     max_block_frac: float = 0.3
     align: int = 1
     allow_self_alien: bool = False  # True reproduces the authors' defect (a sample may replace itself)
+    # candidate blocks drawn per sample when the step runs sync-free (train.sync_free): a fixed number, so
+    # no host check; a sample they do not cover to its target is counted (gmml_shortfall in the log)
+    candidate_budget: int = 256
 
 
 @dataclass
@@ -150,6 +153,11 @@ class TrainConfig:
     mode: Literal["fast", "reference"] = "fast"
     compile: bool | None = None  # None: compile in fast mode on CUDA only
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # No host sync inside the step: GMML blocks from a fixed candidate budget, and the NaN/Inf guard applied
+    # on the device (fused AdamW skips on its found_inf flag; teacher and centres keep their values), its
+    # counters read back at log intervals, checkpoints and epoch ends. None: on in fast mode on CUDA
+    # unless fp16 (whose loss scaler reads its overflow flag on the host). false: check every step.
+    sync_free: bool | None = None
 
 
 @dataclass
@@ -377,6 +385,12 @@ def _validate(cfg: Config) -> None:
         (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0: epoch ends only)"),
         (t.image_every_epochs >= 0, "train.image_every_epochs must be >= 0 (0: never)"),
         (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1"),
+        (cfg.gmml.candidate_budget >= 1, "gmml.candidate_budget must be >= 1"),
+        (not (t.sync_free and t.mode == "reference"),
+         "train.sync_free=true contradicts train.mode=reference (the authors' per-step pipeline)"),
+        (not (t.sync_free and t.precision == "fp16"),
+         "train.sync_free=true needs train.precision bf16 or fp32: fp16's loss scaler reads its overflow flag "
+         "on the host"),
     ]
     for ok, message in checks:
         if not ok:

@@ -29,7 +29,7 @@ status=0
 # (The CPU-only rest of the suite runs in CI.)
 timeout 170 python3 -m pytest -q -x tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py \
     tests/test_kernels_gmml.py tests/test_kernels_registration.py tests/test_ops_reference.py tests/test_models.py \
-    tests/test_data_fbank_batched.py tests/test_train_modes.py --junitxml="$OUT/tests.xml" \
+    tests/test_data_fbank_batched.py tests/test_train_modes.py tests/test_train_sync_free.py --junitxml="$OUT/tests.xml" \
     2>&1 | tee "$OUT/tests.log" | tail -n 30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 110 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py \

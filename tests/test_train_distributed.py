@@ -73,3 +73,47 @@ def test_ddp_run_then_resume(tmp_path) -> None:
         assert fh.metadata()["step"] == str(total)
         assert torch.equal(fh.get_tensor("cls_token"), final["teacher"]["backbone.cls_token"])
     assert json.loads((out / "summary.json").read_text())["steps"] == total
+
+
+_NAN_ON_RANK_1 = """
+import os, runpy, sys
+import torch
+from asit.train.losses import ASiTLoss
+
+original, calls = ASiTLoss.forward, [0]
+
+def forward(self, *args, **kwargs):
+    terms, stats = original(self, *args, **kwargs)
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:  # rank 1's second step only
+        nan = torch.tensor(float("nan"))
+        terms = dict(terms, local=terms["local"] + nan, loss=terms["loss"] * nan)
+    return terms, stats
+
+ASiTLoss.forward = forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_sync_free_skip_on_one_rank_is_taken_by_all(tmp_path) -> None:
+    """train.sync_free=true under DDP: a NaN on rank 1 alone makes both ranks skip that step, decided on
+    the device (all-reduced flags); the replicas stay equal (train.verify_replicas hashes them at the
+    checkpoint) and rank 0 reports the skip at the next log."""
+    wrapper = tmp_path / "nan_on_rank_1.py"
+    wrapper.write_text(_NAN_ON_RANK_1)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(wrapper),
+           str(ROOT / "scripts" / "pretrain.py"), "--config", "demo_cpu", *TINY, f"train.output_dir={out}",
+           "train.epochs=1", "train.sync_free=true", "optim.warmup_epochs=0"]
+    env = dict(os.environ, ASIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    with open(out / "log.jsonl", encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
+    assert [(r["step"], r.get("event")) for r in records] == [(1, None), (2, "nonfinite_skip")]
+    assert records[1]["nonfinite"] == ["local", "grad_norm"] and records[1]["skipped_steps"] == 1
+    final = load_checkpoint(out / "checkpoints" / f"checkpoint_{STEPS_PER_EPOCH:09d}.pt")
+    assert final["nonfinite"] == {"total": 1, "consecutive": 1}

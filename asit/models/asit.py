@@ -134,10 +134,17 @@ class StudentTeacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA step ``t = m * t + (1 - m) * s`` over all matched parameters; buffers are copied."""
-        m = float(momentum)
-        if self._teacher_params:
+    def update_teacher(self, momentum: float | torch.Tensor) -> None:
+        """EMA step ``t = m * t + (1 - m) * s`` over all matched parameters; buffers are copied.
+
+        ``momentum`` may be a 0-d tensor on the parameters' device (decided there without a host sync;
+        1 leaves the teacher's parameters as they are)."""
+        if isinstance(momentum, torch.Tensor):
+            if self._teacher_params:
+                torch._foreach_mul_(self._teacher_params, momentum)
+                torch._foreach_add_(self._teacher_params, torch._foreach_mul(self._student_params, 1.0 - momentum))
+        elif self._teacher_params:
+            m = float(momentum)
             torch._foreach_mul_(self._teacher_params, m)
             torch._foreach_add_(self._teacher_params, self._student_params, alpha=1.0 - m)
         if self._teacher_buffers:

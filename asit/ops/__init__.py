@@ -16,6 +16,7 @@ from .gmml import (
     GMMLOutput,
     gmml_corrupt,
     gmml_corrupt_reference,
+    gmml_shortfall,
     paint_block_mask,
     sample_gmml_blocks,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "centered_softmax_cross_entropy_reference",
     "gmml_corrupt",
     "gmml_corrupt_reference",
+    "gmml_shortfall",
     "masked_l1_loss",
     "masked_l1_loss_reference",
     "paint_block_mask",

@@ -46,7 +46,10 @@ def update_center_(
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
     if teacher_sum.device != center.device:
         raise ValueError(f"teacher_sum is on {teacher_sum.device} but center is on {center.device}")
-    count_t = torch.as_tensor(count, dtype=center.dtype, device=center.device).reshape(1)
+    if isinstance(count, torch.Tensor):
+        count_t = count.to(device=center.device, dtype=center.dtype).reshape(1)
+    else:  # filled on the device: no host-to-device copy (which would wait for the GPU queue)
+        count_t = torch.full((1,), float(count), dtype=center.dtype, device=center.device)
     buf = torch.cat([teacher_sum.to(center.dtype), count_t])
     if all_reduce is True:
         _default_all_reduce(buf)

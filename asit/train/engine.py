@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from asit.config import Config, config_to_dict, save_config
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
-from asit.ops import gmml_corrupt, sample_gmml_blocks
+from asit.ops import gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
 from .checkpoint import (
     CheckpointError,
@@ -46,6 +46,7 @@ from .visualize import save_reconstruction_grid
 __all__ = ["EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult"]
 
 _CHECKED_TERMS = ("global", "local", "recon")
+_FLAG_NAMES = (*_CHECKED_TERMS, "grad_norm")  # what the non-finite guard checks, in this order
 # Test hook (fault injection): ASIT_FAULT_AT_STEP=N makes rank ASIT_FAULT_RANK (default: the last rank)
 # exit abruptly with os._exit(1) right after step N, once per run directory (a marker file there records
 # that it fired, so the restarted workers run on). Used by the elastic-restart tests; unset in real runs.
@@ -93,14 +94,23 @@ class StepResult:
     """What one call of :meth:`Pretrainer.train_step` did.
 
     ``terms``: detached ``loss``, ``global``, ``local``, ``recon`` and ``grad_norm`` (device tensors,
-    no host sync). ``nonfinite``: the names (``global``/``local``/``recon``/``grad_norm``) that were
-    NaN/Inf on some rank; non-empty means the step was skipped: no optimiser, teacher or centre
-    update. ``monitors``: collapse monitors (only when asked for).
+    no host sync). ``flags``: per name in ``global``/``local``/``recon``/``grad_norm``, 1 where it was
+    NaN/Inf on some rank (a device tensor). ``nonfinite`` reads them (a host sync, done at once unless
+    the step runs sync-free): the names that were non-finite; non-empty means the step was skipped: no
+    optimiser, teacher or centre update. ``monitors``: collapse monitors (only when asked for).
     """
 
     terms: dict[str, torch.Tensor]
-    nonfinite: list[str] = field(default_factory=list)
+    flags: torch.Tensor | None = None
     monitors: dict[str, float] = field(default_factory=dict)
+    _nonfinite: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def nonfinite(self) -> list[str]:
+        if self._nonfinite is None:
+            bad = self.flags.tolist() if self.flags is not None else [0] * len(_FLAG_NAMES)
+            self._nonfinite = [k for k, f in zip(_FLAG_NAMES, bad, strict=True) if f]
+        return self._nonfinite
 
     @property
     def skipped(self) -> bool:
@@ -186,6 +196,7 @@ class Pretrainer:
         self.bad_inputs: Counter[str] = Counter()
         self.nonfinite_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
         self.nonfinite_consecutive = 0
+        self.gmml_shortfall_total = 0  # sync-free GMML samples left below their target (budget too small)
         self._preview: tuple[torch.Tensor, ...] | None = None  # a few samples of the epoch's last step
 
     # ------------------------------------------------------------------ setup
@@ -222,6 +233,21 @@ class Pretrainer:
         self.precision = prec
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=prec == "fp16")
+        t = self.cfg.train
+        if t.sync_free and prec == "fp16":
+            raise ValueError("train.sync_free=true needs bf16 or fp32: fp16's loss scaler reads its overflow "
+                             "flag on the host")
+        self.sync_free = (t.mode == "fast" and self.device.type == "cuda" and prec != "fp16"
+                          if t.sync_free is None else bool(t.sync_free))
+        # sync-free bookkeeping on the device: [skipped total, skipped in a row now, longest run since the
+        # last read, then per name in _FLAG_NAMES how often it was non-finite since the last read]
+        self._nf_counts = torch.zeros(3 + len(_FLAG_NAMES), dtype=torch.int64, device=self.device)
+        self._shortfall = torch.zeros((), dtype=torch.int64, device=self.device)
+        # host-side agreement between ranks (e.g. "is every rank's batch usable?") over gloo, so it never
+        # waits for the GPU queue
+        self._host_group = None
+        if self.dist.distributed:
+            self._host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -352,7 +378,7 @@ class Pretrainer:
     def _setup_optimizer(self) -> None:
         o = self.cfg.optim
         kwargs: dict[str, Any] = {"betas": o.betas}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" or self.sync_free:  # sync-free skips through fused AdamW's found_inf
             kwargs["fused"] = True
         self.optimizer = torch.optim.AdamW(_param_groups(self.student), lr=0.0, **kwargs)
         self.last_layer_params = [p for layer in self.student.head.last_layers for p in layer.parameters()
@@ -384,6 +410,7 @@ class Pretrainer:
             "rng": _rng_state(self.gmml_gen),
             "bad_inputs": dict(self.bad_inputs),
             "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
+            "gmml_shortfall": self.gmml_shortfall_total,
             "config": config_to_dict(self.cfg),
         }
 
@@ -396,6 +423,7 @@ class Pretrainer:
         checksum, atomically: the commit point, so a checkpoint on disk always has all its RNG files; then
         it prunes; (5) barrier. A crash at any point leaves the previous checkpoint usable.
         """
+        self._sync_nonfinite()
         step = self.step
         digests = self._replica_digests() if self.cfg.train.verify_replicas else None
         atomic_save(_rng_state(self.gmml_gen), rng_path(self.run_dir, step, self.dist.rank))
@@ -541,6 +569,10 @@ class Pretrainer:
         nonfinite = state.get("nonfinite", {})
         self.nonfinite_total = int(nonfinite.get("total", 0))
         self.nonfinite_consecutive = int(nonfinite.get("consecutive", 0))
+        self._nf_counts.zero_()
+        self._nf_counts[0], self._nf_counts[1] = self.nonfinite_total, self.nonfinite_consecutive
+        self.gmml_shortfall_total = int(state.get("gmml_shortfall", 0))
+        self._shortfall.fill_(self.gmml_shortfall_total)
         self.step = int(state["step"])
         self.start_epoch = self.step // self.iters_per_epoch
         self.skip_batches = self.step % self.iters_per_epoch
@@ -567,8 +599,11 @@ class Pretrainer:
             blocks = sample_gmml_blocks(b, t, f, generator=self.gmml_gen, device=self.device,
                                         zero_ratio=g.zero_ratio, alien_ratio=g.alien_ratio,
                                         alien_prob=g.alien_prob, max_block_frac=g.max_block_frac,
-                                        align=g.align, allow_self_alien=g.allow_self_alien)
+                                        align=g.align, allow_self_alien=g.allow_self_alien,
+                                        budget=g.candidate_budget if self.sync_free else None)
             out = gmml_corrupt(x, blocks, self.cfg.model.patch_size)
+            if self.sync_free:
+                self._shortfall += gmml_shortfall(out.mask, blocks.target).sum()
             clean.append(x)
             corrupted.append(out.corrupted)
             masks.append(out.mask)
@@ -599,21 +634,25 @@ class Pretrainer:
         torch._foreach_mul_([p.grad for p in params], scales)
         return total
 
-    def _all_ranks(self, flags: torch.Tensor) -> list[bool]:
-        """OR of boolean ``flags`` over all ranks, on the host (one tiny all-reduce under DDP)."""
+    def _any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        """OR of boolean ``flags`` over all ranks, as float32 0/1 on the device (an all-reduce under DDP,
+        queued like any other kernel: no host sync)."""
         flags = flags.to(torch.float32)
         if self.dist.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return [bool(f) for f in flags.tolist()]
+        return flags
 
     def _batch_usable(self, batch: dict[str, Any]) -> bool:
         """True when every rank has at least 2 decodable clips (GMML's alien mode and the batch
         statistics need 2). Ranks must agree, or DDP's gradient all-reduce would pair up different
-        steps and hang."""
+        steps and hang. The batch size is known on the host, so ranks agree over a gloo group without
+        waiting for the device."""
         too_small = batch["views"].shape[0] < 2
         if not self.dist.distributed:
             return not too_small
-        return not self._all_ranks(torch.tensor([too_small], device=self.device))[0]
+        flag = torch.tensor([float(too_small)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
+        return not bool(flag[0])
 
     def train_step(self, batch: dict[str, Any], epoch: int, *, monitors: bool = False,
                    preview: bool = False) -> StepResult:
@@ -622,7 +661,10 @@ class Pretrainer:
         A non-finite loss term or gradient norm (on any rank) skips the step: the gradients are
         dropped and neither the optimiser, the teacher nor the centres change; the step counter still
         advances (the batch is consumed and the schedules move on, so resume stays exact). Checking
-        costs one host sync per step (plus a tiny all-reduce under DDP).
+        costs one host sync per step (plus a tiny all-reduce under DDP), unless the trainer runs
+        sync-free (``train.sync_free``): then the skip is applied on the device and reported at the next
+        log interval, checkpoint or epoch end (:meth:`_sync_nonfinite`), and the result's ``nonfinite``
+        is read only when asked for.
 
         Args:
             monitors: also compute the collapse monitors (teacher entropies; a host sync).
@@ -656,14 +698,16 @@ class Pretrainer:
         terms = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
             terms["grad_norm"] = grad_norm.detach()
-        result = StepResult(terms, nonfinite=self._nonfinite(terms))
+        result = StepResult(terms, flags=self._nonfinite_flags(terms))
         if monitors:
             result.monitors = self._monitors(hp, teacher_out)  # with the centres this step used
-        if preview and not result.skipped:
+        if preview and not result.skipped:  # sync-free: one read per epoch, for the picture
             n = min(4, clean.shape[0])
             recon = student_out["recon"]
             self._preview = tuple(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask))
-        if result.skipped:
+        if self.sync_free:
+            self._step_or_skip_on_device(result.flags, hp, center_stats)
+        elif result.skipped:
             self._skip_step(result)
         else:
             self.scaler.step(self.optimizer)
@@ -675,11 +719,70 @@ class Pretrainer:
         self._hp = hp
         return result
 
-    def _nonfinite(self, terms: dict[str, torch.Tensor]) -> list[str]:
-        """Names of the loss terms / gradient norm that are NaN or Inf on any rank (host sync)."""
-        names = [k for k in (*_CHECKED_TERMS, "grad_norm") if k in terms]
-        flags = torch.stack([~torch.isfinite(terms[k].float()) for k in names])
-        return [k for k, bad in zip(names, self._all_ranks(flags), strict=True) if bad]
+    def _nonfinite_flags(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per name in ``_FLAG_NAMES``, 1.0 where that loss term / the gradient norm is NaN or Inf on any
+        rank (0 for an absent one): float32 on the device."""
+        zero = torch.zeros((), dtype=torch.bool, device=self.device)
+        flags = torch.stack([~torch.isfinite(terms[k].float()) if k in terms else zero for k in _FLAG_NAMES])
+        return self._any_rank(flags)
+
+    @torch.no_grad()
+    def _step_or_skip_on_device(self, flags: torch.Tensor, hp: dict[str, float], center_stats) -> None:
+        """The optimiser, centre and teacher updates, each a no-op where ``flags`` say the step is bad,
+        decided on the device: fused AdamW skips on its ``found_inf`` flag (its step count is restored),
+        the centres keep their old values through ``torch.where`` and the teacher's EMA momentum becomes 1.
+        The skip counters stay on the device until :meth:`_sync_nonfinite` reads them."""
+        bad = flags.amax() > 0
+        self.optimizer.found_inf = bad.to(torch.float32)
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = None
+        lf = self.loss_fn
+        old = (lf.center_global.clone(), lf.center_local.clone())
+        lf.update_centers_(center_stats)
+        for center, before in zip((lf.center_global, lf.center_local), old, strict=True):
+            center.copy_(torch.where(bad, before, center))
+        self.pair.update_teacher(torch.where(bad, 1.0, hp["momentum"]))
+        c, b = self._nf_counts, bad.to(torch.int64)
+        run = (c[1] + 1) * b
+        c[:3] = torch.stack([c[0] + b, run, torch.maximum(c[2], run)])
+        c[3:] += flags.to(torch.int64)
+
+    def _sync_nonfinite(self) -> None:
+        """Sync-free mode: read the device-side skip counters (one host sync), report the steps skipped
+        since the last read, and stop (:class:`NonFiniteLossError`) if a run of skipped steps reached
+        ``train.max_consecutive_nonfinite``. Called at log intervals, checkpoints and epoch ends."""
+        if not self.sync_free:
+            return
+        total, consecutive, longest, *per_name, shortfall = torch.cat([self._nf_counts, self._shortfall[None]]).tolist()
+        if shortfall > self.gmml_shortfall_total and self.dist.is_main:
+            log.warning("GMML: %d sample(s) so far stayed below their corruption target: "
+                        "gmml.candidate_budget=%d candidate blocks did not cover it; raise the budget",
+                        shortfall, self.cfg.gmml.candidate_budget)
+        self.gmml_shortfall_total = shortfall
+        new = total - self.nonfinite_total
+        self.nonfinite_total, self.nonfinite_consecutive = total, consecutive
+        if new <= 0:
+            return
+        self._nf_counts[2:] = 0
+        names = [k for k, n in zip(_FLAG_NAMES, per_name, strict=True) if n]
+        what = ", ".join(f"{k} ({n} step{'s' if n > 1 else ''})" for k, n in zip(_FLAG_NAMES, per_name,
+                                                                                 strict=True) if n)
+        if self.dist.is_main:
+            log.warning("up to step %d: %d step(s) skipped for a non-finite %s (no optimiser, teacher or centre "
+                        "update); longest run %d, %d in a row now, %d in total", self.step, new, what, longest,
+                        consecutive, total)
+            self.writer.write(self.step, {
+                "event": "nonfinite_skip", "skipped_steps": new, "nonfinite": names, "longest_run": longest,
+                "nonfinite_consecutive": consecutive, "nonfinite_total": total})
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if longest >= limit:
+            raise NonFiniteLossError(
+                f"{longest} consecutive steps had a non-finite loss or gradient norm "
+                f"(train.max_consecutive_nonfinite={limit}; checked sync-free, so noticed at step {self.step}); "
+                f"non-finite: {what}. Stopping. Try a lower optim.lr, train.precision=fp32, or check the data; "
+                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
 
     def _nonfinite_params(self) -> list[str]:
         """Which parts of the student (e.g. ``backbone.blocks.3``, ``head``) hold a NaN/Inf gradient.
@@ -769,6 +872,8 @@ class Pretrainer:
                                 "step skipped", self.step + 1)
                     self.step += 1
                 bar.update(1)
+                if log_now:
+                    self._sync_nonfinite()
                 if log_now and result is not None and not result.skipped:
                     rate = window_samples / max(time.time() - window_start, 1e-9)
                     values = self._log_values(result, epoch, rate)
@@ -786,7 +891,9 @@ class Pretrainer:
                 if every and self.step % every == 0 and self.step % self.iters_per_epoch != 0:
                     self.save_checkpoint()
             bar.close()
+            self._sync_nonfinite()
             self._end_epoch(epoch, epoch_skipped)
+        self._sync_nonfinite()
         summary.update(steps=self.step, wall_time_s=time.time() - started,
                        nonfinite_skipped=self.nonfinite_total)
         if self.dist.is_main:
@@ -804,6 +911,8 @@ class Pretrainer:
         values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
         values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
         values["nonfinite_total"] = self.nonfinite_total
+        if self.sync_free:
+            values["gmml_shortfall"] = self.gmml_shortfall_total  # read by _sync_nonfinite just before
         return values
 
     def _check_bad_fraction(self, epoch: int, seen: int, skipped: Counter[str]) -> None:
