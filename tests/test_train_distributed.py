@@ -30,9 +30,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(out: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, cache: Path, *args: str, wrapper: Path | None = None) -> subprocess.CompletedProcess:
+    """Two CPU ranks of ``scripts/pretrain.py`` (each started through ``wrapper``, given one)."""
+    script = [str(wrapper)] if wrapper else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "scripts" / "pretrain.py"),
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *script, str(ROOT / "scripts" / "pretrain.py"),
            "--config", "demo_cpu", *TINY, f"train.output_dir={out}", *args]
     env = dict(os.environ, ASIT_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -104,13 +106,8 @@ def test_ddp_sync_free_skip_on_one_rank_is_taken_by_all(tmp_path) -> None:
     wrapper = tmp_path / "nan_on_rank_1.py"
     wrapper.write_text(_NAN_ON_RANK_1)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(wrapper),
-           str(ROOT / "scripts" / "pretrain.py"), "--config", "demo_cpu", *TINY, f"train.output_dir={out}",
-           "train.epochs=1", "train.sync_free=true", "optim.warmup_epochs=0"]
-    env = dict(os.environ, ASIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    _torchrun(out, tmp_path / "cache", "train.epochs=1", "train.sync_free=true", "optim.warmup_epochs=0",
+              wrapper=wrapper)
     with open(out / "log.jsonl", encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
     assert [(r["step"], r.get("event")) for r in records] == [(1, None), (2, "nonfinite_skip")]
