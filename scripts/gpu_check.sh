@@ -27,15 +27,15 @@ status=0
 # The GPU-relevant tests: kernels against their references on the device, op registration and
 # compile, the models (attention backends), the batched fbank on CUDA and the compiled trainer.
 # (The CPU-only rest of the suite runs in CI.)
-timeout 170 python3 -m pytest -q -x tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py \
+timeout 160 python3 -m pytest -q -x tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py \
     tests/test_kernels_gmml.py tests/test_kernels_registration.py tests/test_ops_reference.py tests/test_models.py \
     tests/test_data_fbank_batched.py tests/test_train_modes.py tests/test_train_sync_free.py --junitxml="$OUT/tests.xml" \
     2>&1 | tee "$OUT/tests.log" | tail -n 30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 110 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py \
+timeout 140 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py bench/test_bench_pipeline.py \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 240 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
+timeout 230 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
     2>&1 | tee "$OUT/bench_train.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo

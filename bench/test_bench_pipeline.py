@@ -1,0 +1,118 @@
+"""The whole data pipeline as the fast trainer consumes it, on all of this machine's cores: clips/s.
+
+``torch``: :class:`asit.data.PretrainDataset` in ``DataLoader`` workers, one per core (decode 10 s
+32 kHz WAV clips with soundfile, two random 6 s crops with the v1 roll, one batched Kaldi fbank per
+clip, normalise), pinned batches moved to the device without blocking, then GMML on the device for
+each view (:func:`asit.ops.sample_gmml_blocks`, sync-free with a candidate budget on CUDA, and
+:func:`asit.ops.gmml_corrupt`). ``dali``: :class:`asit.data.dali.DaliPretrainLoader` (decode and
+crops in DALI with one thread per core, on the GPU when there is one), then the same GMML.
+
+Issue 4's target: at least 2,000 clips/s on a 16-core machine with an H100. On a machine without a
+GPU this runs a smaller batch and GMML on the CPU (in the main process, beside the workers), and
+says so in ``extra_info``. Run with ``pytest bench/test_bench_pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+import asit.ops as ops
+from asit.data import PretrainDataset, collate_pretrain, ensure_demo_dataset, load_manifest
+
+CUDA = torch.cuda.is_available()
+SR, SECONDS, CLIPS = 32000, 10.0, 96  # the corpus; clips are read again and again (page cache)
+BATCH = 64 if CUDA else 16
+BATCHES_PER_ROUND = 8 if CUDA else 2
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+TARGET_CLIPS_PER_S = 2000
+
+
+class _Forever(Sampler[int]):
+    """A new random order of the corpus after every pass, without end."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield from torch.randperm(self.n, generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = ensure_demo_dataset(tmp_path_factory.mktemp("pipeline"), num_clips=CLIPS, sample_rate=SR,
+                               seconds=SECONDS, seed=0)
+    return load_manifest(root)
+
+
+def _gmml(views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """GMML for each view of ``views [B, V, 1, T, F]``, as ``Pretrainer._corrupt`` runs it."""
+    b, v, _, t, f = views.shape
+    out = []
+    for i in range(v):
+        blocks = ops.sample_gmml_blocks(b, t, f, generator=generator, device=views.device,
+                                        budget=256 if views.is_cuda else None)
+        out.append(ops.gmml_corrupt(views[:, i], blocks, 16).corrupted)
+    return torch.cat(out)
+
+
+def _round(batches, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    for _ in range(BATCHES_PER_ROUND):
+        views = next(batches)["views"].to(device, non_blocking=True)
+        corrupted = _gmml(views, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return corrupted
+
+
+def _torch_batches(entries, device: torch.device):
+    dataset = PretrainDataset(entries, sample_rate=SR, crop_seconds=6.0, num_views=2, num_mel_bins=128,
+                              target_frames=592, seed=0)
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=_Forever(len(dataset)), num_workers=CORES,
+                        collate_fn=collate_pretrain, pin_memory=device.type == "cuda", drop_last=True,
+                        prefetch_factor=4, persistent_workers=False)
+    return iter(loader)
+
+
+def _dali_batches(entries, device: torch.device):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'asit[dali]')")
+    from asit.data.dali import DaliPretrainLoader
+
+    loader = DaliPretrainLoader(entries, batch_size=BATCH, sample_rate=SR, num_views=2, num_mel_bins=128,
+                                target_frames=592, fbank="torch", num_threads=CORES, seed=0,
+                                device_id=(device.index or 0) if device.type == "cuda" else None)
+
+    def forever():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    return forever()
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_pipeline_end_to_end(benchmark, corpus, device, backend):
+    batches = (_torch_batches if backend == "torch" else _dali_batches)(corpus, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        out = benchmark.pedantic(_round, args=(batches, device, generator), rounds=5, iterations=1,
+                                 warmup_rounds=2)
+    finally:
+        del batches  # stops the loader's workers
+    assert out.shape == (2 * BATCH, 1, 592, 128) and torch.isfinite(out).all()
+    clips_per_s = BATCH * BATCHES_PER_ROUND / benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        clips_per_s=round(clips_per_s, 1), target_clips_per_s=TARGET_CLIPS_PER_S if device.type == "cuda" else None,
+        backend=backend, batch=BATCH, cores=CORES, loader_workers=CORES if backend == "torch" else 0,
+        gmml_on=device.type, clip_seconds=SECONDS, sample_rate=SR, format="wav pcm16",
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+    )
