@@ -149,3 +149,22 @@ def test_invalid_arguments(clips):
         PretrainDataset(clips, num_views=0)
     with pytest.raises(ValueError, match="roll_prob"):
         PretrainDataset(clips, roll_prob=1.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_fbank_is_skipped_not_batched(clips, monkeypatch, bad):
+    """The last guard after decoding: a NaN/Inf anywhere in a clip's views (here from a patched fbank)
+    turns the sample into a counted skip."""
+    import asit.data.dataset as dataset_module
+
+    real = dataset_module.batched_kaldi_fbank
+
+    def poisoned(waves, *args, **kwargs):
+        out = real(waves, *args, **kwargs)
+        out[-1, 7, 3] = bad
+        return out
+
+    monkeypatch.setattr(dataset_module, "batched_kaldi_fbank", poisoned)
+    sample = PretrainDataset(clips, **SMALL)[0]
+    assert not sample["ok"] and sample["error"] == "non-finite"
+    assert torch.isfinite(sample["views"]).all()
