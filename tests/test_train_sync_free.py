@@ -229,3 +229,22 @@ def test_sync_free_step_on_cuda_never_syncs(tmp_path) -> None:
         assert not result.skipped
     finally:
         trainer.cleanup()
+
+
+def test_expected_blocks_tracks_the_sampler() -> None:
+    """The estimate behind the budget warning is in the right range of what the sampler draws."""
+    g = torch.Generator().manual_seed(11)
+    blocks = ops.sample_gmml_blocks(256, 592, 128, generator=g, zero_ratio=(0.7, 0.7), alien_prob=0.0)
+    used = (blocks.boxes[..., 2] > 0).sum(1).double()
+    estimate = ops.expected_gmml_blocks(592, 128, 0.7)
+    assert 0.7 * float(used.median()) < estimate < 1.3 * float(used.median())
+    assert ops.expected_gmml_blocks(592, 128, 0.7, max_block_frac=0.1) > 5 * estimate  # smaller blocks, more
+
+
+def test_a_budget_too_small_for_the_block_settings_is_warned(tmp_path, caplog) -> None:
+    trainer = Pretrainer(tiny_config(tmp_path, *SYNC_FREE, "gmml.candidate_budget=40",
+                                     "gmml.max_block_frac=0.1"))
+    with caplog.at_level("WARNING", logger="asit.train.engine"):
+        trainer.setup()
+    trainer.cleanup()
+    assert "gmml.candidate_budget=40 may be too small" in caplog.text

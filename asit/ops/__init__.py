@@ -14,6 +14,7 @@ from .distill_ce import (
 from .gmml import (
     GMMLBlocks,
     GMMLOutput,
+    expected_gmml_blocks,
     gmml_corrupt,
     gmml_corrupt_reference,
     gmml_shortfall,
@@ -28,6 +29,7 @@ __all__ = [
     "GMMLOutput",
     "centered_softmax_cross_entropy",
     "centered_softmax_cross_entropy_reference",
+    "expected_gmml_blocks",
     "gmml_corrupt",
     "gmml_corrupt_reference",
     "gmml_shortfall",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from asit.config import Config, config_to_dict, save_config
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
-from asit.ops import gmml_corrupt, gmml_shortfall, sample_gmml_blocks
+from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
 from .checkpoint import (
     CheckpointError,
@@ -245,6 +246,14 @@ class Pretrainer:
         self._shortfall = torch.zeros((), dtype=torch.int64, device=self.device)
         # host-side agreement between ranks (e.g. "is every rank's batch usable?") over gloo, so it never
         # waits for the GPU queue
+        g, d = self.cfg.gmml, self.cfg.data
+        need = expected_gmml_blocks(d.target_frames, d.num_mel_bins, max(g.zero_ratio[1], g.alien_ratio),
+                                    max_block_frac=g.max_block_frac, align=g.align)
+        if self.sync_free and 3 * need > g.candidate_budget and self.dist.is_main:
+            advice = f"about {64 * math.ceil(3 * need / 64)}" if math.isfinite(need) else "far more"
+            log.warning("gmml.candidate_budget=%d may be too small: these block settings need about %.0f blocks "
+                        "for the largest target; short samples are counted as gmml_shortfall (raise the budget "
+                        "to %s)", g.candidate_budget, need, advice)
         self._host_group = None
         if self.dist.distributed:
             self._host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
