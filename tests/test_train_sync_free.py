@@ -78,6 +78,15 @@ def test_budget_shortfall_is_flagged_per_sample() -> None:
     assert short.any() and bool((blocks.boxes[short, :, 2] > 0).all())  # a short sample keeps every block
 
 
+def test_centre_update_builds_nothing_from_host_data() -> None:
+    """``update_center_`` with a Python count fills it on the device (was a blocking host-to-device copy)."""
+    center, total = torch.zeros(8), torch.randn(8)
+    with HostReads() as reads:
+        ops.update_center_(center, total, count=5, momentum=0.9)
+    assert reads.reads == []
+    torch.testing.assert_close(center, 0.1 * total / 5)
+
+
 @pytest.mark.parametrize("budget", [0, -3, 2.5, True])
 def test_bad_budget_is_rejected(budget) -> None:
     with pytest.raises(ValueError, match="budget"):

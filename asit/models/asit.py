@@ -138,11 +138,13 @@ class StudentTeacher(nn.Module):
         """EMA step ``t = m * t + (1 - m) * s`` over all matched parameters; buffers are copied.
 
         ``momentum`` may be a 0-d tensor on the parameters' device (decided there without a host sync;
-        1 leaves the teacher's parameters as they are)."""
+        1 leaves the teacher's parameters exactly as they are). Then each parameter is ``lerp_``-ed
+        towards the student's with weight ``1 - m``: the foreach ops take only a host scalar here, and
+        one ``lerp_`` per tensor reads each pair once, with no temporary copy of the student."""
         if isinstance(momentum, torch.Tensor):
-            if self._teacher_params:
-                torch._foreach_mul_(self._teacher_params, momentum)
-                torch._foreach_add_(self._teacher_params, torch._foreach_mul(self._student_params, 1.0 - momentum))
+            weight = 1.0 - momentum
+            for t, s in zip(self._teacher_params, self._student_params, strict=True):
+                t.lerp_(s, weight)
         elif self._teacher_params:
             m = float(momentum)
             torch._foreach_mul_(self._teacher_params, m)

@@ -198,7 +198,8 @@ class Pretrainer:
         self.nonfinite_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
         self.nonfinite_consecutive = 0
         self.gmml_shortfall_total = 0  # sync-free GMML samples left below their target (budget too small)
-        self._preview: tuple[torch.Tensor, ...] | None = None  # a few samples of the epoch's last step
+        # the epoch's last step: its StepResult and a few (clean, corrupted, recon, mask) samples
+        self._preview: tuple | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -244,8 +245,6 @@ class Pretrainer:
         # last read, then per name in _FLAG_NAMES how often it was non-finite since the last read]
         self._nf_counts = torch.zeros(3 + len(_FLAG_NAMES), dtype=torch.int64, device=self.device)
         self._shortfall = torch.zeros((), dtype=torch.int64, device=self.device)
-        # host-side agreement between ranks (e.g. "is every rank's batch usable?") over gloo, so it never
-        # waits for the GPU queue
         g, d = self.cfg.gmml, self.cfg.data
         need = expected_gmml_blocks(d.target_frames, d.num_mel_bins, max(g.zero_ratio[1], g.alien_ratio),
                                     max_block_frac=g.max_block_frac, align=g.align)
@@ -254,9 +253,12 @@ class Pretrainer:
             log.warning("gmml.candidate_budget=%d may be too small: these block settings need about %.0f blocks "
                         "for the largest target; short samples are counted as gmml_shortfall (raise the budget "
                         "to %s)", g.candidate_budget, need, advice)
+        # sync-free under NCCL: ranks agree on host facts ("is every rank's batch usable?") over a gloo group,
+        # so the agreement never waits for the GPU queue (on multi-node clusters gloo needs a reachable
+        # interface: GLOO_SOCKET_IFNAME, see the README)
         self._host_group = None
-        if self.dist.distributed:
-            self._host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        if self.sync_free and self.dist.distributed and dist.get_backend() != "gloo":
+            self._host_group = dist.new_group(backend="gloo")
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -654,12 +656,14 @@ class Pretrainer:
     def _batch_usable(self, batch: dict[str, Any]) -> bool:
         """True when every rank has at least 2 decodable clips (GMML's alien mode and the batch
         statistics need 2). Ranks must agree, or DDP's gradient all-reduce would pair up different
-        steps and hang. The batch size is known on the host, so ranks agree over a gloo group without
-        waiting for the device."""
+        steps and hang."""
         too_small = batch["views"].shape[0] < 2
         if not self.dist.distributed:
             return not too_small
-        flag = torch.tensor([float(too_small)])
+        # sync-free under NCCL: over the gloo group, on the host; otherwise over the default group (with
+        # NCCL the read-back then waits for the device)
+        device = "cpu" if self._host_group is not None else self.device
+        flag = torch.tensor([float(too_small)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
         return not bool(flag[0])
 
@@ -710,10 +714,10 @@ class Pretrainer:
         result = StepResult(terms, flags=self._nonfinite_flags(terms))
         if monitors:
             result.monitors = self._monitors(hp, teacher_out)  # with the centres this step used
-        if preview and not result.skipped:  # sync-free: one read per epoch, for the picture
+        if preview:  # a skipped step's picture is dropped at the epoch end (_end_epoch reads the flags)
             n = min(4, clean.shape[0])
             recon = student_out["recon"]
-            self._preview = tuple(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask))
+            self._preview = (result, *(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask)))
         if self.sync_free:
             self._step_or_skip_on_device(result.flags, hp, center_stats)
         elif result.skipped:
@@ -832,8 +836,9 @@ class Pretrainer:
                 f"{what}. Stopping. Try a lower optim.lr, train.precision=bf16/fp32, or check the data; "
                 f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
 
-    def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Collapse monitors: teacher entropy per head (max log K), with the step's centres."""
+    def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Collapse monitors: teacher entropy per head (max log K), with the step's centres; 0-d device
+        tensors, read when the step is logged."""
         lf = self.loss_fn
         return {
             "teacher_entropy_cls": softmax_entropy(teacher_out["cls_logits"], lf.center_global,
@@ -916,7 +921,7 @@ class Pretrainer:
         values.update(self._hp)
         values["samples_per_s"] = samples_per_s
         values["epoch"] = epoch
-        values.update(result.monitors)
+        values.update({k: float(v) for k, v in result.monitors.items()})
         values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
         values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
         values["nonfinite_total"] = self.nonfinite_total
@@ -946,8 +951,9 @@ class Pretrainer:
                         dict(skipped.most_common(5)))
         self.writer.flush()
         every = self.cfg.train.image_every_epochs
-        if self.dist.is_main and every and (epoch + 1) % every == 0 and self._preview is not None:
-            clean, corrupted, recon, mask = self._preview
+        if (self.dist.is_main and every and (epoch + 1) % every == 0 and self._preview is not None
+                and not self._preview[0].skipped):
+            _, clean, corrupted, recon, mask = self._preview
             save_reconstruction_grid(self.run_dir / "images" / f"epoch_{epoch + 1:04d}.png", clean, corrupted,
                                      recon, mask, title=f"epoch {epoch + 1}, step {self.step}")
         self.save_checkpoint()

@@ -18,11 +18,12 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def softmax_entropy(logits: torch.Tensor, center: torch.Tensor, temp: float) -> float:
-    """Mean entropy (nats) of ``softmax((logits - center) / temp)`` over rows; its maximum is
-    ``log K``. A teacher collapsing to one class drives it to 0, a uniform teacher to ``log K``."""
-    p = torch.softmax((logits.float().reshape(-1, logits.shape[-1]) - center) / temp, dim=-1)
-    return float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
+def softmax_entropy(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """Mean entropy (nats) of ``softmax((logits - center) / temp)`` over rows, a 0-d tensor on the
+    logits' device (read it when logging: no host sync here); its maximum is ``log K``. A teacher
+    collapsing to one class drives it to 0, a uniform teacher to ``log K``."""
+    p = torch.softmax((logits.detach().float().reshape(-1, logits.shape[-1]) - center) / temp, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
 
 
 def _json_value(value: Any) -> Any:
