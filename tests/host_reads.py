@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # Methods that hand a tensor's value to Python, or copy it to the host.
-_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__len__",
+_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__",
           "__format__", "__repr__", "equal", "allclose", "is_nonzero"}
 # Operations whose output shape depends on the values (the host must wait for the count).
 _DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"}
