@@ -1,7 +1,8 @@
 """GMML corruption painter: apply sampled rectangular blocks to a batch of spectrograms.
 
 One program owns one band of ``p`` rows (one row of tokens) and ``TOKENS`` whole patches along
-the width of one sample. It tests each pixel against every box of that sample, writes the
+the width of one sample. It tests each pixel against the boxes of that sample up to its last
+non-empty one (the sync-free sampler leaves long blank tails), writes the
 corrupted pixels of all channels (0, or the pixel of ``x[source]`` at the same position), the
 bool mask, and the corrupted fraction of each of its patches — counted exactly in integers, then
 divided once with round-to-nearest, which is what ``avg_pool2d`` of a 0/1 mask produces.
@@ -29,6 +30,7 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _gmml_corrupt_kernel(
     x_ptr,  # [B, C, H, W] input as integer bits, contiguous
     boxes_ptr,  # [B, M, 4] int32/int64 (top, left, height, width), contiguous
+    nbox_ptr,  # [B] int32: boxes past this many are empty for this sample (the loop stops there)
     alien_ptr,  # [B] uint8 (bool view): 1 = fill from source, 0 = fill with zeros
     source_ptr,  # [B] int32/int64 batch index of the alien source
     out_ptr,  # [B, C, H, W] output bits, contiguous
@@ -59,7 +61,9 @@ def _gmml_corrupt_kernel(
 
     hit = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.int1)
     four = tl.arange(0, 4)
-    for m in range(0, n_boxes):
+    one = tl.arange(0, 1)
+    n_used = tl.sum(tl.load(nbox_ptr + b + one, mask=one < 1, other=0), axis=0)
+    for m in range(0, n_used):
         box = tl.load(boxes_ptr + (b * n_boxes + m) * 4 + four, mask=four < 4, other=0).to(tl.int64)
         top = tl.sum(tl.where(four == 0, box, 0), axis=0)
         left = tl.sum(tl.where(four == 1, box, 0), axis=0)
@@ -70,7 +74,6 @@ def _gmml_corrupt_kernel(
         hit = hit | (in_r[:, None] & in_c[None, :])
     hit = hit & ok
 
-    one = tl.arange(0, 1)
     alien = tl.sum(tl.load(alien_ptr + b + one, mask=one < 1, other=0).to(tl.int32), axis=0) != 0
     src = tl.sum(tl.load(source_ptr + b + one, mask=one < 1, other=0).to(tl.int64), axis=0)
     pix = rows[:, None] * width + cols[None, :]
@@ -106,8 +109,15 @@ def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, sour
     block_p, tokens, block_w = gmml_blocks(patch_size)
     grid = (b, triton.cdiv(h, patch_size), triton.cdiv(w, tokens * patch_size))
     if b * h * w > 0:
+        # per sample, 1 + the index of its last non-empty box: the painter loops only that far (the
+        # sampler blanks the slots after each sample's prefix, up to its budget), computed on the device
+        m = boxes.shape[1]
+        nonempty = (boxes[..., 2] > 0) & (boxes[..., 3] > 0)  # [B, M]
+        order = torch.arange(1, m + 1, dtype=torch.int32, device=boxes.device)
+        n_used = (nonempty.to(torch.int32) * order).amax(dim=1) if m else boxes.new_zeros(b, dtype=torch.int32)
         _gmml_corrupt_kernel[grid](
-            xc.view(bits), boxes.contiguous(), alien.contiguous().view(torch.uint8), source.contiguous(),
+            xc.view(bits), boxes.contiguous(), n_used.contiguous(), alien.contiguous().view(torch.uint8),
+            source.contiguous(),
             corrupted.view(bits), mask.view(torch.uint8), frac, c, h, w, boxes.shape[1], tokens_h, tokens_w,
             PATCH=patch_size, BLOCK_P=block_p, TOKENS=tokens, BLOCK_T=triton.next_power_of_2(tokens),
             BLOCK_W=block_w, num_warps=num_warps_for(block_p * block_w))

@@ -102,3 +102,15 @@ def test_random_boxes_property(h, w, p, n_boxes, data):
     x = torch.randn(2, 1, h, w)
     blocks = GMMLBlocks(torch.tensor(rows, dtype=torch.int32), alien, torch.tensor([1, 0]), torch.zeros(2))
     _check(x, blocks, p, seed="hypothesis")
+
+
+def test_budget_blocks_with_blank_tails_bit_identical(device, seed, poison):
+    """Sync-free sampling leaves most slots blank after each sample's prefix; the kernel stops at each
+    sample's last non-empty box and must still paint exactly like the reference (one sample here has
+    an empty box in the middle, and one has no box at all)."""
+    blocks = sample_gmml_blocks(5, 37, 23, device=device, budget=48, max_block_frac=0.5)
+    boxes = blocks.boxes.clone()
+    boxes[1, 0, 2] = 0  # an empty box before non-empty ones
+    boxes[2, :, 2:] = 0  # a sample without any box
+    x = torch.randn(5, 2, 37, 23, device=device)
+    _check(x, blocks._replace(boxes=boxes), 8, seed)
