@@ -213,7 +213,8 @@ class DaliPretrainLoader:
     ``(B, L, 1, T_local, F)`` when ``local_views > 0``, ``label`` multi-hot ``(B, K)``,
     ``index`` int64 ``(B,)`` (manifest indices), ``num_skipped``, ``skip_reasons`` and
     ``skipped_indices`` (clips left out mid-run since the previous batch, see the module
-    docstring); tensors on ``cuda:device_id``, or the CPU for ``device_id=None``.
+    docstring); the views on ``cuda:device_id`` (the CPU for ``device_id=None``), ``label`` and
+    ``index`` on the CPU.
 
     One pass of ``iter()`` yields ``steps_per_epoch`` batches (default: this shard's clips //
     ``batch_size``) of the current epoch; :meth:`set_epoch` ``(epoch, skip)`` starts an epoch's
@@ -373,7 +374,9 @@ class DaliPretrainLoader:
         index = torch.from_numpy(np.array(outputs[0].as_tensor())).reshape(-1).to(torch.int64)  # [B]
         batch: dict[str, Any] = {
             "views": self._views(self._tensor(outputs[1]), self.target_frames),
-            "label": self.labels[index].to(self.device),
+            # on the host, like the torch loader's: copying it to the GPU here (pageable memory) would wait
+            # for the GPU queue before every step; pretraining does not use it
+            "label": self.labels[index],
             "index": index,
             "num_skipped": len(self._pending),
             "skip_reasons": ["undecodable"] * len(self._pending),
