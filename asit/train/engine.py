@@ -98,12 +98,13 @@ class StepResult:
     no host sync). ``flags``: per name in ``global``/``local``/``recon``/``grad_norm``, 1 where it was
     NaN/Inf on some rank (a device tensor). ``nonfinite`` reads them (a host sync, done at once unless
     the step runs sync-free): the names that were non-finite; non-empty means the step was skipped: no
-    optimiser, teacher or centre update. ``monitors``: collapse monitors (only when asked for).
+    optimiser, teacher or centre update. ``monitors``: collapse monitors as 0-d device tensors (only
+    when asked for).
     """
 
     terms: dict[str, torch.Tensor]
     flags: torch.Tensor | None = None
-    monitors: dict[str, float] = field(default_factory=dict)
+    monitors: dict[str, torch.Tensor] = field(default_factory=dict)
     _nonfinite: list[str] | None = field(default=None, repr=False)
 
     @property
