@@ -245,7 +245,7 @@ def test_expected_blocks_tracks_the_sampler() -> None:
     blocks = ops.sample_gmml_blocks(256, 592, 128, generator=g, zero_ratio=(0.7, 0.7), alien_prob=0.0)
     used = (blocks.boxes[..., 2] > 0).sum(1).double()
     estimate = ops.expected_gmml_blocks(592, 128, 0.7)
-    assert 0.7 * float(used.median()) < estimate < 1.3 * float(used.median())
+    assert 0.6 * float(used.median()) < estimate < float(used.median())  # borders make the real need larger
     assert ops.expected_gmml_blocks(592, 128, 0.7, max_block_frac=0.1) > 5 * estimate  # smaller blocks, more
 
 

@@ -226,8 +226,8 @@ def expected_gmml_blocks(height: int, width: int, target: float, *, max_block_fr
     """Rough number of blocks a sample needs for their union to cover ``target`` of an
     ``height × width`` image: ``log(1 - target) / log(1 - a)`` with ``a`` the mean block area over the
     image area, as if blocks fell independently and never at the border (clipping makes the real
-    number somewhat larger: for 592 × 128 and target 0.7 this gives 52; the sampler's median is
-    about 60). For sizing ``budget`` in :func:`sample_gmml_blocks`."""
+    number larger: for 592 × 128 and target 0.7 this gives 52, while the sampler's median is 71 and
+    its maximum over 1,024 samples 108). For sizing ``budget`` in :func:`sample_gmml_blocks`."""
     max_h = max(1, int(max_block_frac * height) // align)
     max_w = max(1, int(max_block_frac * width) // align)
     area = min(1.0, (1 + max_h) / 2 * align * (1 + max_w) / 2 * align / (height * width))
