@@ -19,6 +19,7 @@ import platform
 
 import pytest
 import torch
+from test_bench_data import _cycle  # epochs of a DALI loader, one after another
 from torch.utils.data import DataLoader, Sampler
 
 import asit.ops as ops
@@ -91,15 +92,7 @@ def _dali_batches(entries, device: torch.device):
     loader = DaliPretrainLoader(entries, batch_size=BATCH, sample_rate=SR, num_views=2, num_mel_bins=128,
                                 target_frames=592, fbank="torch", num_threads=CORES, seed=0,
                                 device_id=(device.index or 0) if device.type == "cuda" else None)
-
-    def forever():
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    return forever()
+    return _cycle(loader)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

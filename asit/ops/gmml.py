@@ -18,8 +18,7 @@ import torch
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, resolve_backend
 
 __all__ = ["GMMLBlocks", "GMMLOutput", "sample_gmml_blocks", "gmml_corrupt", "gmml_corrupt_reference",
-           "paint_block_mask", "gmml_shortfall",
-           "expected_gmml_blocks"]
+           "paint_block_mask", "gmml_shortfall", "expected_gmml_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +240,7 @@ def gmml_shortfall(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ``target`` fraction: only possible when :func:`sample_gmml_blocks` ran out of ``budget`` or
     ``max_rounds``. The same float32 comparison as the sampler's; no host sync."""
     covered = mask.flatten(1).sum(1, dtype=torch.int32).to(torch.float32)
-    return covered < target * float(mask[0].numel() if mask.shape[0] else 0)
+    return covered < target * float(math.prod(mask.shape[1:]))
 
 
 def _union_area(boxes: torch.Tensor, count: torch.Tensor | None, height: int, width: int) -> torch.Tensor:

@@ -213,6 +213,7 @@ class Pretrainer:
             save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._setup_precision()
+        self._setup_sync_free()
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -236,7 +237,11 @@ class Pretrainer:
         self.precision = prec
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=prec == "fp16")
-        t = self.cfg.train
+
+    def _setup_sync_free(self) -> None:
+        """Whether the step runs sync-free (see ``train.sync_free``), its device-side counters, the budget
+        check and, under NCCL, the gloo group for host-side agreement."""
+        t, prec = self.cfg.train, self.precision
         if t.sync_free and prec == "fp16":
             raise ValueError("train.sync_free=true needs bf16 or fp32: fp16's loss scaler reads its overflow "
                              "flag on the host")
@@ -248,8 +253,8 @@ class Pretrainer:
         self._shortfall = torch.zeros((), dtype=torch.int64, device=self.device)
         g, d = self.cfg.gmml, self.cfg.data
         need = expected_gmml_blocks(d.target_frames, d.num_mel_bins, max(g.zero_ratio[1], g.alien_ratio),
-                                    max_block_frac=g.max_block_frac, align=g.align)
-        if self.sync_free and 3 * need > g.candidate_budget and self.dist.is_main:
+                                    max_block_frac=g.max_block_frac, align=g.align) if self.sync_free else 0.0
+        if 3 * need > g.candidate_budget and self.dist.is_main:
             advice = f"about {64 * math.ceil(3 * need / 64)}" if math.isfinite(need) else "far more"
             log.warning("gmml.candidate_budget=%d may be too small: these block settings need about %.0f blocks "
                         "for the largest target; short samples are counted as gmml_shortfall (raise the budget "
@@ -766,7 +771,8 @@ class Pretrainer:
     def _sync_nonfinite(self) -> None:
         """Sync-free mode: read the device-side skip counters (one host sync), report the steps skipped
         since the last read, and stop (:class:`NonFiniteLossError`) if a run of skipped steps reached
-        ``train.max_consecutive_nonfinite``. Called at log intervals, checkpoints and epoch ends."""
+        ``train.max_consecutive_nonfinite``. Called at log intervals, epoch ends and checkpoints (so the last
+        epoch's checkpoint leaves the host counters final)."""
         if not self.sync_free:
             return
         total, consecutive, longest, *per_name, shortfall = torch.cat([self._nf_counts, self._shortfall[None]]).tolist()
@@ -908,7 +914,6 @@ class Pretrainer:
             bar.close()
             self._sync_nonfinite()
             self._end_epoch(epoch, epoch_skipped)
-        self._sync_nonfinite()
         summary.update(steps=self.step, wall_time_s=time.time() - started,
                        nonfinite_skipped=self.nonfinite_total)
         if self.dist.is_main:
