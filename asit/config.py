@@ -40,6 +40,10 @@ class DataConfig:
     train_manifest: str = "demo"
     backend: Literal["torch", "dali"] = "torch"  # dali: NVIDIA DALI decodes and crops (pip install asit[dali])
     dali_fbank: Literal["torch", "dali"] = "torch"  # dali backend: Kaldi-exact fbank in torch, or DALI's own
+    # torch backend: where the fbank is computed. loader: per clip in the DataLoader workers; device: the
+    # workers send the waveform crops and the trainer computes the fbank of the whole batch on its device;
+    # auto: device when training on CUDA in train.mode=fast, else loader
+    fbank_on: Literal["auto", "loader", "device"] = "auto"
     max_bad_fraction: float = 0.05  # stop when more than this fraction of an epoch's clips is unreadable
     shuffle_buffer: int = 256  # shards: clips in each worker's shuffle buffer
     sample_rate: int = 32000
@@ -386,6 +390,10 @@ def _validate(cfg: Config) -> None:
         (t.image_every_epochs >= 0, "train.image_every_epochs must be >= 0 (0: never)"),
         (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1"),
         (cfg.gmml.candidate_budget >= 1, "gmml.candidate_budget must be >= 1"),
+        (not (d.fbank_on == "device" and t.mode == "reference"),
+         "data.fbank_on=device contradicts train.mode=reference (its loader corrupts the fbank views)"),
+        (not (d.fbank_on == "device" and d.backend == "dali"),
+         "data.fbank_on applies to data.backend=torch (the DALI loader computes the fbank on the device)"),
         (not (t.sync_free and t.mode == "reference"),
          "train.sync_free=true contradicts train.mode=reference (the authors' per-step pipeline)"),
         (not (t.sync_free and t.precision == "fp16"),

@@ -4,8 +4,11 @@
 32 kHz WAV clips with soundfile, two random 6 s crops with the v1 roll, one batched Kaldi fbank per
 clip, normalise), pinned batches moved to the device without blocking, then GMML on the device for
 each view (:func:`asit.ops.sample_gmml_blocks`, sync-free with a candidate budget on CUDA, and
-:func:`asit.ops.gmml_corrupt`). ``dali``: :class:`asit.data.dali.DaliPretrainLoader` (decode and
-crops in DALI with one thread per core, on the GPU when there is one), then the same GMML.
+:func:`asit.ops.gmml_corrupt`). ``torch-device-fbank`` (the trainer's default on CUDA,
+``data.fbank_on=device``): the workers decode and crop only, and the fbank of the whole batch is
+computed on the GPU (:func:`asit.data.fbank.fbank_views`) before GMML. ``dali``:
+:class:`asit.data.dali.DaliPretrainLoader` (decode and crops in DALI with one thread per core, on the
+GPU when there is one), then the same GMML.
 
 Issue 4's target: at least 2,000 clips/s on a 16-core machine with an H100. On a machine without a
 GPU this runs a smaller batch and GMML on the CPU (in the main process, beside the workers), and
@@ -23,7 +26,8 @@ from test_bench_data import _cycle  # epochs of a DALI loader, one after another
 from torch.utils.data import DataLoader, Sampler
 
 import asit.ops as ops
-from asit.data import PretrainDataset, collate_pretrain, ensure_demo_dataset, load_manifest
+from asit.data import AUDIOSET_MEAN, AUDIOSET_STD, PretrainDataset, collate_pretrain, ensure_demo_dataset, load_manifest
+from asit.data.fbank import fbank_views
 
 CUDA = torch.cuda.is_available()
 SR, SECONDS, CLIPS = 32000, 10.0, 96  # the corpus; clips are read again and again (page cache)
@@ -69,16 +73,21 @@ def _gmml(views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _round(batches, device: torch.device, generator: torch.Generator) -> torch.Tensor:
     for _ in range(BATCHES_PER_ROUND):
-        views = next(batches)["views"].to(device, non_blocking=True)
+        batch = next(batches)
+        if "waves" in batch:  # fbank on the device, as Pretrainer.batch_views computes it
+            waves = batch["waves"].to(device, non_blocking=True)
+            views = fbank_views(waves, SR, 128, 592, AUDIOSET_MEAN, AUDIOSET_STD)
+        else:
+            views = batch["views"].to(device, non_blocking=True)
         corrupted = _gmml(views, generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return corrupted
 
 
-def _torch_batches(entries, device: torch.device):
+def _torch_batches(entries, device: torch.device, fbank_on: str = "loader"):
     dataset = PretrainDataset(entries, sample_rate=SR, crop_seconds=6.0, num_views=2, num_mel_bins=128,
-                              target_frames=592, seed=0)
+                              target_frames=592, seed=0, fbank_on=fbank_on)
     loader = DataLoader(dataset, batch_size=BATCH, sampler=_Forever(len(dataset)), num_workers=CORES,
                         collate_fn=collate_pretrain, pin_memory=device.type == "cuda", drop_last=True,
                         prefetch_factor=PREFETCH, persistent_workers=False)
@@ -95,9 +104,14 @@ def _dali_batches(entries, device: torch.device):
     return _cycle(loader)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "torch-device-fbank", "dali"])
 def test_pipeline_end_to_end(benchmark, corpus, device, backend):
-    batches = (_torch_batches if backend == "torch" else _dali_batches)(corpus, device)
+    if backend == "torch-device-fbank" and device.type != "cuda":
+        pytest.skip("without a GPU the fbank belongs in the loader workers (data.fbank_on=auto picks them)")
+    if backend == "dali":
+        batches = _dali_batches(corpus, device)
+    else:
+        batches = _torch_batches(corpus, device, "device" if backend == "torch-device-fbank" else "loader")
     generator = torch.Generator(device=device).manual_seed(0)
     try:
         out = benchmark.pedantic(_round, args=(batches, device, generator), rounds=5, iterations=1,
@@ -108,7 +122,7 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
     clips_per_s = BATCH * BATCHES_PER_ROUND / benchmark.stats.stats.mean  # throughput over all timed rounds
     benchmark.extra_info.update(
         clips_per_s=round(clips_per_s, 1), target_clips_per_s=TARGET_CLIPS_PER_S if device.type == "cuda" else None,
-        backend=backend, batch=BATCH, cores=CORES, loader_workers=CORES if backend == "torch" else 0,
+        backend=backend, batch=BATCH, cores=CORES, loader_workers=0 if backend == "dali" else CORES,
         gmml_on=device.type, clip_seconds=SECONDS, sample_rate=SR, format="wav pcm16",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,

@@ -168,3 +168,38 @@ def test_a_non_finite_fbank_is_skipped_not_batched(clips, monkeypatch, bad):
     sample = PretrainDataset(clips, **SMALL)[0]
     assert not sample["ok"] and sample["error"] == "non-finite"
     assert torch.isfinite(sample["views"]).all()
+
+
+def test_device_fbank_sends_the_same_crops_and_gives_the_same_views(clips, tmp_path):
+    """fbank_on="device": the workers send the waveform crops (same generator draws as the loader
+    path), and fbank_views of the collated batch equals the loader's per-clip views."""
+    from asit.data.fbank import fbank_views
+
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"not audio at all" * 8)
+    entries = [clips[0], clips[1], AudioEntry(str(bad)), clips[2]]
+    options = dict(SMALL, local_views=2, local_crop_seconds=0.25, local_target_frames=24)
+    on_loader = PretrainDataset(entries, **options)
+    on_device = PretrainDataset(entries, **options, fbank_on="device")
+    for ds in (on_loader, on_device):
+        ds.set_epoch(2)
+    sample = on_device[1]  # shorter than a crop: zero-padded
+    assert set(sample) >= {"waves", "local_waves"} and "views" not in sample and "local_views" not in sample
+    assert sample["waves"].shape == (2, SR) and sample["local_waves"].shape == (2, SR // 4)
+    skipped = on_device[2]
+    assert not skipped["ok"] and skipped["waves"].shape == (2, SR) and not skipped["waves"].any()
+    assert skipped["local_waves"].shape == (2, SR // 4)
+
+    loader_batch = collate_pretrain([on_loader[i] for i in range(4)])
+    device_batch = collate_pretrain([on_device[i] for i in range(4)])
+    assert device_batch["waves"].shape == (3, 2, SR) and device_batch["local_waves"].shape == (3, 2, SR // 4)
+    assert device_batch["num_skipped"] == 1 and torch.equal(device_batch["index"], loader_batch["index"])
+    mean, std = -4.2677393, 4.5689974
+    views = fbank_views(device_batch["waves"], SR, 32, 96, mean, std)
+    local = fbank_views(device_batch["local_waves"], SR, 32, 24, mean, std)
+    torch.testing.assert_close(views, loader_batch["views"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(local, loader_batch["local_views"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="fbank_on"):
+        PretrainDataset(entries, fbank_on="gpu")
+    with pytest.raises(ValueError, match=r"\(B, V, L\)"):
+        fbank_views(device_batch["waves"][0], SR, 32, 96, mean, std)

@@ -97,7 +97,7 @@ def test_noncontiguous_inputs_and_2d_center(device, seed, poison):
     student = big[1:5, :257].detach().requires_grad_()  # row-strided view
     teacher = torch.randn(257, 4, device=device).t()  # transposed: columns not adjacent
     center = torch.randn(1, 257, device=device)
-    args = (student, teacher, center, torch.tensor(0.1), 0.05, None, "none", torch.rand(4) + 0.5)
+    args = (student, teacher, center, torch.tensor(0.1), 0.05, None, "none", torch.rand(4, device=device) + 0.5)
     out, grad = _run(*args, "triton")
     ref, grad_ref = _run(*args, "reference")
     torch.testing.assert_close(out.loss, ref.loss, rtol=2e-5, atol=2e-5)

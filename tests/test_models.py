@@ -225,6 +225,25 @@ def test_projection_head_shared_v2():
     assert head.last_layer.weight_g.requires_grad
 
 
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_reconstruction_head_equals_transposed_convolution(in_chans):
+    """The per-token matmul is the ConvTranspose2d(kernel = stride = p) it replaces, values and gradients."""
+    torch.manual_seed(0)
+    head = ReconstructionHead(24, hidden_dim=16, out_dim=12, patch_size=4, in_chans=in_chans).double()
+    nn.init.normal_(head.convTrans.bias)
+    gh, gw = 3, 5
+    tokens = torch.randn(2, gh * gw, 24, dtype=torch.float64, requires_grad=True)
+    out = head(tokens, (gh, gw))
+    y = head.mlp(tokens).transpose(1, 2).reshape(2, -1, gh, gw)
+    expected = head.convTrans(y)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [tokens, head.convTrans.weight, head.convTrans.bias], g)
+    grads_ref = torch.autograd.grad(expected, [tokens, head.convTrans.weight, head.convTrans.bias], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("hidden,out", [(32, 8), (32, 32)])
 def test_reconstruction_head_shapes_and_patch_layout(hidden, out):
     head = ReconstructionHead(32, hidden_dim=hidden, out_dim=out, patch_size=4, in_chans=1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from tiny_config import IMG, TINY_MODEL
 
-from asit.config import load_config
+from asit.config import ConfigError, load_config
 from asit.train import NonFiniteLossError, Pretrainer
 from asit.train.checkpoint import load_checkpoint
 from asit.train.losses import ASiTLoss
@@ -400,6 +400,29 @@ def test_batch_with_fewer_than_two_clips_is_skipped_but_counted(tmp_path) -> Non
     assert [r["step"] for r in read_log(tmp_path)] == [1, 3]
     assert (tmp_path / "checkpoints" / f"checkpoint_{2:09d}.pt").is_file()
     assert trainer.nonfinite_total == 0
+
+
+def test_fbank_on_the_device_trains_like_fbank_in_the_loader(reference, tmp_path) -> None:
+    """data.fbank_on=device (the default on CUDA, forced here on the CPU): the loader sends waveform
+    crops and the trainer computes the views; the run follows the loader-fbank run (the same crops;
+    the fbank differs by float32 rounding only)."""
+    _, ref_summary, ref_dir = reference
+    trainer = Pretrainer(tiny_config(tmp_path, "data.fbank_on=device", "train.image_every_epochs=0"))
+    trainer.setup()
+    try:
+        assert trainer.fbank_on == "device" and "waves" in next(iter(trainer.loader))
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert summary["steps"] == ref_summary["steps"]
+    ours, theirs = read_log(tmp_path), read_log(ref_dir)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-4), (a, b)
+    for bad, match in ((["train.mode=reference", "train.precision=fp32"], "contradicts train.mode=reference"),
+                       (["data.backend=dali"], "applies to data.backend=torch")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_config(tmp_path, "data.fbank_on=device", *bad)
 
 
 def test_v2_recipe_shape_trains(tmp_path) -> None:

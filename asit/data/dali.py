@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from .audio import AudioDecodeError, load_audio
-from .fbank import KaldiFbank, batched_kaldi_fbank
-from .features import AUDIOSET_MEAN, AUDIOSET_STD, normalize_fbank
+from .fbank import KaldiFbank, fbank_views
+from .features import AUDIOSET_MEAN, AUDIOSET_STD
 from .manifest import AudioEntry
 
 __all__ = ["DaliPretrainLoader", "build_dali_pipeline", "dali_available"]
@@ -366,9 +366,7 @@ class DaliPretrainLoader:
         """Pipeline output ``(B, V, ...)`` → normalised fbanks ``(B, V, 1, T, F)``."""
         if self.fbank == "dali":
             return data.unsqueeze(2)
-        b, v, length = data.shape
-        fbank = batched_kaldi_fbank(data.reshape(b * v, length), self.sample_rate, self.num_mel_bins, frames)
-        return normalize_fbank(fbank, self.mean, self.std).reshape(b, v, 1, frames, self.num_mel_bins)
+        return fbank_views(data, self.sample_rate, self.num_mel_bins, frames, self.mean, self.std)
 
     def _batch(self, outputs) -> dict[str, Any]:
         index = torch.from_numpy(np.array(outputs[0].as_tensor())).reshape(-1).to(torch.int64)  # [B]

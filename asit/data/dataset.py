@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +41,10 @@ class ClipViews:
     the Kaldi fbank (:func:`~asit.data.fbank.batched_kaldi_fbank`, all views of a clip in one
     call) cut or padded to ``target_frames`` and normalised with ``mean``/``std``. Local views
     are random crops of ``local_crop_seconds`` (no roll) cut or padded to ``local_target_frames``.
+
+    With ``fbank_on="device"`` the sample holds the waveform crops instead (``"waves"`` ``(V, L)``
+    and ``"local_waves"``), the same crops from the same generator draws, and the consumer turns a
+    batch of them into views with :func:`~asit.data.fbank.fbank_views` (the trainer does, on the GPU).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class ClipViews:
         roll_prob: float = 0.5,
         seed: int = 0,
         label_vocab: list[str] | None = None,
+        fbank_on: Literal["loader", "device"] = "loader",
     ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
@@ -70,6 +75,9 @@ class ClipViews:
             raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
         if std <= 0:
             raise ValueError(f"std must be positive, got {std}")
+        if fbank_on not in ("loader", "device"):
+            raise ValueError(f"fbank_on must be 'loader' or 'device', got {fbank_on!r}")
+        self.fbank_on = fbank_on
         self.sample_rate = sample_rate
         self.crop_samples = round(crop_seconds * sample_rate)
         self.local_crop_samples = round(local_crop_seconds * sample_rate)
@@ -99,12 +107,15 @@ class ClipViews:
 
     def _views(self, wave: torch.Tensor, count: int, length: int, frames: int, roll: float,
                g: torch.Generator) -> torch.Tensor:
-        """``count`` random crops → normalised fbanks ``(count, 1, frames, F)``, one batched fbank call."""
+        """``count`` random crops → normalised fbanks ``(count, 1, frames, F)``, one batched fbank call
+        (with ``fbank_on="device"``: the crops ``(count, length)``)."""
         crops = []
         for _ in range(count):  # crop then roll, view after view: the generator's draw order
             crop = pad_or_crop_random(wave, length, g)
             crops.append(random_roll(crop, roll, g) if roll > 0 else crop)
         waves = torch.stack(crops)  # [V, length]
+        if self.fbank_on == "device":
+            return waves
         fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, frames)  # [V, T, F]
         return normalize_fbank(fbank, self.mean, self.std).unsqueeze(1)
 
@@ -118,16 +129,18 @@ class ClipViews:
         if isinstance(wave, AudioDecodeError):
             return self._skip(sample, index, wave)
         g = item_generator(self.seed, self.epoch, index)
-        views = self._views(wave, self.num_views, self.crop_samples, self.target_frames, self.roll_prob, g)
-        sample["views"] = views  # [V, 1, T, F]
+        key, local_key = self._keys()
+        # [V, 1, T, F] views (or [V, L] crops)
+        sample[key] = self._views(wave, self.num_views, self.crop_samples, self.target_frames, self.roll_prob, g)
         if self.local_views > 0:
-            sample["local_views"] = self._views(
+            sample[local_key] = self._views(
                 wave, self.local_views, self.local_crop_samples, self.local_target_frames, 0.0, g
-            )  # [L, 1, T_local, F]
+            )  # [L, 1, T_local, F] (or [L, L_local])
         # load_audio rules out NaN/Inf and overflowing samples; this guard keeps any other
         # surprise from ever reaching a batch. A sum is NaN/Inf when any element is (log-mel values
-        # are far too small for a finite sum to overflow), and costs one pass without a bool copy.
-        if not all(torch.isfinite(sample[k].sum()) for k in ("views", "local_views") if k in sample):
+        # are far too small for a finite sum to overflow, and so are samples in [-1, 1]), and costs
+        # one pass without a bool copy. (The fbank of finite crops is finite: its log has a floor.)
+        if not all(torch.isfinite(sample[k].sum()) for k in (key, local_key) if k in sample):
             return self._skip(sample, index, AudioDecodeError(path, "non-finite", "non-finite fbank"))
         return sample
 
@@ -137,12 +150,20 @@ class ClipViews:
             self._warned.add(err.path)
             logger.warning("skipping clip %d: %s", index, err)
         sample.update(ok=False, error=err.reason)
-        sample["views"] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
+        key, local_key = self._keys()
+        if self.fbank_on == "device":
+            sample[key] = torch.zeros(self.num_views, self.crop_samples)
+            if self.local_views > 0:
+                sample[local_key] = torch.zeros(self.local_views, self.local_crop_samples)
+            return sample
+        sample[key] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
         if self.local_views > 0:
-            sample["local_views"] = torch.zeros(
-                self.local_views, 1, self.local_target_frames, self.num_mel_bins
-            )
+            sample[local_key] = torch.zeros(self.local_views, 1, self.local_target_frames, self.num_mel_bins)
         return sample
+
+    def _keys(self) -> tuple[str, str]:
+        """The sample keys of the global and local views: fbanks, or crops with ``fbank_on="device"``."""
+        return ("waves", "local_waves") if self.fbank_on == "device" else ("views", "local_views")
 
 
 class PretrainDataset(ClipViews, Dataset):
@@ -208,7 +229,8 @@ def collate_pretrain(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the decodable samples of a batch; drop and report the others.
 
     Returns a dict with ``"views"`` ``(B, V, 1, T, F)``, ``"local_views"``
-    ``(B, L, 1, T_local, F)`` when present, ``"label"`` ``(B, K)``, ``"index"`` (int64 ``(B,)``),
+    ``(B, L, 1, T_local, F)`` when present (or the crops ``"waves"`` ``(B, V, L)`` and
+    ``"local_waves"`` from a dataset with ``fbank_on="device"``), ``"label"`` ``(B, K)``, ``"index"`` (int64 ``(B,)``),
     ``"num_skipped"`` (int), ``"skip_reasons"`` (list of reason strings) and
     ``"skipped_indices"`` (list of dataset indices). ``B`` may be 0 if every sample failed;
     the caller must then skip the step.
@@ -223,14 +245,16 @@ def collate_pretrain(samples: list[dict[str, Any]]) -> dict[str, Any]:
             return torch.stack([s[key] for s in good])
         return samples[0][key].new_zeros((0, *samples[0][key].shape))
 
+    key = "waves" if "waves" in samples[0] else "views"
     batch: dict[str, Any] = {
-        "views": stack("views"),
+        key: stack(key),
         "label": stack("label"),
         "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
         "num_skipped": len(bad),
         "skip_reasons": [s["error"] for s in bad],
         "skipped_indices": [s["index"] for s in bad],
     }
-    if "local_views" in samples[0]:
-        batch["local_views"] = stack("local_views")
+    for local_key in ("local_views", "local_waves"):
+        if local_key in samples[0]:
+            batch[local_key] = stack(local_key)
     return batch

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
-__all__ = ["KaldiFbank", "batched_kaldi_fbank", "num_fbank_frames"]
+__all__ = ["KaldiFbank", "batched_kaldi_fbank", "fbank_views", "num_fbank_frames"]
 
 _EPS = torch.finfo(torch.float32).eps  # Kaldi's floor before the log, whatever the dtype
 # On the CPU the batch is processed in chunks of about this many frames so that the frame
@@ -219,3 +219,21 @@ def batched_kaldi_fbank(
         int(sample_rate), int(num_mel_bins), target_frames, waves.device, tuple(sorted(options.items()))
     )
     return module(waves)
+
+
+def fbank_views(waves: torch.Tensor, sample_rate: int, num_mel_bins: int, frames: int, mean: float,
+                std: float) -> torch.Tensor:
+    """Waveform crops ``(B, V, L)`` → normalised fbank views ``(B, V, 1, frames, num_mel_bins)``.
+
+    One :func:`batched_kaldi_fbank` call for all ``B·V`` crops on their device, then
+    ``(fbank - mean) / (2 std)`` (:func:`~asit.data.features.normalize_fbank`). This is what the
+    loader workers compute per clip with ``data.fbank_on=loader``; with ``data.fbank_on=device`` the
+    trainer calls it on the GPU for the whole batch (and the DALI loader always does).
+    """
+    from .features import normalize_fbank
+
+    if waves.dim() != 3:
+        raise ValueError(f"waves must be (B, V, L), got shape {tuple(waves.shape)}")
+    b, v, length = waves.shape
+    fbank = batched_kaldi_fbank(waves.reshape(b * v, length), sample_rate, num_mel_bins, frames)
+    return normalize_fbank(fbank, mean, std).reshape(b, v, 1, frames, num_mel_bins)

@@ -136,8 +136,9 @@ class ReconstructionHead(nn.Module):
 
     ``MLP (in → hidden → … → out, GELU after every linear)`` per token, then
     ``ConvTranspose2d(out → in_chans, kernel=stride=patch_size)`` on the token grid, which
-    paints one ``p x p`` patch per token. v1: ``hidden_dim=768, out_dim=128``; v2:
-    ``hidden_dim=768, out_dim=768`` (three 768 x 768 linears for a 768-wide backbone).
+    paints one ``p x p`` patch per token (computed as the equivalent per-token matmul).
+    v1: ``hidden_dim=768, out_dim=128``; v2: ``hidden_dim=768, out_dim=768`` (three 768 x 768
+    linears for a 768-wide backbone).
     """
 
     def __init__(
@@ -165,5 +166,13 @@ class ReconstructionHead(nn.Module):
         if N != gh * gw:
             raise ValueError(f"tokens has N={N} data tokens but grid {grid} needs {gh * gw}")
         y = self.mlp(tokens)  # [B, N, C]
-        y = y.transpose(1, 2).reshape(B, -1, gh, gw)  # [B, C, gh, gw]
-        return self.convTrans(y)  # [B, in_chans, gh*p, gw*p]
+        # The transposed convolution with kernel = stride = p paints disjoint patches, so it is one
+        # matmul per token ([C] @ [C, k*p*p]) and a reshape: same parameters and result, without
+        # cuDNN (whose backward picked a memory format the compiled graph did not expect on CUDA).
+        w = self.convTrans.weight  # [C, k, p, p]
+        c, k, p, _ = w.shape
+        patches = torch.matmul(y, w.reshape(c, k * p * p))  # [B, N, k*p*p]
+        if self.convTrans.bias is not None:
+            patches = patches + self.convTrans.bias.repeat_interleave(p * p)
+        patches = patches.view(B, gh, gw, k, p, p).permute(0, 3, 1, 4, 2, 5)  # [B, k, gh, p, gw, p]
+        return patches.reshape(B, k, gh * p, gw * p)

@@ -352,10 +352,15 @@ def gmml_corrupt_reference(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int 
     corrupted = torch.where(mask, fill, x)
     if h >= patch_size and w >= patch_size:
         p, ph, pw = patch_size, h // patch_size, w // patch_size
-        tiles = mask.view(torch.uint8)[..., : ph * p, : pw * p].reshape(b, ph, p, pw, p)
+        # a free reinterpretation eagerly; Inductor cannot lower a bool -> uint8 view, so compiled code converts
+        m8 = mask.to(torch.uint8) if torch.compiler.is_compiling() else mask.view(torch.uint8)
+        tiles = m8[..., : ph * p, : pw * p].reshape(b, ph, p, pw, p)
         # exact integer counts, the contiguous axis first (several times faster than one 2-axis sum)
         counts = tiles.sum(dim=4, dtype=torch.int32).sum(dim=2)  # [B, ph, pw]
-        frac = (counts.to(torch.float32) / float(p * p)).flatten(1)  # the rounding of avg_pool2d
+        # count / p² rounded to nearest, as the kernel's div_rn: the divisor is a device tensor because
+        # CUDA divides by a CPU scalar as a multiplication by its reciprocal, which is off by an ulp
+        # for some counts when p² is not a power of two (p = 10: 30 of the 101 counts)
+        frac = (counts.to(torch.float32) / torch.full((), p * p, dtype=torch.float32, device=x.device)).flatten(1)
     else:
         frac = mask.new_zeros((b, 0), dtype=torch.float32)
     return GMMLOutput(corrupted, mask, frac)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
 from asit.config import Config, config_to_dict, save_config
+from asit.data.fbank import fbank_views
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
 from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
@@ -293,6 +294,10 @@ class Pretrainer:
                      local_views=d.local_views, local_crop_seconds=d.local_crop_seconds, num_mel_bins=d.num_mel_bins,
                      target_frames=d.target_frames, local_target_frames=d.local_target_frames, mean=d.mean,
                      std=d.std, roll_prob=d.roll_prob, seed=self.cfg.train.seed)
+        self.fbank_on = d.fbank_on
+        if self.fbank_on == "auto":
+            fast_cuda = self.device.type == "cuda" and self.cfg.train.mode == "fast"
+            self.fbank_on = "device" if fast_cuda and d.backend == "torch" else "loader"
         per_rank = total // self.dist.world_size
         iters = per_rank // self.cfg.train.batch_size
         if iters == 0:
@@ -317,6 +322,7 @@ class Pretrainer:
                 log.info("data: DALI, %d clips from %s, %d steps/epoch of %d per process", total, source, iters,
                          self.cfg.train.batch_size)
             return
+        views["fbank_on"] = self.fbank_on
         if shards is not None:
             self.dataset = ShardPretrainDataset(
                 shards, rank=self.dist.rank, world_size=self.dist.world_size, batch_size=self.cfg.train.batch_size,
@@ -344,8 +350,8 @@ class Pretrainer:
             # own generator: creating a loader iterator must not consume the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.cfg.train.seed))
         if self.dist.is_main:
-            log.info("data: %d clips from %s, %d steps/epoch of %d per process", total, source,
-                     iters, self.cfg.train.batch_size)
+            log.info("data: %d clips from %s, %d steps/epoch of %d per process, fbank on the %s", total, source,
+                     iters, self.cfg.train.batch_size, "device" if self.fbank_on == "device" else "loader workers")
 
     def _setup_model(self) -> None:
         m, d = self.cfg.model, self.cfg.data
@@ -659,6 +665,22 @@ class Pretrainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return flags
 
+    def batch_views(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A loader batch with its fbank views: with ``data.fbank_on=device`` the loader sends waveform
+        crops (``"waves"``, ``"local_waves"``), which are moved to the device and turned into normalised
+        views there, all clips in one call (:func:`~asit.data.fbank.fbank_views`); other batches pass as
+        they are."""
+        if "waves" not in batch:
+            return batch
+        d = self.cfg.data
+        batch = dict(batch)
+        for key, out, frames in (("waves", "views", d.target_frames),
+                                 ("local_waves", "local_views", d.local_target_frames)):
+            if key in batch:
+                waves = batch.pop(key).to(self.device, non_blocking=True)
+                batch[out] = fbank_views(waves, d.sample_rate, d.num_mel_bins, frames, d.mean, d.std)
+        return batch
+
     def _batch_usable(self, batch: dict[str, Any]) -> bool:
         """True when every rank has at least 2 decodable clips (GMML's alien mode and the batch
         statistics need 2). Ranks must agree, or DDP's gradient all-reduce would pair up different
@@ -878,6 +900,7 @@ class Pretrainer:
             self._preview = None
             epoch_seen = 0
             for batch in self.loader:
+                batch = self.batch_views(batch)
                 epoch_skipped.update(batch.get("skip_reasons", []))
                 epoch_seen += batch["views"].shape[0] + int(batch.get("num_skipped", 0))
                 self._check_bad_fraction(epoch, epoch_seen, epoch_skipped)
