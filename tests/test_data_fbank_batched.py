@@ -125,15 +125,39 @@ def test_invalid_arguments():
         module(torch.zeros(2, 2, 100))
 
 
+# Between devices the FFTs differ, and float32 rounding in near-empty bins (pure tones) moves their
+# log by about 1e-3: the exact (float64) fbank of the tonal input is itself 1.2e-3 from torchaudio's
+# float32 result on the CPU (test_float64_fbank_shows_the_float32_rounding_floor). On an H200
+# (2026-11-27) the CUDA fbank was 1.6e-3 from the CPU one.
+CROSS_DEVICE_TOL = 3e-3
+
+
+def test_float64_fbank_shows_the_float32_rounding_floor():
+    """Why the cross-device tolerance is wider than TOL: even the exact fbank (float64) is more than
+    TOL away from torchaudio's float32 one on a pure tone, while ours matches it to a few ulps."""
+    sr = 32000
+    tonal = _inputs(sr, 6.0, torch.Generator().manual_seed(3))["tonal"]
+    ref = _reference(tonal, sr, 128, 592)
+    assert (batched_kaldi_fbank(tonal[None], sr)[0] - ref).abs().max().item() <= 1e-5
+    exact = (batched_kaldi_fbank(tonal[None].double(), sr)[0].float() - ref).abs().max().item()
+    assert TOL < exact <= CROSS_DEVICE_TOL
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+def test_cuda_matches_torchaudio_on_cuda_and_cpu():
+    """On the GPU our batched fbank follows torchaudio's own fbank on the GPU (same FFT library) within
+    TOL, and the CPU results within the cross-device tolerance."""
     sr = 32000
     g = torch.Generator().manual_seed(3)
-    waves = torch.stack(list(_inputs(sr, 6.0, g).values()))
+    named = _inputs(sr, 6.0, g)
+    waves = torch.stack(list(named.values()))
     cpu = batched_kaldi_fbank(waves, sr)
     cuda = batched_kaldi_fbank(waves.cuda(), sr)
     assert cuda.device.type == "cuda"
-    assert (cuda.cpu() - cpu).abs().max().item() <= TOL
+    for row, (name, wave) in enumerate(named.items()):
+        same_device = (cuda[row] - _reference(wave.cuda(), sr, 128, 592)).abs().max().item()
+        assert same_device <= TOL, f"{name}: {same_device:.2e} from torchaudio on CUDA"
+    assert (cuda.cpu() - cpu).abs().max().item() <= CROSS_DEVICE_TOL
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

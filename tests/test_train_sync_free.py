@@ -106,20 +106,27 @@ def test_sync_free_config_errors(tmp_path, extra, match) -> None:
 # ------------------------------------------------------------------ the step
 
 
-def test_sync_free_step_reads_nothing_back(trainer, monkeypatch) -> None:
+@pytest.mark.parametrize("fbank_on", ["loader", "device"])
+def test_sync_free_step_reads_nothing_back(tmp_path, monkeypatch, fbank_on) -> None:
     """Nothing in the step waits for the device, except inside the fused ops, whose CUDA path is a
-    Triton kernel (their CPU reference, which this test runs, may read back)."""
+    Triton kernel (their CPU reference, which this test runs, may read back). With the fbank on the
+    device, the step starts from waveform crops and the fbank reads nothing back either."""
     for module, name in ((engine, "gmml_corrupt"), (losses, "centered_softmax_cross_entropy"),
                          (losses, "masked_l1_loss")):
         monkeypatch.setattr(module, name, HostReads.allow(getattr(module, name)))
-    trainer.train_step(next(trainer.batches), epoch=0)  # first step: optimiser state is created
-    batch = next(trainer.batches)
-    before = trainer.student.backbone.cls_token.detach().clone()
-    with HostReads() as reads:
-        result = trainer.train_step(batch, epoch=0)
-    assert reads.reads == []
-    assert not result.skipped  # (read after the step)
-    assert not torch.equal(trainer.student.backbone.cls_token, before)
+    trainer = _trainer(tmp_path, f"data.fbank_on={fbank_on}")
+    try:
+        trainer.train_step(next(trainer.batches), epoch=0)  # first step: optimiser state is created
+        batch = next(trainer.batches)
+        assert ("waves" in batch) == (fbank_on == "device")
+        before = trainer.student.backbone.cls_token.detach().clone()
+        with HostReads() as reads:
+            result = trainer.train_step(batch, epoch=0)
+        assert reads.reads == []
+        assert not result.skipped  # (read after the step)
+        assert not torch.equal(trainer.student.backbone.cls_token, before)
+    finally:
+        trainer.cleanup()
 
 
 def test_the_same_step_checked_on_the_host_does_read_back(tmp_path) -> None:

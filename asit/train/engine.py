@@ -712,6 +712,7 @@ class Pretrainer:
             preview: keep the first few samples for the epoch's reconstruction picture.
         """
         hp = self._set_hyperparams()
+        batch = self.batch_views(batch)  # waveform crops (data.fbank_on=device) → views; else unchanged
         views = batch["views"].to(self.device, non_blocking=True)
         local_views = None
         if "local_views" in batch and batch["local_views"].numel() > 0:
