@@ -44,6 +44,10 @@ class DataConfig:
     # workers send the waveform crops and the trainer computes the fbank of the whole batch on its device;
     # auto: device when training on CUDA in train.mode=fast, else loader
     fbank_on: Literal["auto", "loader", "device"] = "auto"
+    # torch backend with loader workers: the workers write batches into pre-allocated shared memory
+    # (asit.data.ring) instead of a new shared-memory segment per batch; auto: on when training on CUDA
+    # in train.mode=fast from a manifest (not shards)
+    batch_ring: Literal["auto", "enabled", "disabled"] = "auto"
     max_bad_fraction: float = 0.05  # stop when more than this fraction of an epoch's clips is unreadable
     shuffle_buffer: int = 256  # shards: clips in each worker's shuffle buffer
     sample_rate: int = 32000
@@ -394,6 +398,10 @@ def _validate(cfg: Config) -> None:
          "data.fbank_on=device contradicts train.mode=reference (its loader corrupts the fbank views)"),
         (not (d.fbank_on == "device" and d.backend == "dali"),
          "data.fbank_on applies to data.backend=torch (the DALI loader computes the fbank on the device)"),
+        (not (d.batch_ring == "enabled" and (t.mode == "reference" or d.num_workers == 0 or d.backend == "dali"
+                                        or d.train_manifest.startswith("shards:"))),
+         "data.batch_ring=enabled needs loader workers (data.num_workers > 0), data.backend=torch, a manifest or "
+         "folder (not shards) and train.mode=fast"),
         (not (t.sync_free and t.mode == "reference"),
          "train.sync_free=true contradicts train.mode=reference (the authors' per-step pipeline)"),
         (not (t.sync_free and t.precision == "fp16"),

@@ -28,15 +28,18 @@ def main(path: str) -> int:
         case = re.sub(r"-(ref_compiled|ref|triton|fast|reference)\]$", "]", name)
         by_case[case][provider] = median
         rows.append((name, median, info))
-    print("| benchmark | median | GB/s | copy GB/s | other |")
-    print("|---|---|---|---|---|")
+    print("| benchmark | median | GB/s | device ms (graph) | device GB/s | copy GB/s | other |")
+    print("|---|---|---|---|---|---|---|")
+    hidden = ("gbps", "copy_gbps", "device", "torch", "triton", "bytes", "device_ms", "device_gbps")
     for name, median, info in rows:
         gbps = f"{info['gbps']:.1f}" if "gbps" in info else ""
         copy = f"{info['copy_gbps']:.0f}" if "copy_gbps" in info else ""
+        dev_ms = f"{info['device_ms']:.4f}" if "device_ms" in info else ""
+        dev_gbps = f"{info['device_gbps']:.0f}" if "device_gbps" in info else ""
         other = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()
-                          if k not in ("gbps", "copy_gbps", "device", "torch", "triton", "bytes"))
+                          if k not in hidden)
         ms = info.get("ms_per_step", median * 1e3)  # the training bench times several steps per round
-        print(f"| {name} | {ms:.3f} ms | {gbps} | {copy} | {other} |")
+        print(f"| {name} | {ms:.3f} ms | {gbps} | {dev_ms} | {dev_gbps} | {copy} | {other} |")
     speedups = [(case, p) for case, p in by_case.items() if "triton" in p and ("ref" in p or "ref_compiled" in p)]
     if speedups:
         print("\n| case | triton vs eager | triton vs compiled |\n|---|---|---|")

@@ -6,7 +6,9 @@ clip, normalise), pinned batches moved to the device without blocking, then GMML
 each view (:func:`asit.ops.sample_gmml_blocks`, sync-free with a candidate budget on CUDA, and
 :func:`asit.ops.gmml_corrupt`). ``torch-device-fbank`` (the trainer's default on CUDA,
 ``data.fbank_on=device``): the workers decode and crop only, and the fbank of the whole batch is
-computed on the GPU (:func:`asit.data.fbank.fbank_views`) before GMML. ``dali``:
+computed on the GPU (:func:`asit.data.fbank.fbank_views`) before GMML. ``torch-ring``: ``torch``
+with the batches passed through :class:`asit.data.ring.BatchRing` (the trainer's default on CUDA,
+``data.batch_ring``; ``torch-device-fbank`` uses it too). ``dali``:
 :class:`asit.data.dali.DaliPretrainLoader` (decode and crops in DALI with one thread per core, on the
 GPU when there is one), then the same GMML.
 
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 import asit.ops as ops
 from asit.data import AUDIOSET_MEAN, AUDIOSET_STD, PretrainDataset, collate_pretrain, ensure_demo_dataset, load_manifest
 from asit.data.fbank import fbank_views
+from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs
 
 CUDA = torch.cuda.is_available()
 SR, SECONDS, CLIPS = 32000, 10.0, 96  # the corpus; clips are read again and again (page cache)
@@ -73,7 +76,7 @@ def _gmml(views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _round(batches, device: torch.device, generator: torch.Generator) -> torch.Tensor:
     for _ in range(BATCHES_PER_ROUND):
-        batch = next(batches)
+        batch = resolve_ring_refs(next(batches))  # (on CUDA the loader's pin thread has copied them out)
         if "waves" in batch:  # fbank on the device, as Pretrainer.batch_views computes it
             waves = batch["waves"].to(device, non_blocking=True)
             views = fbank_views(waves, SR, 128, 592, AUDIOSET_MEAN, AUDIOSET_STD)
@@ -85,11 +88,15 @@ def _round(batches, device: torch.device, generator: torch.Generator) -> torch.T
     return corrupted
 
 
-def _torch_batches(entries, device: torch.device, fbank_on: str = "loader"):
+def _torch_batches(entries, device: torch.device, fbank_on: str = "loader", ring: bool = False):
     dataset = PretrainDataset(entries, sample_rate=SR, crop_seconds=6.0, num_views=2, num_mel_bins=128,
                               target_frames=592, seed=0, fbank_on=fbank_on)
+    collate = collate_pretrain
+    if ring:
+        shapes = {k: (BATCH, *shape) for k, shape in dataset.sample_shapes().items()}
+        collate = RingCollate(collate_pretrain, BatchRing(shapes, CORES, PREFETCH))
     loader = DataLoader(dataset, batch_size=BATCH, sampler=_Forever(len(dataset)), num_workers=CORES,
-                        collate_fn=collate_pretrain, pin_memory=device.type == "cuda", drop_last=True,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
                         prefetch_factor=PREFETCH, persistent_workers=False)
     return iter(loader)
 
@@ -104,14 +111,15 @@ def _dali_batches(entries, device: torch.device):
     return _cycle(loader)
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch-device-fbank", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "torch-ring", "torch-device-fbank", "dali"])
 def test_pipeline_end_to_end(benchmark, corpus, device, backend):
     if backend == "torch-device-fbank" and device.type != "cuda":
         pytest.skip("without a GPU the fbank belongs in the loader workers (data.fbank_on=auto picks them)")
     if backend == "dali":
         batches = _dali_batches(corpus, device)
     else:
-        batches = _torch_batches(corpus, device, "device" if backend == "torch-device-fbank" else "loader")
+        on_device = backend == "torch-device-fbank"
+        batches = _torch_batches(corpus, device, "device" if on_device else "loader", ring=backend != "torch")
     generator = torch.Generator(device=device).manual_seed(0)
     try:
         out = benchmark.pedantic(_round, args=(batches, device, generator), rounds=5, iterations=1,
@@ -123,6 +131,7 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
     benchmark.extra_info.update(
         clips_per_s=round(clips_per_s, 1), target_clips_per_s=TARGET_CLIPS_PER_S if device.type == "cuda" else None,
         backend=backend, batch=BATCH, cores=CORES, loader_workers=0 if backend == "dali" else CORES,
+        batch_ring=backend in ("torch-ring", "torch-device-fbank"),
         gmml_on=device.type, clip_seconds=SECONDS, sample_rate=SR, format="wav pcm16",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,

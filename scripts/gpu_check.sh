@@ -40,7 +40,8 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 timeout 170 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 "${parallel[@]}" \
     tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py tests/test_kernels_gmml.py \
-    tests/test_kernels_registration.py tests/test_data_fbank_batched.py tests/test_train_sync_free.py \
+    tests/test_kernels_registration.py tests/test_data_fbank_batched.py tests/test_data_ring.py \
+    tests/test_train_sync_free.py \
     tests/test_train_modes.py 2>&1 | tee "$OUT/tests.log" | grep -vE "PASSED|^$" | tail -n 60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # The main job on the GPU: the built-in demo, compiled, bf16, sync-free, fbank on the device.

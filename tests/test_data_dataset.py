@@ -199,6 +199,11 @@ def test_device_fbank_sends_the_same_crops_and_gives_the_same_views(clips, tmp_p
     local = fbank_views(device_batch["local_waves"], SR, 32, 24, mean, std)
     torch.testing.assert_close(views, loader_batch["views"], rtol=0, atol=1e-5)
     torch.testing.assert_close(local, loader_batch["local_views"], rtol=0, atol=1e-5)
+    for ds in (on_loader, on_device):
+        shapes = ds.sample_shapes()
+        sample = ds[0]
+        assert set(shapes) == {k for k in sample if k.endswith(("views", "waves"))}
+        assert all(tuple(sample[k].shape) == shape for k, shape in shapes.items())
     with pytest.raises(ValueError, match="fbank_on"):
         PretrainDataset(entries, fbank_on="gpu")
     with pytest.raises(ValueError, match=r"\(B, V, L\)"):

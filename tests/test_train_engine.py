@@ -425,6 +425,27 @@ def test_fbank_on_the_device_trains_like_fbank_in_the_loader(reference, tmp_path
             tiny_config(tmp_path, "data.fbank_on=device", *bad)
 
 
+def test_batch_ring_trains_exactly_like_the_plain_loader(reference, tmp_path) -> None:
+    """data.batch_ring=enabled (the default on CUDA) with two loader workers: the batches come through the
+    shared-memory ring and the run logs the same losses as the run without workers."""
+    _, _, ref_dir = reference
+    trainer = Pretrainer(tiny_config(tmp_path, "data.num_workers=2", "data.batch_ring=enabled",
+                                     "train.image_every_epochs=0"))
+    trainer.setup()
+    try:
+        assert trainer.ring.slots_per_worker == 5  # prefetch_factor 4, plus one
+        from asit.data.ring import RingRef
+
+        assert isinstance(next(iter(trainer.loader))["views"], RingRef)
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    ours, theirs = read_log(tmp_path), read_log(ref_dir)
+    assert [(r["step"], r["loss"]) for r in ours] == [(r["step"], r["loss"]) for r in theirs]
+    with pytest.raises(ConfigError, match="batch_ring=enabled needs"):
+        tiny_config(tmp_path, "data.batch_ring=enabled")  # no loader workers
+
+
 def test_v2_recipe_shape_trains(tmp_path) -> None:
     """v2 settings: clean local views in the [CLS] loss, one shared head with a trainable g."""
     cfg = tiny_config(tmp_path, "data.local_views=2", "data.local_crop_seconds=0.5",

@@ -161,6 +161,20 @@ class ClipViews:
             sample[local_key] = torch.zeros(self.local_views, 1, self.local_target_frames, self.num_mel_bins)
         return sample
 
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each view entry of a sample (``views``/``local_views``, or the crops
+        ``waves``/``local_waves`` with ``fbank_on="device"``)."""
+        key, local_key = self._keys()
+        if self.fbank_on == "device":
+            shapes = {key: (self.num_views, self.crop_samples)}
+            local = (self.local_views, self.local_crop_samples)
+        else:
+            shapes = {key: (self.num_views, 1, self.target_frames, self.num_mel_bins)}
+            local = (self.local_views, 1, self.local_target_frames, self.num_mel_bins)
+        if self.local_views > 0:
+            shapes[local_key] = local
+        return shapes
+
     def _keys(self) -> tuple[str, str]:
         """The sample keys of the global and local views: fbanks, or crops with ``fbank_on="device"``."""
         return ("waves", "local_waves") if self.fbank_on == "device" else ("views", "local_views")
@@ -225,7 +239,7 @@ class PretrainDataset(ClipViews, Dataset):
         return self.make_sample(wave, index, self.label_vector(self._label_rows[index]), entry.path)
 
 
-def collate_pretrain(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_pretrain(samples: list[dict[str, Any]], out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Stack the decodable samples of a batch; drop and report the others.
 
     Returns a dict with ``"views"`` ``(B, V, 1, T, F)``, ``"local_views"``
@@ -234,6 +248,10 @@ def collate_pretrain(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ``"num_skipped"`` (int), ``"skip_reasons"`` (list of reason strings) and
     ``"skipped_indices"`` (list of dataset indices). ``B`` may be 0 if every sample failed;
     the caller must then skip the step.
+
+    ``out`` optionally maps keys to preallocated tensors of at least ``len(samples)`` rows (the
+    :class:`~asit.data.ring.BatchRing` slots of a loader worker): an entry whose rows fit is stacked
+    into ``out[key][:B]`` and returned as that view.
     """
     if not samples:
         raise ValueError("collate_pretrain got an empty list of samples")
@@ -241,9 +259,13 @@ def collate_pretrain(samples: list[dict[str, Any]]) -> dict[str, Any]:
     bad = [s for s in samples if not s["ok"]]
 
     def stack(key: str) -> torch.Tensor:
-        if good:
-            return torch.stack([s[key] for s in good])
-        return samples[0][key].new_zeros((0, *samples[0][key].shape))
+        if not good:
+            return samples[0][key].new_zeros((0, *samples[0][key].shape))
+        first = good[0][key]
+        dest = None if out is None else out.get(key)
+        if dest is not None and dest.shape[1:] == first.shape and dest.dtype == first.dtype and len(good) <= len(dest):
+            return torch.stack([s[key] for s in good], out=dest[: len(good)])
+        return torch.stack([s[key] for s in good])
 
     key = "waves" if "waves" in samples[0] else "views"
     batch: dict[str, Any] = {

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from asit.config import Config, config_to_dict, save_config
 from asit.data.fbank import fbank_views
+from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
 from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
@@ -342,11 +343,21 @@ class Pretrainer:
                 collate_pretrain, seed=self.cfg.train.seed, patch_size=self.cfg.model.patch_size,
                 zero_ratio=g.zero_ratio, alien_ratio=g.alien_ratio, alien_prob=g.alien_prob,
                 max_block_frac=g.max_block_frac, allow_self_alien=g.allow_self_alien)
+        prefetch = 4
+        ring = d.batch_ring == "enabled" or (d.batch_ring == "auto" and self.device.type == "cuda")
+        # not with shards: an exhausted shard worker lets the others run more than prefetch batches ahead
+        if ring and workers > 0 and shards is None and self.cfg.train.mode == "fast":
+            shapes = {k: (self.cfg.train.batch_size, *shape) for k, shape in self.dataset.sample_shapes().items()}
+            self.ring = BatchRing(shapes, workers, prefetch)
+            collate = RingCollate(collate_pretrain, self.ring)
+            if self.dist.is_main:
+                log.info("data: batches through %.2f GB of shared memory (%d slots per worker)",
+                         self.ring.nbytes / 2**30, self.ring.slots_per_worker)
         self.loader = DataLoader(
             self.dataset, batch_size=self.cfg.train.batch_size, num_workers=workers,
             sampler=self.sampler if shards is None else None,
             collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=True,
-            persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=False, prefetch_factor=prefetch if workers > 0 else None,
             # own generator: creating a loader iterator must not consume the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.cfg.train.seed))
         if self.dist.is_main:
@@ -670,6 +681,7 @@ class Pretrainer:
         crops (``"waves"``, ``"local_waves"``), which are moved to the device and turned into normalised
         views there, all clips in one call (:func:`~asit.data.fbank.fbank_views`); other batches pass as
         they are."""
+        batch = resolve_ring_refs(batch)  # slots of the batch ring not pinned by the loader: copied out
         if "waves" not in batch:
             return batch
         d = self.cfg.data
@@ -1010,6 +1022,9 @@ class Pretrainer:
         return path
 
     def cleanup(self) -> None:
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.release()
         writer = getattr(self, "writer", None)
         if writer is not None:
             writer.close()
