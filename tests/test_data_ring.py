@@ -86,6 +86,16 @@ def test_main_process_collate_and_unfit_entries_are_unchanged() -> None:
         BatchRing({"waves": (B, V, L)}, num_workers=0, prefetch_factor=2)
 
 
+def test_a_ring_larger_than_shared_memory_is_refused(monkeypatch) -> None:
+    """Touching pages past a full /dev/shm would kill the process with SIGBUS: the ring refuses first."""
+    import asit.data.ring as ring_module
+
+    assert ring_module.ring_bytes({"waves": (B, V, L)}, 2, 3) == 2 * 4 * B * V * L * 4
+    monkeypatch.setattr(ring_module, "shared_memory_free", lambda path="/dev/shm": 1000)
+    with pytest.raises(MemoryError, match="/dev/shm"):
+        BatchRing({"waves": (B, V, L)}, num_workers=2, prefetch_factor=3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory)")
 def test_pinned_ring_batches_equal_plain_batches() -> None:
     ring = BatchRing({"waves": (B, V, L), "local_waves": (B, 3, 50)}, num_workers=2, prefetch_factor=2)

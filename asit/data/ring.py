@@ -26,6 +26,8 @@ come back in order. Copy a batch out before you ask for the next one.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +35,23 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-__all__ = ["BatchRing", "RingCollate", "RingRef", "resolve_ring_refs"]
+__all__ = ["BatchRing", "RingCollate", "RingRef", "resolve_ring_refs", "ring_bytes", "shared_memory_free"]
 
 _RINGS: dict[int, BatchRing] = {}  # the rings of this process, by id (RingRef carries the id)
 _IDS = itertools.count()
+
+
+def ring_bytes(shapes: dict[str, tuple[int, ...]], num_workers: int, prefetch_factor: int) -> int:
+    """Bytes of shared memory a :class:`BatchRing` with these settings allocates (float32)."""
+    per_slot = sum(4 * int(torch.Size(shape).numel()) for shape in shapes.values())
+    return per_slot * num_workers * (prefetch_factor + 1)
+
+
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory file system, or None where there is none to ask (not Linux)."""
+    if not os.path.isdir(path):
+        return None
+    return shutil.disk_usage(path).free
 
 
 class BatchRing:
@@ -52,6 +67,12 @@ class BatchRing:
         if num_workers < 1 or prefetch_factor < 1:
             raise ValueError(f"a batch ring needs num_workers >= 1 and prefetch_factor >= 1, got "
                              f"{num_workers}, {prefetch_factor}")
+        need, free = ring_bytes(shapes, num_workers, prefetch_factor), shared_memory_free()
+        if free is not None and need > free:
+            # touching pages past a full /dev/shm kills the process with SIGBUS: refuse up front
+            raise MemoryError(f"a batch ring needs {need / 2**30:.2f} GB of shared memory but /dev/shm has "
+                              f"{free / 2**30:.2f} GB free (fewer loader workers or a smaller batch, a larger "
+                              "/dev/shm, e.g. docker --shm-size, or data.batch_ring=disabled)")
         self.slots_per_worker = prefetch_factor + 1
         self.num_workers = num_workers
         slots = num_workers * self.slots_per_worker

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from asit.config import Config, config_to_dict, save_config
 from asit.data.fbank import fbank_views
-from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs
+from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs, ring_bytes, shared_memory_free
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
 from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
@@ -344,15 +344,9 @@ class Pretrainer:
                 zero_ratio=g.zero_ratio, alien_ratio=g.alien_ratio, alien_prob=g.alien_prob,
                 max_block_frac=g.max_block_frac, allow_self_alien=g.allow_self_alien)
         prefetch = 4
-        ring = d.batch_ring == "enabled" or (d.batch_ring == "auto" and self.device.type == "cuda")
-        # not with shards: an exhausted shard worker lets the others run more than prefetch batches ahead
-        if ring and workers > 0 and shards is None and self.cfg.train.mode == "fast":
-            shapes = {k: (self.cfg.train.batch_size, *shape) for k, shape in self.dataset.sample_shapes().items()}
-            self.ring = BatchRing(shapes, workers, prefetch)
+        self.ring = self._make_batch_ring(workers, prefetch, from_manifest=shards is None)
+        if self.ring is not None:
             collate = RingCollate(collate_pretrain, self.ring)
-            if self.dist.is_main:
-                log.info("data: batches through %.2f GB of shared memory (%d slots per worker)",
-                         self.ring.nbytes / 2**30, self.ring.slots_per_worker)
         self.loader = DataLoader(
             self.dataset, batch_size=self.cfg.train.batch_size, num_workers=workers,
             sampler=self.sampler if shards is None else None,
@@ -363,6 +357,25 @@ class Pretrainer:
         if self.dist.is_main:
             log.info("data: %d clips from %s, %d steps/epoch of %d per process, fbank on the %s", total, source,
                      iters, self.cfg.train.batch_size, "device" if self.fbank_on == "device" else "loader workers")
+
+    def _make_batch_ring(self, workers: int, prefetch: int, *, from_manifest: bool) -> BatchRing | None:
+        """The loader's :class:`~asit.data.ring.BatchRing` (``data.batch_ring``), or None."""
+        d = self.cfg.data
+        wanted = d.batch_ring == "enabled" or (d.batch_ring == "auto" and self.device.type == "cuda")
+        # not with shards: an exhausted shard worker lets the others run more than prefetch batches ahead
+        if not (wanted and workers > 0 and from_manifest and self.cfg.train.mode == "fast"):
+            return None
+        shapes = {k: (self.cfg.train.batch_size, *shape) for k, shape in self.dataset.sample_shapes().items()}
+        need, free = ring_bytes(shapes, workers, prefetch), shared_memory_free()
+        if d.batch_ring == "auto" and free is not None and need > free:
+            log.warning("data: the batch ring would need %.2f GB of /dev/shm and %.2f GB are free; batches take "
+                        "the DataLoader's own (slower) transport instead (data.batch_ring)", need / 2**30, free / 2**30)
+            return None
+        ring = BatchRing(shapes, workers, prefetch)  # with data.batch_ring=enabled, a clear error if it cannot fit
+        if self.dist.is_main:
+            log.info("data: batches through %.2f GB of shared memory (%d slots per worker)", ring.nbytes / 2**30,
+                     ring.slots_per_worker)
+        return ring
 
     def _setup_model(self) -> None:
         m, d = self.cfg.model, self.cfg.data
