@@ -5,9 +5,9 @@ Each case reports GB/s of the op's minimal traffic next to the session's copy ba
 peak memory on CUDA (pytest-benchmark ``extra_info``). The timed call includes the host's work
 (checks, dispatch, launches) and a device sync, which is what one call costs. At DESIGN §3's sizes
 that is mostly host time on a fast GPU. So on CUDA each case also replays fwd + bwd from a CUDA graph
-(``triton.testing.do_bench_cudagraph``) to time the device alone: ``device_ms`` and ``device_gbps``. A
-case that cannot be captured (the eager GMML reference reads back a count) records why in
-``device_error`` instead. Shapes are DESIGN §3's on CUDA and
+(``triton.testing.do_bench_cudagraph``) to time the device alone: ``device_ms`` and ``device_gbps``,
+for the compiled reference and Triton (the eager GMML reference reads back a count, which a capture
+cannot hold). A case whose capture fails records why in ``device_error`` instead. Shapes are DESIGN §3's on CUDA and
 smaller ones on CPU, where only ``ref`` runs. Run with ``pytest bench/``.
 """
 
@@ -79,10 +79,11 @@ def setup(op: str, shape: tuple[int, ...], dtype: torch.dtype, provider: str, de
 def _device_time(fn, nbytes: float) -> dict:
     """Device time of ``fn`` replayed from a CUDA graph, or why it could not be captured."""
     try:
-        ms = triton.testing.do_bench_cudagraph(fn, rep=50)
+        ms = triton.testing.do_bench_cudagraph(fn, rep=20)
     except Exception as err:  # noqa: BLE001 - any capture failure is a finding to record, not a failed case
         torch.cuda.synchronize()
-        return {"device_error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+        first_line = (str(err).splitlines() or [""])[0]
+        return {"device_error": f"{type(err).__name__}: {first_line[:120]}"}
     return {"device_ms": ms, "device_gbps": nbytes / (ms * 1e-3) / 1e9}
 
 
@@ -110,7 +111,7 @@ def test_bench(benchmark, op, shape, dtype, provider, device, copy_gbps):
 
     benchmark.pedantic(run, rounds=20 if CUDA else 3, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
-    if CUDA:
+    if CUDA and provider != "ref":
         benchmark.extra_info.update(_device_time(fn, nbytes))
     benchmark.extra_info.update(
         gbps=nbytes / median / 1e9, copy_gbps=copy_gbps, bytes=nbytes,

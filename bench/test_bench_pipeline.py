@@ -89,16 +89,18 @@ def _round(batches, device: torch.device, generator: torch.Generator) -> torch.T
 
 
 def _torch_batches(entries, device: torch.device, fbank_on: str = "loader", ring: bool = False):
+    """An endless iterator of loader batches, and the batch ring to release afterwards (or None)."""
     dataset = PretrainDataset(entries, sample_rate=SR, crop_seconds=6.0, num_views=2, num_mel_bins=128,
                               target_frames=592, seed=0, fbank_on=fbank_on)
-    collate = collate_pretrain
+    collate, batch_ring = collate_pretrain, None
     if ring:
         shapes = {k: (BATCH, *shape) for k, shape in dataset.sample_shapes().items()}
-        collate = RingCollate(collate_pretrain, BatchRing(shapes, CORES, PREFETCH))
+        batch_ring = BatchRing(shapes, CORES, PREFETCH)
+        collate = RingCollate(collate_pretrain, batch_ring)
     loader = DataLoader(dataset, batch_size=BATCH, sampler=_Forever(len(dataset)), num_workers=CORES,
                         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
                         prefetch_factor=PREFETCH, persistent_workers=False)
-    return iter(loader)
+    return iter(loader), batch_ring
 
 
 def _dali_batches(entries, device: torch.device):
@@ -115,17 +117,21 @@ def _dali_batches(entries, device: torch.device):
 def test_pipeline_end_to_end(benchmark, corpus, device, backend):
     if backend == "torch-device-fbank" and device.type != "cuda":
         pytest.skip("without a GPU the fbank belongs in the loader workers (data.fbank_on=auto picks them)")
+    batch_ring = None
     if backend == "dali":
         batches = _dali_batches(corpus, device)
     else:
         on_device = backend == "torch-device-fbank"
-        batches = _torch_batches(corpus, device, "device" if on_device else "loader", ring=backend != "torch")
+        batches, batch_ring = _torch_batches(corpus, device, "device" if on_device else "loader",
+                                             ring=backend != "torch")
     generator = torch.Generator(device=device).manual_seed(0)
     try:
         out = benchmark.pedantic(_round, args=(batches, device, generator), rounds=5, iterations=1,
                                  warmup_rounds=WARMUP_ROUNDS)
     finally:
         del batches  # stops the loader's workers
+        if batch_ring is not None:
+            batch_ring.release()
     assert out.shape == (2 * BATCH, 1, 592, 128) and torch.isfinite(out).all()
     clips_per_s = BATCH * BATCHES_PER_ROUND / benchmark.stats.stats.mean  # throughput over all timed rounds
     benchmark.extra_info.update(

@@ -38,7 +38,7 @@ status=0
 # scarce, so one failure must not hide the rest. (The CPU-only rest runs in CI.)
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
-timeout 170 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 "${parallel[@]}" \
+timeout 160 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 "${parallel[@]}" \
     tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py tests/test_kernels_gmml.py \
     tests/test_kernels_registration.py tests/test_data_fbank_batched.py tests/test_data_ring.py \
     tests/test_train_sync_free.py \
@@ -46,13 +46,13 @@ timeout 170 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # The main job on the GPU: the built-in demo, compiled, bf16, sync-free, fbank on the device.
 echo "== demo: torchrun scripts/pretrain.py train.epochs=2"
-timeout 80 torchrun --nproc_per_node=1 scripts/pretrain.py train.epochs=2 train.progress=false \
+timeout 75 torchrun --nproc_per_node=1 scripts/pretrain.py train.epochs=2 train.progress=false \
     train.output_dir="$(mktemp -d)" >"$OUT/demo.log" 2>&1 || status=1
 grep -E "data:|student:|done:|Error" "$OUT/demo.log" | tail -n 6
-timeout 110 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py bench/test_bench_pipeline.py \
+timeout 120 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py bench/test_bench_pipeline.py \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 210 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
+timeout 200 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
     2>&1 | tee -a "$OUT/bench.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo

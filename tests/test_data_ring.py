@@ -25,6 +25,21 @@ class Numbered(Dataset):
                 "label": torch.zeros(0), "index": i, "ok": i % 7 != 3, "error": "" if i % 7 != 3 else "unreadable"}
 
 
+class NumberedStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return (Numbered()[i] for i in range(16))
+
+
+def test_an_iterable_dataset_is_refused() -> None:
+    ring = BatchRing({"waves": (B, V, L)}, num_workers=1, prefetch_factor=1)
+    loader = DataLoader(NumberedStream(), batch_size=B, num_workers=1, collate_fn=RingCollate(collate_pretrain, ring))
+    try:
+        with pytest.raises(TypeError, match="map-style"):
+            next(iter(loader))
+    finally:
+        ring.release()
+
+
 def _batches(ring_slots: int | None, consumer_delay: float) -> list[dict]:
     collate = collate_pretrain
     if ring_slots is not None:
@@ -56,12 +71,11 @@ def test_ring_batches_equal_plain_batches() -> None:
     assert {len(b["index"]) for b in ringed} == {3, 4}
 
 
-def test_an_undersized_ring_is_caught_by_the_comparison() -> None:
-    """With one slot per worker a worker overwrites a batch before it is copied out: the check above
-    would see it (it is not blind)."""
-    plain = _batches(None, 0.0)
-    ringed = _batches(1, 0.02)
-    assert any(not torch.equal(a["waves"], b["waves"]) for a, b in zip(plain, ringed))
+def test_an_undersized_ring_fails_loudly() -> None:
+    """With one slot per worker a worker overwrites a batch before it is copied out: the slot's
+    generation token says so, and the copy-out raises instead of returning another batch's data."""
+    with pytest.raises(RuntimeError, match="reused before its batch was copied out"):
+        _batches(1, 0.02)
 
 
 def test_main_process_collate_and_unfit_entries_are_unchanged() -> None:
@@ -81,7 +95,7 @@ def test_main_process_collate_and_unfit_entries_are_unchanged() -> None:
     finally:
         ring.release()
     with pytest.raises(RuntimeError, match="not known in this process"):
-        RingRef(ring.id, "waves", 0, 1).materialize()
+        RingRef(ring.id, "waves", 0, 1, token=1).materialize()
     with pytest.raises(ValueError, match="num_workers"):
         BatchRing({"waves": (B, V, L)}, num_workers=0, prefetch_factor=2)
 

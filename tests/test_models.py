@@ -242,6 +242,12 @@ def test_reconstruction_head_equals_transposed_convolution(in_chans):
     grads_ref = torch.autograd.grad(expected, [tokens, head.convTrans.weight, head.convTrans.bias], g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # under autocast the output has the compute dtype, as the convolution's had (the L1 target follows it)
+    head = head.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(tokens.detach().float(), (gh, gw))
+        expected = head.convTrans(head.mlp(tokens.detach().float()).transpose(1, 2).reshape(2, -1, gh, gw))
+    assert out.dtype == expected.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("hidden,out", [(32, 8), (32, 32)])

@@ -446,6 +446,43 @@ def test_batch_ring_trains_exactly_like_the_plain_loader(reference, tmp_path) ->
         tiny_config(tmp_path, "data.batch_ring=enabled")  # no loader workers
 
 
+def test_batch_ring_auto_falls_back_when_shared_memory_is_short(tmp_path, monkeypatch, caplog) -> None:
+    """auto (on CUDA) takes the DataLoader's own transport, with a warning, when /dev/shm cannot hold the
+    rings of every process on the node or the allocation fails; enabled refuses with the size."""
+    import types
+
+    import asit.data.ring as ring_module
+    import asit.train.engine as engine_module
+
+    trainer = Pretrainer(tiny_config(tmp_path, "data.num_workers=2", "train.image_every_epochs=0"))
+    trainer.setup()
+    try:
+        assert trainer.ring is None  # auto on the CPU: off
+        trainer.device = types.SimpleNamespace(type="cuda")  # what auto looks at
+        need = ring_module.ring_bytes({"views": (8, 2, 1, *IMG)}, 2, 4)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        monkeypatch.setattr(engine_module, "shared_memory_free", lambda: 3 * need)  # 1 ring fits, 4 do not
+        with caplog.at_level("WARNING", logger="asit.train.engine"):
+            assert trainer._make_batch_ring(2, 4, from_manifest=True) is None
+        assert "4 process(es) on this node" in caplog.text
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+
+        def full(*args, **kwargs):
+            raise RuntimeError("unable to allocate shared memory")
+
+        monkeypatch.setattr(engine_module, "BatchRing", full)
+        with caplog.at_level("WARNING", logger="asit.train.engine"):
+            assert trainer._make_batch_ring(2, 4, from_manifest=True) is None
+        assert "unable to allocate" in caplog.text
+        monkeypatch.undo()
+        monkeypatch.setattr(ring_module, "shared_memory_free", lambda path="/dev/shm": need // 2)
+        trainer.cfg.data.batch_ring = "enabled"
+        with pytest.raises(MemoryError, match="/dev/shm"):
+            trainer._make_batch_ring(2, 4, from_manifest=True)
+    finally:
+        trainer.cleanup()
+
+
 def test_v2_recipe_shape_trains(tmp_path) -> None:
     """v2 settings: clean local views in the [CLS] loss, one shared head with a trainable g."""
     cfg = tiny_config(tmp_path, "data.local_views=2", "data.local_crop_seconds=0.5",

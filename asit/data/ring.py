@@ -21,6 +21,15 @@ only after the main process has received that worker's ``j + k - prefetch_factor
 ``k = prefetch_factor + 1`` slots, that is batch ``j + 1`` or later, and batch ``j`` was copied
 out before it (by the pin thread, or by the consumer before it asks for the next batch). Batches
 come back in order. Copy a batch out before you ask for the next one.
+
+That argument assumes what :class:`~asit.train.Pretrainer` does: a map-style dataset (an
+:class:`~torch.utils.data.IterableDataset` worker that runs dry lets the others run further ahead,
+so :class:`RingCollate` refuses one), one live iterator per loader, and with
+``persistent_workers=True`` epochs that are read to the end. As a safety net each slot carries a
+generation token in shared memory. A worker marks the slot as being written, writes it, then
+stamps a token unique to that write, which its :class:`RingRef` carries. The copy-out checks the
+token before and after copying and raises if the slot was reused, so a violation fails loudly
+instead of training on another batch's data.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = ["BatchRing", "RingCollate", "RingRef", "resolve_ring_refs", "ring_bytes", "shared_memory_free"]
 
@@ -69,16 +78,16 @@ class BatchRing:
                              f"{num_workers}, {prefetch_factor}")
         need, free = ring_bytes(shapes, num_workers, prefetch_factor), shared_memory_free()
         if free is not None and need > free:
-            # touching pages past a full /dev/shm kills the process with SIGBUS: refuse up front
             raise MemoryError(f"a batch ring needs {need / 2**30:.2f} GB of shared memory but /dev/shm has "
                               f"{free / 2**30:.2f} GB free (fewer loader workers or a smaller batch, a larger "
                               "/dev/shm, e.g. docker --shm-size, or data.batch_ring=disabled)")
         self.slots_per_worker = prefetch_factor + 1
         self.num_workers = num_workers
         slots = num_workers * self.slots_per_worker
-        # zeros: the pages are touched here, once, and shared with the workers
+        # zeros moved to shared memory: every page is touched here, before the workers start
         self.buffers = {key: torch.zeros((slots, *shape), dtype=torch.float32).share_memory_()
                         for key, shape in shapes.items()}
+        self.tokens = torch.zeros(slots, dtype=torch.int64).share_memory_()  # per slot: the write it holds
         self.id = next(_IDS)
         _RINGS[self.id] = self
 
@@ -94,29 +103,47 @@ class BatchRing:
 
 @dataclass(frozen=True)
 class RingRef:
-    """Rows ``[:rows]`` of slot ``slot`` of ring ``ring_id``'s entry ``key``: what a worker sends."""
+    """Rows ``[:rows]`` of slot ``slot`` of ring ``ring_id``'s entry ``key``, as written by the write
+    ``token``: what a worker sends."""
 
     ring_id: int
     key: str
     slot: int
     rows: int
+    token: int
 
-    def source(self) -> torch.Tensor:
+    def _ring(self) -> BatchRing:
         ring = _RINGS.get(self.ring_id)
         if ring is None:
             raise RuntimeError(f"batch ring {self.ring_id} is not known in this process: a RingRef must be "
                                "read in the process that created the ring")
-        return ring.buffers[self.key][self.slot, : self.rows]
+        return ring
+
+    def source(self) -> torch.Tensor:
+        """The rows in the ring, in place (valid until the slot is reused: copy them)."""
+        return self._ring().buffers[self.key][self.slot, : self.rows]
+
+    def _copy_into(self, out: torch.Tensor) -> torch.Tensor:
+        ring = self._ring()
+        self._check(ring)
+        out.copy_(ring.buffers[self.key][self.slot, : self.rows])
+        self._check(ring)  # a writer that started during the copy changed the token
+        return out
+
+    def _check(self, ring: BatchRing) -> None:
+        if int(ring.tokens[self.slot]) != self.token:
+            raise RuntimeError(f"batch ring slot {self.slot} was reused before its batch was copied out: the ring "
+                               "expects one live iterator per loader, read in order (see asit.data.ring)")
 
     def pin_memory(self, device: Any = None) -> torch.Tensor:
         """A pinned copy (called by the ``DataLoader``'s pin-memory thread)."""
         src = self.source()
-        out = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-        return out.copy_(src)
+        return self._copy_into(torch.empty(src.shape, dtype=src.dtype, pin_memory=True))
 
     def materialize(self) -> torch.Tensor:
         """A plain copy, for loaders that do not pin."""
-        return self.source().clone()
+        src = self.source()
+        return self._copy_into(torch.empty(src.shape, dtype=src.dtype))
 
 
 def resolve_ring_refs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -141,16 +168,23 @@ class RingCollate:
         info = get_worker_info()
         if info is None:
             return self.collate(samples)
+        if isinstance(info.dataset, IterableDataset):
+            raise TypeError("a batch ring needs a map-style dataset: an IterableDataset worker that runs dry lets "
+                            "the others run further ahead than the ring has slots")
         if info.id >= self.ring.num_workers:
             raise RuntimeError(f"loader worker {info.id} has no slots in a ring made for "
                                f"{self.ring.num_workers} workers")
         slot = info.id * self.ring.slots_per_worker + self._count % self.ring.slots_per_worker
         self._count += 1
+        # unique to this write: the worker's seed differs per worker and per iterator (epoch)
+        token = hash((info.seed, info.id, self._count)) & (2**62 - 1) or 1
+        self.ring.tokens[slot] = -1  # being written
         out = {key: buf[slot] for key, buf in self.ring.buffers.items()}
         batch = self.collate(samples, out=out)
+        self.ring.tokens[slot] = token
         for key, buf in out.items():
             value = batch.get(key)
             # the entry went into the slot unless the collate could not use it (another shape)
             if isinstance(value, torch.Tensor) and value.numel() and value.data_ptr() == buf.data_ptr():
-                batch[key] = RingRef(self.ring.id, key, slot, value.shape[0])
+                batch[key] = RingRef(self.ring.id, key, slot, value.shape[0], token)
         return batch

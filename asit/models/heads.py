@@ -167,12 +167,12 @@ class ReconstructionHead(nn.Module):
             raise ValueError(f"tokens has N={N} data tokens but grid {grid} needs {gh * gw}")
         y = self.mlp(tokens)  # [B, N, C]
         # The transposed convolution with kernel = stride = p paints disjoint patches, so it is one
-        # matmul per token ([C] @ [C, k*p*p]) and a reshape: same parameters and result, without
-        # cuDNN (whose backward picked a memory format the compiled graph did not expect on CUDA).
+        # linear map per token (C → k*p*p) and a reshape: same parameters and result, without cuDNN
+        # (whose backward picked a memory format the compiled graph did not expect on CUDA). One
+        # F.linear, so autocast gives the output the compute dtype, as it did the convolution's.
         w = self.convTrans.weight  # [C, k, p, p]
         c, k, p, _ = w.shape
-        patches = torch.matmul(y, w.reshape(c, k * p * p))  # [B, N, k*p*p]
-        if self.convTrans.bias is not None:
-            patches = patches + self.convTrans.bias.repeat_interleave(p * p)
+        bias = self.convTrans.bias
+        patches = F.linear(y, w.reshape(c, k * p * p).t(), None if bias is None else bias.repeat_interleave(p * p))
         patches = patches.view(B, gh, gw, k, p, p).permute(0, 3, 1, 4, 2, 5)  # [B, k, gh, p, gw, p]
         return patches.reshape(B, k, gh * p, gw * p)

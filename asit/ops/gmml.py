@@ -357,10 +357,12 @@ def gmml_corrupt_reference(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int 
         tiles = m8[..., : ph * p, : pw * p].reshape(b, ph, p, pw, p)
         # exact integer counts, the contiguous axis first (several times faster than one 2-axis sum)
         counts = tiles.sum(dim=4, dtype=torch.int32).sum(dim=2)  # [B, ph, pw]
-        # count / p² rounded to nearest, as the kernel's div_rn: the divisor is a device tensor because
-        # CUDA divides by a CPU scalar as a multiplication by its reciprocal, which is off by an ulp
-        # for some counts when p² is not a power of two (p = 10: 30 of the 101 counts)
-        frac = (counts.to(torch.float32) / torch.full((), p * p, dtype=torch.float32, device=x.device)).flatten(1)
+        # count / p² rounded to nearest float32, as the kernel's div_rn. Divided in float64, then rounded:
+        # a float32 division may be a multiplication by the reciprocal (CUDA does that for a CPU scalar,
+        # Inductor for a constant), off by an ulp for some counts when p² is not a power of two (p = 10:
+        # 30 of the 101 counts); in float64 that error is far below the distance of count / p² from any
+        # float32 rounding boundary, so the rounded result is exact on every backend.
+        frac = (counts.to(torch.float64) / float(p * p)).to(torch.float32).flatten(1)
     else:
         frac = mask.new_zeros((b, 0), dtype=torch.float32)
     return GMMLOutput(corrupted, mask, frac)

@@ -366,12 +366,23 @@ class Pretrainer:
         if not (wanted and workers > 0 and from_manifest and self.cfg.train.mode == "fast"):
             return None
         shapes = {k: (self.cfg.train.batch_size, *shape) for k, shape in self.dataset.sample_shapes().items()}
+        # every process on this node allocates its own ring at about the same time: budget for all of them
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         need, free = ring_bytes(shapes, workers, prefetch), shared_memory_free()
-        if d.batch_ring == "auto" and free is not None and need > free:
-            log.warning("data: the batch ring would need %.2f GB of /dev/shm and %.2f GB are free; batches take "
-                        "the DataLoader's own (slower) transport instead (data.batch_ring)", need / 2**30, free / 2**30)
+        if d.batch_ring == "enabled":
+            return self._log_ring(BatchRing(shapes, workers, prefetch))  # a clear error if it cannot fit
+        if free is not None and need * local > 0.8 * free:
+            log.warning("data: the batch rings would need %.2f GB of /dev/shm (%d process(es) on this node) and "
+                        "%.2f GB are free; batches take the DataLoader's own, slower, transport instead "
+                        "(data.batch_ring)", need * local / 2**30, local, free / 2**30)
             return None
-        ring = BatchRing(shapes, workers, prefetch)  # with data.batch_ring=enabled, a clear error if it cannot fit
+        try:
+            return self._log_ring(BatchRing(shapes, workers, prefetch))
+        except (MemoryError, RuntimeError) as err:  # e.g. another job filled /dev/shm meanwhile
+            log.warning("data: no batch ring (%s); batches take the DataLoader's own transport", err)
+            return None
+
+    def _log_ring(self, ring: BatchRing) -> BatchRing:
         if self.dist.is_main:
             log.info("data: batches through %.2f GB of shared memory (%d slots per worker)", ring.nbytes / 2**30,
                      ring.slots_per_worker)
