@@ -101,7 +101,7 @@ def test_main_process_collate_and_unfit_entries_are_unchanged() -> None:
 
 
 def test_a_ring_larger_than_shared_memory_is_refused(monkeypatch) -> None:
-    """Touching pages past a full /dev/shm would kill the process with SIGBUS: the ring refuses first."""
+    """A ring that /dev/shm cannot hold is refused up front, with the size it needs."""
     import asit.data.ring as ring_module
 
     assert ring_module.ring_bytes({"waves": (B, V, L)}, 2, 3) == 2 * 4 * B * V * L * 4
