@@ -133,8 +133,8 @@ CROSS_DEVICE_TOL = 3e-3
 
 
 def test_float64_fbank_shows_the_float32_rounding_floor():
-    """Why the cross-device tolerance is wider than TOL: even the exact fbank (float64) is more than
-    about TOL (1.2e-3) away from torchaudio's float32 one on a pure tone, while ours matches it to a few ulps."""
+    """Why the cross-device tolerance is wider than TOL: even the exact fbank (float64) is about TOL
+    (1.2e-3) away from torchaudio's float32 one on a pure tone, while ours matches it to a few ulps."""
     sr = 32000
     tonal = _inputs(sr, 6.0, torch.Generator().manual_seed(3))["tonal"]
     ref = _reference(tonal, sr, 128, 592)
