@@ -6,7 +6,8 @@ Two measurements, each for the default transport (a new shared-memory segment pe
 * ``synthetic``: workers fill 94 MB batches (64 × 2 × 6 s at 32 kHz, float32) without decoding
   anything, and the main process copies each into a reused buffer, as the pin-memory thread
   copies it into pinned memory. This is the transport alone.
-* ``dataset``: :class:`asit.data.PretrainDataset` on 10 s WAV clips, with the fbank in the workers
+* ``dataset``: :class:`asit.data.PretrainDataset` on 10 s WAV clips (first one clip at a time in one
+  thread, then through the loader), with the fbank in the workers
   (``views``, 37 MB per batch) or on the device (``waves``, 94 MB per batch, the fbank itself not run
   here), batches copied out the same way.
 """
@@ -91,6 +92,11 @@ def main() -> None:
             dataset = PretrainDataset(entries, sample_rate=32000, crop_seconds=6.0, num_views=VIEWS,
                                       num_mel_bins=128, target_frames=592, seed=0, fbank_on=fbank_on)
             key, shape = next(iter(dataset.sample_shapes().items()))
+            start = time.perf_counter()
+            for i in range(32):
+                dataset[i]
+            print(f"dataset, fbank on the {fbank_on}: one clip in one thread (decode, crops"
+                  f"{', fbank' if fbank_on == 'loader' else ''}) {(time.perf_counter() - start) / 32 * 1e3:.2f} ms")
             for ring in (False, True):
                 rate, copy_ms = _rate(dataset, _Forever(len(dataset)), key, shape, ring, args.workers, args.seconds)
                 print(f"dataset, fbank on the {fbank_on} ({key}), {'ring' if ring else 'new segment per batch'}: "
