@@ -703,9 +703,10 @@ class Pretrainer:
     def batch_views(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A loader batch with its fbank views: with ``data.fbank_on=device`` the loader sends waveform
         crops (``"waves"``, ``"local_waves"``), which are moved to the device and turned into normalised
-        views there, all clips in one call (:func:`~asit.data.fbank.fbank_views`); other batches pass as
-        they are."""
-        batch = resolve_ring_refs(batch)  # slots of the batch ring not pinned by the loader: copied out
+        views there, all clips in one call (:func:`~asit.data.fbank.fbank_views`). Batch-ring references
+        (``data.batch_ring`` without pinning, i.e. on the CPU) are copied out first; other batches pass
+        as they are."""
+        batch = resolve_ring_refs(batch)
         if "waves" not in batch:
             return batch
         d = self.cfg.data
