@@ -19,9 +19,22 @@ ELEMENTWISE_BLOCK = 1024
 TARGET_PROGRAMS = 1024
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints. Host-side launch arithmetic uses these plain functions:
+    ``triton.cdiv`` and ``triton.next_power_of_2`` are ``@jit`` functions, and each call from
+    Python goes through ``JITFunction.__call__`` (several µs, about a sixth of a fused op's host
+    time)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ``>= n`` (0 for 0), as ``triton.next_power_of_2``."""
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
+
+
 def pow2_block(n: int, *, max_block: int = MAX_TILE, min_block: int = 16) -> int:
     """Power-of-two block covering ``n`` elements, clamped to ``[min_block, max_block]``."""
-    return max(min_block, min(max_block, triton.next_power_of_2(max(int(n), 1))))
+    return max(min_block, min(max_block, next_power_of_2(max(int(n), 1))))
 
 
 def elementwise_blocks(n: int) -> tuple[int, int, int]:
@@ -31,15 +44,15 @@ def elementwise_blocks(n: int) -> tuple[int, int, int]:
     two so that few kernel variants are ever compiled.
     """
     block = min(ELEMENTWISE_BLOCK, pow2_block(n))
-    n_blocks = triton.cdiv(max(n, 1), block)
-    tiles = min(64, triton.next_power_of_2(triton.cdiv(n_blocks, TARGET_PROGRAMS)))
-    return block, tiles, triton.cdiv(n_blocks, tiles)
+    n_blocks = cdiv(max(n, 1), block)
+    tiles = min(64, next_power_of_2(cdiv(n_blocks, TARGET_PROGRAMS)))
+    return block, tiles, cdiv(n_blocks, tiles)
 
 
 def row_blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
     """``(ROWS, BLOCK_K)`` for row-wise kernels: a ``ROWS × BLOCK_K`` tile of at most ``MAX_TILE``."""
     block_k = pow2_block(n_cols, max_block=4096)
-    rows = max(1, min(MAX_TILE // block_k, triton.next_power_of_2(max(n_rows, 1)), 8))
+    rows = max(1, min(MAX_TILE // block_k, next_power_of_2(max(n_rows, 1)), 8))
     return rows, block_k
 
 
@@ -51,7 +64,7 @@ def gmml_blocks(patch: int) -> tuple[int, int, int]:
     split between programs.
     """
     tokens = max(1, 128 // patch)
-    return triton.next_power_of_2(patch), tokens, triton.next_power_of_2(tokens * patch)
+    return next_power_of_2(patch), tokens, next_power_of_2(tokens * patch)
 
 
 def num_warps_for(tile: int) -> int:

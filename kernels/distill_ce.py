@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import load_scalar_f32, new_output, num_warps_for, pow2_block, row_blocks
+from ._utils import cdiv, load_scalar_f32, new_output, num_warps_for, pow2_block, row_blocks
 
 
 # Per row i, with a_k = s_ik / τs and b_k = (t_ik - c_k) / τt:
@@ -162,7 +162,7 @@ def distill_ce_forward(student: torch.Tensor, teacher: torch.Tensor, center: tor
     c = center.reshape(-1).contiguous()
     dev = student.device
     rows, block_k = row_blocks(n, k)
-    programs = triton.cdiv(n, rows)
+    programs = cdiv(n, rows)
     loss = new_output((n,), torch.float32, dev)
     grad = new_output((n, k) if need_grad else (0,), student.dtype, dev)
     part = new_output((programs, k), torch.float32, dev)
@@ -174,7 +174,7 @@ def distill_ce_forward(student: torch.Tensor, teacher: torch.Tensor, center: tor
             num_warps=num_warps_for(rows * block_k))
     if k > 0:
         red_rows, red_k = row_blocks(programs, min(k, 256))
-        _column_sum_kernel[(triton.cdiv(k, red_k),)](
+        _column_sum_kernel[(cdiv(k, red_k),)](
             part, teacher_sum, programs, k, ROWS=red_rows, BLOCK_K=red_k,
             num_warps=num_warps_for(red_rows * red_k))
     return loss, teacher_sum, grad
@@ -186,7 +186,7 @@ def distill_ce_backward(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Te
     out = new_output(grad.shape, grad.dtype, grad.device)
     g = grad_rows.reshape(-1).to(torch.float32).contiguous()
     rows, block_k = row_blocks(n, pow2_block(k, max_block=1024))
-    grid = (triton.cdiv(n, rows), triton.cdiv(k, block_k))
+    grid = (cdiv(n, rows), cdiv(k, block_k))
     if n > 0 and k > 0:
         _scale_rows_kernel[grid](grad, g, out, n, k, ROWS=rows, BLOCK_K=block_k,
                                  num_warps=num_warps_for(rows * block_k))

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import gmml_blocks, new_output, num_warps_for
+from ._utils import cdiv, gmml_blocks, new_output, next_power_of_2, num_warps_for
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -107,7 +107,7 @@ def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, sour
     tokens_h, tokens_w = h // patch_size, w // patch_size
     frac = new_output((b, tokens_h * tokens_w), torch.float32, x.device)
     block_p, tokens, block_w = gmml_blocks(patch_size)
-    grid = (b, triton.cdiv(h, patch_size), triton.cdiv(w, tokens * patch_size))
+    grid = (b, cdiv(h, patch_size), cdiv(w, tokens * patch_size))
     if b * h * w > 0:
         # per sample, 1 + the index of its last non-empty box: the painter loops only that far (the
         # sampler blanks the slots after each sample's prefix, up to its budget), computed on the device
@@ -119,6 +119,6 @@ def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, sour
             xc.view(bits), boxes.contiguous(), n_used.contiguous(), alien.contiguous().view(torch.uint8),
             source.contiguous(),
             corrupted.view(bits), mask.view(torch.uint8), frac, c, h, w, boxes.shape[1], tokens_h, tokens_w,
-            PATCH=patch_size, BLOCK_P=block_p, TOKENS=tokens, BLOCK_T=triton.next_power_of_2(tokens),
+            PATCH=patch_size, BLOCK_P=block_p, TOKENS=tokens, BLOCK_T=next_power_of_2(tokens),
             BLOCK_W=block_w, num_warps=num_warps_for(block_p * block_w))
     return corrupted, mask, frac

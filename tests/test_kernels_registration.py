@@ -193,3 +193,15 @@ def test_center_update_two_process_gloo(tmp_path, seed):
     rows = torch.cat([_teacher_rows(r, seed) for r in range(2)]).double()
     expect = 0.9 * torch.linspace(-1, 1, 33).double() + 0.1 * rows.mean(0)
     torch.testing.assert_close(c0.double(), expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")
+
+
+def test_host_block_arithmetic_matches_triton() -> None:
+    """The launchers' plain cdiv / next_power_of_2 (cheaper than calling Triton's @jit helpers from
+    Python) give Triton's values."""
+    import triton
+    from asit_kernels._utils import cdiv, next_power_of_2
+
+    for n in [0, 1, 2, 3, 5, 16, 17, 1000, 1023, 1024, 1025, 37_888 * 1024]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 1024):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -41,7 +41,8 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     if target.dtype != pred.dtype:
         raise TypeError(f"target dtype {target.dtype} must equal pred dtype {pred.dtype}")
     try:
-        fits = torch.broadcast_shapes(mask.shape, pred.shape) == pred.shape
+        # (torch.broadcast_shapes is a slow reference implementation: only when the shapes differ)
+        fits = mask.shape == pred.shape or torch.broadcast_shapes(mask.shape, pred.shape) == pred.shape
     except RuntimeError:
         fits = False
     if not fits:
