@@ -150,15 +150,8 @@ class ClipViews:
             self._warned.add(err.path)
             logger.warning("skipping clip %d: %s", index, err)
         sample.update(ok=False, error=err.reason)
-        key, local_key = self._keys()
-        if self.fbank_on == "device":
-            sample[key] = torch.zeros(self.num_views, self.crop_samples)
-            if self.local_views > 0:
-                sample[local_key] = torch.zeros(self.local_views, self.local_crop_samples)
-            return sample
-        sample[key] = torch.zeros(self.num_views, 1, self.target_frames, self.num_mel_bins)
-        if self.local_views > 0:
-            sample[local_key] = torch.zeros(self.local_views, 1, self.local_target_frames, self.num_mel_bins)
+        for key, shape in self.sample_shapes().items():
+            sample[key] = torch.zeros(shape)
         return sample
 
     def sample_shapes(self) -> dict[str, tuple[int, ...]]:

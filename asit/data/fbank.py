@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
+from .features import normalize_fbank
+
 __all__ = ["KaldiFbank", "batched_kaldi_fbank", "fbank_views", "num_fbank_frames"]
 
 _EPS = torch.finfo(torch.float32).eps  # Kaldi's floor before the log, whatever the dtype
@@ -230,8 +232,6 @@ def fbank_views(waves: torch.Tensor, sample_rate: int, num_mel_bins: int, frames
     loader workers compute per clip with ``data.fbank_on=loader``; with ``data.fbank_on=device`` the
     trainer calls it on the GPU for the whole batch (and the DALI loader always does).
     """
-    from .features import normalize_fbank
-
     if waves.dim() != 3:
         raise ValueError(f"waves must be (B, V, L), got shape {tuple(waves.shape)}")
     b, v, length = waves.shape

@@ -123,10 +123,11 @@ class RingRef:
         """The rows in the ring, in place (valid until the slot is reused: copy them)."""
         return self._ring().buffers[self.key][self.slot, : self.rows]
 
-    def _copy_into(self, out: torch.Tensor) -> torch.Tensor:
+    def _copy(self, pin: bool) -> torch.Tensor:
         ring = self._ring()
         self._check(ring)
-        out.copy_(ring.buffers[self.key][self.slot, : self.rows])
+        src = ring.buffers[self.key][self.slot, : self.rows]
+        out = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin).copy_(src)
         self._check(ring)  # a writer that started during the copy changed the token
         return out
 
@@ -137,13 +138,11 @@ class RingRef:
 
     def pin_memory(self, device: Any = None) -> torch.Tensor:
         """A pinned copy (called by the ``DataLoader``'s pin-memory thread)."""
-        src = self.source()
-        return self._copy_into(torch.empty(src.shape, dtype=src.dtype, pin_memory=True))
+        return self._copy(pin=True)
 
     def materialize(self) -> torch.Tensor:
         """A plain copy, for loaders that do not pin."""
-        src = self.source()
-        return self._copy_into(torch.empty(src.shape, dtype=src.dtype))
+        return self._copy(pin=False)
 
 
 def resolve_ring_refs(batch: dict[str, Any]) -> dict[str, Any]:

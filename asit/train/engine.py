@@ -366,11 +366,11 @@ class Pretrainer:
         if not (wanted and workers > 0 and from_manifest and self.cfg.train.mode == "fast"):
             return None
         shapes = {k: (self.cfg.train.batch_size, *shape) for k, shape in self.dataset.sample_shapes().items()}
+        if d.batch_ring == "enabled":
+            return self._log_ring(BatchRing(shapes, workers, prefetch))  # a clear error if it cannot fit
         # every process on this node allocates its own ring at about the same time: budget for all of them
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         need, free = ring_bytes(shapes, workers, prefetch), shared_memory_free()
-        if d.batch_ring == "enabled":
-            return self._log_ring(BatchRing(shapes, workers, prefetch))  # a clear error if it cannot fit
         if free is not None and need * local > 0.8 * free:
             log.warning("data: the batch rings would need %.2f GB of /dev/shm (%d process(es) on this node) and "
                         "%.2f GB are free; batches take the DataLoader's own, slower, transport instead "
