@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import torch
+from test_bench_pipeline import _Forever  # the pipeline bench's endless sampler (this folder is on sys.path)
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from asit.data import PretrainDataset, collate_pretrain, ensure_demo_dataset, load_manifest
@@ -34,15 +35,6 @@ class _Filled(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"waves": torch.full((VIEWS, SAMPLES), float(i % 7)), "label": torch.zeros(0), "index": i,
                 "ok": True, "error": ""}
-
-
-class _Forever(Sampler[int]):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __iter__(self):
-        while True:
-            yield from torch.randperm(self.n).tolist()
 
 
 def _rate(dataset: Dataset, sampler: Sampler | None, key: str, shape: tuple[int, ...], ring: bool, workers: int,
