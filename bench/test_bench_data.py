@@ -6,7 +6,8 @@ and a GMML-corrupted copy with its mask:
 * ``authors``: per clip and view, ``torchaudio.compliance.kaldi.fbank`` (through
   :func:`asit.data.kaldi_fbank`), then the authors' GMML painter, a Python while-loop per
   sample that draws one block at a time until ``mask.sum()`` reaches the target;
-* ``ours``: one :func:`asit.data.fbank.batched_kaldi_fbank` call for the batch, then
+* ``ours``: one :func:`asit.data.fbank.batched_kaldi_fbank` call for the batch (normalising in
+  place, as the loader does), then
   :func:`asit.ops.sample_gmml_blocks` + :func:`asit.ops.gmml_corrupt`.
 
 ``ours_blocks_presampled`` times ours with the blocks sampled beforehand, which separates the
@@ -74,8 +75,8 @@ def authors_path(waves: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def our_path(waves: torch.Tensor, generator: torch.Generator, blocks: ops.GMMLBlocks | None = None):
-    fbank = batched_kaldi_fbank(waves.reshape(-1, SAMPLES), SR, BINS, FRAMES)  # [B·V, T, F]
-    views = normalize_fbank(fbank, MEAN, STD).unsqueeze(1)  # [B·V, 1, T, F]
+    views = batched_kaldi_fbank(waves.reshape(-1, SAMPLES), SR, BINS, FRAMES,
+                                normalize=(MEAN, STD)).unsqueeze(1)  # [B·V, 1, T, F], normalised
     if blocks is None:
         blocks = ops.sample_gmml_blocks(views.shape[0], FRAMES, BINS, generator=generator)
     return ops.gmml_corrupt(views, blocks, 16, backend="reference")

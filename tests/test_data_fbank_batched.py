@@ -8,7 +8,7 @@ import torchaudio.compliance.kaldi as kaldi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asit.data import kaldi_fbank
+from asit.data import kaldi_fbank, normalize_fbank
 from asit.data.fbank import KaldiFbank, batched_kaldi_fbank, num_fbank_frames
 
 TOL = 1e-3  # max abs difference in log-mel (fp32)
@@ -109,6 +109,27 @@ def test_module_and_function_agree_and_single_wave():
     assert out64.dtype == torch.float64
     assert (out64 - module(wave)).abs().max() <= TOL
     assert batched_kaldi_fbank(wave[:0], sr, 64, 100).shape == (0, 100, 64)
+
+
+def test_normalize_in_place_is_bit_identical_to_normalize_fbank():
+    sr = 16000
+    g = torch.Generator().manual_seed(5)
+    waves = 0.2 * torch.randn(3, 5 * sr + 123, generator=g)  # 499 frames, padded to 530
+    mean, std = -4.2677393, 4.5689974
+    plain = batched_kaldi_fbank(waves, sr, 64, 530)
+    out = batched_kaldi_fbank(waves, sr, 64, 530, normalize=(mean, std))
+    assert torch.equal(out, normalize_fbank(plain, mean, std))  # padded frames included
+    assert torch.equal(KaldiFbank(sr, 64, 530)(waves[1], normalize=(mean, std)), out[1])
+    with pytest.raises(ValueError, match="std must be positive"):
+        batched_kaldi_fbank(waves, sr, 64, 530, normalize=(mean, 0.0))
+
+
+def test_input_that_requires_grad_is_detached():
+    """A feature extractor: a wave that requires grad gives the same values, with no graph."""
+    sr = 16000
+    wave = 0.3 * torch.randn(2, 9000, generator=torch.Generator().manual_seed(6))
+    out = batched_kaldi_fbank(wave.clone().requires_grad_(True), sr, 40, 50)
+    assert not out.requires_grad and torch.equal(out, batched_kaldi_fbank(wave, sr, 40, 50))
 
 
 def test_invalid_arguments():

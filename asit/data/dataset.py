@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .audio import AudioDecodeError, load_audio
 from .fbank import batched_kaldi_fbank
-from .features import AUDIOSET_MEAN, AUDIOSET_STD, normalize_fbank
+from .features import AUDIOSET_MEAN, AUDIOSET_STD
 from .manifest import AudioEntry
 from .transforms import pad_or_crop_random, random_roll
 
@@ -116,8 +116,9 @@ class ClipViews:
         waves = torch.stack(crops)  # [V, length]
         if self.fbank_on == "device":
             return waves
-        fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, frames)  # [V, T, F]
-        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(1)
+        views = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, frames,
+                                    normalize=(self.mean, self.std))  # [V, T, F]
+        return views.unsqueeze(1)
 
     def make_sample(self, wave: torch.Tensor | AudioDecodeError, index: int, label: torch.Tensor,
                     path: str) -> dict[str, Any]:

@@ -10,21 +10,21 @@ whole waveform is removed first and the result is cut or zero-padded to ``target
 The time-domain steps (frame mean, pre-emphasis, window) are the same tensor operations in the
 same order as torchaudio's, so each clip's result agrees with the per-clip reference to a few
 float32 ulps even in bins that hold only rounding noise (pure tones). The speed comes from
-batching (one FFT and one matmul for the whole batch), the window and mel matrix built once
-and cached per device and dtype, and a cheaper power spectrum (``re² + im²``, squared in place,
-instead of ``|X|²``).
+batching (one FFT for a chunk of frames), the window and mel matrix built once and cached per
+device and dtype, a cheaper power spectrum (``re² + im²``, squared in place, instead of
+``|X|²``), and on the CPU a banded mel projection plus NumPy's SIMD ``log`` and interleaved add
+(steps after the FFT only change rounding relative to each value, ~1e-6 after the log).
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
-
-from .features import normalize_fbank
 
 __all__ = ["KaldiFbank", "batched_kaldi_fbank", "fbank_views", "num_fbank_frames"]
 
@@ -33,9 +33,10 @@ _EPS = torch.finfo(torch.float32).eps  # Kaldi's floor before the log, whatever 
 # buffer and its spectrum stay in cache (about 4 MB each at 32 kHz).
 _CPU_CHUNK_FRAMES = 1024
 # On the CPU the mel projection is done per band of this many filters, each over only the FFT
-# bins its filters touch: the triangular filters make the dense matrix ~90 % zeros, and 16
-# filters per band measured fastest (5x faster than one dense matmul at 128 bins, 32 kHz).
-_CPU_FILTERS_PER_BAND = 16
+# bins its filters touch: the triangular filters make the dense matrix ~90 % zeros, and 12
+# filters per band measured fastest (one 2-D matmul per band and view; 4.5x faster than one
+# dense matmul at 128 bins, 32 kHz; 8 and 16 filters were 3 % and 10 % slower).
+_CPU_FILTERS_PER_BAND = 12
 
 
 def num_fbank_frames(num_samples: int, window_size: int, window_shift: int) -> int:
@@ -59,9 +60,10 @@ class KaldiFbank(nn.Module):
         remove_wave_mean: subtract the mean of each whole waveform first (ASiT/AST do).
 
     ``forward(waves)`` takes ``(B, T)`` (or ``(T,)``) floating-point waveforms and returns
-    ``(B, T', F)`` (or ``(T', F)``): float64 for float64 input, float32 otherwise. The window and
-    the mel matrix are non-persistent buffers: ``.to(device)`` moves them and they never enter a
-    ``state_dict``.
+    ``(B, T', F)`` (or ``(T', F)``): float64 for float64 input, float32 otherwise; it never
+    carries gradients (the input is detached). ``forward(waves, normalize=(mean, std))`` returns
+    ``(fbank - mean) / (2 std)`` instead. The window and the mel matrix are non-persistent
+    buffers: ``.to(device)`` moves them and they never enter a ``state_dict``.
     """
 
     def __init__(
@@ -126,7 +128,12 @@ class KaldiFbank(nn.Module):
             f"fft={self.fft_size}"
         )
 
-    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+    def forward(self, waves: torch.Tensor, normalize: tuple[float, float] | None = None) -> torch.Tensor:
+        """Fbank of ``waves``; with ``normalize=(mean, std)`` also ``(fbank - mean) / (2 std)``, in place.
+
+        The normalised result is bit-identical to :func:`~asit.data.features.normalize_fbank` of
+        the plain one (the same two float32 operations), without a second pass over the batch.
+        """
         if not isinstance(waves, torch.Tensor) or not waves.is_floating_point():
             raise TypeError("waves must be a floating-point tensor")
         if waves.dim() not in (1, 2):
@@ -136,8 +143,12 @@ class KaldiFbank(nn.Module):
         single = waves.dim() == 1
         x = waves.unsqueeze(0) if single else waves
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x = x.to(dtype)
-        out = self._fbank(x)
+        x = x.detach().to(dtype)  # a feature extractor, not differentiable (in-place and NumPy steps)
+        if normalize is not None:
+            mean, std = normalize
+            if not std > 0:
+                raise ValueError(f"normalize: std must be positive, got {std}")
+        out = self._fbank(x, normalize)
         return out[0] if single else out
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,28 +162,42 @@ class KaldiFbank(nn.Module):
             x = x[:, :needed]
         return x
 
-    def _fbank(self, x: torch.Tensor) -> torch.Tensor:
+    def _fbank(self, x: torch.Tensor, normalize: tuple[float, float] | None) -> torch.Tensor:
         batch, length = x.shape
         frames = num_fbank_frames(length, self.window_size, self.window_shift)
         out_frames = frames if self.target_frames is None else self.target_frames
         out = x.new_zeros(batch, out_frames, self.num_mel_bins)  # [B, T', F]
         keep = min(frames, out_frames)
         window = self.window.to(x.dtype)
-        step = max(batch, 1) if x.device.type != "cpu" else max(1, _CPU_CHUNK_FRAMES // frames)
+        cpu = x.device.type == "cpu"
+        step = max(1, _CPU_CHUNK_FRAMES // frames) if cpu else max(batch, 1)
+        # One frame buffer for all chunks: its zero tail (the FFT padding) is written once.
+        buf = x.new_zeros(min(step, batch), keep, self.fft_size)  # [b, M, N]
         for start in range(0, batch, step):
             chunk = self._prepare(x[start : start + step])  # [b, T]
-            power = self._power_spectrum(chunk, keep, window)  # [b, M, K]
+            spec = self._spectrum(chunk, keep, window, buf[: chunk.shape[0]])  # [b, M, K, 2], re² and im²
             energies = out[start : start + step, :keep]  # [b, M, F], written in place
-            self._project(power, energies)
-            energies.clamp_min_(_EPS).log_()
+            if cpu:
+                self._project_cpu(spec, energies)
+                energies.clamp_min_(_EPS)
+                # NumPy's SIMD log is ~3x faster than torch's here, within a few ulps (~1e-6 absolute)
+                log = energies.numpy()
+                np.log(log, out=log)
+            else:
+                energies.copy_(torch.matmul(torch.add(spec[..., 0], spec[..., 1]), self.mel.to(x.dtype)))
+                energies.clamp_min_(_EPS).log_()
+        if normalize is not None:  # the same float32 operations as normalize_fbank, in place
+            mean, std = normalize
+            out.sub_(mean).div_(2.0 * std)
         return out
 
-    def _power_spectrum(self, x: torch.Tensor, frames: int, window: torch.Tensor) -> torch.Tensor:
-        """Power spectrum ``(b, M, K)`` of the first ``frames`` frames of each row of ``x`` ``(b, T)``."""
+    def _spectrum(self, x: torch.Tensor, frames: int, window: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """Squared real and imaginary parts ``(b, M, K, 2)`` of the first ``frames`` frames of ``x`` ``(b, T)``.
+
+        ``buf`` ``(b, M, N)`` receives the windowed frames; its tail past the window must be zero.
+        """
         size = self.window_size
         strided = x.unfold(1, size, self.window_shift)[:, :frames]  # [b, M, W] (a view)
-        buf = x.new_empty(strided.shape[0], frames, self.fft_size)  # [b, M, N]; zero tail = FFT padding
-        buf[..., size:] = 0
         head = buf[..., :size]
         # Same operations, in the same order, as torchaudio's _get_window, so rounding matches.
         torch.sub(strided, torch.mean(strided, dim=2).unsqueeze(2), out=head)  # per-frame DC offset
@@ -182,17 +207,17 @@ class KaldiFbank(nn.Module):
             head[..., 1:].sub_(scaled[..., :-1])
             head[..., :1].sub_(scaled[..., :1])
         head.mul_(window)
-        spec = torch.view_as_real(torch.fft.rfft(buf)).square_()  # [b, M, K, 2], squared in place
-        return torch.add(spec[..., 0], spec[..., 1])  # |X|^2 = re^2 + im^2
+        return torch.view_as_real(torch.fft.rfft(buf)).square_()  # squared in place
 
-    def _project(self, power: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[...] = power @ mel``; banded on the CPU, one dense matmul elsewhere."""
-        if power.device.type != "cpu":
-            out.copy_(torch.matmul(power, self.mel.to(power.dtype)))
-            return
-        for i, (first, end, lo, hi) in enumerate(self._bands):
-            band = getattr(self, f"mel_band{i}").to(power.dtype)
-            out[..., first:end] = torch.matmul(power[..., lo:hi], band)
+    def _project_cpu(self, spec: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[...] = (re² + im²) @ mel``, one 2-D matmul per view and band of filters."""
+        squares = spec.numpy()
+        power = np.add(squares[..., 0], squares[..., 1])  # NumPy adds the interleaved halves ~25 % faster
+        power = torch.from_numpy(power)  # [b, M, K]
+        bands = [(getattr(self, f"mel_band{i}").to(power.dtype), band) for i, band in enumerate(self._bands)]
+        for view, energies in zip(power, out):
+            for mel, (first, end, lo, hi) in bands:
+                energies[:, first:end] = torch.mm(view[:, lo:hi], mel)
 
 
 @functools.lru_cache(maxsize=32)
@@ -207,6 +232,8 @@ def batched_kaldi_fbank(
     sample_rate: int,
     num_mel_bins: int = 128,
     target_frames: int | None = 592,
+    *,
+    normalize: tuple[float, float] | None = None,
     **options: float | bool,
 ) -> torch.Tensor:
     """Kaldi fbank of each row of ``waves`` ``(B, T)`` → ``(B, target_frames, num_mel_bins)``.
@@ -216,11 +243,13 @@ def batched_kaldi_fbank(
     zero-padded to ``target_frames`` (``None`` keeps all frames). Works on any device; the
     window and mel matrix are built once per (settings, device) and cached. ``options`` are
     :class:`KaldiFbank`'s keyword arguments. A ``(T,)`` input gives ``(T', F)``.
+    ``normalize=(mean, std)`` returns ``(fbank - mean) / (2 std)`` instead (bit-identical to
+    :func:`~asit.data.features.normalize_fbank` of the plain result, without its extra pass).
     """
     module = _cached_module(
         int(sample_rate), int(num_mel_bins), target_frames, waves.device, tuple(sorted(options.items()))
     )
-    return module(waves)
+    return module(waves, normalize)
 
 
 def fbank_views(waves: torch.Tensor, sample_rate: int, num_mel_bins: int, frames: int, mean: float,
@@ -235,5 +264,5 @@ def fbank_views(waves: torch.Tensor, sample_rate: int, num_mel_bins: int, frames
     if waves.dim() != 3:
         raise ValueError(f"waves must be (B, V, L), got shape {tuple(waves.shape)}")
     b, v, length = waves.shape
-    fbank = batched_kaldi_fbank(waves.reshape(b * v, length), sample_rate, num_mel_bins, frames)
-    return normalize_fbank(fbank, mean, std).reshape(b, v, 1, frames, num_mel_bins)
+    views = batched_kaldi_fbank(waves.reshape(b * v, length), sample_rate, num_mel_bins, frames, normalize=(mean, std))
+    return views.reshape(b, v, 1, frames, num_mel_bins)

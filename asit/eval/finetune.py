@@ -80,7 +80,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
 
 from asit.config import ConfigError, _build, load_tree
-from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest, normalize_fbank
+from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest
 from asit.data.fbank import batched_kaldi_fbank
 from asit.models import build_backbone, encode
 
@@ -780,8 +780,9 @@ class Finetuner:
     # ------------------------------------------------------------------ steps
     def features(self, waves: torch.Tensor) -> torch.Tensor:
         """Waveforms ``[B, S]`` → normalised fbank ``[B, 1, T, F]``."""
-        fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, self.frames)  # [B, T, F]
-        return normalize_fbank(fbank, self.mean, self.std).unsqueeze(1)
+        fbank = batched_kaldi_fbank(waves, self.sample_rate, self.num_mel_bins, self.frames,
+                                    normalize=(self.mean, self.std))  # [B, T, F]
+        return fbank.unsqueeze(1)
 
     def _autocast(self):
         if self.autocast_dtype is None:
