@@ -124,6 +124,19 @@ def test_normalize_in_place_is_bit_identical_to_normalize_fbank():
         batched_kaldi_fbank(waves, sr, 64, 530, normalize=(mean, 0.0))
 
 
+def test_pure_torch_path_agrees_with_the_numpy_cpu_path(monkeypatch):
+    """The path other devices run (dense mel matmul, torch log), checked here on the CPU."""
+    import asit.data.fbank as fbank
+
+    sr = 32000
+    g = torch.Generator().manual_seed(7)
+    waves = torch.stack(list(_inputs(sr, 2.0, g).values()))
+    fast = batched_kaldi_fbank(waves, sr, 128, 211, normalize=(-4.0, 4.0))
+    monkeypatch.setattr(fbank, "_NUMPY_ON_CPU", False)
+    plain = batched_kaldi_fbank(waves, sr, 128, 211, normalize=(-4.0, 4.0))
+    assert (plain - fast).abs().max().item() <= 1e-5
+
+
 def test_input_that_requires_grad_is_detached():
     """A feature extractor: a wave that requires grad gives the same values, with no graph."""
     sr = 16000

@@ -317,6 +317,59 @@ def test_paint_cpu_matches_matmul_on_any_boxes(gen):
     assert got.any() and not got.all()
 
 
+def test_sampler_canvas_handed_to_the_painter_once_and_only_for_unchanged_boxes(gen, monkeypatch):
+    """The CPU sampler's canvas is reused for its own boxes; changed or other boxes are painted afresh."""
+    from asit.ops import gmml
+
+    painted = []
+    real = gmml._paint_sequential
+    monkeypatch.setattr(gmml, "_paint_sequential", lambda *a: painted.append(1) or real(*a))
+    h, w = 41, 23
+    blocks = sample_gmml_blocks(5, h, w, generator=gen)
+    first = gmml.paint_block_mask(blocks.boxes, h, w)
+    assert not painted and torch.equal(first, real(blocks.boxes, h, w))
+    assert torch.equal(gmml.paint_block_mask(blocks.boxes, h, w), first) and len(painted) == 1  # once only
+    blocks = sample_gmml_blocks(5, h, w, generator=gen)
+    blocks.boxes[:, :, 2:] = 1  # in place: every block becomes one pixel
+    assert torch.equal(gmml.paint_block_mask(blocks.boxes, h, w), real(blocks.boxes, h, w)) and len(painted) == 2
+    blocks = sample_gmml_blocks(5, h, w, generator=gen)
+    assert torch.equal(gmml.paint_block_mask(blocks.boxes.clone(), h, w), real(blocks.boxes, h, w))  # a copy
+    assert torch.equal(gmml.paint_block_mask(blocks.boxes[:, :, :], h + 1, w)[:, :h], real(blocks.boxes, h, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_numpy_select_matches_torch_where_bit_for_bit(gen, dtype):
+    """The CPU select (NumPy masked copy) against torch.where, on signed zeros, NaN and ±inf, strided input."""
+    from asit.ops import gmml
+
+    b, c, h, w = 5, 2, 19, 26
+    x = torch.randn(b, c, h, 2 * w, generator=gen).to(dtype)[..., ::2]  # not contiguous
+    x[0, 0, :3, :3] = -0.0
+    x[1, 1, 4:6, 4:6] = float("nan")
+    x[2, 0, :2] = float("inf")
+    x[3, 1, -2:] = -float("inf")
+    blocks = sample_gmml_blocks(b, h, w, generator=gen, alien_prob=0.5)
+    mask = gmml._paint_sequential(blocks.boxes, h, w).unsqueeze(1)
+    src = torch.where(blocks.alien, blocks.source.long(), torch.arange(b))
+    fill = x[src]
+    fill[~blocks.alien] = 0
+    want = torch.where(mask, fill, x)
+    got = gmml._select_numpy(x, mask, blocks)
+    assert got.is_contiguous() and got.dtype == dtype
+    bits = {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    assert torch.equal(got.view(bits), want.contiguous().view(bits))
+
+
+def test_token_fraction_with_patches_over_255_pixels_high():
+    """The per-column counts switch from uint8 to int32 when a patch is taller than 255 rows."""
+    h, w, p = 300, 260, 260
+    boxes = torch.tensor([[[0, 0, 290, 200]], [[10, 5, 1, 1]]], dtype=torch.int32)
+    blocks = GMMLBlocks(boxes, torch.tensor([False, False]), torch.tensor([1, 0]), torch.full((2,), 0.5))
+    out = gmml_corrupt(torch.ones(2, 1, h, w), blocks, patch_size=p, backend="reference")
+    want = torch.tensor([[260 * 200 / p**2], [1 / p**2]], dtype=torch.float64).float()
+    assert torch.equal(out.token_fraction, want)
+
+
 def test_corrupt_reference_traces_without_graph_breaks(gen):
     """The CPU painter runs in NumPy eagerly; under torch.compile the traceable matmul painter is used."""
     x = torch.randn(3, 1, 20, 18, generator=gen)

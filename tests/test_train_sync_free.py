@@ -24,6 +24,7 @@ from test_train_engine import (  # noqa: F401  (_env: module fixture, temp ASIT_
     tiny_config,
 )
 
+import asit.data.fbank as fbank
 import asit.ops as ops
 import asit.train.engine as engine
 import asit.train.losses as losses
@@ -114,6 +115,8 @@ def test_sync_free_step_reads_nothing_back(tmp_path, monkeypatch, fbank_on) -> N
     for module, name in ((engine, "gmml_corrupt"), (losses, "centered_softmax_cross_entropy"),
                          (losses, "masked_l1_loss")):
         monkeypatch.setattr(module, name, HostReads.allow(getattr(module, name)))
+    # the fbank's CPU path finishes in NumPy; check the pure-torch path that CUDA runs
+    monkeypatch.setattr(fbank, "_NUMPY_ON_CPU", False)
     trainer = _trainer(tmp_path, f"data.fbank_on={fbank_on}")
     try:
         trainer.train_step(next(trainer.batches), epoch=0)  # first step: optimiser state is created

@@ -39,6 +39,11 @@ _CPU_CHUNK_FRAMES = 1024
 _CPU_FILTERS_PER_BAND = 12
 
 
+# On the CPU the steps after the FFT run partly in NumPy (see _log_mel_cpu); False runs the pure-torch
+# path that other devices take (a test uses it to check that path on the CPU).
+_NUMPY_ON_CPU = True
+
+
 def num_fbank_frames(num_samples: int, window_size: int, window_shift: int) -> int:
     """Frames ``snip_edges`` gives for ``num_samples`` (at least 1: short input is zero-padded)."""
     if num_samples < window_size:
@@ -177,18 +182,13 @@ class KaldiFbank(nn.Module):
             chunk = self._prepare(x[start : start + step])  # [b, T]
             spec = self._spectrum(chunk, keep, window, buf[: chunk.shape[0]])  # [b, M, K, 2], re² and im²
             energies = out[start : start + step, :keep]  # [b, M, F], written in place
-            if cpu:
-                self._project_cpu(spec, energies)
-                energies.clamp_min_(_EPS)
-                # NumPy's SIMD log is ~3x faster than torch's here, within a few ulps (~1e-6 absolute)
-                log = energies.numpy()
-                np.log(log, out=log)
+            if cpu and _NUMPY_ON_CPU:
+                self._log_mel_cpu(spec, energies)
             else:
                 energies.copy_(torch.matmul(torch.add(spec[..., 0], spec[..., 1]), self.mel.to(x.dtype)))
                 energies.clamp_min_(_EPS).log_()
-        if normalize is not None:  # the same float32 operations as normalize_fbank, in place
-            mean, std = normalize
-            out.sub_(mean).div_(2.0 * std)
+            if normalize is not None:  # the same float32 operations as normalize_fbank, in place, while in cache
+                out[start : start + step].sub_(normalize[0]).div_(2.0 * normalize[1])
         return out
 
     def _spectrum(self, x: torch.Tensor, frames: int, window: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -209,15 +209,23 @@ class KaldiFbank(nn.Module):
         head.mul_(window)
         return torch.view_as_real(torch.fft.rfft(buf)).square_()  # squared in place
 
-    def _project_cpu(self, spec: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[...] = (re² + im²) @ mel``, one 2-D matmul per view and band of filters."""
+    def _log_mel_cpu(self, spec: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[...] = log(max((re² + im²) @ mel, eps))`` on the CPU, view by view.
+
+        One 2-D matmul per band of filters writes the transposed energies ``(F, M)`` (contiguous rows,
+        so no copy), then NumPy's SIMD ``log`` (~3x faster than torch's here, within a few ulps, ~1e-6
+        absolute) reads them transposed into ``out``.
+        """
         squares = spec.numpy()
-        power = np.add(squares[..., 0], squares[..., 1])  # NumPy adds the interleaved halves ~25 % faster
-        power = torch.from_numpy(power)  # [b, M, K]
-        bands = [(getattr(self, f"mel_band{i}").to(power.dtype), band) for i, band in enumerate(self._bands)]
-        for view, energies in zip(power, out):
-            for mel, (first, end, lo, hi) in bands:
-                energies[:, first:end] = torch.mm(view[:, lo:hi], mel)
+        power = torch.from_numpy(np.add(squares[..., 0], squares[..., 1]))  # [b, M, K]; ~25 % faster than torch
+        bands = [(getattr(self, f"mel_band{i}").t().to(power.dtype), band) for i, band in enumerate(self._bands)]
+        energies_t = power.new_empty(self.num_mel_bins, power.shape[1])  # [F, M]
+        floor = np.asarray(_EPS, dtype=squares.dtype)
+        for view, log_mel in zip(power, out):
+            for mel_t, (first, end, lo, hi) in bands:
+                torch.mm(mel_t, view[:, lo:hi].t(), out=energies_t[first:end])
+            np.maximum(energies_t.numpy(), floor, out=energies_t.numpy())
+            np.log(energies_t.numpy().T, out=log_mel.numpy())
 
 
 @functools.lru_cache(maxsize=32)

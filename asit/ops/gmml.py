@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 # Candidate blocks are drawn this many at a time between host checks of "is every target reachable?".
 _CHUNK = 64
+# The CPU sampler paints every sample's blocks to find its prefix, and that canvas is exactly the mask
+# paint_block_mask would paint again from the returned boxes. It is handed over once: one slot per
+# thread, holding the boxes tensor weakly with its version counter, so boxes changed in place (or any
+# other boxes) are painted afresh.
+_HANDOVER = threading.local()
 
 
 class GMMLBlocks(NamedTuple):
@@ -79,7 +86,8 @@ def paint_block_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tens
     # painting box by box is several times faster on a CPU core (eagerly: it runs in NumPy, which
     # torch.compile cannot trace, so compiled code keeps the matmul)
     if boxes.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _paint_sequential(boxes, height, width)
+        painted = _take_painted(boxes, height, width)
+        return painted if painted is not None else _paint_sequential(boxes, height, width)
     return _paint_matmul(boxes, height, width)
 
 
@@ -87,6 +95,18 @@ def _paint_matmul(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     in_rows, in_cols = _rows_cols(boxes, height, width)  # [B, M, H], [B, M, W]
     hits = torch.bmm(in_rows.transpose(1, 2).float(), in_cols.float())  # [B, H, W]
     return hits > 0
+
+
+def _take_painted(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
+    """The sampler's canvas for exactly these boxes (same tensor, unchanged since), once; else None."""
+    slot = getattr(_HANDOVER, "slot", None)
+    if slot is None:
+        return None
+    ref, version, shape, mask = slot
+    if ref() is not boxes or boxes._version != version or shape != (height, width):
+        return None
+    _HANDOVER.slot = None
+    return torch.from_numpy(mask)
 
 
 def _paint_sequential(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -204,11 +224,14 @@ def sample_gmml_blocks(
                            max_rounds)
             break
         candidates = torch.cat([candidates, draw(min(_CHUNK, max_rounds - candidates.shape[1]))], dim=1)
-    if finder is not None:
-        count = finder.counts(candidates.shape[1])
-    else:
+    if finder is None:
         count = _shortest_prefix(candidates, need, height, width)  # [B] blocks each sample uses
-    return _trim(candidates, count, max(int(count.max()), 1), alien, source, target)
+        return _trim(candidates, count, max(int(count.max()), 1), alien, source, target)
+    count = finder.counts(candidates.shape[1])
+    blocks = _trim(candidates, count, max(int(count.max()), 1), alien, source, target)
+    # each canvas holds exactly the blocks kept (painting stops at the block that reaches the target)
+    _HANDOVER.slot = (weakref.ref(blocks.boxes), blocks.boxes._version, (height, width), finder.masks)
+    return blocks
 
 
 def _trim(candidates: torch.Tensor, count: torch.Tensor, last: int, alien: torch.Tensor, source: torch.Tensor,
@@ -341,22 +364,45 @@ def _check_blocks(x: torch.Tensor, blocks: GMMLBlocks) -> None:
     check_same_device(x=x, **{"blocks.boxes": boxes, "blocks.alien": alien, "blocks.source": source})
 
 
+def _numpy_select_ok(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.float16)
+            and not x.requires_grad and not torch.compiler.is_compiling())
+
+
+def _select_numpy(x: torch.Tensor, mask: torch.Tensor, blocks: GMMLBlocks) -> torch.Tensor:
+    """``where(mask, fill, x)`` on the CPU with NumPy's masked copy, sample by sample (fill: 0 in zeros
+    mode, the source sample in alien mode): the same values, bit for bit, in about a third of the
+    time of ``torch.where`` plus the gathered fill copy at 592 × 128."""
+    src_x = x.contiguous().numpy()
+    out = x.clone(memory_format=torch.contiguous_format)
+    dst, keep = out.numpy(), mask.numpy()
+    zero = np.zeros((), dtype=src_x.dtype)
+    for i, (alien, source) in enumerate(zip(blocks.alien.tolist(), blocks.source.tolist())):
+        np.copyto(dst[i], src_x[source] if alien else zero, where=keep[i])
+    return out
+
+
 def gmml_corrupt_reference(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 16) -> GMMLOutput:
     """Pure-PyTorch GMML painter (the CPU path and the oracle for the Triton kernel)."""
     b, _, h, w = x.shape
     mask = paint_block_mask(blocks.boxes, h, w).unsqueeze(1)  # [B, 1, H, W]
-    # zeros-mode samples read from themselves, so their (ignored) source index is never used
-    src = torch.where(blocks.alien, blocks.source.long(), torch.arange(b, device=x.device))
-    fill = x[src]  # a copy: zeros-mode samples are then zeroed in place
-    fill.index_fill_(0, (~blocks.alien).nonzero().flatten(), 0)
-    corrupted = torch.where(mask, fill, x)
+    if _numpy_select_ok(x):
+        corrupted = _select_numpy(x, mask, blocks)
+    else:
+        # zeros-mode samples read from themselves, so their (ignored) source index is never used
+        src = torch.where(blocks.alien, blocks.source.long(), torch.arange(b, device=x.device))
+        fill = x[src]  # a copy: zeros-mode samples are then zeroed in place
+        fill.index_fill_(0, (~blocks.alien).nonzero().flatten(), 0)
+        corrupted = torch.where(mask, fill, x)
     if h >= patch_size and w >= patch_size:
         p, ph, pw = patch_size, h // patch_size, w // patch_size
         # a free reinterpretation eagerly; Inductor cannot lower a bool -> uint8 view, so compiled code converts
         m8 = mask.to(torch.uint8) if torch.compiler.is_compiling() else mask.view(torch.uint8)
         tiles = m8[..., : ph * p, : pw * p].reshape(b, ph, p, pw, p)
-        # exact integer counts, the contiguous axis first (several times faster than one 2-axis sum)
-        counts = tiles.sum(dim=4, dtype=torch.int32).sum(dim=2)  # [B, ph, pw]
+        # exact integer counts: first over the rows of each tile in uint8 (at most p, if <= 255; adding whole rows
+        # vectorises, ~10x faster on a CPU than widening the mask to int32 for one sum), then over its columns
+        per_column = tiles.sum(dim=2, dtype=torch.uint8 if p <= 255 else torch.int32)  # [B, ph, pw, p]
+        counts = per_column.sum(dim=3, dtype=torch.int32)  # [B, ph, pw]
         # count / p² rounded to nearest float32, as the kernel's div_rn. Divided in float64, then rounded:
         # a float32 division may be a multiplication by the reciprocal (CUDA does that for a CPU scalar,
         # Inductor for a constant), off by an ulp for some counts when p² is not a power of two (p = 10:
