@@ -317,24 +317,58 @@ def test_paint_cpu_matches_matmul_on_any_boxes(gen):
     assert got.any() and not got.all()
 
 
-def test_sampler_canvas_handed_to_the_painter_once_and_only_for_unchanged_boxes(gen, monkeypatch):
-    """The CPU sampler's canvas is reused for its own boxes; changed or other boxes are painted afresh."""
+def test_sampler_canvas_handed_to_the_painter_once_and_only_for_equal_boxes(gen, monkeypatch):
+    """The CPU sampler's canvas is reused for boxes equal to its own; any other boxes are painted afresh."""
+    import threading
+
     from asit.ops import gmml
 
     painted = []
     real = gmml._paint_sequential
     monkeypatch.setattr(gmml, "_paint_sequential", lambda *a: painted.append(1) or real(*a))
     h, w = 41, 23
+
+    def check(boxes, hh=h, *, fresh: bool):
+        before = len(painted)
+        assert torch.equal(gmml.paint_block_mask(boxes, hh, w), real(boxes, hh, w))
+        assert len(painted) == before + fresh
+
     blocks = sample_gmml_blocks(5, h, w, generator=gen)
-    first = gmml.paint_block_mask(blocks.boxes, h, w)
-    assert not painted and torch.equal(first, real(blocks.boxes, h, w))
-    assert torch.equal(gmml.paint_block_mask(blocks.boxes, h, w), first) and len(painted) == 1  # once only
+    check(blocks.boxes[:, :1], fresh=True)  # other boxes, same image size: no hand-over
+    check(blocks.boxes, h + 1, fresh=True)  # same boxes, other image size
+    check(blocks.boxes, fresh=False)  # ... and the slot still serves the sampler's own boxes
+    check(blocks.boxes, fresh=True)  # once only
+    check(sample_gmml_blocks(5, h, w, generator=gen).boxes.clone(), fresh=False)  # equal content is enough
+    first = sample_gmml_blocks(5, h, w, generator=gen)
+    sample_gmml_blocks(5, h, w, generator=gen)  # replaces the slot
+    check(first.boxes, fresh=True)
+    for change in ("in place", "through .data", "through NumPy"):
+        blocks = sample_gmml_blocks(5, h, w, generator=gen)
+        target = {"in place": blocks.boxes, "through .data": blocks.boxes.data}.get(change)
+        if target is None:
+            blocks.boxes.numpy()[:, :, 2:] = 1
+        else:
+            target[:, :, 2:] = 1  # every block becomes one pixel
+        check(blocks.boxes, fresh=True)
     blocks = sample_gmml_blocks(5, h, w, generator=gen)
-    blocks.boxes[:, :, 2:] = 1  # in place: every block becomes one pixel
-    assert torch.equal(gmml.paint_block_mask(blocks.boxes, h, w), real(blocks.boxes, h, w)) and len(painted) == 2
-    blocks = sample_gmml_blocks(5, h, w, generator=gen)
-    assert torch.equal(gmml.paint_block_mask(blocks.boxes.clone(), h, w), real(blocks.boxes, h, w))  # a copy
-    assert torch.equal(gmml.paint_block_mask(blocks.boxes[:, :, :], h + 1, w)[:, :h], real(blocks.boxes, h, w))
+    thread = threading.Thread(target=check, args=(blocks.boxes,), kwargs={"fresh": True})  # its own slot
+    thread.start()
+    thread.join()
+    check(blocks.boxes, fresh=False)
+    with torch.inference_mode():
+        blocks = sample_gmml_blocks(5, h, w, generator=gen)
+        out = gmml_corrupt(torch.randn(5, 1, h, w), blocks, 4)
+    check(blocks.boxes, fresh=True)  # used once, by the corruption under inference mode
+    assert torch.equal(out.mask[:, 0], real(blocks.boxes, h, w))
+
+
+def test_reference_corruption_is_differentiable_in_x(gen):
+    """With x requiring grad the painter keeps to torch (not NumPy): gradient 1 on kept pixels."""
+    x = torch.randn(4, 2, 19, 26, generator=gen, requires_grad=True)
+    blocks = sample_gmml_blocks(4, 19, 26, generator=gen, alien_prob=0.0)  # zeros mode
+    out = gmml_corrupt(x, blocks, 4, backend="reference")
+    out.corrupted.sum().backward()
+    assert torch.equal(x.grad, (~out.mask).expand_as(x).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])

@@ -227,7 +227,8 @@ class KaldiFbank(nn.Module):
         absolute) reads them transposed into ``out``.
         """
         power = np.abs(spec.numpy())  # |X| (hypot, as torchaudio's abs), faster than re² + im² in torch or NumPy
-        np.square(power, out=power)
+        with np.errstate(over="ignore"):  # inf, as torch gives, without a warning
+            np.square(power, out=power)
         power = torch.from_numpy(power)  # [b, M, K]
         for view, log_mel in zip(power, out):
             for mel_t, (first, end, lo, hi) in bands:

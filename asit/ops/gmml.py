@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -28,8 +27,9 @@ logger = logging.getLogger(__name__)
 _CHUNK = 64
 # The CPU sampler paints every sample's blocks to find its prefix, and that canvas is exactly the mask
 # paint_block_mask would paint again from the returned boxes. It is handed over once: one slot per
-# thread, holding the boxes tensor weakly with its version counter, so boxes changed in place (or any
-# other boxes) are painted afresh.
+# thread holding a copy of the boxes, used only for boxes equal to it in content (and the same image
+# size), so boxes changed in any way, or other boxes, are painted afresh. The next sampler call on the
+# thread replaces it.
 _HANDOVER = threading.local()
 
 
@@ -98,12 +98,13 @@ def _paint_matmul(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _take_painted(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
-    """The sampler's canvas for exactly these boxes (same tensor, unchanged since), once; else None."""
+    """The sampler's canvas if these boxes equal the ones it returned (once); else None."""
     slot = getattr(_HANDOVER, "slot", None)
     if slot is None:
         return None
-    ref, version, shape, mask = slot
-    if ref() is not boxes or boxes._version != version or shape != (height, width):
+    kept, shape, mask = slot
+    if (shape != (height, width) or kept.shape != boxes.shape or kept.dtype != boxes.dtype
+            or not torch.equal(kept, boxes)):
         return None
     _HANDOVER.slot = None
     return torch.from_numpy(mask)
@@ -230,7 +231,7 @@ def sample_gmml_blocks(
     count = finder.counts(candidates.shape[1])
     blocks = _trim(candidates, count, max(int(count.max()), 1), alien, source, target)
     # each canvas holds exactly the blocks kept (painting stops at the block that reaches the target)
-    _HANDOVER.slot = (weakref.ref(blocks.boxes), blocks.boxes._version, (height, width), finder.masks)
+    _HANDOVER.slot = (blocks.boxes.clone(), (height, width), finder.masks)
     return blocks
 
 
@@ -383,7 +384,8 @@ def _select_numpy(x: torch.Tensor, mask: torch.Tensor, blocks: GMMLBlocks) -> to
 
 
 def gmml_corrupt_reference(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 16) -> GMMLOutput:
-    """Pure-PyTorch GMML painter (the CPU path and the oracle for the Triton kernel)."""
+    """GMML painter without Triton (the CPU path and the oracle for the Triton kernel): PyTorch, with
+    the painting and the masked copy in NumPy on a CPU when eager (bit-identical either way)."""
     b, _, h, w = x.shape
     mask = paint_block_mask(blocks.boxes, h, w).unsqueeze(1)  # [B, 1, H, W]
     if _numpy_select_ok(x):
