@@ -130,6 +130,34 @@ def test_data_ours_blocks_presampled(benchmark, one_thread):
         benchmark.extra_info["speedup_vs_authors"] = round(ours / _RESULTS["authors"], 2)
 
 
+# ---- One loader worker: decode, crops and (optionally) the fbank, per clip --------------------------
+
+
+@pytest.fixture(scope="module")
+def wav_corpus(tmp_path_factory):
+    from asit.data import ensure_demo_dataset, load_manifest
+
+    root = ensure_demo_dataset(tmp_path_factory.mktemp("wav_demo"), num_clips=BATCH, sample_rate=SR,
+                               seconds=10.0, seed=0)
+    return load_manifest(root)
+
+
+@pytest.mark.parametrize("fbank_on", ["loader", "device"])
+def test_data_worker_per_clip(benchmark, one_thread, wav_corpus, fbank_on):
+    """What one ``DataLoader`` worker does per clip (:class:`asit.data.PretrainDataset`): decode a 10 s
+    32 kHz WAV (page cache), two random 6 s crops with the v1 roll, and with ``fbank_on="loader"`` the
+    normalised fbank of both; ``"device"`` leaves the fbank to the trainer's device. No GMML. Clips/s
+    per worker (one thread) bounds what ``num_workers`` workers can feed, transport aside."""
+    from asit.data import PretrainDataset
+
+    dataset = PretrainDataset(wav_corpus, sample_rate=SR, fbank_on=fbank_on)
+    key = "views" if fbank_on == "loader" else "waves"
+    out = benchmark.pedantic(lambda: [dataset[i] for i in range(BATCH)], rounds=5, iterations=1, warmup_rounds=1)
+    assert len(out) == BATCH and torch.isfinite(out[0][key]).all()
+    _record(benchmark, f"worker_{fbank_on}")
+    benchmark.extra_info.update(fbank_on=fbank_on, includes_decode=True, views=VIEWS)
+
+
 # ---- DALI on the CPU: decode + crop in DALI, then the fbank (ours in torch, or DALI's own) ----------
 
 
