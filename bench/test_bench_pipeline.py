@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import pytest
 import torch
@@ -74,9 +75,13 @@ def _gmml(views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _round(batches, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+def _round(batches, device: torch.device, generator: torch.Generator, waits: list[float]) -> torch.Tensor:
+    """One timed round; appends the seconds it spent waiting for the loader to ``waits``."""
+    waited = 0.0
     for _ in range(BATCHES_PER_ROUND):
+        start = time.perf_counter()
         batch = resolve_ring_refs(next(batches))  # (on CUDA the loader's pin thread has copied them out)
+        waited += time.perf_counter() - start
         if "waves" in batch:  # fbank on the device, as Pretrainer.batch_views computes it
             waves = batch["waves"].to(device, non_blocking=True)
             views = fbank_views(waves, SR, 128, 592, AUDIOSET_MEAN, AUDIOSET_STD)
@@ -85,6 +90,7 @@ def _round(batches, device: torch.device, generator: torch.Generator) -> torch.T
         corrupted = _gmml(views, generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    waits.append(waited)
     return corrupted
 
 
@@ -125,8 +131,9 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
         batches, batch_ring = _torch_batches(corpus, device, "device" if on_device else "loader",
                                              ring=backend != "torch")
     generator = torch.Generator(device=device).manual_seed(0)
+    waits: list[float] = []
     try:
-        out = benchmark.pedantic(_round, args=(batches, device, generator), rounds=5, iterations=1,
+        out = benchmark.pedantic(_round, args=(batches, device, generator, waits), rounds=5, iterations=1,
                                  warmup_rounds=WARMUP_ROUNDS)
     finally:
         del batches  # stops the loader's workers
@@ -134,8 +141,14 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
             batch_ring.release()
     assert out.shape == (2 * BATCH, 1, 592, 128) and torch.isfinite(out).all()
     clips_per_s = BATCH * BATCHES_PER_ROUND / benchmark.stats.stats.mean  # throughput over all timed rounds
+    # Where a batch's time goes: waiting for the loader (workers or transport bound), or the rest (the
+    # H2D copy, fbank and GMML on the device, synced at the end of each round): which side bounds it.
+    wait_ms = 1e3 * sum(waits[-5:]) / (5 * BATCHES_PER_ROUND)
     benchmark.extra_info.update(
-        clips_per_s=round(clips_per_s, 1), target_clips_per_s=TARGET_CLIPS_PER_S if device.type == "cuda" else None,
+        clips_per_s=round(clips_per_s, 1),
+        loader_wait_ms_per_batch=round(wait_ms, 2),
+        consumer_ms_per_batch=round(1e3 * benchmark.stats.stats.mean / BATCHES_PER_ROUND - wait_ms, 2),
+        target_clips_per_s=TARGET_CLIPS_PER_S if device.type == "cuda" else None,
         backend=backend, batch=BATCH, cores=CORES, loader_workers=0 if backend == "dali" else CORES,
         batch_ring=backend in ("torch-ring", "torch-device-fbank"),
         gmml_on=device.type, clip_seconds=SECONDS, sample_rate=SR, format="wav pcm16",
