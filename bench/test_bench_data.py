@@ -7,15 +7,16 @@ and a GMML-corrupted copy with its mask:
   :func:`asit.data.kaldi_fbank`), then the authors' GMML painter, a Python while-loop per
   sample that draws one block at a time until ``mask.sum()`` reaches the target;
 * ``ours``: one :func:`asit.data.fbank.batched_kaldi_fbank` call for the batch (normalising in
-  place, as the loader does), then
-  :func:`asit.ops.sample_gmml_blocks` + :func:`asit.ops.gmml_corrupt`.
+  place, as the loader does), then :func:`asit.ops.sample_gmml_blocks` + :func:`asit.ops.gmml_corrupt`
+  (on a CPU the painter reuses the canvas the sampler painted).
 
 ``ours_blocks_presampled`` times ours with the blocks sampled beforehand, which separates the
 cost of ``sample_gmml_blocks`` (on a CPU it paints candidate blocks one at a time, counting the
 pixels each newly covers; on a GPU a vectorised binary search over the batch finds the same
 blocks). Decoding and cropping are the same for both and left out. ``torch.set_num_threads(1)`` makes
 the figures per core. Clips/s goes into ``extra_info`` (with the ratio, in the second case).
-Run with ``pytest bench/test_bench_data.py``.
+``worker_per_clip`` times one loader worker per clip (decode and crops included), and ``dali_cpu``
+DALI's loader on the CPU. Run with ``pytest bench/test_bench_data.py``.
 """
 
 from __future__ import annotations
