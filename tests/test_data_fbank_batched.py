@@ -150,6 +150,21 @@ def test_autocast_does_not_lower_the_precision(monkeypatch, numpy_on_cpu):
     assert out.dtype == torch.float32 and torch.equal(out, plain)
 
 
+def test_tf32_guard_projects_in_float64(monkeypatch):
+    """Where TF32 could round the mel matmul's inputs (CUDA with it enabled), the projection runs in
+    float64: the branch, forced here on the CPU, agrees with the float32 one to float32 rounding."""
+    import asit.data.fbank as fbank
+
+    assert not fbank._matmul_may_use_tf32(torch.device("cpu"))
+    monkeypatch.setattr(fbank, "_NUMPY_ON_CPU", False)
+    wave = 0.3 * torch.randn(3, 32000, generator=torch.Generator().manual_seed(9))
+    plain = batched_kaldi_fbank(wave, 16000, 64, 100)
+    monkeypatch.setattr(fbank, "_matmul_may_use_tf32", lambda device: True)
+    guarded = batched_kaldi_fbank(wave, 16000, 64, 100)
+    assert guarded.dtype == torch.float32 and not torch.equal(guarded, plain)  # the other branch ran
+    assert (guarded - plain).abs().max().item() <= 1e-5
+
+
 def test_input_that_requires_grad_is_detached():
     """A feature extractor: a wave that requires grad gives the same values, with no graph."""
     sr = 16000
@@ -205,6 +220,17 @@ def test_cuda_matches_torchaudio_on_cuda_and_cpu():
         same_device = (cuda[row] - _reference(wave.cuda(), sr, 128, 592)).abs().max().item()
         assert same_device <= TOL, f"{name}: {same_device:.2e} from torchaudio on CUDA"
     assert (cuda.cpu() - cpu).abs().max().item() <= CROSS_DEVICE_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fbank_keeps_precision_with_tf32_and_autocast(monkeypatch):
+    sr = 32000
+    waves = torch.stack(list(_inputs(sr, 3.0, torch.Generator().manual_seed(4)).values())).cuda()
+    plain = batched_kaldi_fbank(waves, sr)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        guarded = batched_kaldi_fbank(waves, sr)
+    assert guarded.dtype == torch.float32 and (guarded - plain).abs().max().item() <= 1e-5
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -45,6 +45,12 @@ _CPU_FILTERS_PER_BAND = 12
 _NUMPY_ON_CPU = True
 
 
+def _matmul_may_use_tf32(device: torch.device) -> bool:
+    """Whether a float32 matmul on ``device`` may run in TF32 (enabled globally, e.g. by
+    ``torch.set_float32_matmul_precision("high")``): the mel matmul then runs in float64."""
+    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def num_fbank_frames(num_samples: int, window_size: int, window_shift: int) -> int:
     """Frames ``snip_edges`` gives for ``num_samples`` (at least 1: short input is zero-padded)."""
     if num_samples < window_size:
@@ -68,10 +74,9 @@ class KaldiFbank(nn.Module):
     ``forward(waves)`` takes ``(B, T)`` (or ``(T,)``) floating-point waveforms and returns
     ``(B, T', F)`` (or ``(T', F)``): float64 for float64 input, float32 otherwise; it never
     carries gradients (the input is detached). ``forward(waves, normalize=(mean, std))`` returns
-    ``(fbank - mean) / (2 std)`` instead. It runs in full precision under autocast too; a
-    globally enabled TF32 (``torch.backends.cuda.matmul.allow_tf32``) does reach its mel matmul on
-    CUDA. The window and the mel matrix are non-persistent buffers: ``.to(device)`` moves them and
-    they never enter a ``state_dict``.
+    ``(fbank - mean) / (2 std)`` instead. It keeps full precision under autocast and with TF32
+    enabled globally (its mel matmul then runs in float64 on CUDA). The window and the mel matrix
+    are non-persistent buffers: ``.to(device)`` moves them and they never enter a ``state_dict``.
     """
 
     def __init__(
@@ -159,8 +164,7 @@ class KaldiFbank(nn.Module):
             mean, std = normalize
             if not std > 0:
                 raise ValueError(f"normalize: std must be positive, got {std}")
-        # autocast would run the mel matmul in half precision (~1e-2 off); TF32, when enabled globally,
-        # still applies to it on CUDA (~1e-3 at worst)
+        # autocast would run the mel matmul in half precision (~1e-2 off)
         device = x.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             out = self._fbank(x, normalize)
@@ -200,7 +204,11 @@ class KaldiFbank(nn.Module):
             else:
                 squares = torch.view_as_real(spec).square_()  # [b, M, K, 2], squared in place
                 power = torch.add(squares[..., 0], squares[..., 1])  # |X|^2 = re^2 + im^2
-                energies.copy_(torch.matmul(power, self.mel.to(x.dtype)))
+                mel = self.mel.to(x.dtype)
+                if x.dtype == torch.float32 and _matmul_may_use_tf32(x.device):  # TF32 keeps 10 mantissa bits
+                    energies.copy_(torch.matmul(power.double(), mel.double()))
+                else:
+                    energies.copy_(torch.matmul(power, mel))
                 energies.clamp_min_(_EPS).log_()
             if normalize is not None:  # the same float32 operations as normalize_fbank, in place, while in cache
                 out[start : start + step].sub_(normalize[0]).div_(2.0 * normalize[1])
