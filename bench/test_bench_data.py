@@ -10,13 +10,15 @@ and a GMML-corrupted copy with its mask:
   place, as the loader does), then :func:`asit.ops.sample_gmml_blocks` + :func:`asit.ops.gmml_corrupt`
   (on a CPU the painter reuses the canvas the sampler painted).
 
-``ours_blocks_presampled`` times ours with the blocks sampled beforehand, which separates the
-cost of ``sample_gmml_blocks`` (on a CPU it paints candidate blocks one at a time, counting the
-pixels each newly covers; on a GPU a vectorised binary search over the batch finds the same
-blocks). Decoding and cropping are the same for both and left out. ``torch.set_num_threads(1)`` makes
-the figures per core. Clips/s goes into ``extra_info`` (with the ratio, in the second case).
-``worker_per_clip`` times one loader worker per clip (decode and crops included), and ``dali_cpu``
-DALI's loader on the CPU. Run with ``pytest bench/test_bench_data.py``.
+``ours_blocks_presampled`` times ours with the blocks sampled beforehand (as when the GPU samples
+them). It is not ours minus the sampler: on a CPU the sampler paints candidate blocks one at a
+time, counting the pixels each newly covers, and hands that canvas to the painter, so ours paints
+once, while here the painter paints afresh every round. (On a GPU a vectorised binary search over
+the batch finds the same blocks.) Decoding and cropping are the same for both and left out.
+``torch.set_num_threads(1)`` makes the figures per core. Clips/s goes into ``extra_info`` (with
+the ratio to the authors', in ours). ``worker_per_clip`` times one loader worker per clip (decode
+and crops included), and ``dali_cpu`` DALI's loader on the CPU. Run with
+``pytest bench/test_bench_data.py``.
 """
 
 from __future__ import annotations

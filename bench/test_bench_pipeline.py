@@ -9,8 +9,8 @@ each view (:func:`asit.ops.sample_gmml_blocks`, sync-free with a candidate budge
 computed on the GPU (:func:`asit.data.fbank.fbank_views`) before GMML. ``torch-ring``: ``torch``
 with the batches passed through :class:`asit.data.ring.BatchRing` (the trainer's default on CUDA,
 ``data.batch_ring``; ``torch-device-fbank`` uses it too). ``dali``:
-:class:`asit.data.dali.DaliPretrainLoader` (decode and crops in DALI with one thread per core, on the
-GPU when there is one), then the same GMML.
+:class:`asit.data.dali.DaliPretrainLoader` (decode and crops on DALI's CPU threads, one per core; the
+crops then move to the GPU when there is one, where the fbank runs), then the same GMML.
 
 Issue 4's target: at least 2,000 clips/s on a 16-core machine with an H100. On a machine without a
 GPU this runs a smaller batch and GMML on the CPU (in the main process, beside the workers), and

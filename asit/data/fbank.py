@@ -11,9 +11,10 @@ The time-domain steps (frame mean, pre-emphasis, window) are the same tensor ope
 same order as torchaudio's, so each clip's result agrees with the per-clip reference to a few
 float32 ulps even in bins that hold only rounding noise (pure tones). The speed comes from
 batching (one FFT for a chunk of frames), the window and mel matrix built once and cached per
-device and dtype, a cheaper power spectrum (``re² + im²``, squared in place, instead of
-``|X|²``; on the CPU NumPy's ``|X|``, squared), a banded mel projection and NumPy's SIMD ``log``
-(steps after the FFT only change rounding relative to each value, ~1e-6 after the log).
+settings and device (converted to the input's dtype), a cheaper power spectrum (``re² + im²``,
+squared in place, instead of ``|X|²``; on the CPU NumPy's ``|X|``, squared), a banded mel
+projection and NumPy's SIMD ``log`` (steps after the FFT only change rounding relative to each
+value, ~1e-6 after the log).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _CPU_CHUNK_FRAMES = 1024
 # On the CPU the mel projection is done per band of this many filters, each over only the FFT
 # bins its filters touch: the triangular filters make the dense matrix ~90 % zeros, and 12
 # filters per band measured fastest (one 2-D matmul per band and view; 5x faster than one
-# dense matmul at 128 bins, 32 kHz; 8 and 16 filters were 3 % and 10 % slower).
+# dense matmul at 128 bins, 32 kHz; 8 and 16 filters were 3 % and 11 % slower).
 _CPU_FILTERS_PER_BAND = 12
 
 
@@ -291,7 +292,8 @@ def fbank_views(waves: torch.Tensor, sample_rate: int, num_mel_bins: int, frames
     One :func:`batched_kaldi_fbank` call for all ``B·V`` crops on their device, then
     ``(fbank - mean) / (2 std)`` (:func:`~asit.data.features.normalize_fbank`). This is what the
     loader workers compute per clip with ``data.fbank_on=loader``; with ``data.fbank_on=device`` the
-    trainer calls it on the GPU for the whole batch (and the DALI loader always does).
+    trainer calls it on the GPU for the whole batch (and the DALI loader does with
+    ``data.dali_fbank=torch``).
     """
     if waves.dim() != 3:
         raise ValueError(f"waves must be (B, V, L), got shape {tuple(waves.shape)}")

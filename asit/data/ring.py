@@ -2,11 +2,12 @@
 
 By default a ``DataLoader`` worker stacks each batch into freshly allocated memory and moves it
 to a new shared-memory segment to send it. The main process then maps that segment and copies it
-into pinned memory. For a batch of 64 clips that is 94 MB of waveform crops
-(``data.fbank_on=device``) or 37 MB of fbank views, written into untouched pages twice in the
+into pinned memory. For a batch of 64 clips that is 94 MiB of waveform crops
+(``data.fbank_on=device``) or 37 MiB of fbank views, written into untouched pages twice in the
 worker and read from untouched pages in the main process. Page faults dominate that traffic. On
-the 2-core development machine, two workers moved 12 such 94 MB batches per second, and 160 per
-second through this ring.
+the 2-core development machine (``python bench/loader_transport.py``), two workers moved 13–14 such
+batches of 64 per second (858–903 clips/s), and 71–99 per second (4,527–6,349 clips/s) through this
+ring.
 
 :class:`BatchRing` allocates, in the main process before the workers start, ``slots_per_worker``
 slots per worker for each large batch entry, in shared memory that is touched once. A worker
