@@ -14,7 +14,8 @@ crops then move to the GPU when there is one, where the fbank runs), then the sa
 
 Issue 4's target: at least 2,000 clips/s on a 16-core machine with an H100. On a machine without a
 GPU this runs a smaller batch and GMML on the CPU (in the main process, beside the workers), and
-says so in ``extra_info``. Run with ``pytest bench/test_bench_pipeline.py``.
+says so in ``extra_info``. Run with ``pytest bench/test_bench_pipeline.py``; ``ASIT_BENCH_WORKERS=n``
+sets the number of loader workers (DALI threads), one per core by default.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ SR, SECONDS, CLIPS = 32000, 10.0, 96  # the corpus; clips are read again and aga
 BATCH = 64 if CUDA else 16
 BATCHES_PER_ROUND = 8 if CUDA else 2
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# loader workers (and DALI threads): one per core unless ASIT_BENCH_WORKERS says otherwise
+WORKERS = int(os.environ.get("ASIT_BENCH_WORKERS", CORES))
 TARGET_CLIPS_PER_S = 2000
 PREFETCH = 2  # batches each loader worker keeps ready
 # Warm-up rounds drain the batches the workers prepared before timing began, so the timed rounds see
 # the steady state (the consumer waiting for the workers, or the workers for the consumer).
-WARMUP_ROUNDS = -(-CORES * PREFETCH // BATCHES_PER_ROUND) + 1
+WARMUP_ROUNDS = -(-WORKERS * PREFETCH // BATCHES_PER_ROUND) + 1
 
 
 class _Forever(Sampler[int]):
@@ -101,9 +104,9 @@ def _torch_batches(entries, device: torch.device, fbank_on: str = "loader", ring
     collate, batch_ring = collate_pretrain, None
     if ring:
         shapes = {k: (BATCH, *shape) for k, shape in dataset.sample_shapes().items()}
-        batch_ring = BatchRing(shapes, CORES, PREFETCH)
+        batch_ring = BatchRing(shapes, WORKERS, PREFETCH)
         collate = RingCollate(collate_pretrain, batch_ring)
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=_Forever(len(dataset)), num_workers=CORES,
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=_Forever(len(dataset)), num_workers=WORKERS,
                         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
                         prefetch_factor=PREFETCH, persistent_workers=False)
     return iter(loader), batch_ring
@@ -114,7 +117,7 @@ def _dali_batches(entries, device: torch.device):
     from asit.data.dali import DaliPretrainLoader
 
     loader = DaliPretrainLoader(entries, batch_size=BATCH, sample_rate=SR, num_views=2, num_mel_bins=128,
-                                target_frames=592, fbank="torch", num_threads=CORES, seed=0,
+                                target_frames=592, fbank="torch", num_threads=WORKERS, seed=0,
                                 device_id=(device.index or 0) if device.type == "cuda" else None)
     return _cycle(loader)
 
@@ -149,7 +152,7 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
         loader_wait_ms_per_batch=round(wait_ms, 2),
         consumer_ms_per_batch=round(1e3 * benchmark.stats.stats.mean / BATCHES_PER_ROUND - wait_ms, 2),
         target_clips_per_s=TARGET_CLIPS_PER_S if device.type == "cuda" else None,
-        backend=backend, batch=BATCH, cores=CORES, loader_workers=0 if backend == "dali" else CORES,
+        backend=backend, batch=BATCH, cores=CORES, loader_workers=0 if backend == "dali" else WORKERS,
         batch_ring=backend in ("torch-ring", "torch-device-fbank"),
         gmml_on=device.type, clip_seconds=SECONDS, sample_rate=SR, format="wav pcm16",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
