@@ -12,9 +12,27 @@ export PYTHONUNBUFFERED=1 ASIT_CACHE="${ASIT_CACHE:-$(mktemp -d)}"
 
 # Packages the machine lacks (soundfile, cffi, pycparser, webdataset, braceexpand on the lent GPU
 # machines) may come along as wheels in .whl/ (python3 -m pip download --no-deps ... -d .whl NAME).
-if compgen -G ".whl/*.whl" >/dev/null; then
+# Wheels too large for one call (DALI) may come in pieces from scripts/split_for_carry.sh, carried
+# call after call into .carry/<k>/: joined here when all are present and the SHA-256 matches.
+wheels=()
+: >"$OUT/install.log"
+if compgen -G ".carry/*/part.*" >/dev/null; then
+    read -r want count <"$(ls .carry/*/BUNDLE | head -n 1)"
+    pieces=$(ls .carry/*/part.* | awk -F/ '{print $NF" "$0}' | sort | cut -d" " -f2)
+    have=$(echo "$pieces" | wc -l)
+    # shellcheck disable=SC2086  # the piece paths have no spaces
+    if [ "$have" -eq "$count" ] && [ "$(cat $pieces | sha256sum | cut -d" " -f1)" = "$want" ]; then
+        rm -rf /tmp/asit-carried && mkdir -p /tmp/asit-carried && cat $pieces | tar -x -C /tmp/asit-carried
+        wheels+=(/tmp/asit-carried/*.whl)
+        echo "carried pieces: $count joined" | tee -a "$OUT/install.log"
+    else
+        echo "carried pieces: $have of $count, or a SHA-256 mismatch; going on without them" | tee -a "$OUT/install.log"
+    fi
+fi
+compgen -G ".whl/*.whl" >/dev/null && wheels+=(.whl/*.whl)
+if [ "${#wheels[@]}" -gt 0 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/asit-site \
-        .whl/*.whl >"$OUT/install.log" 2>&1 && export PYTHONPATH="/tmp/asit-site:${PYTHONPATH:-}"
+        "${wheels[@]}" >>"$OUT/install.log" 2>&1 && export PYTHONPATH="/tmp/asit-site:${PYTHONPATH:-}"
 fi
 # Install offline; fall back to a path shim when pip cannot build the editable install.
 if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$OUT/install.log" 2>&1; then
@@ -41,6 +59,7 @@ python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 timeout 160 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 "${parallel[@]}" \
     tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py tests/test_kernels_gmml.py \
     tests/test_kernels_registration.py tests/test_data_fbank_batched.py tests/test_data_ring.py \
+    tests/test_data_dali.py \
     tests/test_train_sync_free.py \
     tests/test_train_modes.py 2>&1 | tee "$OUT/tests.log" | grep -vE "PASSED|^$" | tail -n 60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
