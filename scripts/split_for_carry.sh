@@ -22,7 +22,11 @@ for f in "$@"; do [ -f "$f" ] || { echo "$0: no such file: $f" >&2; exit 2; }; d
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-tar -cf "$work/bundle.tar" -C / $(for f in "$@"; do realpath --relative-to=/ "$f"; done) --transform 's,.*/,,'
+rel=()
+for f in "$@"; do rel+=("$(realpath --relative-to=/ "$f")"); done
+dupes="$(for f in "$@"; do basename "$f"; done | sort | uniq -d)"
+[ -z "$dupes" ] || { echo "$0: two files share a name: $dupes" >&2; exit 2; }
+tar -cf "$work/bundle.tar" -C / --transform 's,.*/,,' "${rel[@]}"  # flat: names only
 split -b "${mib}M" -d -a 2 "$work/bundle.tar" "$work/part."
 parts=("$work"/part.*)
 sum="$(sha256sum "$work/bundle.tar" | cut -d' ' -f1)"
