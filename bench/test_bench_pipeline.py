@@ -42,6 +42,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 # loader workers (and DALI threads): one per core unless ASIT_BENCH_WORKERS says otherwise
 WORKERS = int(os.environ.get("ASIT_BENCH_WORKERS", CORES))
 TARGET_CLIPS_PER_S = 2000
+ROUNDS = 5  # timed rounds
 PREFETCH = 2  # batches each loader worker keeps ready
 # Warm-up rounds drain the batches the workers prepared before timing began, so the timed rounds see
 # the steady state (the consumer waiting for the workers, or the workers for the consumer).
@@ -136,7 +137,7 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
     generator = torch.Generator(device=device).manual_seed(0)
     waits: list[float] = []
     try:
-        out = benchmark.pedantic(_round, args=(batches, device, generator, waits), rounds=5, iterations=1,
+        out = benchmark.pedantic(_round, args=(batches, device, generator, waits), rounds=ROUNDS, iterations=1,
                                  warmup_rounds=WARMUP_ROUNDS)
     finally:
         del batches  # stops the loader's workers
@@ -146,7 +147,7 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
     clips_per_s = BATCH * BATCHES_PER_ROUND / benchmark.stats.stats.mean  # throughput over all timed rounds
     # Where a batch's time goes: waiting for the loader (workers or transport bound), or the rest (the
     # H2D copy, fbank and GMML on the device, synced at the end of each round): which side bounds it.
-    wait_ms = 1e3 * sum(waits[-5:]) / (5 * BATCHES_PER_ROUND)
+    wait_ms = 1e3 * sum(waits[-ROUNDS:]) / (ROUNDS * BATCHES_PER_ROUND)
     benchmark.extra_info.update(
         clips_per_s=round(clips_per_s, 1),
         loader_wait_ms_per_batch=round(wait_ms, 2),

@@ -190,17 +190,18 @@ class KaldiFbank(nn.Module):
         keep = min(frames, out_frames)
         window = self.window.to(x.dtype)
         cpu = x.device.type == "cpu"
+        numpy_path = cpu and _NUMPY_ON_CPU
         step = max(1, _CPU_CHUNK_FRAMES // frames) if cpu else max(batch, 1)
         # One frame buffer for all chunks: its zero tail (the FFT padding) is written once.
         buf = x.new_zeros(min(step, batch), keep, self.fft_size)  # [b, M, N]
-        if cpu and _NUMPY_ON_CPU:  # the CPU path's transposed mel bands and energies, once per call
+        if numpy_path:  # the CPU path's transposed mel bands and energies, once per call
             bands = [(getattr(self, f"mel_band{i}").t().to(x.dtype), band) for i, band in enumerate(self._bands)]
             energies_t = x.new_empty(self.num_mel_bins, keep)  # [F, M]
         for start in range(0, batch, step):
             chunk = self._prepare(x[start : start + step])  # [b, T]
             spec = self._spectrum(chunk, keep, window, buf[: chunk.shape[0]])  # [b, M, K] complex
             energies = out[start : start + step, :keep]  # [b, M, F], written in place
-            if cpu and _NUMPY_ON_CPU:
+            if numpy_path:
                 self._log_mel_cpu(spec, energies, bands, energies_t)
             else:
                 squares = torch.view_as_real(spec).square_()  # [b, M, K, 2], squared in place
