@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if rank == 0:
         spread = f" ± {result['std']:.4f} over {len(result['folds'])} folds" if "folds" in result else ""
-        print(f"{result['metric']} ({result['report']}): {result['value']:.4f}{spread} "
+        print(f"{result['metric']} ({result['report']} model, {result['value_split']}): {result['value']:.4f}{spread} "
               f"-> {cfg.train.output_dir}/results.json")
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_eval_encoder import write_encoder  # tests/ is on sys.path under pytest
 
 from asit.config import ConfigError
@@ -29,12 +30,14 @@ from asit.eval.finetune import (
     balanced_sample_weights,
     evaluate_scores,
     finetune_lr_schedule,
+    labels_from_metadata,
     load_finetune_config,
+    load_finetuned_model,
     read_class_csv,
     run_finetune,
     sample_mixup,
 )
-from asit.models import build_backbone
+from asit.models import build_backbone, encode, fit_pos_embed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +75,15 @@ def test_preset_specifics():
     assert load_finetune_config("as2m").data.balanced_sampling
     esc = load_finetune_config("esc50")
     assert esc.data.cv_folds == 5 and esc.data.task == "single_label"
+    assert esc.data.fold_csv.endswith("meta/esc50.csv") and esc.model.pos_embed_fit == "crop"
+    for name, split in (("scv1", "speechcommands_v1/"), ("scv2", "speechcommands_v2/"), ("voxceleb_sid", "sid_")):
+        cfg = load_finetune_config(name)
+        assert cfg.data.test_manifest.startswith(cfg.data.val_manifest.rsplit("/", 1)[0])
+        assert split + "test" in cfg.data.test_manifest and cfg.train.report == "best"
+    for name in ("scv1", "scv2"):  # AST/SSAST's Speech Commands protocol: BCE, cut positions
+        cfg = load_finetune_config(name)
+        assert (cfg.optim.loss, cfg.model.pos_embed_fit, cfg.data.target_frames) == ("bce", "crop", 128)
+    assert load_finetune_config("as20k").model.pos_embed_fit == "resample"  # the default
     assert {"as20k", "as2m", "esc50", "scv1", "scv2", "voxceleb_sid", "demo"} <= set(available_presets())
     for name in available_presets():  # every shipped preset validates
         load_finetune_config(name)
@@ -465,8 +477,8 @@ def test_resume_refuses_a_different_length_and_skips_finished_folds(demo_encoder
 
 
 def test_all_windows_evaluation_averages_the_scores_of_each_clip(tmp_path):
-    """eval_windows=all: a clip of 2.5 windows is cut into 3 (the last zero-padded) and its score is the
-    mean of the windows' scores, computed independently here with the model on each window."""
+    """eval_windows=all: a clip of 2.5 windows is cut into 3 (the last one ending at the clip's end) and
+    its score is the mean of the windows' scores, computed independently here with the model on each window."""
     import soundfile as sf
     import torch.nn as nn
 
@@ -475,9 +487,10 @@ def test_all_windows_evaluation_averages_the_scores_of_each_clip(tmp_path):
     sr, n = 8000, 8000
     g = torch.Generator().manual_seed(0)
     lengths = (n // 3, 2 * n + n // 2, n)
+    waves = [0.3 * torch.randn(length, generator=g) for length in lengths]
     rows = ["path,label"]
-    for i, length in enumerate(lengths):
-        sf.write(tmp_path / f"c{i}.wav", (0.3 * torch.randn(length, generator=g)).numpy(), sr, subtype="FLOAT")
+    for i, wave in enumerate(waves):
+        sf.write(tmp_path / f"c{i}.wav", wave.numpy(), sr, subtype="FLOAT")
         rows.append(f"c{i}.wav,{'ab'[i % 2]}")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     entries = load_manifest(tmp_path / "m.csv")
@@ -486,7 +499,8 @@ def test_all_windows_evaluation_averages_the_scores_of_each_clip(tmp_path):
     items = [LabelledClips(entries, targets, sample_rate=sr, num_samples=n, train=False, all_windows=True)[i]
              for i in range(3)]
     assert [x["wave"].shape for x in items] == [(1, n), (3, n), (1, n)]
-    assert torch.equal(items[1]["wave"][2, n // 2 :], torch.zeros(n - n // 2))  # padded tail
+    assert torch.equal(items[1]["wave"][:2].flatten(), waves[1][: 2 * n])
+    assert torch.equal(items[1]["wave"][2], waves[1][-n:])  # no padding: the clip's last n samples
     batch = collate_clips(items)
     assert batch["wave"].shape == (5, n) and batch["owner"].tolist() == [0, 1, 1, 1, 2]
 
@@ -519,3 +533,272 @@ def test_all_windows_evaluation_end_to_end(demo_encoder, tmp_path):
     assert result["last"]["n_clips"] == 120 and 0.0 <= result["last"]["accuracy"] <= 1.0
     with pytest.raises(ConfigError, match="eval_windows"):
         load_finetune_config("demo", ["train.eval_windows=some"])
+
+
+@pytest.mark.parametrize("length", [1, 599, 600, 601, 1199, 1200, 2401])
+def test_all_windows_are_full_of_audio(tmp_path, length):
+    """eval_windows=all: windows are consecutive slices of the clip from its start, except the last, which
+    ends at the clip's end (overlapping the one before); only a clip shorter than a window is zero-padded."""
+    import soundfile as sf
+
+    from asit.eval.finetune import LabelledClips
+
+    sr, n = 8000, 600
+    wave = 0.1 + 0.5 * torch.rand(length)  # never 0, so a padded sample shows
+    sf.write(tmp_path / "c.wav", wave.numpy(), sr, subtype="FLOAT")
+    clips = LabelledClips([AudioEntry(str(tmp_path / "c.wav"), ("a",))], np.ones((1, 1), np.float32),
+                          sample_rate=sr, num_samples=n, train=False, all_windows=True)
+    windows = clips[0]["wave"]
+    assert windows.shape == (max(1, -(-length // n)), n)
+    if length <= n:
+        assert torch.equal(windows[0, :length], wave) and not windows[0, length:].any()
+    else:
+        for k in range(windows.shape[0] - 1):
+            assert torch.equal(windows[k], wave[k * n : (k + 1) * n]), k
+        assert torch.equal(windows[-1], wave[-n:])
+
+
+def test_balanced_sampler_gives_repeats_their_own_crops(tmp_path):
+    """A clip drawn twice in one epoch (sampling with replacement) is cropped differently the second time;
+    the first draw keeps the crop keyed on (seed, epoch, clip), and the ranks split one tagged draw."""
+    import soundfile as sf
+
+    from asit.eval.finetune import LabelledClips
+
+    weights = [5.0, 1.0, 0.0, 2.0, 1.0]
+    plain = WeightedDistributedSampler(weights, 39, seed=3)
+    tagged = WeightedDistributedSampler(weights, 39, seed=3, tag_repeats=True)
+    ranks = [WeightedDistributedSampler(weights, 39, rank=r, world_size=3, seed=3, tag_repeats=True) for r in range(3)]
+    for s in (plain, tagged, *ranks):
+        s.set_epoch(2)
+    pairs = list(tagged)
+    assert [i for i, _ in pairs] == list(plain)
+    assert [r for _, r in pairs] == [[i for i, _ in pairs[:k]].count(i) for k, (i, _) in enumerate(pairs)]
+    assert max(r for _, r in pairs) >= 1  # clip 0 (weight 5 of 9) is drawn many times
+    merged = [None] * 39
+    for r, s in enumerate(ranks):
+        merged[r::3] = list(s)
+    assert merged == pairs
+
+    sr, n = 8000, 500
+    sf.write(tmp_path / "c.wav", torch.randn(3 * n + 7).numpy(), sr, subtype="FLOAT")
+    clips = LabelledClips([AudioEntry(str(tmp_path / "c.wav"), ("a",))], np.ones((1, 1), np.float32),
+                          sample_rate=sr, num_samples=n, train=True, seed=11)
+    clips.set_epoch(2)
+    first = clips[0]["wave"]
+    assert torch.equal(clips[(0, 0)]["wave"], first)
+    assert not torch.equal(clips[(0, 1)]["wave"], first) and not torch.equal(clips[(0, 2)]["wave"], first)
+    assert torch.equal(clips[(0, 1)]["wave"], clips[(0, 1)]["wave"])  # still reproducible (exact resume)
+
+
+def _write_esc50(root: Path, sr: int, samples: int, drop: str | None = None) -> list[str]:
+    """The official ESC-50 layout in miniature: audio/{fold}-{id}-A-{target}.wav (flat) and meta/esc50.csv
+    with 5 folds x 3 classes; ``drop``: a file left out of the CSV. Returns the categories by target."""
+    import soundfile as sf
+
+    categories = ["rain", "dog", "church_bells"]  # target order is not alphabetical
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    t = np.arange(samples) / sr
+    for fold in range(1, 6):
+        for target, category in enumerate(categories):
+            name = f"{fold}-{100 * fold + target}-A-{target}.wav"
+            noise = 0.01 * np.random.default_rng(fold).random(samples)
+            wave = 0.3 * np.sin(2 * np.pi * (300 + 900 * target) * t) + noise
+            sf.write(root / "audio" / name, wave.astype(np.float32), sr, subtype="FLOAT")
+            if name != drop:
+                rows.append(f"{name},{fold},{target},{category},False,{100 * fold + target},A")
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    return categories
+
+
+def test_labels_from_metadata_csv(tmp_path):
+    entries = [AudioEntry(f"/d/audio/{i}.wav") for i in range(3)] + [AudioEntry("/d/audio/x.wav", ("kept",))]
+    both = tmp_path / "both.csv"
+    both.write_text("filename,fold,target,category\n0.wav,1,4,dog\n1.wav,2,7,rain\n2.wav,1,4,dog\n")
+    assert [e.labels for e in labels_from_metadata(entries, str(both))] == [("dog",), ("rain",), ("dog",), ("kept",)]
+    target_only = tmp_path / "target.csv"
+    target_only.write_text("filename,fold,target\n0.wav,1,4\n1.wav,2,7\n2.wav,1,4\n")
+    assert [e.labels for e in labels_from_metadata(entries, str(target_only))][:3] == [("4",), ("7",), ("4",)]
+    no_labels = tmp_path / "folds.csv"
+    no_labels.write_text("filename,fold\n0.wav,1\n")
+    assert labels_from_metadata(entries, str(no_labels)) == entries  # nothing to take: unchanged
+    partial = tmp_path / "partial.csv"
+    partial.write_text("filename,fold,category\n0.wav,1,dog\n2.wav,1,\n")
+    with pytest.raises(ValueError, match=r"partial\.csv: no 'category' for 2 unlabelled clip\(s\), e\.g\. /d/audio/1"):
+        labels_from_metadata(entries, str(partial))
+
+
+def test_esc50_preset_on_the_official_layout(demo_encoder, tmp_path, caplog):
+    """The esc50 preset on a flat audio/ folder + meta/esc50.csv: labels from `category`, the official folds
+    from `fold` (recorded in results.json), the centre-cropped positional embedding; a clip missing from the
+    CSV is an error naming the CSV and the clip."""
+    encoder, _ = demo_encoder
+    root, out = tmp_path / "ESC-50", tmp_path / "run"
+    categories = _write_esc50(root, 8000, 4000)
+    overrides = [f"encoder={encoder}", f"data.train_manifest={root / 'audio'}",
+                 f"data.fold_csv={root / 'meta' / 'esc50.csv'}", "data.target_frames=48", "data.num_workers=0",
+                 "train.epochs=1", "train.batch_size=4", "optim.warmup_steps=1", "train.progress=false",
+                 f"train.output_dir={out}"]
+    with caplog.at_level("INFO", logger="asit.eval.finetune"):
+        result = run_finetune(load_finetune_config("esc50", overrides))
+    assert "cross-validation folds from metadata" in caplog.text
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["classes"] == sorted(categories) and saved["fold_source"] == "metadata"
+    assert [f["n_test"] for f in saved["folds"]] == [3] * 5 and result["value_split"] == "held-out folds"
+    ckpt = torch.load(out / "fold_0" / "best.pt", weights_only=True)
+    assert ckpt["pos_embed_fit"] == "crop" and ckpt["config"]["model"]["pos_embed_fit"] == "crop"
+
+    bad = tmp_path / "bad"
+    _write_esc50(bad, 8000, 4000, drop="3-301-A-1.wav")
+    overrides = [o.replace(str(root), str(bad)) for o in overrides]
+    with pytest.raises(ValueError, match=r"bad/meta/esc50\.csv: no 'category' .* e\.g\. .*3-301-A-1\.wav"):
+        run_finetune(load_finetune_config("esc50", overrides))
+
+
+def test_official_folds_are_never_replaced_silently(tmp_path, caplog):
+    """A fold CSV that misses some clips is an error (auto and metadata), not a switch to stratified folds."""
+    entries = [AudioEntry(f"/d/clip{i}.wav", (("dog", "rain")[i % 2],)) for i in range(11)]
+    meta = tmp_path / "folds.csv"
+    meta.write_text("filename,fold\n" + "".join(f"clip{i}.wav,{i // 2 + 1}\n" for i in range(10)))
+    for source in ("auto", "metadata"):
+        with pytest.raises(ValueError, match=r"folds\.csv: no fold for 1 of 11 clip\(s\), e\.g\. /d/clip10\.wav"):
+            assign_folds(entries, 6, source=source, fold_csv=str(meta))
+    with caplog.at_level("INFO", logger="asit.eval.finetune"):
+        folds = assign_folds(entries[:10], 5, fold_csv=str(meta))
+        assert folds.tolist() == [i // 2 for i in range(10)]
+        assert "folds from metadata" in caplog.text
+        caplog.clear()
+        assign_folds(entries, 5, fold_csv=str(meta), source="stratified")
+        assert "folds from stratified" in caplog.text
+
+
+def test_single_label_bce_loss(demo_encoder, tmp_path):
+    """optim.loss=bce on a single-label task (the Speech Commands presets, as AST/SSAST): BCE-with-logits
+    on the one-hot (mixup-mixed) targets; auto keeps cross-entropy."""
+    encoder, _ = demo_encoder
+    labels = LabelSpace(("a", "b", "c"), {"a": 0, "b": 1, "c": 2})
+    logits = torch.randn(5, 3, dtype=torch.float64)
+    target = torch.eye(3, dtype=torch.float64)[[0, 2, 1, 1, 0]]
+    target = 0.7 * target + 0.3 * target.roll(1, 0)  # mixed
+    for preset in ("scv1", "scv2"):
+        cfg = load_finetune_config(preset, [f"encoder={encoder}"])
+        assert cfg.optim.loss == "bce"
+        runner = Finetuner(cfg, [], [], labels, False, tmp_path)
+        want = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean()
+        torch.testing.assert_close(runner._loss(logits, target).double(), want)
+    ce = Finetuner(load_finetune_config("demo"), [], [], labels, False, tmp_path)
+    want = -(target * F.log_softmax(logits, -1)).sum(1).mean()
+    torch.testing.assert_close(ce._loss(logits, target).double(), want)
+
+
+@pytest.mark.parametrize("old, new, start", [
+    ((37, 8), (8, 8), (14, 0)),  # Speech Commands: 1 s of a 6 s window, SSAST's int(37/2) - int(8/2)
+    ((37, 8), (32, 8), (2, 0)),  # ESC-50: 5 s
+    ((7, 3), (4, 3), (1, 0)),
+    ((7, 3), (6, 2), (0, 0)),
+    ((5, 3), (5, 3), (0, 0)),
+])
+def test_fit_pos_embed_crop_keeps_the_centre_positions(old, new, start):
+    D = 5
+    pos = torch.randn(1, 1 + old[0] * old[1], D)
+    out = fit_pos_embed(pos, new, old, "crop")
+    grid = pos[:, 1:].reshape(1, *old, D)
+    h, w = start
+    assert out.shape == (1, 1 + new[0] * new[1], D)
+    assert torch.equal(out[:, 0], pos[:, 0])  # [CLS] untouched
+    assert torch.equal(out[:, 1:].reshape(1, *new, D), grid[:, h : h + new[0], w : w + new[1]])
+    if new != old:
+        assert not torch.allclose(fit_pos_embed(pos, new, old, "resample"), out)
+
+
+def test_fit_pos_embed_crop_resamples_only_a_longer_axis():
+    from timm.layers import resample_abs_pos_embed
+
+    pos = torch.randn(1, 1 + 7 * 3, 4)
+    cut = torch.cat([pos[:, :1], pos[:, 1:].reshape(1, 7, 3, 4)[:, 1:5].reshape(1, 12, 4)], 1)  # time 7 -> 4
+    torch.testing.assert_close(fit_pos_embed(pos, (4, 5), (7, 3), "crop"),
+                               resample_abs_pos_embed(cut, new_size=(4, 5), old_size=(4, 3), num_prefix_tokens=1))
+    torch.testing.assert_close(fit_pos_embed(pos, (9, 3), (7, 3), "crop"), fit_pos_embed(pos, (9, 3), (7, 3)))
+    with pytest.raises(ValueError, match="mode"):
+        fit_pos_embed(pos, (4, 3), (7, 3), "centre")
+
+
+def test_crop_equals_a_model_built_for_the_shorter_input():
+    """encode(..., pos_embed_fit='crop') on 4 of 7 time patches is exactly a ViT built for 4 time patches
+    whose positional embedding is rows 1-4 of the pretraining one (SSAST builds its fine-tuning model so)."""
+    torch.manual_seed(0)
+    backbone = build_backbone(img_size=(112, 48), patch_size=16, embed_dim=24, depth=2, num_heads=2).eval()
+    short = build_backbone(img_size=(64, 48), patch_size=16, embed_dim=24, depth=2, num_heads=2).eval()
+    state = dict(backbone.state_dict())
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, :1],
+                                    state["pos_embed"][:, 1:].reshape(1, 7, 3, 24)[:, 1:5].reshape(1, 12, 24)], 1)
+    short.load_state_dict(state)
+    x = torch.randn(3, 1, 64 + 9, 48)  # 9 trailing frames that fill no patch
+    with torch.no_grad():
+        want = short.forward_features(x[:, :, :64])
+        torch.testing.assert_close(encode(backbone, x, pos_embed_fit="crop"), want)
+        assert not torch.allclose(encode(backbone, x), want, atol=1e-3)  # resampling is another model
+        full = torch.randn(2, 1, 112, 48)  # the pretraining grid: both are timm's forward
+        torch.testing.assert_close(encode(backbone, full, pos_embed_fit="crop"), backbone.forward_features(full))
+    model = FinetuneModel(backbone, 4, "tokens", "crop").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.head(want[:, 1:].mean(1)))
+    with pytest.raises(ValueError, match="pos_embed_fit"):
+        FinetuneModel(backbone, 4, "tokens", "cut")
+
+
+def test_test_manifest_scores_the_reported_model(demo_encoder, tmp_path):
+    """data.test_manifest: after training the best model (train.report=best, read from best.pt) is scored on
+    the test clips; that is the reported value, the validation score stays as val_value. The saved best.pt
+    reloads (load_finetuned_model) with its pooling and cropped positions. BCE and crop on, as in scv2."""
+    from asit.eval.finetune import _resolve_manifest
+
+    encoder, cache = demo_encoder
+    out = tmp_path / "run"
+    overrides = _demo_overrides(encoder, cache, out, "train.epochs=3", "train.max_steps_per_epoch=5",
+                                "train.average_start=null", "train.average_end=null", "train.report=best",
+                                "optim.loss=bce", "model.pos_embed_fit=crop", "data.target_frames=48",
+                                "augment.mixup_prob=0.6", "augment.noise=true")
+    cfg = load_finetune_config("demo", overrides)
+    entries = load_manifest(_resolve_manifest("demo", cfg.data, cfg.train.seed))
+    test_entries = entries[1::3]  # 40 clips, every class
+    (tmp_path / "test.csv").write_text("path,label\n" + "".join(f"{e.path},{e.labels[0]}\n" for e in test_entries))
+    cfg = load_finetune_config("demo", [*overrides, f"data.test_manifest={tmp_path / 'test.csv'}"])
+    result = run_finetune(cfg)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["value_split"] == "test" and saved["test"]["model"] == "best"
+    assert saved["test"]["epoch"] == saved["best"]["epoch"] and saved["test"]["n_clips"] == 40
+    assert saved["value"] == pytest.approx(saved["test"]["accuracy"]) == pytest.approx(result["value"])
+    assert saved["val_value"] == pytest.approx(saved["best"]["accuracy"])
+    assert saved["per_class"] == pytest.approx(saved["test"]["per_class"])
+
+    # independently: the weights in best.pt (and last.pt) on the test clips
+    runner = Finetuner(cfg, entries, test_entries, LabelSpace.from_entries(entries), False, tmp_path / "oracle")
+    runner.setup()
+    try:
+        scores = {}
+        for name in ("last.pt", "best.pt"):  # best.pt's weights stay loaded
+            runner.model.load_state_dict(torch.load(out / name, weights_only=True)["model"])
+            scores[name] = runner.evaluate()["accuracy"]
+        x = runner.features(torch.randn(3, 4000))  # [3, 1, 48, F]: 3 of the encoder's 4 time patches
+        runner.model.eval()
+        with torch.no_grad():
+            want = runner.model(x)
+    finally:
+        runner.cleanup()
+    assert saved["test"]["accuracy"] == pytest.approx(scores["best.pt"])
+    if saved["best"]["epoch"] != 3 and scores["best.pt"] != scores["last.pt"]:
+        assert saved["test"]["accuracy"] != pytest.approx(scores["last.pt"])
+
+    loaded = load_finetuned_model(out / "best.pt")
+    assert loaded.pos_embed_fit == "crop" and loaded.pool == torch.load(out / "best.pt", weights_only=True)["pool"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want)
+        resampled = FinetuneModel(loaded.backbone, loaded.head[1].out_features, loaded.pool, "resample").eval()
+        resampled.head = loaded.head
+        assert not torch.allclose(resampled(x), want, atol=1e-4)
+
+    with pytest.raises(ConfigError, match="test_manifest"):
+        load_finetune_config("esc50", ["data.test_manifest=t.json"])

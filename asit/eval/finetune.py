@@ -9,8 +9,12 @@ and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
   token (``cls``), or the average of the two (``both``).
 * **Input**: the pretraining front end (Kaldi fbank, ``(x - mean) / (2 std)``, the encoder's
   statistics unless ``data.mean/std`` say otherwise) over ``data.target_frames`` frames (default:
-  the encoder's window; other lengths resample the positional embedding). Training takes a random
-  window of longer clips, evaluation the first; shorter clips are zero-padded as in pretraining.
+  the encoder's window). Other lengths resample the positional embedding over the new token grid
+  (``model.pos_embed_fit=resample``, timm's way), or, with ``crop`` (the ESC-50 and Speech Commands
+  presets), keep the centre positions of an axis shorter than in pretraining, as SSAST cuts them
+  (1 s of a 6 s window: time positions 14–21 of 37); the choice is stored in ``best.pt`` /
+  ``averaged.pt`` and :func:`load_finetuned_model` rebuilds the model with it. Training takes a
+  random window of longer clips, evaluation the first; shorter clips are zero-padded as in pretraining.
 * **Augmentation** (training only, on the device, per batch): mixup of the *waveforms* before the
   fbank (as AST does) with ``λ ~ Beta(α, α)`` (AST: α = 10) applied to each clip with probability
   ``augment.mixup_prob``, the partner being another clip of the batch, and the targets mixed with
@@ -21,22 +25,34 @@ and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
 * **Sampling**: shuffled, or AudioSet-style balanced (``data.balanced_sampling``): a
   :class:`~torch.utils.data.WeightedRandomSampler` (with replacement) whose weight for a clip is
   the sum over its labels of ``1 / count(label)`` — AST's ``sum 1000 / (count + 0.01)`` up to the
-  constant factor and the 0.01 smoothing.
+  constant factor and the 0.01 smoothing. A clip drawn several times in one epoch gets a different
+  random window each time.
 * **Optimisation**: AdamW (AST's Adam betas ``(0.95, 0.999)``, weight decay 5e-7), a linear warm-up
   over ``optim.warmup_steps`` iterations, then either AST's step schedule (the lr multiplied by
   ``decay_factor`` every ``decay_every`` epochs from epoch ``decay_start``; AS-20K: halved every 5
-  from 10) or a cosine to ``min_lr``. BCE-with-logits for multi-label tasks, cross-entropy (soft
-  targets under mixup) for single-label ones.
+  from 10) or a cosine to ``min_lr``. ``optim.loss=auto``: BCE-with-logits for multi-label tasks,
+  cross-entropy (soft targets under mixup) for single-label ones; ``bce`` on a single-label task is
+  BCE-with-logits on the one-hot (mixed) targets, as AST and SSAST train Speech Commands (the
+  accuracy is still the argmax).
 * **Evaluation** after every epoch: mAP (multi-label) or accuracy (single-label) plus per-class AP /
   accuracy; the best checkpoint by that metric is kept (``best.pt``, written atomically), and the
   weights of epochs ``average_start … average_end`` (1-based, inclusive) can be averaged (AST's
   weight averaging; ``averaged.pt``).
 * **Cross-validation** (``data.cv_folds > 0``, ESC-50): folds from a metadata CSV's ``fold``
-  column, from the clips' paths (a ``foldN`` folder or ESC-50's ``N-…`` file names) or from
-  :func:`~asit.eval.linear_probe.stratified_folds`; one run per fold, and the mean and standard
+  column (``data.fold_csv``; when the file exists it must list every clip, or the run stops — the
+  official folds are never swapped for others), else from the clips' paths (a ``foldN`` folder or
+  ESC-50's ``N-…`` file names), else :func:`~asit.eval.linear_probe.stratified_folds`; the source
+  used is logged and stored as ``fold_source``. One run per fold, and the mean and standard
   deviation over folds.
 * **Labels**: a ``class_labels_indices.csv`` (``index,mid,display_name``; a manifest label matches
-  the ``mid`` or the ``display_name``), else the sorted labels of the manifests.
+  the ``mid`` or the ``display_name``), else the sorted labels of the manifests. Clips without a
+  label (a flat folder, e.g. ESC-50's ``audio/``) take the ``category`` (else ``target``) column of
+  ``data.fold_csv`` (:func:`labels_from_metadata`).
+* **Test split** (``data.test_manifest``, optional, not with cross-validation): after training the
+  reported model (``train.report``: ``best`` read back from ``best.pt``, ``last`` or ``averaged``)
+  is scored once on these clips; that score is the run's ``value`` (``value_split: test``, per-class
+  values and the model under ``test``), the validation score stays as ``val_value``. Without it the
+  value is the validation score (``value_split: val``): model selection and score on one split.
 * **Outputs** under ``train.output_dir`` (per fold in ``fold_<k>/`` for CV): ``config.yaml``,
   ``log.jsonl`` (training loss and lr every ``log_every`` steps, a ``val_<metric>`` record per
   epoch), TensorBoard scalars, ``best.pt``, ``averaged.pt`` and ``results.json``.
@@ -46,9 +62,12 @@ and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
   bitwise equal to an uninterrupted one (same world size and hardware). Finished folds of a
   cross-validation are not rerun.
 
-* **Long clips** (``train.eval_windows=all``): evaluation cuts each clip into consecutive windows of
-  ``target_frames`` (the last zero-padded) and averages their scores; the default scores the
-  first window, which covers the whole clip in the AudioSet, ESC-50 and Speech Commands presets.
+* **Long clips** (``train.eval_windows=all``): evaluation cuts each clip into ``ceil(length /
+  window)`` windows of ``target_frames`` and averages their scores with equal weights: consecutive
+  from the start, the last one ending at the clip's end (overlapping the one before), so every
+  window is full of audio; a clip shorter than one window is one zero-padded window. The default
+  scores the first window, which covers the whole clip in the AudioSet, ESC-50 and Speech Commands
+  presets.
 
 Works as a plain process or under ``torchrun`` (DDP; evaluation is sharded and gathered).
 """
@@ -82,7 +101,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, We
 from asit.config import ConfigError, _build, load_tree
 from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest
 from asit.data.fbank import batched_kaldi_fbank
-from asit.models import build_backbone, encode
+from asit.models import POS_EMBED_FITS, build_backbone, encode
 
 from .encoder import FRAME_LENGTH_S, FRAME_SHIFT_S, backbone_spec, load_encoder
 from .linear_probe import average_precision, stratified_folds
@@ -102,7 +121,9 @@ __all__ = [
     "evaluate_scores",
     "finetune_config_to_dict",
     "finetune_lr_schedule",
+    "labels_from_metadata",
     "load_finetune_config",
+    "load_finetuned_model",
     "read_class_csv",
     "run_finetune",
     "sample_mixup",
@@ -124,6 +145,7 @@ class FTDataConfig:
 
     train_manifest: str = "demo"  # JSON/CSV manifest, folder of class folders, or "demo"
     val_manifest: str | None = None  # required unless cv_folds > 0
+    test_manifest: str | None = None  # scored once, after training, with the reported model (not with CV)
     label_csv: str | None = None  # class_labels_indices.csv (index,mid,display_name); None: manifest labels
     task: Literal["auto", "single_label", "multi_label"] = "auto"  # auto: single-label iff 1 label per clip
     target_frames: int | None = None  # fbank frames per example; None: the encoder's window
@@ -132,7 +154,7 @@ class FTDataConfig:
     balanced_sampling: bool = False  # AudioSet-style WeightedRandomSampler
     cv_folds: int = 0  # > 0: k-fold cross-validation over train_manifest
     fold_source: Literal["auto", "metadata", "path", "stratified"] = "auto"
-    fold_csv: str | None = None  # metadata CSV with a file-name column and a `fold` column
+    fold_csv: str | None = None  # metadata CSV: a file-name column, `fold`, optionally `category`/`target` labels
     num_workers: int = 4
     demo_clips: int = 120
     demo_seconds: float = 3.0
@@ -146,6 +168,9 @@ class FTModelConfig:
     pool: Literal["tokens", "cls", "both"] = "tokens"
     drop_path_rate: float = 0.0  # AST/SSAST fine-tune without drop path
     random_init: bool = False  # same architecture, random weights: the baseline
+    # positions for inputs whose token grid differs from pretraining: resample the whole grid (timm), or
+    # crop: keep the centre positions of a shorter axis (SSAST's cut), resample only a longer one
+    pos_embed_fit: Literal["resample", "crop"] = "resample"
 
 
 @dataclass
@@ -250,6 +275,10 @@ def _validate(cfg: FinetuneConfig) -> None:
     checks = [
         (d.cv_folds == 0 or d.cv_folds >= 2, "data.cv_folds must be 0 (off) or >= 2"),
         (d.cv_folds > 0 or d.val_manifest is not None, "data.val_manifest is required unless data.cv_folds > 0"),
+        (d.cv_folds == 0 or d.test_manifest is None,
+         "data.test_manifest is not used with cross-validation (each fold's held-out part is its test set)"),
+        (d.test_manifest is None or t.report != "best" or t.save_best,
+         "data.test_manifest with train.report=best needs train.save_best (the best model is read from best.pt)"),
         (d.target_frames is None or d.target_frames > 0, "data.target_frames must be > 0"),
         (d.std is None or d.std > 0, "data.std must be > 0"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
@@ -349,15 +378,63 @@ def _fold_from_path(path: str) -> int | None:
     return None
 
 
-def _folds_from_csv(entries: Sequence[AudioEntry], path: str) -> list[int | None]:
+_NAME_COLUMNS = ("filename", "path", "wav", "file")
+_LABEL_COLUMNS = ("category", "target")  # ESC-50's meta/esc50.csv: class name, class number
+
+
+def _read_metadata_csv(path: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Columns and rows, keyed by file name (without folders), of a clip metadata CSV."""
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        name_col = next((c for c in ("filename", "path", "wav", "file") if c in cols), None)
-        if name_col is None or "fold" not in cols:
-            raise ValueError(f"{path}: a fold CSV needs a 'fold' column and one of filename/path/wav/file")
-        by_name = {Path(row[name_col]).name: int(row["fold"]) for row in reader}
-    return [by_name.get(Path(e.path).name) for e in entries]
+        cols = list(reader.fieldnames or [])
+        name_col = next((c for c in _NAME_COLUMNS if c in cols), None)
+        if name_col is None:
+            raise ValueError(f"{path}: a metadata CSV needs a file-name column, one of {'/'.join(_NAME_COLUMNS)}")
+        rows = {Path(row[name_col]).name: row for row in reader}
+    return cols, rows
+
+
+def _folds_from_csv(entries: Sequence[AudioEntry], path: str) -> list[int | None]:
+    cols, rows = _read_metadata_csv(path)
+    if "fold" not in cols:
+        raise ValueError(f"{path}: a fold CSV needs a 'fold' column")
+    folds: list[int | None] = []
+    for e in entries:
+        row = rows.get(Path(e.path).name)
+        try:
+            folds.append(None if row is None else int(row["fold"]))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: bad fold {row['fold']!r} for {Path(e.path).name}") from None
+    return folds
+
+
+def labels_from_metadata(entries: Sequence[AudioEntry], path: str) -> list[AudioEntry]:
+    """Give every clip without labels the ``category`` (else ``target``) of its row in a metadata CSV.
+
+    For corpora whose labels live in a table rather than in folders, e.g. ESC-50's flat ``audio/``
+    folder and ``meta/esc50.csv`` (``filename,fold,target,category,…``). Rows are matched by file name;
+    clips that have labels keep them, and a CSV with neither column changes nothing.
+
+    Raises:
+        ValueError: an unlabelled clip has no row (or an empty label) in the CSV; the message names both.
+    """
+    if all(e.labels for e in entries):
+        return list(entries)
+    cols, rows = _read_metadata_csv(path)
+    col = next((c for c in _LABEL_COLUMNS if c in cols), None)
+    if col is None:
+        return list(entries)
+    out, missing = [], []
+    for e in entries:
+        label = "" if e.labels else (rows.get(Path(e.path).name) or {}).get(col, "").strip()
+        if not e.labels and not label:
+            missing.append(e.path)
+        out.append(e if e.labels else dataclasses.replace(e, labels=(label,)))
+    if missing:
+        raise ValueError(f"{path}: no {col!r} for {len(missing)} unlabelled clip(s), e.g. {missing[0]} "
+                         "(clips are matched to the CSV's rows by file name)")
+    log.info("labels of %d clip(s) from the %r column of %s", sum(not e.labels for e in entries), col, path)
+    return out
 
 
 def assign_folds(
@@ -367,28 +444,56 @@ def assign_folds(
 
     ``source``: ``"metadata"`` (the ``fold`` column of ``fold_csv``, matched by file name),
     ``"path"`` (a ``foldN`` folder in the path, or ESC-50's ``N-…`` file names), ``"stratified"``
-    (:func:`stratified_folds` over the labels) or ``"auto"`` (the first of these that covers every
-    clip). Given fold numbers (e.g. ESC-50's 1–5) are mapped in sorted order onto ``0 … k-1``.
+    (:func:`stratified_folds` over the labels) or ``"auto"``: the CSV when ``fold_csv`` is a file,
+    else the paths when every path names a fold, else stratified. Given fold numbers (e.g. ESC-50's
+    1–5) are mapped in sorted order onto ``0 … k-1``.
+
+    Raises:
+        ValueError: the CSV (``metadata``, or ``auto`` with an existing ``fold_csv``) has no fold for
+            some clip — the official folds are never silently replaced —, a clip's path names no fold
+            (``path``), or the number of distinct folds is not ``k``.
     """
-    given: list[int | None] | None = None
-    if source in ("auto", "metadata") and fold_csv and os.path.isfile(fold_csv):
-        given = _folds_from_csv(entries, fold_csv)
-    elif source == "metadata":
+    return _assign_folds(entries, k, source=source, fold_csv=fold_csv, seed=seed)[0]
+
+
+def _assign_folds(
+    entries: Sequence[AudioEntry], k: int, *, source: str, fold_csv: str | None, seed: int
+) -> tuple[np.ndarray, str]:
+    """:func:`assign_folds` and the source used (``metadata``, ``path`` or ``stratified``)."""
+    has_csv = bool(fold_csv) and os.path.isfile(fold_csv)
+    if source == "metadata" and not has_csv:
         raise ValueError(f"data.fold_source=metadata but data.fold_csv={fold_csv!r} is not a file")
-    elif fold_csv:
-        log.warning("data.fold_csv=%s is not a file; taking the folds from the paths or stratifying", fold_csv)
-    if source == "path" or (source == "auto" and (given is None or None in given)):
+    if source in ("auto", "metadata") and has_csv:
+        used, given = "metadata", _folds_from_csv(entries, str(fold_csv))
+        missing = [e.path for e, f in zip(entries, given) if f is None]
+        if missing:
+            raise ValueError(f"{fold_csv}: no fold for {len(missing)} of {len(entries)} clip(s), e.g. "
+                             f"{', '.join(missing[:3])} (matched by file name); fix the CSV or the manifest, or "
+                             "set data.fold_source=path or stratified")
+    elif source == "stratified":
+        used, given = "stratified", []
+    else:  # path, or auto without a CSV
+        if fold_csv and source == "auto":
+            log.warning("data.fold_csv=%s is not a file; taking the folds from the paths or stratifying", fold_csv)
         given = [_fold_from_path(e.path) for e in entries]
-    if source == "stratified" or (source == "auto" and None in given):
-        return stratified_folds([e.labels for e in entries], k, seed)
+        used = "path"
+        if source == "auto" and None in given:
+            named = sum(f is not None for f in given)
+            if named:
+                log.warning("only %d of %d clips name a fold in their path: stratified folds for all", named,
+                            len(given))
+            used = "stratified"
+    log.info("cross-validation folds from %s", f"{used} ({fold_csv})" if used == "metadata" else used)
+    if used == "stratified":
+        return stratified_folds([e.labels for e in entries], k, seed), used
     missing = [e.path for e, f in zip(entries, given) if f is None]
     if missing:
         raise ValueError(f"no fold for {len(missing)} clip(s), e.g. {missing[0]}")
-    numbers = sorted(set(given))
+    numbers = sorted({f for f in given if f is not None})
     if len(numbers) != k:
         raise ValueError(f"data.cv_folds={k} but the clips carry {len(numbers)} fold numbers {numbers}")
     order = {n: i for i, n in enumerate(numbers)}
-    return np.array([order[f] for f in given], dtype=np.int64)
+    return np.array([order[f] for f in given], dtype=np.int64), used
 
 
 def balanced_sample_weights(targets: np.ndarray) -> np.ndarray:
@@ -538,11 +643,14 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray, multilabel: bool) -
 class LabelledClips(Dataset):
     """Clips with their target vectors; each item is a fixed-length waveform window.
 
-    Training items are a random window of ``num_samples`` samples (the start of every epoch's
-    generator differs by ``set_epoch``), evaluation items the first window or, with
-    ``all_windows=True``, every consecutive window of the clip stacked as ``wave [W, S]`` (the last
-    one zero-padded; its scores are averaged by the evaluation); shorter clips are zero-padded. A
-    clip that cannot be decoded gives ``None`` (dropped by :func:`collate_clips`).
+    Training items are a random window of ``num_samples`` samples, drawn from a generator keyed on
+    ``(seed, epoch, i)`` (``set_epoch``) and, for the ``r``-th repeat (``r > 0``) of a clip in one epoch
+    of a sampler with replacement (the item key ``(i, r)``), on ``r`` too, so repeats get other crops.
+    Evaluation items are the first window or, with ``all_windows=True``, ``W = ceil(L / S)`` windows
+    stacked as ``wave [W, S]`` (their scores are averaged by the evaluation): consecutive from the
+    start, except the last, which ends at the clip's end and so overlaps the one before it; every
+    window is full of audio. Clips shorter than a window are zero-padded (one window). A clip that
+    cannot be decoded gives ``None`` (dropped by :func:`collate_clips`).
     """
 
     def __init__(
@@ -561,7 +669,8 @@ class LabelledClips(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        i, repeat = key if isinstance(key, tuple) else (key, 0)
         entry = self.entries[i]
         try:
             wave = load_audio(entry.path, self.sample_rate)
@@ -570,13 +679,16 @@ class LabelledClips(Dataset):
             return None
         n = self.num_samples
         if self.all_windows:
-            count = max(1, math.ceil(wave.numel() / n))
-            windows = F.pad(wave, (0, count * n - wave.numel())).view(count, n)
+            if wave.numel() <= n:
+                windows = F.pad(wave, (0, n - wave.numel())).unsqueeze(0)  # [1, S]
+            else:  # the last window ends at the clip's end, overlapping the one before
+                starts = [*range(0, wave.numel() - n, n), wave.numel() - n]
+                windows = torch.stack([wave[s : s + n] for s in starts])  # [W, S]
             return {"wave": windows, "target": self.targets[i], "index": i}
         if wave.numel() > n:
             start = 0
             if self.train:
-                rng = np.random.default_rng([self.seed, self.epoch, i])
+                rng = np.random.default_rng([self.seed, self.epoch, i, *([repeat] if repeat else [])])
                 start = int(rng.integers(0, wave.numel() - n + 1))
             wave = wave[start : start + n]
         elif wave.numel() < n:
@@ -605,13 +717,16 @@ class WeightedDistributedSampler(WeightedRandomSampler):
 
     Every rank draws the same ``num_samples`` indices from a generator seeded by ``(seed, epoch)``
     and keeps every ``world_size``-th one, so the ranks see disjoint parts of one weighted draw.
+    With ``tag_repeats`` it yields ``(index, r)`` pairs instead, ``r`` counting the earlier draws of
+    that index in the whole draw (0 the first time): :class:`LabelledClips` crops a repeat differently.
     """
 
     def __init__(self, weights: Sequence[float], num_samples: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, tag_repeats: bool = False) -> None:
         super().__init__(weights, num_samples, replacement=True)
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         self.per_rank = math.ceil(num_samples / world_size)
+        self.tag_repeats = tag_repeats
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -619,7 +734,15 @@ class WeightedDistributedSampler(WeightedRandomSampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         draw = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=g)
-        return iter(draw[self.rank :: self.world_size].tolist())
+        mine = draw[self.rank :: self.world_size].tolist()
+        if not self.tag_repeats:
+            return iter(mine)
+        seen: dict[int, int] = {}
+        repeats = []
+        for i in draw.tolist():
+            repeats.append(seen.get(i, 0))
+            seen[i] = repeats[-1] + 1
+        return iter(list(zip(mine, repeats[self.rank :: self.world_size])))
 
     def __len__(self) -> int:
         return self.per_rank
@@ -632,25 +755,48 @@ class FinetuneModel(nn.Module):
     """ViT backbone + ``LayerNorm → Linear`` head on the pooled tokens.
 
     ``forward(x [B, 1, T, F]) → logits [B, K]``. ``pool``: ``"tokens"`` (mean of the data tokens),
-    ``"cls"`` ([CLS]) or ``"both"`` (the average of the two vectors).
+    ``"cls"`` ([CLS]) or ``"both"`` (the average of the two vectors). ``pos_embed_fit``: how the
+    positional embedding meets inputs of another length than pretraining (:func:`asit.models.fit_pos_embed`).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, pool: str = "tokens") -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, pool: str = "tokens",
+                 pos_embed_fit: str = "resample") -> None:
         super().__init__()
         if pool not in ("tokens", "cls", "both"):
             raise ValueError(f"pool must be 'tokens', 'cls' or 'both', got {pool!r}")
+        if pos_embed_fit not in POS_EMBED_FITS:
+            raise ValueError(f"pos_embed_fit must be one of {POS_EMBED_FITS}, got {pos_embed_fit!r}")
         self.backbone = backbone
-        self.pool = pool
+        self.pool, self.pos_embed_fit = pool, pos_embed_fit
         dim = int(backbone.embed_dim)
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = encode(self.backbone, x)  # [B, 1 + N, D]
+        tokens = encode(self.backbone, x, pos_embed_fit=self.pos_embed_fit)  # [B, 1 + N, D]
         cls, data = tokens[:, 0], tokens[:, 1:].mean(1)  # [B, D] each
         pooled = {"cls": cls, "tokens": data, "both": None}[self.pool]
         if pooled is None:
             pooled = 0.5 * (cls + data)
         return self.head(pooled)
+
+
+def load_finetuned_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FinetuneModel:
+    """Rebuild a fine-tuned model from ``best.pt`` / ``averaged.pt``, in eval mode on ``device``.
+
+    The architecture comes from the stored encoder metadata, the pooling and the positional-embedding
+    fit from the checkpoint (files written before ``pos_embed_fit`` existed were trained with
+    ``resample``); the class names are the checkpoint's ``classes``.
+    """
+    from asit.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, required=("model", "classes", "encoder_metadata"))
+    weights = state["model"]
+    backbone_state = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    spec = backbone_spec(backbone_state, state["encoder_metadata"])
+    model = FinetuneModel(build_backbone(**spec), len(state["classes"]), state.get("pool", "tokens"),
+                          state.get("pos_embed_fit", "resample"))
+    model.load_state_dict(weights)
+    return model.to(device).eval()
 
 
 # =========================================================================== training
@@ -681,14 +827,17 @@ class Finetuner:
         labels: the class list.
         multilabel: task type (decides the loss and the metric).
         run_dir: where this run writes.
+        test_entries: clips scored once after training with the reported model (none: no test score).
     """
 
     def __init__(self, cfg: FinetuneConfig, train_entries: Sequence[AudioEntry], val_entries: Sequence[AudioEntry],
-                 labels: LabelSpace, multilabel: bool, run_dir: str | Path) -> None:
+                 labels: LabelSpace, multilabel: bool, run_dir: str | Path,
+                 test_entries: Sequence[AudioEntry] = ()) -> None:
         from asit.train.distributed import init_distributed
 
         self.cfg, self.labels, self.multilabel = cfg, labels, multilabel
         self.train_entries, self.val_entries = list(train_entries), list(val_entries)
+        self.test_entries = list(test_entries)
         self.run_dir = Path(run_dir)
         self.dist = init_distributed(cfg.train.device)
         self.device = self.dist.device
@@ -713,7 +862,8 @@ class Finetuner:
         backbone = build_backbone(**spec, drop_path_rate=cfg.model.drop_path_rate)
         backbone.load_state_dict(encoder.backbone.state_dict())
         del encoder
-        self.model = FinetuneModel(backbone, self.labels.num_classes, cfg.model.pool).to(self.device)
+        self.model = FinetuneModel(backbone, self.labels.num_classes, cfg.model.pool,
+                                   cfg.model.pos_embed_fit).to(self.device)
         self.ddp_model: nn.Module = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -735,16 +885,13 @@ class Finetuner:
         shift = int(self.sample_rate * FRAME_SHIFT_S)
         num_samples = window + (self.frames - 1) * shift
         self.train_targets = _targets(self.train_entries, self.labels, "train")
-        val_targets = _targets(self.val_entries, self.labels, "val")
         self.train_set = LabelledClips(self.train_entries, self.train_targets, sample_rate=self.sample_rate,
                                        num_samples=num_samples, train=True, seed=cfg.train.seed)
-        self.val_set = LabelledClips(self.val_entries, val_targets, sample_rate=self.sample_rate,
-                                     num_samples=num_samples, train=False, all_windows=cfg.train.eval_windows == "all")
         r, w = self.dist.rank, self.dist.world_size
         if d.balanced_sampling:
             weights = balanced_sample_weights(self.train_targets)
             self.sampler = WeightedDistributedSampler(weights.tolist(), len(self.train_set), rank=r, world_size=w,
-                                                      seed=cfg.train.seed)
+                                                      seed=cfg.train.seed, tag_repeats=True)
         else:
             self.sampler = DistributedSampler(self.train_set, num_replicas=w, rank=r, shuffle=True,
                                               seed=cfg.train.seed, drop_last=False)
@@ -752,11 +899,17 @@ class Finetuner:
                          pin_memory=self.device.type == "cuda", persistent_workers=False)
         self.train_loader = DataLoader(self.train_set, batch_size=cfg.train.batch_size, sampler=self.sampler,
                                        drop_last=len(self.sampler) > cfg.train.batch_size, **loader_kw)
-        # evaluation: a contiguous shard per rank, gathered and put back in order
-        self.val_indices = list(range(len(self.val_set)))[r::w]
-        self.val_loader = DataLoader(Subset(self.val_set, self.val_indices),
-                                     batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
-                                     shuffle=False, **loader_kw)
+
+        def eval_loader(entries: list[AudioEntry], split: str) -> DataLoader:
+            # every world_size-th clip per rank; predict() gathers them and puts them back in order
+            clips = LabelledClips(entries, _targets(entries, self.labels, split), sample_rate=self.sample_rate,
+                                  num_samples=num_samples, train=False, all_windows=cfg.train.eval_windows == "all")
+            return DataLoader(Subset(clips, list(range(len(clips)))[r::w]),
+                              batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size, shuffle=False,
+                              **loader_kw)
+
+        self.val_loader = eval_loader(self.val_entries, "val")
+        self.test_loader = eval_loader(self.test_entries, "test") if self.test_entries else None
         steps = len(self.train_loader)
         if cfg.train.max_steps_per_epoch:
             steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -830,11 +983,12 @@ class Finetuner:
         return bool(flag.item())
 
     @torch.no_grad()
-    def predict(self) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (sigmoid or softmax) and targets of the validation clips, gathered from all ranks."""
+    def predict(self, loader: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (sigmoid or softmax) and targets of the validation clips (or ``loader``'s), gathered
+        from all ranks."""
         self.model.eval()
         scores, targets, order = [], [], []
-        for batch in self.val_loader:
+        for batch in self.val_loader if loader is None else loader:
             if batch["wave"].numel() == 0:
                 continue
             with self._autocast():
@@ -855,13 +1009,14 @@ class Finetuner:
             dist.all_gather_object(parts, part)
         parts = [p for p in parts if p is not None]
         if not parts:
-            raise RuntimeError("no validation clip could be decoded")
+            raise RuntimeError("no evaluation clip could be decoded")
         s, t, idx = (np.concatenate(x) for x in zip(*parts))
         keep = np.argsort(idx, kind="stable")
         return s[keep], t[keep]
 
-    def evaluate(self) -> dict[str, Any]:
-        scores, targets = self.predict()
+    def evaluate(self, loader: Any = None) -> dict[str, Any]:
+        """The metric, per-class values and clip count on the validation clips (or ``loader``'s)."""
+        scores, targets = self.predict(loader)
         value, per_class = evaluate_scores(scores, targets, self.multilabel)
         return {self.metric: value, "per_class": dict(zip(self.labels.names, per_class)), "n_clips": len(scores)}
 
@@ -942,18 +1097,50 @@ class Finetuner:
         result: dict[str, Any] = {"metric": self.metric, "best": best, "last": last, "history": history,
                                   "steps": step, "wall_time_s": time.time() - started}
         if averaged is not None:
-            final_state = copy.deepcopy(self.model.state_dict())
-            self.model.load_state_dict({k: v.to(final_state[k].dtype) for k, v in averaged.items()})
-            ev_avg = self.evaluate()
-            result["averaged"] = {"epochs": [avg_start, avg_end], "n_models": n_avg, **ev_avg}
-            self._save("averaged.pt", self.model.state_dict(), t.epochs, ev_avg[self.metric])
+            with self._weights(averaged):
+                ev_avg = self.evaluate()
+                result["averaged"] = {"epochs": [avg_start, avg_end], "n_models": n_avg, **ev_avg}
+                self._save("averaged.pt", self.model.state_dict(), t.epochs, ev_avg[self.metric])
             self.writer.write(step, {"epoch": t.epochs - 1, f"val_{self.metric}_averaged": ev_avg[self.metric]})
-            self.model.load_state_dict(final_state)
         chosen = result[t.report]
-        result.update(value=chosen[self.metric], per_class=chosen["per_class"], report=t.report)
+        result.update(value=chosen[self.metric], per_class=chosen["per_class"], report=t.report,
+                      value_split="val", val_value=chosen[self.metric])
+        if self.test_loader is not None:
+            test = self._test(t.report, averaged)
+            result["test"] = {"model": t.report, "epoch": chosen.get("epoch", t.epochs), **test}
+            result.update(value=test[self.metric], per_class=test["per_class"], value_split="test")
+            self.writer.write(step, {"epoch": t.epochs - 1, f"test_{self.metric}": test[self.metric]})
+            if self.dist.is_main:
+                log.info("test %s of the %s model: %.4f (validation %.4f)", self.metric, t.report,
+                         test[self.metric], chosen[self.metric])
+        self.writer.flush()
         if self.dist.is_main:
             _write_json(self.run_dir / "results.json", result)
         return result
+
+    def _test(self, report: str, averaged: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """Evaluate the reported model (``best`` from ``best.pt``, ``last``, ``averaged``) on the test clips."""
+        if report == "last":
+            return self.evaluate(self.test_loader)
+        if report == "best":
+            from asit.train.checkpoint import load_checkpoint
+
+            state = load_checkpoint(self.run_dir / "best.pt", required=("model",))["model"]
+        else:
+            assert averaged is not None  # report=averaged needs average_start (validated)
+            state = averaged
+        with self._weights(state):
+            return self.evaluate(self.test_loader)
+
+    @contextlib.contextmanager
+    def _weights(self, state: dict[str, torch.Tensor]):
+        """Run the block with ``state`` loaded into the model, then put the current weights back."""
+        current = copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict({k: v.to(current[k].dtype) for k, v in state.items()})
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(current)
 
     def _save(self, name: str, state: dict[str, torch.Tensor], epoch: int, value: float) -> None:
         if not self.dist.is_main:
@@ -964,6 +1151,7 @@ class Finetuner:
             "model": {k: v.detach().cpu() for k, v in state.items()},
             "epoch": epoch, "metric": self.metric, "value": value,
             "classes": list(self.labels.names), "pool": self.cfg.model.pool,
+            "pos_embed_fit": self.cfg.model.pos_embed_fit,
             "config": finetune_config_to_dict(self.cfg), "encoder_metadata": self.encoder_meta,
         }, self.run_dir / name)
 
@@ -1061,37 +1249,48 @@ def _is_multilabel(cfg: FTDataConfig, entries: Sequence[AudioEntry]) -> bool:
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says (one run, or one per fold); returns and writes ``results.json``.
 
-    The results hold ``metric``, ``value`` (the reported model's score; for CV the mean over
-    folds, with ``std`` and ``folds``), ``per_class`` and, per run, ``best`` / ``last`` /
-    ``averaged`` evaluations and the per-epoch ``history``.
+    The results hold ``metric``, ``value`` (the reported model's score: on ``data.test_manifest``
+    when there is one, else on the validation clips — ``value_split`` says which, ``val_value`` is the
+    validation score either way; for CV the mean over the held-out folds, with ``std``, ``folds`` and
+    ``fold_source``), ``per_class`` and, per run, ``best`` / ``last`` / ``averaged`` validation
+    evaluations, ``test`` and the per-epoch ``history``.
     """
     from asit.train.distributed import cleanup_distributed, init_distributed
 
     d = cfg.data
     out = Path(cfg.train.output_dir)
-    train_entries = load_manifest(_resolve_manifest(d.train_manifest, d, cfg.train.seed))
-    val_entries = load_manifest(_resolve_manifest(d.val_manifest, d, cfg.train.seed)) if d.val_manifest else []
+
+    def clips(source: str | None) -> list[AudioEntry]:
+        if not source:
+            return []
+        entries = load_manifest(_resolve_manifest(source, d, cfg.train.seed))
+        if d.fold_csv and os.path.isfile(d.fold_csv):  # e.g. ESC-50: a flat folder, labels in meta/esc50.csv
+            entries = labels_from_metadata(entries, d.fold_csv)
+        return entries
+
+    train_entries, val_entries, test_entries = clips(d.train_manifest), clips(d.val_manifest), clips(d.test_manifest)
     labels = read_class_csv(d.label_csv) if d.label_csv else LabelSpace.from_entries(train_entries + val_entries)
     multilabel = _is_multilabel(d, train_entries + val_entries)
     if not multilabel:
-        unlabelled = [e for e in train_entries + val_entries if len(e.labels) != 1]
+        unlabelled = [e for e in train_entries + val_entries + test_entries if len(e.labels) != 1]
         if unlabelled:
             raise ValueError(f"single-label task but {len(unlabelled)} clip(s) have no or several labels, "
-                             f"e.g. {unlabelled[0].path}")
+                             f"e.g. {unlabelled[0].path} (a folder manifest labels a clip by its sub-folder; "
+                             "data.fold_csv may give labels in a 'category' or 'target' column)")
     info = init_distributed(cfg.train.device)
     base = {"name": cfg.name, "encoder": cfg.encoder, "task": "multi-label" if multilabel else "single-label",
             "classes": list(labels.names)}
     try:
         if d.cv_folds == 0:
-            runner = Finetuner(cfg, train_entries, val_entries, labels, multilabel, out)
+            runner = Finetuner(cfg, train_entries, val_entries, labels, multilabel, out, test_entries)
             runner.setup()
             try:
                 result = {**base, **runner.train()}
             finally:
                 runner.cleanup()
         else:
-            fold_of = assign_folds(train_entries, d.cv_folds, source=d.fold_source, fold_csv=d.fold_csv,
-                                   seed=cfg.train.seed)
+            fold_of, fold_source = _assign_folds(train_entries, d.cv_folds, source=d.fold_source,
+                                                 fold_csv=d.fold_csv, seed=cfg.train.seed)
             folds = []
             for k in range(d.cv_folds):
                 train_k = [e for e, f in zip(train_entries, fold_of) if f != k]
@@ -1114,8 +1313,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 vals = [f["per_class"][name] for f in folds if f["per_class"].get(name) is not None]
                 per_class[name] = float(np.mean(vals)) if vals else None
             result = {**base, "metric": folds[0]["metric"], "value": float(values.mean()),
-                      "std": float(values.std()), "report": cfg.train.report, "per_class": per_class,
-                      "folds": folds}
+                      "std": float(values.std()), "report": cfg.train.report, "value_split": "held-out folds",
+                      "fold_source": fold_source, "per_class": per_class, "folds": folds}
         result["config"] = finetune_config_to_dict(cfg)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@ from .asit import ASiTModel, StudentTeacher, build_asit, unwrap_model
 from .heads import ProjectionHead, ReconstructionHead, WeightNormLinear
 from .vit import (
     ATTN_BACKENDS,
+    POS_EMBED_FITS,
     VIT_PRESETS,
     FlashAttnAttention,
     build_backbone,
     encode,
+    fit_pos_embed,
     flash_attn_available,
     resolve_attn_backend,
     token_grid,
@@ -15,6 +17,7 @@ from .vit import (
 
 __all__ = [
     "ATTN_BACKENDS",
+    "POS_EMBED_FITS",
     "VIT_PRESETS",
     "ASiTModel",
     "FlashAttnAttention",
@@ -25,6 +28,7 @@ __all__ = [
     "build_asit",
     "build_backbone",
     "encode",
+    "fit_pos_embed",
     "flash_attn_available",
     "resolve_attn_backend",
     "token_grid",

@@ -18,14 +18,17 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 __all__ = [
     "ATTN_BACKENDS",
     "VIT_PRESETS",
     "FlashAttnAttention",
+    "POS_EMBED_FITS",
     "build_backbone",
     "encode",
+    "fit_pos_embed",
     "flash_attn_available",
     "resolve_attn_backend",
     "token_grid",
@@ -38,6 +41,8 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
+
+POS_EMBED_FITS = ("resample", "crop")
 
 
 def flash_attn_available() -> bool:
@@ -125,7 +130,7 @@ def build_backbone(
 
     ``img_size`` is ``(T, F)`` and sets the size of the learned positional embedding; other
     input sizes work too (``dynamic_img_size``): the embedding is resampled to the current
-    token grid, e.g. for the 192-frame local views of v2.
+    token grid, e.g. for the 192-frame local views of v2 (:func:`encode` can crop it instead).
 
     Args:
         attn_backend: ``"sdpa"`` (PyTorch SDPA), ``"flash_attn"`` (the flash-attn package;
@@ -168,12 +173,41 @@ def token_grid(backbone: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
     return x.shape[-2] // ph, x.shape[-1] // pw
 
 
-def encode(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+def fit_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], old_grid: tuple[int, int], mode: str = "resample"
+) -> torch.Tensor:
+    """Fit a learned positional embedding ``[1, 1 + Gh·Gw, D]`` ([CLS] first) to a token grid ``(gh, gw)``.
+
+    ``"resample"``: bicubic resampling of the whole grid (timm's ``dynamic_img_size``), so a shorter
+    input sees every pretraining position, squeezed. ``"crop"``: along each axis with fewer tokens than
+    the pretraining grid, keep the centre ``g`` positions, ``[G // 2 - g // 2, G // 2 - g // 2 + g)``
+    (SSAST's and AST's "cut" for fine-tuning inputs shorter than pretraining); an axis with more tokens
+    is still resampled. The [CLS] position is kept as it is.
+
+    Returns:
+        ``[1, 1 + gh·gw, D]``; ``pos_embed`` itself when the grids agree.
+    """
+    if mode not in POS_EMBED_FITS:
+        raise ValueError(f"mode must be one of {POS_EMBED_FITS}, got {mode!r}")
+    gh, gw = (int(g) for g in grid)
+    Gh, Gw = (int(g) for g in old_grid)
+    if mode == "crop" and (gh < Gh or gw < Gw):
+        cls_pos, pos = pos_embed[:, :1], pos_embed[:, 1:].reshape(1, Gh, Gw, -1)  # [1, Gh, Gw, D]
+        h0, w0 = (Gh // 2 - gh // 2 if gh < Gh else 0), (Gw // 2 - gw // 2 if gw < Gw else 0)
+        pos = pos[:, h0 : h0 + min(gh, Gh), w0 : w0 + min(gw, Gw)]
+        Gh, Gw = pos.shape[1:3]
+        pos_embed = torch.cat([cls_pos, pos.reshape(1, Gh * Gw, -1)], dim=1)
+    return resample_abs_pos_embed(pos_embed, new_size=(gh, gw), old_size=(Gh, Gw), num_prefix_tokens=1)
+
+
+def encode(backbone: VisionTransformer, x: torch.Tensor, *, pos_embed_fit: str = "resample") -> torch.Tensor:
     """Encode spectrograms into tokens after the final norm, [CLS] first.
 
     Args:
         x: ``[B, C, T, F]``. If ``T`` or ``F`` is not a multiple of the patch size the trailing
             rows/columns that do not fill a whole patch are dropped (the floor grid).
+        pos_embed_fit: how the positional embedding meets a token grid other than the pretraining
+            one, see :func:`fit_pos_embed`. ``"resample"`` is timm's own forward.
 
     Returns:
         ``[B, 1 + gh * gw, D]``; data tokens in row-major (time-major) order of the grid.
@@ -182,4 +216,13 @@ def encode(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     gh, gw = token_grid(backbone, x)
     if x.shape[-2] != gh * ph or x.shape[-1] != gw * pw:
         x = x[..., : gh * ph, : gw * pw]
-    return backbone.forward_features(x)  # [B, 1+N, D]
+    old_grid = tuple(backbone.patch_embed.grid_size)
+    if pos_embed_fit == "resample" or (gh, gw) == old_grid:
+        return backbone.forward_features(x)  # [B, 1+N, D]
+    # timm's forward_features with the fitted embedding in place of its resampled one
+    tokens = backbone.patch_embed(x)  # [B, gh, gw, D] (dynamic_img_size: channels last)
+    B, D = tokens.shape[0], tokens.shape[-1]
+    pos = fit_pos_embed(backbone.pos_embed, (gh, gw), old_grid, pos_embed_fit)  # [1, 1+N, D]
+    tokens = torch.cat([backbone.cls_token.expand(B, -1, -1), tokens.reshape(B, gh * gw, D)], dim=1) + pos
+    tokens = backbone.norm_pre(backbone.patch_drop(backbone.pos_drop(tokens)))
+    return backbone.norm(backbone.blocks(tokens))  # [B, 1+N, D]
