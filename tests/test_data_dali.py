@@ -123,6 +123,54 @@ def test_undecodable_file_is_left_out(demo, tmp_path):
     assert sorted(i for b in loader for i in b["index"].tolist()) == [0, 1, 2, 3]
 
 
+def test_non_finite_and_out_of_range_clips_are_dropped_and_reported(demo, tmp_path, caplog):
+    """NaN/Inf or huge float samples never reach a batch: the rows are dropped and reported with the torch
+    backend's reasons (load_audio's rule: NaN/Inf anywhere in the clip, or a peak beyond MAX_ABS_SAMPLE)."""
+    rng = np.random.default_rng(0)
+    bad = {}
+    for name, reason in (("nan", "non-finite"), ("inf", "non-finite"), ("huge", "out-of-range")):
+        x = (0.1 * rng.standard_normal(SR)).astype(np.float32)
+        if name == "nan":
+            x[-1] = np.nan  # past any 0.5 s crop's start: the check covers the whole clip, not the crop
+        elif name == "inf":
+            x[::1000] = np.inf
+        else:
+            x *= 1e30
+        path = tmp_path / f"{name}.wav"
+        sf.write(path, x, SR, subtype="FLOAT")
+        bad[str(path)] = reason
+    entries = [*demo[:5], *(AudioEntry(p) for p in bad)]
+    loader = DaliPretrainLoader(entries, batch_size=8, local_views=1, local_crop_seconds=0.5, local_target_frames=48,
+                                label_vocab=["tone", "chirp"], seed=0, **SMALL)
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        (batch,) = list(loader)
+    assert sorted(batch["index"].tolist()) == [0, 1, 2, 3, 4]
+    assert batch["views"].shape[0] == batch["local_views"].shape[0] == batch["label"].shape[0] == 5
+    assert torch.isfinite(batch["views"]).all() and torch.isfinite(batch["local_views"]).all()
+    for i, row in zip(batch["index"].tolist(), batch["label"]):
+        assert row.tolist() == [float(x in demo[i].labels) for x in ("tone", "chirp")]
+    reported = dict(zip(batch["skipped_indices"], batch["skip_reasons"]))
+    assert reported == {5 + k: reason for k, reason in enumerate(bad.values())}
+    assert batch["num_skipped"] == 3 and all(p in caplog.text for p in bad)
+
+
+def test_non_finite_views_are_dropped_on_the_cpu(demo, monkeypatch):
+    """The last guard: a view row that comes out non-finite anyway is dropped and reported."""
+    loader = DaliPretrainLoader(demo[:4], batch_size=4, seed=0, **SMALL)
+    real = loader._views
+
+    def poisoned(data, frames):
+        views = real(data, frames)
+        views[1, 0, 0, 3, 2] = float("nan")
+        return views
+
+    monkeypatch.setattr(loader, "_views", poisoned)
+    (batch,) = list(loader)
+    assert batch["views"].shape[0] == 3 and torch.isfinite(batch["views"]).all()
+    assert batch["skip_reasons"] == ["non-finite"] and len(batch["skipped_indices"]) == 1
+    assert batch["skipped_indices"][0] not in batch["index"].tolist()
+
+
 def _corrupt_body_flac(path, seed: int = 0) -> None:
     """A FLAC whose header is intact (soundfile's header check passes) but whose frames are noise bytes."""
     x = (0.3 * np.random.default_rng(seed).standard_normal(SR)).astype(np.float32)
@@ -170,9 +218,11 @@ def test_pipeline_resamples_and_pads_short_clips(tmp_path):
     sf.write(path, (0.5 * np.sin(np.arange(4410) / 10)).astype(np.float32), 44100)  # 0.1 s at 44.1 kHz
     pipe = build_dali_pipeline([str(path)], [0], batch_size=1, sample_rate=SR, crop_seconds=0.5, num_views=2,
                                roll_prob=0.0, seed=0, device_id=None)
-    label, waves = pipe.run()
+    label, stats, waves = pipe.run()
     waves = np.array(waves.as_tensor())[0]  # [V, 8000]
     assert waves.shape == (2, 8000) and np.array(label.as_tensor()).item() == 0
+    peak, nans = np.array(stats.as_tensor())[0]
+    assert 0.45 < peak <= 0.51 and nans == 0  # the whole decoded clip's peak, no NaN
     assert np.abs(waves[:, :1500]).max() > 0.1 and np.all(waves[:, 1700:] == 0)  # ≈1600 samples, then zeros
 
 

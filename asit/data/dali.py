@@ -27,7 +27,10 @@ permutation (some clips may come twice, others not at all, in that epoch only); 
 counted in the next batch's ``num_skipped``/``skip_reasons`` (reason ``"undecodable"``) and
 logged by name. Every epoch starts from the full list again, so such a file is met (and
 reported) once per epoch, and each epoch's stream depends only on ``(seed, epoch)``: a resumed
-run replays it identically.
+run replays it identically. Clips that decode to NaN/Inf samples or samples beyond
+``MAX_ABS_SAMPLE`` (the rule of :func:`~asit.data.audio.load_audio`, checked on the whole decoded
+clip inside the pipeline) are dropped from their batch and reported in it (``"non-finite"``,
+``"out-of-range"``), as the torch backend's collate does.
 The crops come from DALI's random generators, so the views differ from the torch backend's
 (same distribution, different draws).
 """
@@ -43,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .audio import AudioDecodeError, load_audio
+from .audio import MAX_ABS_SAMPLE, AudioDecodeError, load_audio
 from .fbank import KaldiFbank, fbank_views
 from .features import AUDIOSET_MEAN, AUDIOSET_STD
 from .manifest import AudioEntry
@@ -133,8 +136,11 @@ def build_dali_pipeline(
     """A built DALI pipeline over ``files`` (see the module docstring).
 
     ``labels`` are per-file integers passed through (the loader uses the manifest index).
-    Outputs, per sample: ``label`` int32 ``(1,)``; with ``fbank="torch"``: ``waves`` float32
-    ``(V, crop)`` and, when ``local_views > 0``, ``local_waves`` ``(L, local_crop)``; with
+    Outputs, per sample: ``label`` int32 ``(1,)``; ``stats`` float32 ``(2,)`` on the CPU: the peak
+    ``|x|`` of the whole decoded clip (NaN ignored) and its number of NaN samples, which
+    :class:`DaliPretrainLoader` checks like :func:`~asit.data.audio.load_audio` does; with
+    ``fbank="torch"``: ``waves`` float32 ``(V, crop)`` and, when ``local_views > 0``, ``local_waves``
+    ``(L, local_crop)``; with
     ``fbank="dali"``: ``views`` float32 ``(V, T, F)`` normalised, and ``local_views``
     ``(L, T_local, F)``. ``device_id=None`` runs everything on the CPU; with a GPU the crops (and
     the DALI fbank) move to it. The reader is named ``"reader"``. ``shuffle=False`` reads ``files``
@@ -162,8 +168,13 @@ def build_dali_pipeline(
     def pipeline():
         encoded, label = fn.readers.file(
             files=list(files), labels=[int(x) for x in labels], shard_id=shard_id, num_shards=num_shards,
-            shuffle_after_epoch=shuffle, shuffle_after_epoch_seed=seed, name="reader")
+            shuffle_after_epoch=shuffle, name="reader", **({"shuffle_after_epoch_seed": seed} if shuffle else {}))
         audio, _ = fn.decoders.audio(encoded, downmix=True, sample_rate=float(sample_rate), dtype=types.FLOAT)
+        # what load_audio checks, on the whole clip: reductions.max skips NaN, so NaNs are counted apart
+        peak = fn.reshape(fn.reductions.max(dali.math.abs(audio)), shape=[1])
+        nans = fn.reshape(fn.cast(fn.reductions.sum(fn.cast(audio != audio, dtype=types.INT32)), dtype=types.FLOAT),
+                          shape=[1])
+        stats = fn.cat(peak, nans, axis=0)
         views = [_crop(fn, types, dali, audio, crop, roll_prob) for _ in range(num_views)]
         local = [_crop(fn, types, dali, audio, local_crop, 0.0) for _ in range(local_views)]
         if device_id is not None:
@@ -172,7 +183,7 @@ def build_dali_pipeline(
             views = [_dali_fbank(fn, dali, v, sample_rate, num_mel_bins, target_frames, mean, std) for v in views]
             local = [_dali_fbank(fn, dali, v, sample_rate, num_mel_bins, local_target_frames, mean, std)
                      for v in local]
-        outputs = [label, fn.stack(*views)]
+        outputs = [label, stats, fn.stack(*views)]
         if local:
             outputs.append(fn.stack(*local))
         return tuple(outputs)
@@ -273,6 +284,7 @@ class DaliPretrainLoader:
             shard_id=shard_id, num_shards=num_shards, device_id=device_id, fbank=fbank, **pipeline_options)
         self._failed: set[int] = set()  # clips that failed to decode mid-run (in any epoch)
         self._pending: list[int] = []  # clips left out since the last batch, reported with the next
+        self._warned: set[int] = set()  # clips whose skip was logged (once per clip)
         shard_size = len(range(shard_id, len(keep), num_shards))  # DALI's shards differ by at most one
         self.steps_per_epoch = steps_per_epoch or max(1, shard_size // batch_size)
         self.epoch = 0
@@ -369,22 +381,59 @@ class DaliPretrainLoader:
         return fbank_views(data, self.sample_rate, self.num_mel_bins, frames, self.mean, self.std)
 
     def _batch(self, outputs) -> dict[str, Any]:
+        """A batch in :func:`~asit.data.dataset.collate_pretrain`'s layout from the pipeline's outputs.
+
+        Clips whose decoded samples :func:`~asit.data.audio.load_audio` would refuse (NaN/Inf:
+        ``"non-finite"``, beyond ±``MAX_ABS_SAMPLE``: ``"out-of-range"``) are dropped and reported in
+        ``skip_reasons``/``skipped_indices``, like the torch backend's collate does. On the CPU the views
+        themselves are checked as well (the torch backend's last guard); on a GPU that check would wait
+        for the queued training step, and finite samples within the range give finite views anyway.
+        """
         index = torch.from_numpy(np.array(outputs[0].as_tensor())).reshape(-1).to(torch.int64)  # [B]
+        stats = np.array(outputs[1].as_tensor()).reshape(-1, 2)  # [B, 2]: peak |x|, NaN count
+        rows = {"views": self._tensor(outputs[2])}
+        if self.local_views > 0:
+            rows["local_views"] = self._tensor(outputs[3])
+        reasons = {}
+        for row, (peak, nans) in enumerate(stats):
+            if nans > 0 or not np.isfinite(peak):
+                reasons[row] = ("non-finite", "NaN or Inf samples")
+            elif peak > MAX_ABS_SAMPLE:
+                reasons[row] = ("out-of-range", f"peak sample {peak:.3g}")
+        if reasons:  # rows picked by a host index: no wait for the device
+            keep = torch.tensor([r for r in range(len(index)) if r not in reasons], dtype=torch.int64)
+            reasons = {int(index[row]): why for row, why in reasons.items()}
+            rows = {k: v[keep.to(v.device)] for k, v in rows.items()}
+            index = index[keep]
+        views = {"views": self._views(rows["views"], self.target_frames)}
+        if self.local_views > 0:
+            views["local_views"] = self._views(rows["local_views"], self.local_target_frames)
+        if self.device.type == "cpu":  # a sum is NaN/Inf when any element is (see ClipViews.make_sample)
+            finite = torch.ones(len(index), dtype=torch.bool)
+            for v in views.values():
+                finite &= torch.isfinite(v.flatten(1).sum(1))
+            if not finite.all():
+                reasons.update({int(i): ("non-finite", "non-finite fbank") for i in index[~finite]})
+                views = {k: v[finite] for k, v in views.items()}
+                index = index[finite]
+        for i, (reason, detail) in reasons.items():
+            if i not in self._warned:
+                self._warned.add(i)
+                logger.warning("DALI loader: skipping clip %d: %s", i, AudioDecodeError(self.entries[i].path, reason,
+                                                                                          detail))
+        skipped = [(i, "undecodable") for i in self._pending] + [(i, r) for i, (r, _) in reasons.items()]
+        self._pending = []
         batch: dict[str, Any] = {
-            "views": self._views(self._tensor(outputs[1]), self.target_frames),
+            **views,
             # on the host, like the torch loader's: copying it to the GPU here (pageable memory) would wait
             # for the GPU queue before every step; pretraining does not use it
             "label": self.labels[index],
             "index": index,
-            "num_skipped": len(self._pending),
-            "skip_reasons": ["undecodable"] * len(self._pending),
-            "skipped_indices": list(self._pending),
+            "num_skipped": len(skipped),
+            "skip_reasons": [r for _, r in skipped],
+            "skipped_indices": [i for i, _ in skipped],
         }
-        self._pending = []
-        if self.local_views > 0:
-            batch["local_views"] = self._views(self._tensor(outputs[2]), self.local_target_frames)
         return batch
-
 
 def _first_line(message: str) -> str:
     """The line of a DALI error that says what failed (DALI wraps it in several lines of context)."""
