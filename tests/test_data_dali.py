@@ -94,14 +94,14 @@ def test_resume_position_replays_the_stream(demo, monkeypatch):
         assert torch.equal(a["views"], b["views"])
 
 
-def test_shards_share_the_permutation_but_not_the_crop_seed(demo, monkeypatch):
+def test_shards_split_one_permutation_but_not_the_crop_seed(demo, monkeypatch):
     import asit.data.dali as dali_module
 
     built = []
     real = dali_module.build_dali_pipeline
 
     def spy(files, labels, **kwargs):
-        built.append((kwargs["shard_id"], list(labels), kwargs["seed"]))
+        built.append((list(labels), kwargs["seed"]))
         return real(files, labels, **kwargs)
 
     monkeypatch.setattr(dali_module, "build_dali_pipeline", spy)
@@ -110,9 +110,47 @@ def test_shards_share_the_permutation_but_not_the_crop_seed(demo, monkeypatch):
         for epoch in (0, 1):
             loader.set_epoch(epoch)
     (s0e0, s0e1, s1e0, s1e1) = built
-    assert s0e0[1] == s1e0[1] and s0e1[1] == s1e1[1]  # one permutation per epoch, shared by the shards
-    assert s0e0[1] != s0e1[1]  # and a new one each epoch
-    assert len({s0e0[2], s0e1[2], s1e0[2], s1e1[2]}) == 4  # crop seeds: per shard and per epoch
+    for a, b in ((s0e0, s1e0), (s0e1, s1e1)):  # each pipeline reads its own rank's share only
+        assert not set(a[0]) & set(b[0]) and sorted(a[0] + b[0]) == list(range(12))
+    assert s0e0[0] != s0e1[0]  # a new permutation each epoch
+    assert len({s0e0[1], s0e1[1], s1e0[1], s1e1[1]}) == 4  # crop seeds: per shard and per epoch
+
+
+def _junk(tmp_path, count: int) -> list[AudioEntry]:
+    paths = []
+    for k in range(count):
+        path = tmp_path / f"junk{k}.wav"
+        path.write_bytes(b"not audio" * 100)
+        paths.append(AudioEntry(str(path)))
+    return paths
+
+
+def test_ranks_read_disjoint_clips_and_report_left_out_clips_once(demo, tmp_path):
+    """Two ranks over a manifest with unreadable files: the steps come from the kept clips (no rank
+    runs out and wraps into another's), no clip is read by both ranks, and every left-out file is
+    reported as skipped exactly once per epoch across the ranks, with its reason."""
+    entries = [*demo, *_junk(tmp_path, 4)]  # 12 good + 4 unreadable; batches of 3 → 2 steps per rank
+    for epoch in (0, 1):
+        read, reported = [], []
+        for shard in (0, 1):
+            loader = DaliPretrainLoader(entries, batch_size=3, shard_id=shard, num_shards=2, seed=3, **SMALL)
+            assert len(loader) == 2 and loader.excluded == {"unreadable": 4}
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == 2
+            read.append([i for b in batches for i in b["index"].tolist()])
+            reported += [(i, r) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"])]
+            assert sum(b["num_skipped"] for b in batches) == sum(len(b["skip_reasons"]) for b in batches)
+        assert not set(read[0]) & set(read[1]) and sorted(read[0] + read[1]) == list(range(12))
+        assert sorted(reported) == [(i, "unreadable") for i in range(12, 16)]
+
+
+def test_steps_count_only_the_kept_clips(demo, tmp_path):
+    entries = [*demo[:6], *_junk(tmp_path, 10)]
+    assert len(DaliPretrainLoader(entries, batch_size=3, **SMALL)) == 2
+    assert len(DaliPretrainLoader(entries, batch_size=3, max_steps_per_epoch=1, **SMALL)) == 1
+    with pytest.raises(ValueError, match="fewer than a batch"):
+        DaliPretrainLoader(entries, batch_size=2, shard_id=1, num_shards=4, **SMALL)
 
 
 def test_undecodable_file_is_left_out(demo, tmp_path):
@@ -226,6 +264,18 @@ def test_pipeline_resamples_and_pads_short_clips(tmp_path):
     assert np.abs(waves[:, :1500]).max() > 0.1 and np.all(waves[:, 1700:] == 0)  # ≈1600 samples, then zeros
 
 
+def test_pipeline_shards_stay_in_their_part(demo):
+    """build_dali_pipeline's own sharding: a reader that runs past its shard's end stays in it (DALI's
+    default would move on into the next rank's clips)."""
+    files, labels = [e.path for e in demo[:5]], list(range(5))
+    seen = []
+    for shard in (0, 1):
+        pipe = build_dali_pipeline(files, labels, batch_size=2, shard_id=shard, num_shards=2, shuffle=False,
+                                   roll_prob=0.0, seed=0, **SMALL)
+        seen.append({int(x) for _ in range(4) for x in np.array(pipe.run()[0].as_tensor()).ravel()})
+    assert seen == [{0, 1}, {2, 3, 4}]
+
+
 def test_engine_runs_with_dali_backend(tmp_path, monkeypatch):
     from asit.config import load_config
     from asit.train import Pretrainer
@@ -248,6 +298,46 @@ def test_engine_runs_with_dali_backend(tmp_path, monkeypatch):
     finally:
         trainer.cleanup()
     assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
+
+
+def _engine_config(tmp_path, manifest, *extra):
+    from asit.config import load_config
+
+    return load_config("demo_cpu", [
+        "data.backend=dali", f"data.sample_rate={SR}", f"data.train_manifest={manifest}",
+        "data.num_workers=1", "data.crop_seconds=1.0", "data.target_frames=96", "data.num_mel_bins=32",
+        "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.head_out_cls=64",
+        "model.head_out_tokens=32", "model.head_hidden=64", "model.head_bottleneck=16", "model.recon_hidden=32",
+        "gmml.max_block_frac=0.9", "data.local_views=0", "loss.global_pairs=v1",
+        "train.batch_size=4", "train.epochs=1", "train.progress=false", f"train.output_dir={tmp_path / 'run'}",
+        *extra])
+
+
+@pytest.mark.parametrize("limit", [0.5, 0.05])
+def test_engine_counts_left_out_files_and_stops_past_max_bad_fraction(demo, tmp_path, limit):
+    """The engine takes its steps per epoch from the DALI loader's kept clips and counts the files left out
+    up front in its per-epoch summary; past data.max_bad_fraction the run stops."""
+    import csv
+
+    from asit.train import Pretrainer
+    from asit.train.engine import BadDataError
+
+    manifest = tmp_path / "train.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([[e.path] for e in [*demo, *_junk(tmp_path, 2)]])
+    torch.set_num_threads(1)
+    trainer = Pretrainer(_engine_config(tmp_path, manifest, f"data.max_bad_fraction={limit}"))
+    try:
+        trainer.setup()
+        assert trainer.iters_per_epoch == 3  # 12 readable clips // 4, not 14 // 4
+        if limit == 0.05:  # 2 of 14 clips
+            with pytest.raises(BadDataError, match="unreadable"):
+                trainer.train()
+            return
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert summary["steps"] == 3 and trainer.bad_inputs == {"unreadable": 2}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI's GPU stages)")

@@ -1,12 +1,10 @@
 """NVIDIA DALI input pipeline: decode, resample, random crops and rolls in DALI; the fbank after it.
 
 :func:`build_dali_pipeline` reads files with ``fn.readers.file`` (sharded by ``shard_id`` /
-``num_shards``; :class:`DaliPretrainLoader` builds one pipeline per epoch over a permutation of the
-list seeded by ``(seed, epoch)``, so each epoch every clip is read once across shards and a
-resumed run places the stream without replaying earlier epochs), decodes with ``fn.decoders.audio`` (mono, resampled to
-``sample_rate``) and cuts the views: a random window of ``crop_seconds`` (zero-padded when the
-clip is shorter, as in :func:`~asit.data.transforms.pad_or_crop_random`), circularly rolled with
-probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`). Then either
+``num_shards``, each reader kept in its own shard), decodes with ``fn.decoders.audio`` (mono,
+resampled to ``sample_rate``) and cuts the views: a random window of ``crop_seconds`` (zero-padded
+when the clip is shorter, as in :func:`~asit.data.transforms.pad_or_crop_random`), circularly
+rolled with probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`). Then either
 
 * ``fbank="torch"`` (default): the pipeline returns the waveform crops and
   :class:`DaliPretrainLoader` computes the Kaldi-exact fbank with
@@ -18,19 +16,26 @@ probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`). Then eith
   measures the difference.
 
 :class:`DaliPretrainLoader` runs the pipeline (on the CPU with ``device_id=None``) and yields
-batches in :func:`~asit.data.dataset.collate_pretrain`'s layout. Bad files are handled in two
-places: every file's header is checked up front (``check_files``; those soundfile cannot open are
-left out), and a file whose header is fine but whose data DALI fails to decode mid-run (DALI
-names it in its error) is left out on the spot: the epoch's pipeline is rebuilt without it, with
-a new permutation, and the batch is drawn again. The rest of that epoch follows the new
-permutation (some clips may come twice, others not at all, in that epoch only); the clip is
-counted in the next batch's ``num_skipped``/``skip_reasons`` (reason ``"undecodable"``) and
-logged by name. Every epoch starts from the full list again, so such a file is met (and
-reported) once per epoch, and each epoch's stream depends only on ``(seed, epoch)``: a resumed
-run replays it identically. Clips that decode to NaN/Inf samples or samples beyond
-``MAX_ABS_SAMPLE`` (the rule of :func:`~asit.data.audio.load_audio`, checked on the whole decoded
-clip inside the pipeline) are dropped from their batch and reported in it (``"non-finite"``,
-``"out-of-range"``), as the torch backend's collate does.
+batches in :func:`~asit.data.dataset.collate_pretrain`'s layout. Each epoch it permutes the list
+with ``(seed, epoch)`` (the same on every rank), deals the clips out to the ranks
+(``shard_id::num_shards``) and builds a pipeline over this rank's share alone, so each epoch every
+clip is read once across ranks, ranks never read each other's clips, and a resumed run places the
+stream without replaying earlier epochs. Bad files are handled in three places, and every clip left
+out is reported in ``num_skipped``/``skip_reasons``/``skipped_indices`` like the torch backend's
+collate reports them, so the trainer's per-epoch summary and ``data.max_bad_fraction`` count them:
+
+* every file's header is checked up front (``check_files``): files soundfile cannot open are
+  left out with load_audio's reason; each is reported in the batch where the epoch's permutation
+  places it (on one rank), and the steps per epoch count only the kept clips;
+* a file whose header is fine but whose data DALI fails to decode mid-run (DALI names it in its
+  error) is left out on the spot: the pipeline is rebuilt over this rank's clips not read yet,
+  less that one, and the batch is drawn again (reason ``"undecodable"``, logged by name). Every
+  epoch starts from the full list again, so such a file is met (and reported) once per epoch,
+  and each epoch's stream depends only on ``(seed, epoch)``: a resumed run replays it identically;
+* clips that decode to NaN/Inf samples or samples beyond ``MAX_ABS_SAMPLE`` (the rule of
+  :func:`~asit.data.audio.load_audio`, checked on the whole decoded clip inside the pipeline) are
+  dropped from their batch and reported in it (``"non-finite"``, ``"out-of-range"``).
+
 The crops come from DALI's random generators, so the views differ from the torch backend's
 (same distribution, different draws).
 """
@@ -132,6 +137,8 @@ def build_dali_pipeline(
     num_threads: int = 2,
     prefetch: int = 2,
     shuffle: bool = True,
+    stick_to_shard: bool | None = None,
+    pad_last_batch: bool = True,
 ):
     """A built DALI pipeline over ``files`` (see the module docstring).
 
@@ -146,6 +153,14 @@ def build_dali_pipeline(
     the DALI fbank) move to it. The reader is named ``"reader"``. ``shuffle=False`` reads ``files``
     in the given order (each shard a contiguous part), as :class:`DaliPretrainLoader` does with its
     own per-epoch permutation.
+
+    Sharding: shard ``shard_id`` of ``num_shards`` is a contiguous part of ``files``, and
+    ``pad_last_batch=True`` repeats a shard's last clip to fill its last batch, so every shard's epoch
+    is the same number of batches (the largest shard's). ``stick_to_shard`` (default: ``not
+    shuffle``) keeps a reader in its own shard when it runs past the shard's end; DALI's default
+    moves on into the next shard, where another rank reads. DALI refuses it together with
+    ``shuffle`` (``shuffle_after_epoch``), which re-deals the whole list every epoch with the same
+    seed on every rank, so the shards still partition each epoch.
     """
     dali, fn, types = _import_dali()
     if len(files) != len(labels):
@@ -160,6 +175,10 @@ def build_dali_pipeline(
         raise ValueError(f"need num_views >= 1 and local_views >= 0, got {num_views}, {local_views}")
     if not 0.0 <= roll_prob <= 1.0:
         raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
+    if stick_to_shard is None:
+        stick_to_shard = not shuffle
+    if stick_to_shard and shuffle:
+        raise ValueError("stick_to_shard=True needs shuffle=False (DALI refuses shuffle_after_epoch with it)")
     crop = round(crop_seconds * sample_rate)
     local_crop = round(local_crop_seconds * sample_rate)
 
@@ -168,6 +187,7 @@ def build_dali_pipeline(
     def pipeline():
         encoded, label = fn.readers.file(
             files=list(files), labels=[int(x) for x in labels], shard_id=shard_id, num_shards=num_shards,
+            stick_to_shard=stick_to_shard, pad_last_batch=pad_last_batch,
             shuffle_after_epoch=shuffle, name="reader", **({"shuffle_after_epoch_seed": seed} if shuffle else {}))
         audio, _ = fn.decoders.audio(encoded, downmix=True, sample_rate=float(sample_rate), dtype=types.FLOAT)
         # what load_audio checks, on the whole clip: reductions.max skips NaN, so NaNs are counted apart
@@ -193,25 +213,25 @@ def build_dali_pipeline(
     return pipe
 
 
-def _check_files(entries: list[AudioEntry], sample_rate: int) -> tuple[list[int], Counter[str]]:
-    """Indices of the entries whose header soundfile reads, and the reasons the others failed."""
+def _check_files(entries: list[AudioEntry], sample_rate: int) -> tuple[list[int], dict[int, str]]:
+    """Indices of the entries whose header soundfile reads, and the reason of each other one."""
     import soundfile as sf
 
-    good, reasons = [], Counter()
+    good, reasons = [], {}
     for i, entry in enumerate(entries):
         try:
             info = sf.info(entry.path)
             if info.frames <= 0:
                 raise AudioDecodeError(entry.path, "empty", "no audio samples")
         except AudioDecodeError as err:
-            reasons[err.reason] += 1
+            reasons[i] = err.reason
             continue
         except Exception:  # libsndfile raises several types; all mean "cannot decode"
             try:  # load_audio gives the reason ("missing", "unreadable", ...)
                 load_audio(entry.path, sample_rate)
-                reasons["unreadable"] += 1
+                reasons[i] = "unreadable"
             except AudioDecodeError as err:
-                reasons[err.reason] += 1
+                reasons[i] = err.reason
             continue
         good.append(i)
     return good, reasons
@@ -223,15 +243,23 @@ class DaliPretrainLoader:
     Each batch: ``views`` float32 ``(B, V, 1, T, F)`` normalised, ``local_views``
     ``(B, L, 1, T_local, F)`` when ``local_views > 0``, ``label`` multi-hot ``(B, K)``,
     ``index`` int64 ``(B,)`` (manifest indices), ``num_skipped``, ``skip_reasons`` and
-    ``skipped_indices`` (clips left out mid-run since the previous batch, see the module
+    ``skipped_indices`` (the clips of this batch's share that were left out, see the module
     docstring); the views on ``cuda:device_id`` (the CPU for ``device_id=None``), ``label`` and
     ``index`` on the CPU.
 
-    One pass of ``iter()`` yields ``steps_per_epoch`` batches (default: this shard's clips //
-    ``batch_size``) of the current epoch; :meth:`set_epoch` ``(epoch, skip)`` starts an epoch's
-    pipeline and, for a resumed run, draws the first ``skip`` samples of that epoch again.
-    Files that fail the header check are left out and counted in :attr:`excluded`.
-    Other keyword arguments go to :func:`build_dali_pipeline`.
+    Sharding: each epoch the manifest is permuted with ``(seed, epoch)`` (the same on every rank) and
+    the clips that passed the header check are dealt out ``shard_id::num_shards``; each rank's pipeline
+    reads only its own share, so ranks never read each other's clips. One pass of ``iter()`` yields
+    ``steps_per_epoch`` batches of the current epoch: by default the smallest share's clips //
+    ``batch_size`` (the same on every rank, as DDP needs), capped by ``max_steps_per_epoch``; an
+    explicit ``steps_per_epoch`` larger than that repeats the rank's own clips. :meth:`set_epoch`
+    ``(epoch, skip)`` starts an epoch's pipeline and, for a resumed run, draws the first ``skip``
+    samples of that epoch again.
+
+    Files that fail the header check are left out and counted in :attr:`excluded`; they are also
+    reported as skipped clips in the batch where the permutation places them (each on one rank),
+    so the trainer's per-epoch summary and ``data.max_bad_fraction`` see them like the torch
+    backend's. Other keyword arguments go to :func:`build_dali_pipeline`.
     """
 
     def __init__(
@@ -251,20 +279,32 @@ class DaliPretrainLoader:
         device_id: int | None = None,
         fbank: Literal["torch", "dali"] = "torch",
         steps_per_epoch: int | None = None,
+        max_steps_per_epoch: int | None = None,
         label_vocab: list[str] | None = None,
         check_files: bool = True,
         **pipeline_options: Any,
     ) -> None:
         if not entries:
             raise ValueError("entries is empty")
-        keep, self.excluded = _check_files(entries, sample_rate) if check_files else (
-            list(range(len(entries))), Counter())
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
+        keep, self._left_out = _check_files(entries, sample_rate) if check_files else (list(range(len(entries))), {})
+        self.excluded: Counter[str] = Counter(self._left_out.values())
         if self.excluded:
-            logger.warning("DALI loader: left out %d clips that cannot be decoded: %s",
-                           sum(self.excluded.values()), dict(self.excluded))
+            logger.warning("DALI loader: left out %d clips that cannot be decoded: %s (e.g. %s)",
+                           sum(self.excluded.values()), dict(self.excluded),
+                           ", ".join(entries[i].path for i in list(self._left_out)[:3]))
         if not keep:
             raise ValueError("no decodable clips")
+        per_shard = len(keep) // num_shards  # the smallest share
+        natural = per_shard // batch_size
+        if natural == 0:
+            raise ValueError(f"{len(keep)} decodable clips of {len(entries)} give {per_shard} per process for "
+                             f"{num_shards} process(es): fewer than a batch of {batch_size}")
         self.batch_size = batch_size
+        self.shard_id, self.num_shards = shard_id, num_shards
         self.sample_rate, self.num_mel_bins = sample_rate, num_mel_bins
         self.target_frames, self.local_target_frames = target_frames, local_target_frames
         self.mean, self.std = mean, std
@@ -278,15 +318,17 @@ class DaliPretrainLoader:
             self.labels[i, [position[x] for x in entry.labels if x in position]] = 1.0
         self.entries, self.keep = entries, list(keep)
         self._seed = int(pipeline_options.pop("seed", 0))
+        # the loader deals out the shards itself: each pipeline reads one rank's list, whole
         self._pipeline_args = dict(
             batch_size=batch_size, sample_rate=sample_rate, num_mel_bins=num_mel_bins, target_frames=target_frames,
             local_views=local_views, local_target_frames=local_target_frames, mean=mean, std=std,
-            shard_id=shard_id, num_shards=num_shards, device_id=device_id, fbank=fbank, **pipeline_options)
+            device_id=device_id, fbank=fbank, **pipeline_options)
         self._failed: set[int] = set()  # clips that failed to decode mid-run (in any epoch)
         self._pending: list[int] = []  # clips left out since the last batch, reported with the next
         self._warned: set[int] = set()  # clips whose skip was logged (once per clip)
-        shard_size = len(range(shard_id, len(keep), num_shards))  # DALI's shards differ by at most one
-        self.steps_per_epoch = steps_per_epoch or max(1, shard_size // batch_size)
+        self.steps_per_epoch = steps_per_epoch or natural
+        if max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, max_steps_per_epoch)
         self.epoch = 0
         self.pipe = None  # built per epoch by set_epoch (or the first iter())
 
@@ -302,33 +344,54 @@ class DaliPretrainLoader:
         if skip % self.batch_size:
             raise ValueError(f"skip of {skip} samples is not a multiple of batch_size={self.batch_size}")
         self.epoch = int(epoch)
-        self._epoch_keep = list(self.keep)  # this epoch's clips: less those that fail in it
+        self._plan_epoch()
         self._rebuilds = 0  # pipelines of this epoch rebuilt after a failure
-        self._start_pipeline()
         self._step = 0  # batches drawn in this epoch
+        self._start_pipeline()
         while self._step < skip // self.batch_size:
             self._run()
             self._step += 1
         self._pending = []  # failures met while replaying were reported when the stream first passed them
 
+    def _plan_epoch(self) -> None:
+        """This rank's clips for the epoch, and the step at which each left-out clip is reported.
+
+        The permutation covers every entry; the kept ones are dealt out ``shard_id::num_shards`` and a
+        left-out clip belongs to the batch of the kept clip that follows it (the last one at the end),
+        so over the ranks each is reported once, in proportion to the clips the epoch reads."""
+        perm = np.random.default_rng([self._seed, self.epoch]).permutation(len(self.entries))
+        kept: list[int] = []
+        owner: list[tuple[int, int]] = []  # (left-out clip, position in the kept order of its batch)
+        for i in perm.tolist():
+            if i in self._left_out:
+                owner.append((i, len(kept)))
+            else:
+                kept.append(i)
+        self._shard = kept[self.shard_id :: self.num_shards]  # this epoch's clips, less those that fail in it
+        self._left_out_at: dict[int, list[int]] = {}
+        for i, k in owner:
+            k = min(k, len(kept) - 1)
+            if k % self.num_shards == self.shard_id:
+                self._left_out_at.setdefault(k // self.num_shards // self.batch_size, []).append(i)
+
     def _start_pipeline(self) -> None:
-        rng = np.random.default_rng([self._seed, self.epoch, self._rebuilds])
-        order = [self._epoch_keep[i] for i in rng.permutation(len(self._epoch_keep))]
-        # the permutation is shared by all shards (so they partition it); the crops' seed is per shard, or
-        # every rank would draw the same crop offsets for its i-th clip
-        shard = self._pipeline_args["shard_id"]
-        seed = int(np.random.default_rng([self._seed, self.epoch, self._rebuilds, 1, shard]).integers(2**31))
+        """A pipeline over this rank's clips from the current position on (after a rebuild: those not
+        read yet); when they run out, the reader wraps around them, never into another rank's."""
+        files = self._shard[self._step * self.batch_size :] or self._shard
+        # the crops' seed is per shard, or every rank would draw the same crop offsets for its i-th clip
+        seed = int(np.random.default_rng([self._seed, self.epoch, self._rebuilds, 1, self.shard_id]).integers(2**31))
         self.pipe = None  # release the old pipeline first
-        self.pipe = build_dali_pipeline([self.entries[i].path for i in order], order, seed=seed, shuffle=False,
-                                        **self._pipeline_args)
+        self.pipe = build_dali_pipeline([self.entries[i].path for i in files], files, seed=seed, shuffle=False,
+                                        pad_last_batch=False, **self._pipeline_args)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.pipe is None:
             self.set_epoch(self.epoch)
         while self._step < self.steps_per_epoch:
             outputs = self._run()
+            batch = self._batch(outputs, self._step)
             self._step += 1
-            yield self._batch(outputs)
+            yield batch
         self.pipe, self.epoch = None, self.epoch + 1  # a further iter() without set_epoch: the next epoch
 
     def _run(self):
@@ -340,28 +403,28 @@ class DaliPretrainLoader:
                 bad = self._culprit(str(err))
                 if bad is None:
                     raise
-                self._epoch_keep.remove(bad)
+                self._shard.remove(bad)
                 self._pending.append(bad)
                 if bad not in self._failed:
                     self._failed.add(bad)
                     self.excluded["undecodable"] += 1
                 self._rebuilds += 1
                 logger.warning("DALI loader: %s cannot be decoded (%s); left out of epoch %d, its pipeline rebuilt "
-                               "with a new shuffle", self.entries[bad].path, _first_line(str(err)), self.epoch + 1)
-                # (on this rank only: under DDP the shards then overlap for the rest of the epoch)
-                if len(self._epoch_keep) < self.batch_size:
-                    raise ValueError(f"only {len(self._epoch_keep)} decodable clips left, fewer than a batch") from err
+                               "over this rank's remaining clips", self.entries[bad].path, _first_line(str(err)),
+                               self.epoch + 1)
+                if not self._shard:
+                    raise ValueError(f"no decodable clips left on shard {self.shard_id}") from err
                 self._start_pipeline()
 
     def _culprit(self, message: str) -> int | None:
-        """The kept clip a DALI error message names (DALI's audio decoder says ``Error decoding file <path>``)."""
+        """The clip of this rank a DALI error message names (the audio decoder says ``Error decoding file <path>``)."""
         match = re.search(r"Error decoding (?:audio )?file (.+?)\.(?: |$)", message, re.MULTILINE)
         if match:
             named = match.group(1)
-            for i in self._epoch_keep:
+            for i in self._shard:
                 if self.entries[i].path == named:
                     return i
-        named_in = [i for i in self._epoch_keep if self.entries[i].path in message]
+        named_in = [i for i in self._shard if self.entries[i].path in message]
         return max(named_in, key=lambda i: len(self.entries[i].path)) if named_in else None
 
     def _tensor(self, tensor_list) -> torch.Tensor:
@@ -380,7 +443,7 @@ class DaliPretrainLoader:
             return data.unsqueeze(2)
         return fbank_views(data, self.sample_rate, self.num_mel_bins, frames, self.mean, self.std)
 
-    def _batch(self, outputs) -> dict[str, Any]:
+    def _batch(self, outputs, step: int) -> dict[str, Any]:
         """A batch in :func:`~asit.data.dataset.collate_pretrain`'s layout from the pipeline's outputs.
 
         Clips whose decoded samples :func:`~asit.data.audio.load_audio` would refuse (NaN/Inf:
@@ -421,7 +484,8 @@ class DaliPretrainLoader:
                 self._warned.add(i)
                 logger.warning("DALI loader: skipping clip %d: %s", i, AudioDecodeError(self.entries[i].path, reason,
                                                                                           detail))
-        skipped = [(i, "undecodable") for i in self._pending] + [(i, r) for i, (r, _) in reasons.items()]
+        skipped = [(i, self._left_out[i]) for i in self._left_out_at.get(step, [])]
+        skipped += [(i, "undecodable") for i in self._pending] + [(i, r) for i, (r, _) in reasons.items()]
         self._pending = []
         batch: dict[str, Any] = {
             **views,
