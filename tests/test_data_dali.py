@@ -251,6 +251,51 @@ def test_file_failing_mid_run_is_left_out_counted_and_replayed_identically(demo,
     assert loader.excluded == {"undecodable": 1}
 
 
+def _mp3(path) -> str:
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(SR)).astype(np.float32), SR, format="MP3")
+    assert sf.info(str(path)).frames > 0  # soundfile reads it: the header check alone would pass it
+    return str(path)
+
+
+def test_formats_dali_cannot_decode_are_left_out_up_front(demo, tmp_path):
+    """DALI's decoder has no MP3 (soundfile has): such files are left out before training, counted, and
+    reported like any left-out file."""
+    song = _mp3(tmp_path / "song.mp3")
+    loader = DaliPretrainLoader([*demo[:4], AudioEntry(song)], batch_size=2, **SMALL)
+    assert loader.excluded == {"unsupported-by-dali": 1}
+    batches = list(loader)
+    assert sorted(i for b in batches for i in b["index"].tolist()) == [0, 1, 2, 3]
+    assert [(i, r) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"])] == [
+        (4, "unsupported-by-dali")]
+
+
+def test_a_failure_whose_error_names_no_file_is_traced_by_decoding_one_at_a_time(demo, tmp_path, caplog):
+    """DALI's "unimplemented format" error names no file: the loader decodes the clips the pipeline was
+    reading one at a time, leaves the failing one out, names it, and goes on."""
+    song = _mp3(tmp_path / "song.mp3")
+    loader = DaliPretrainLoader([*demo[:5], AudioEntry(song)], batch_size=3, check_files=False, seed=0, **SMALL)
+    assert loader.excluded == {}
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        batches = list(loader)
+    assert len(batches) == 2 and all(torch.isfinite(b["views"]).all() for b in batches)
+    assert all(5 not in b["index"].tolist() for b in batches)
+    assert [(i, r) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"])] == [(5, "undecodable")]
+    assert loader.excluded == {"undecodable": 1}
+    assert song in caplog.text and "unimplemented format" in caplog.text
+
+
+def test_a_failure_no_clip_reproduces_is_raised(demo, monkeypatch):
+    loader = DaliPretrainLoader(demo[:4], batch_size=2, **SMALL)
+    loader.set_epoch(0)
+
+    def boom():
+        raise RuntimeError("Critical error in pipeline:\nencountered:\n\nsomething else broke\n")
+
+    monkeypatch.setattr(loader.pipe, "run", boom)
+    with pytest.raises(RuntimeError, match="no clip it was reading fails alone: something else broke"):
+        next(iter(loader))
+
+
 def test_pipeline_resamples_and_pads_short_clips(tmp_path):
     path = tmp_path / "short.wav"
     sf.write(path, (0.5 * np.sin(np.arange(4410) / 10)).astype(np.float32), 44100)  # 0.1 s at 44.1 kHz

@@ -25,10 +25,14 @@ out is reported in ``num_skipped``/``skip_reasons``/``skipped_indices`` like the
 collate reports them, so the trainer's per-epoch summary and ``data.max_bad_fraction`` count them:
 
 * every file's header is checked up front (``check_files``): files soundfile cannot open are
-  left out with load_audio's reason; each is reported in the batch where the epoch's permutation
-  places it (on one rank), and the steps per epoch count only the kept clips;
-* a file whose header is fine but whose data DALI fails to decode mid-run (DALI names it in its
-  error) is left out on the spot: the pipeline is rebuilt over this rank's clips not read yet,
+  left out with load_audio's reason, and files in a format DALI's decoder lacks
+  (:data:`DALI_UNSUPPORTED_FORMATS`: MP3) with ``"unsupported-by-dali"``; each is reported in
+  the batch where the epoch's permutation places it (on one rank), and the steps per epoch count
+  only the kept clips;
+* a file whose header is fine but whose data DALI fails to decode mid-run is left out on the
+  spot (DALI's error names it; when it names none, the clips the pipeline was reading are run
+  one at a time through a synchronous copy of it to find the one that fails; if none does, the
+  error is raised): the pipeline is rebuilt over this rank's clips not read yet,
   less that one, and the batch is drawn again (reason ``"undecodable"``, logged by name). Every
   epoch starts from the full list again, so such a file is met (and reported) once per epoch,
   and each epoch's stream depends only on ``(seed, epoch)``: a resumed run replays it identically;
@@ -56,7 +60,7 @@ from .fbank import KaldiFbank, fbank_views
 from .features import AUDIOSET_MEAN, AUDIOSET_STD
 from .manifest import AudioEntry
 
-__all__ = ["DaliPretrainLoader", "build_dali_pipeline", "dali_available"]
+__all__ = ["DALI_UNSUPPORTED_FORMATS", "DaliPretrainLoader", "build_dali_pipeline", "dali_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +143,7 @@ def build_dali_pipeline(
     shuffle: bool = True,
     stick_to_shard: bool | None = None,
     pad_last_batch: bool = True,
+    synchronous: bool = False,
 ):
     """A built DALI pipeline over ``files`` (see the module docstring).
 
@@ -161,6 +166,10 @@ def build_dali_pipeline(
     moves on into the next shard, where another rank reads. DALI refuses it together with
     ``shuffle`` (``shuffle_after_epoch``), which re-deals the whole list every epoch with the same
     seed on every rank, so the shards still partition each epoch.
+
+    ``synchronous=True`` runs each batch to the end inside ``run()`` (no prefetching, no pipelined
+    stages), so an error belongs to the batch being drawn (the loader uses it, with batches of one,
+    to find a clip that fails).
     """
     dali, fn, types = _import_dali()
     if len(files) != len(labels):
@@ -182,8 +191,10 @@ def build_dali_pipeline(
     crop = round(crop_seconds * sample_rate)
     local_crop = round(local_crop_seconds * sample_rate)
 
-    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                       prefetch_queue_depth=prefetch)
+    timing = dict(exec_pipelined=False, exec_async=False, prefetch_queue_depth=1) if synchronous else dict(
+        prefetch_queue_depth=prefetch)
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, **timing)
     def pipeline():
         encoded, label = fn.readers.file(
             files=list(files), labels=[int(x) for x in labels], shard_id=shard_id, num_shards=num_shards,
@@ -213,8 +224,16 @@ def build_dali_pipeline(
     return pipe
 
 
+# Formats soundfile opens but DALI's audio decoder (libsndfile without MPEG, reading from memory) does
+# not: measured with nvidia-dali 2.4 over every format/subtype soundfile writes (WAV/WAVEX of any
+# sample type, FLAC, OGG Vorbis and Opus, AIFF, AU, W64, RF64, CAF incl. ALAC, ... all decode).
+# A format missing here still cannot stop a run: the loader then finds the clip that fails (_probe).
+DALI_UNSUPPORTED_FORMATS = frozenset({"MP3", "SD2"})
+
+
 def _check_files(entries: list[AudioEntry], sample_rate: int) -> tuple[list[int], dict[int, str]]:
-    """Indices of the entries whose header soundfile reads, and the reason of each other one."""
+    """Indices of the entries whose header soundfile reads in a format DALI decodes, and the reason of
+    each other one (load_audio's reasons, or ``"unsupported-by-dali"``)."""
     import soundfile as sf
 
     good, reasons = [], {}
@@ -223,6 +242,8 @@ def _check_files(entries: list[AudioEntry], sample_rate: int) -> tuple[list[int]
             info = sf.info(entry.path)
             if info.frames <= 0:
                 raise AudioDecodeError(entry.path, "empty", "no audio samples")
+            if info.format in DALI_UNSUPPORTED_FORMATS:
+                raise AudioDecodeError(entry.path, "unsupported-by-dali", f"{info.format} audio")
         except AudioDecodeError as err:
             reasons[i] = err.reason
             continue
@@ -377,12 +398,13 @@ class DaliPretrainLoader:
     def _start_pipeline(self) -> None:
         """A pipeline over this rank's clips from the current position on (after a rebuild: those not
         read yet); when they run out, the reader wraps around them, never into another rank's."""
-        files = self._shard[self._step * self.batch_size :] or self._shard
+        self._files = self._shard[self._step * self.batch_size :] or self._shard
+        self._pipe_batches = 0  # batches this pipeline has returned
         # the crops' seed is per shard, or every rank would draw the same crop offsets for its i-th clip
         seed = int(np.random.default_rng([self._seed, self.epoch, self._rebuilds, 1, self.shard_id]).integers(2**31))
         self.pipe = None  # release the old pipeline first
-        self.pipe = build_dali_pipeline([self.entries[i].path for i in files], files, seed=seed, shuffle=False,
-                                        pad_last_batch=False, **self._pipeline_args)
+        self.pipe = build_dali_pipeline([self.entries[i].path for i in self._files], self._files, seed=seed,
+                                        shuffle=False, pad_last_batch=False, **self._pipeline_args)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.pipe is None:
@@ -398,23 +420,46 @@ class DaliPretrainLoader:
         """One batch from the pipeline; a clip DALI fails to decode is left out and the pipeline rebuilt."""
         while True:
             try:
-                return self.pipe.run()
+                outputs = self.pipe.run()
+                self._pipe_batches += 1
+                return outputs
             except RuntimeError as err:
                 bad = self._culprit(str(err))
+                found = "named in DALI's error"
+                if bad is None:  # DALI's error names no file (e.g. "unimplemented format"): find the clip
+                    bad, found = self._probe(), "found by decoding the clips one at a time"
                 if bad is None:
-                    raise
+                    raise RuntimeError(f"DALI pipeline failed on shard {self.shard_id} in epoch {self.epoch + 1}, "
+                                       "and no clip it was reading fails alone: " + _first_line(str(err))) from err
                 self._shard.remove(bad)
                 self._pending.append(bad)
                 if bad not in self._failed:
                     self._failed.add(bad)
                     self.excluded["undecodable"] += 1
                 self._rebuilds += 1
-                logger.warning("DALI loader: %s cannot be decoded (%s); left out of epoch %d, its pipeline rebuilt "
-                               "over this rank's remaining clips", self.entries[bad].path, _first_line(str(err)),
-                               self.epoch + 1)
+                logger.warning("DALI loader: %s cannot be decoded (%s; %s); left out of epoch %d, its pipeline "
+                               "rebuilt over this rank's remaining clips", self.entries[bad].path,
+                               _first_line(str(err)), found, self.epoch + 1)
                 if not self._shard:
                     raise ValueError(f"no decodable clips left on shard {self.shard_id}") from err
                 self._start_pipeline()
+
+    def _probe(self) -> int | None:
+        """The first clip the failed pipeline was reading (its current batch and those it prefetched)
+        that fails alone, run through the same stages in a synchronous pipeline of batches of one."""
+        ahead = self._pipeline_args.get("prefetch", 2) + 2  # batches the pipeline may have started
+        start = self._pipe_batches * self.batch_size
+        candidates = list(dict.fromkeys(self._files[p % len(self._files)]
+                                        for p in range(start, start + ahead * self.batch_size)))
+        args = {**self._pipeline_args, "batch_size": 1, "num_threads": 1}
+        probe = build_dali_pipeline([self.entries[i].path for i in candidates], candidates, seed=0, shuffle=False,
+                                    pad_last_batch=False, synchronous=True, **args)
+        for i in candidates:
+            try:
+                probe.run()
+            except RuntimeError:
+                return i
+        return None
 
     def _culprit(self, message: str) -> int | None:
         """The clip of this rank a DALI error message names (the audio decoder says ``Error decoding file <path>``)."""
@@ -501,7 +546,10 @@ class DaliPretrainLoader:
 
 def _first_line(message: str) -> str:
     """The line of a DALI error that says what failed (DALI wraps it in several lines of context)."""
-    for line in message.splitlines():
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for k, line in enumerate(lines):
         if "Error decoding" in line:
-            return line.strip()[:300]
-    return message.strip().splitlines()[-1][:300] if message.strip() else "no message"
+            return line[:300]
+        if line == "encountered:" and k + 1 < len(lines):  # what the failing operator reported
+            return lines[k + 1][:300]
+    return lines[-1][:300] if lines else "no message"
