@@ -3,6 +3,8 @@ sharding, and a short engine run with ``data.backend=dali``."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -383,6 +385,137 @@ def test_engine_counts_left_out_files_and_stops_past_max_bad_fraction(demo, tmp_
     finally:
         trainer.cleanup()
     assert summary["steps"] == 3 and trainer.bad_inputs == {"unreadable": 2}
+
+
+# ------------------------------------------------------------------ WebDataset shards (make_shards.py)
+
+
+@pytest.fixture(scope="module")
+def demo_shards(demo, tmp_path_factory):
+    from asit.data.shards import open_shard_source, write_shards
+
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(demo, folder / "demo-%06d.tar", max_count=5)  # 3 tars: 5, 5, 2 clips
+    return open_shard_source(folder)
+
+
+def test_shards_give_the_manifest_views_and_split_across_ranks(demo, demo_shards):
+    """fn.readers.webdataset over make_shards.py's tars: over two ranks every clip once per epoch, no clip
+    on both, its manifest index and labels from the json member, and the views of the manifest path."""
+    ref = PretrainDataset(demo, roll_prob=0.0, **SMALL)
+    vocab = demo_shards.label_vocab
+    for epoch in (0, 1):
+        read = []
+        for shard in (0, 1):
+            loader = DaliPretrainLoader(demo_shards, batch_size=3, shard_id=shard, num_shards=2, roll_prob=0.0,
+                                        seed=1, **SMALL)
+            assert len(loader) == 2 and loader.excluded == {}
+            loader.set_epoch(epoch)
+            for batch in loader:
+                assert batch["num_skipped"] == 0
+                index = batch["index"].tolist()
+                read.append(index)
+                for i, row in zip(index, batch["label"]):
+                    assert row.tolist() == [float(x in demo[i].labels) for x in vocab]
+                expected = torch.stack([ref[i]["views"] for i in index])
+                torch.testing.assert_close(batch["views"], expected, rtol=0, atol=1e-5)
+            loader.close()
+        ranks = [sum(read[:2], []), sum(read[2:], [])]
+        assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == list(range(12))
+
+
+def test_shard_stream_resumes_mid_epoch_identically(demo_shards):
+    full = DaliPretrainLoader(demo_shards, batch_size=3, seed=2, **SMALL)
+    stream = [b for epoch in (0, 1) for b in (full.set_epoch(epoch) or full)]
+    assert [sorted(i for b in stream[4 * e : 4 * e + 4] for i in b["index"].tolist()) for e in (0, 1)] == [
+        list(range(12))] * 2
+    resumed = DaliPretrainLoader(demo_shards, batch_size=3, seed=2, **SMALL)
+    resumed.set_epoch(1, skip=6)
+    again = list(resumed)
+    assert [b["index"].tolist() for b in again] == [b["index"].tolist() for b in stream[6:]]
+    for a, b in zip(again, stream[6:]):
+        assert torch.equal(a["views"], b["views"])
+    full.close()
+    resumed.close()
+
+
+def _tar(path, members: dict[str, bytes]) -> str:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_bad_shard_members_are_skipped_and_counted(demo, tmp_path, caplog):
+    """Members DALI cannot use never stop the run: an MP3 and incomplete samples are left out up front,
+    undecodable audio is traced by DALI's error and left out mid-run, a malformed json drops its row;
+    each is reported once in the epoch with its reason and manifest index (-1 where none is known)."""
+    import json as jsonlib
+
+    from asit.data.shards import ShardSet, write_shards
+
+    _corrupt_body_flac(tmp_path / "bad.flac")
+    entries = [*demo[:9], AudioEntry(str(tmp_path / "bad.flac")), AudioEntry(_mp3(tmp_path / "song.mp3")),
+               *_junk(tmp_path, 1)]  # 9: flac with garbage frames, 10: mp3, 11: junk
+    write_shards(entries, tmp_path / "s-%06d.tar", max_count=5)
+    wav = open(demo[0].path, "rb").read()
+    extra = _tar(tmp_path / "extra.tar", {
+        "a.wav": wav,  # no json: bad-metadata
+        "b.json": jsonlib.dumps({"index": 20, "labels": []}).encode(),  # no audio: missing
+        "c.json": b"{not json", "c.wav": wav,  # malformed json: dropped from its batch
+    })
+    shards = ShardSet([*(str(tmp_path / f"s-00000{k}.tar") for k in range(3)), extra], [5, 5, 2, 3],
+                      ["tone", "chirp"])
+    loader = DaliPretrainLoader(shards, batch_size=3, seed=0, **SMALL)
+    assert loader.excluded == {"unsupported-by-dali": 1, "bad-metadata": 1, "missing": 1}
+    assert len(loader) == 4  # 12 clips kept: 9 good, the flac, the junk, the malformed json (found when read)
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        batches = list(loader)
+    assert all(torch.isfinite(b["views"]).all() for b in batches)
+    assert {i for b in batches for i in b["index"].tolist()} == set(range(9))
+    reported = sorted((r, i) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"]))
+    assert reported == [("bad-metadata", -1), ("bad-metadata", -1), ("missing", 20), ("undecodable", 9),
+                        ("undecodable", 11), ("unsupported-by-dali", 10)]
+    assert sum(b["num_skipped"] for b in batches) == 6
+    # the flac's error names its member; the junk's ("Format not recognised") names none and is traced
+    assert "000000009.flac" in caplog.text and "named in DALI's error" in caplog.text
+    assert "s-000002.tar:000000011" in caplog.text and "found by decoding the clips one at a time" in caplog.text
+    loader.close()
+
+
+def test_a_damaged_tar_counts_its_missing_clips(demo, tmp_path):
+    from asit.data.shards import open_shard_source, write_shards
+
+    write_shards(demo, tmp_path / "s-%06d.tar", max_count=6)
+    cut = tmp_path / "s-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])  # an interrupted copy
+    loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
+    lost = loader.excluded["unreadable"]
+    assert 3 <= lost < 6 and sum(loader.excluded.values()) == lost
+    batches = list(loader)
+    assert len({i for b in batches for i in b["index"].tolist()}) == 2 * len(loader) and len(loader) >= 3
+    assert sum(b["skip_reasons"].count("unreadable") for b in batches) == lost
+    loader.close()
+
+
+def test_engine_trains_from_shards_with_dali(demo_shards, tmp_path):
+    from asit.train import Pretrainer
+
+    folder = os.path.dirname(demo_shards.urls[0])
+    torch.set_num_threads(1)
+    trainer = Pretrainer(_engine_config(tmp_path, f"shards:{folder}", "train.max_steps_per_epoch=2"))
+    try:
+        trainer.setup()
+        assert isinstance(trainer.loader, DaliPretrainLoader) and trainer.iters_per_epoch == 2
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI's GPU stages)")
