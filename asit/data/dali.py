@@ -683,6 +683,10 @@ class DaliPretrainLoader:
         self.steps_per_epoch = steps_per_epoch or natural
         if max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, max_steps_per_epoch)
+        if self.steps_per_epoch > natural:
+            logger.warning("DALI loader: %d steps of %d clips per epoch, but the smallest of the %d shares holds %d "
+                           "decodable clips: clips come more than once per epoch (each rank its own)",
+                           self.steps_per_epoch, batch_size, num_shards, per_shard)
         self.epoch = 0
         self.pipe = None  # built per epoch by set_epoch (or the first iter())
 
