@@ -3,6 +3,8 @@ sharding, and a short engine run with ``data.backend=dali``."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -94,14 +96,14 @@ def test_resume_position_replays_the_stream(demo, monkeypatch):
         assert torch.equal(a["views"], b["views"])
 
 
-def test_shards_share_the_permutation_but_not_the_crop_seed(demo, monkeypatch):
+def test_shards_split_one_permutation_but_not_the_crop_seed(demo, monkeypatch):
     import asit.data.dali as dali_module
 
     built = []
     real = dali_module.build_dali_pipeline
 
     def spy(files, labels, **kwargs):
-        built.append((kwargs["shard_id"], list(labels), kwargs["seed"]))
+        built.append((list(labels), kwargs["seed"]))
         return real(files, labels, **kwargs)
 
     monkeypatch.setattr(dali_module, "build_dali_pipeline", spy)
@@ -110,9 +112,47 @@ def test_shards_share_the_permutation_but_not_the_crop_seed(demo, monkeypatch):
         for epoch in (0, 1):
             loader.set_epoch(epoch)
     (s0e0, s0e1, s1e0, s1e1) = built
-    assert s0e0[1] == s1e0[1] and s0e1[1] == s1e1[1]  # one permutation per epoch, shared by the shards
-    assert s0e0[1] != s0e1[1]  # and a new one each epoch
-    assert len({s0e0[2], s0e1[2], s1e0[2], s1e1[2]}) == 4  # crop seeds: per shard and per epoch
+    for a, b in ((s0e0, s1e0), (s0e1, s1e1)):  # each pipeline reads its own rank's share only
+        assert not set(a[0]) & set(b[0]) and sorted(a[0] + b[0]) == list(range(12))
+    assert s0e0[0] != s0e1[0]  # a new permutation each epoch
+    assert len({s0e0[1], s0e1[1], s1e0[1], s1e1[1]}) == 4  # crop seeds: per shard and per epoch
+
+
+def _junk(tmp_path, count: int) -> list[AudioEntry]:
+    paths = []
+    for k in range(count):
+        path = tmp_path / f"junk{k}.wav"
+        path.write_bytes(b"not audio" * 100)
+        paths.append(AudioEntry(str(path)))
+    return paths
+
+
+def test_ranks_read_disjoint_clips_and_report_left_out_clips_once(demo, tmp_path):
+    """Two ranks over a manifest with unreadable files: the steps come from the kept clips (no rank
+    runs out and wraps into another's), no clip is read by both ranks, and every left-out file is
+    reported as skipped exactly once per epoch across the ranks, with its reason."""
+    entries = [*demo, *_junk(tmp_path, 4)]  # 12 good + 4 unreadable; batches of 3 → 2 steps per rank
+    for epoch in (0, 1):
+        read, reported = [], []
+        for shard in (0, 1):
+            loader = DaliPretrainLoader(entries, batch_size=3, shard_id=shard, num_shards=2, seed=3, **SMALL)
+            assert len(loader) == 2 and loader.excluded == {"unreadable": 4}
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == 2
+            read.append([i for b in batches for i in b["index"].tolist()])
+            reported += [(i, r) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"])]
+            assert sum(b["num_skipped"] for b in batches) == sum(len(b["skip_reasons"]) for b in batches)
+        assert not set(read[0]) & set(read[1]) and sorted(read[0] + read[1]) == list(range(12))
+        assert sorted(reported) == [(i, "unreadable") for i in range(12, 16)]
+
+
+def test_steps_count_only_the_kept_clips(demo, tmp_path):
+    entries = [*demo[:6], *_junk(tmp_path, 10)]
+    assert len(DaliPretrainLoader(entries, batch_size=3, **SMALL)) == 2
+    assert len(DaliPretrainLoader(entries, batch_size=3, max_steps_per_epoch=1, **SMALL)) == 1
+    with pytest.raises(ValueError, match="fewer than a batch"):
+        DaliPretrainLoader(entries, batch_size=2, shard_id=1, num_shards=4, **SMALL)
 
 
 def test_undecodable_file_is_left_out(demo, tmp_path):
@@ -121,6 +161,54 @@ def test_undecodable_file_is_left_out(demo, tmp_path):
     loader = DaliPretrainLoader([*demo[:4], AudioEntry(str(bad))], batch_size=2, **SMALL)
     assert loader.excluded == {"unreadable": 1}
     assert sorted(i for b in loader for i in b["index"].tolist()) == [0, 1, 2, 3]
+
+
+def test_non_finite_and_out_of_range_clips_are_dropped_and_reported(demo, tmp_path, caplog):
+    """NaN/Inf or huge float samples never reach a batch: the rows are dropped and reported with the torch
+    backend's reasons (load_audio's rule: NaN/Inf anywhere in the clip, or a peak beyond MAX_ABS_SAMPLE)."""
+    rng = np.random.default_rng(0)
+    bad = {}
+    for name, reason in (("nan", "non-finite"), ("inf", "non-finite"), ("huge", "out-of-range")):
+        x = (0.1 * rng.standard_normal(SR)).astype(np.float32)
+        if name == "nan":
+            x[-1] = np.nan  # past any 0.5 s crop's start: the check covers the whole clip, not the crop
+        elif name == "inf":
+            x[::1000] = np.inf
+        else:
+            x *= 1e30
+        path = tmp_path / f"{name}.wav"
+        sf.write(path, x, SR, subtype="FLOAT")
+        bad[str(path)] = reason
+    entries = [*demo[:5], *(AudioEntry(p) for p in bad)]
+    loader = DaliPretrainLoader(entries, batch_size=8, local_views=1, local_crop_seconds=0.5, local_target_frames=48,
+                                label_vocab=["tone", "chirp"], seed=0, **SMALL)
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        (batch,) = list(loader)
+    assert sorted(batch["index"].tolist()) == [0, 1, 2, 3, 4]
+    assert batch["views"].shape[0] == batch["local_views"].shape[0] == batch["label"].shape[0] == 5
+    assert torch.isfinite(batch["views"]).all() and torch.isfinite(batch["local_views"]).all()
+    for i, row in zip(batch["index"].tolist(), batch["label"]):
+        assert row.tolist() == [float(x in demo[i].labels) for x in ("tone", "chirp")]
+    reported = dict(zip(batch["skipped_indices"], batch["skip_reasons"]))
+    assert reported == {5 + k: reason for k, reason in enumerate(bad.values())}
+    assert batch["num_skipped"] == 3 and all(p in caplog.text for p in bad)
+
+
+def test_non_finite_views_are_dropped_on_the_cpu(demo, monkeypatch):
+    """The last guard: a view row that comes out non-finite anyway is dropped and reported."""
+    loader = DaliPretrainLoader(demo[:4], batch_size=4, seed=0, **SMALL)
+    real = loader._views
+
+    def poisoned(data, frames):
+        views = real(data, frames)
+        views[1, 0, 0, 3, 2] = float("nan")
+        return views
+
+    monkeypatch.setattr(loader, "_views", poisoned)
+    (batch,) = list(loader)
+    assert batch["views"].shape[0] == 3 and torch.isfinite(batch["views"]).all()
+    assert batch["skip_reasons"] == ["non-finite"] and len(batch["skipped_indices"]) == 1
+    assert batch["skipped_indices"][0] not in batch["index"].tolist()
 
 
 def _corrupt_body_flac(path, seed: int = 0) -> None:
@@ -165,15 +253,74 @@ def test_file_failing_mid_run_is_left_out_counted_and_replayed_identically(demo,
     assert loader.excluded == {"undecodable": 1}
 
 
+def _mp3(path) -> str:
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(SR)).astype(np.float32), SR, format="MP3")
+    assert sf.info(str(path)).frames > 0  # soundfile reads it: the header check alone would pass it
+    return str(path)
+
+
+def test_formats_dali_cannot_decode_are_left_out_up_front(demo, tmp_path):
+    """DALI's decoder has no MP3 (soundfile has): such files are left out before training, counted, and
+    reported like any left-out file."""
+    song = _mp3(tmp_path / "song.mp3")
+    loader = DaliPretrainLoader([*demo[:4], AudioEntry(song)], batch_size=2, **SMALL)
+    assert loader.excluded == {"unsupported-by-dali": 1}
+    batches = list(loader)
+    assert sorted(i for b in batches for i in b["index"].tolist()) == [0, 1, 2, 3]
+    assert [(i, r) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"])] == [
+        (4, "unsupported-by-dali")]
+
+
+def test_a_failure_whose_error_names_no_file_is_traced_by_decoding_one_at_a_time(demo, tmp_path, caplog):
+    """DALI's "unimplemented format" error names no file: the loader decodes the clips the pipeline was
+    reading one at a time, leaves the failing one out, names it, and goes on."""
+    song = _mp3(tmp_path / "song.mp3")
+    loader = DaliPretrainLoader([*demo[:5], AudioEntry(song)], batch_size=3, check_files=False, seed=0, **SMALL)
+    assert loader.excluded == {}
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        batches = list(loader)
+    assert len(batches) == 2 and all(torch.isfinite(b["views"]).all() for b in batches)
+    assert all(5 not in b["index"].tolist() for b in batches)
+    assert [(i, r) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"])] == [(5, "undecodable")]
+    assert loader.excluded == {"undecodable": 1}
+    assert song in caplog.text and "unimplemented format" in caplog.text
+
+
+def test_a_failure_no_clip_reproduces_is_raised(demo, monkeypatch):
+    loader = DaliPretrainLoader(demo[:4], batch_size=2, **SMALL)
+    loader.set_epoch(0)
+
+    def boom():
+        raise RuntimeError("Critical error in pipeline:\nencountered:\n\nsomething else broke\n")
+
+    monkeypatch.setattr(loader.pipe, "run", boom)
+    with pytest.raises(RuntimeError, match="no clip it was reading fails alone: something else broke"):
+        next(iter(loader))
+
+
 def test_pipeline_resamples_and_pads_short_clips(tmp_path):
     path = tmp_path / "short.wav"
     sf.write(path, (0.5 * np.sin(np.arange(4410) / 10)).astype(np.float32), 44100)  # 0.1 s at 44.1 kHz
     pipe = build_dali_pipeline([str(path)], [0], batch_size=1, sample_rate=SR, crop_seconds=0.5, num_views=2,
                                roll_prob=0.0, seed=0, device_id=None)
-    label, waves = pipe.run()
+    label, stats, waves = pipe.run()
     waves = np.array(waves.as_tensor())[0]  # [V, 8000]
     assert waves.shape == (2, 8000) and np.array(label.as_tensor()).item() == 0
+    peak, nans = np.array(stats.as_tensor())[0]
+    assert 0.45 < peak <= 0.51 and nans == 0  # the whole decoded clip's peak, no NaN
     assert np.abs(waves[:, :1500]).max() > 0.1 and np.all(waves[:, 1700:] == 0)  # ≈1600 samples, then zeros
+
+
+def test_pipeline_shards_stay_in_their_part(demo):
+    """build_dali_pipeline's own sharding: a reader that runs past its shard's end stays in it (DALI's
+    default would move on into the next rank's clips)."""
+    files, labels = [e.path for e in demo[:5]], list(range(5))
+    seen = []
+    for shard in (0, 1):
+        pipe = build_dali_pipeline(files, labels, batch_size=2, shard_id=shard, num_shards=2, shuffle=False,
+                                   roll_prob=0.0, seed=0, **SMALL)
+        seen.append({int(x) for _ in range(4) for x in np.array(pipe.run()[0].as_tensor()).ravel()})
+    assert seen == [{0, 1}, {2, 3, 4}]
 
 
 def test_engine_runs_with_dali_backend(tmp_path, monkeypatch):
@@ -194,6 +341,177 @@ def test_engine_runs_with_dali_backend(tmp_path, monkeypatch):
     try:
         trainer.setup()
         assert isinstance(trainer.loader, DaliPretrainLoader)
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
+
+
+def _engine_config(tmp_path, manifest, *extra):
+    from asit.config import load_config
+
+    return load_config("demo_cpu", [
+        "data.backend=dali", f"data.sample_rate={SR}", f"data.train_manifest={manifest}",
+        "data.num_workers=1", "data.crop_seconds=1.0", "data.target_frames=96", "data.num_mel_bins=32",
+        "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.head_out_cls=64",
+        "model.head_out_tokens=32", "model.head_hidden=64", "model.head_bottleneck=16", "model.recon_hidden=32",
+        "gmml.max_block_frac=0.9", "data.local_views=0", "loss.global_pairs=v1",
+        "train.batch_size=4", "train.epochs=1", "train.progress=false", f"train.output_dir={tmp_path / 'run'}",
+        *extra])
+
+
+@pytest.mark.parametrize("limit", [0.5, 0.05])
+def test_engine_counts_left_out_files_and_stops_past_max_bad_fraction(demo, tmp_path, limit):
+    """The engine takes its steps per epoch from the DALI loader's kept clips and counts the files left out
+    up front in its per-epoch summary; past data.max_bad_fraction the run stops."""
+    import csv
+
+    from asit.train import Pretrainer
+    from asit.train.engine import BadDataError
+
+    manifest = tmp_path / "train.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([[e.path] for e in [*demo, *_junk(tmp_path, 2)]])
+    torch.set_num_threads(1)
+    trainer = Pretrainer(_engine_config(tmp_path, manifest, f"data.max_bad_fraction={limit}"))
+    try:
+        trainer.setup()
+        assert trainer.iters_per_epoch == 3  # 12 readable clips // 4, not 14 // 4
+        if limit == 0.05:  # 2 of 14 clips
+            with pytest.raises(BadDataError, match="unreadable"):
+                trainer.train()
+            return
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert summary["steps"] == 3 and trainer.bad_inputs == {"unreadable": 2}
+
+
+# ------------------------------------------------------------------ WebDataset shards (make_shards.py)
+
+
+@pytest.fixture(scope="module")
+def demo_shards(demo, tmp_path_factory):
+    from asit.data.shards import open_shard_source, write_shards
+
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(demo, folder / "demo-%06d.tar", max_count=5)  # 3 tars: 5, 5, 2 clips
+    return open_shard_source(folder)
+
+
+def test_shards_give_the_manifest_views_and_split_across_ranks(demo, demo_shards):
+    """fn.readers.webdataset over make_shards.py's tars: over two ranks every clip once per epoch, no clip
+    on both, its manifest index and labels from the json member, and the views of the manifest path."""
+    ref = PretrainDataset(demo, roll_prob=0.0, **SMALL)
+    vocab = demo_shards.label_vocab
+    for epoch in (0, 1):
+        read = []
+        for shard in (0, 1):
+            loader = DaliPretrainLoader(demo_shards, batch_size=3, shard_id=shard, num_shards=2, roll_prob=0.0,
+                                        seed=1, **SMALL)
+            assert len(loader) == 2 and loader.excluded == {}
+            loader.set_epoch(epoch)
+            for batch in loader:
+                assert batch["num_skipped"] == 0
+                index = batch["index"].tolist()
+                read.append(index)
+                for i, row in zip(index, batch["label"]):
+                    assert row.tolist() == [float(x in demo[i].labels) for x in vocab]
+                expected = torch.stack([ref[i]["views"] for i in index])
+                torch.testing.assert_close(batch["views"], expected, rtol=0, atol=1e-5)
+            loader.close()
+        ranks = [sum(read[:2], []), sum(read[2:], [])]
+        assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == list(range(12))
+
+
+def test_shard_stream_resumes_mid_epoch_identically(demo_shards):
+    full = DaliPretrainLoader(demo_shards, batch_size=3, seed=2, **SMALL)
+    stream = [b for epoch in (0, 1) for b in (full.set_epoch(epoch) or full)]
+    assert [sorted(i for b in stream[4 * e : 4 * e + 4] for i in b["index"].tolist()) for e in (0, 1)] == [
+        list(range(12))] * 2
+    resumed = DaliPretrainLoader(demo_shards, batch_size=3, seed=2, **SMALL)
+    resumed.set_epoch(1, skip=6)
+    again = list(resumed)
+    assert [b["index"].tolist() for b in again] == [b["index"].tolist() for b in stream[6:]]
+    for a, b in zip(again, stream[6:]):
+        assert torch.equal(a["views"], b["views"])
+    full.close()
+    resumed.close()
+
+
+def _tar(path, members: dict[str, bytes]) -> str:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_bad_shard_members_are_skipped_and_counted(demo, tmp_path, caplog):
+    """Members DALI cannot use never stop the run: an MP3 and incomplete samples are left out up front,
+    undecodable audio is traced by DALI's error and left out mid-run, a malformed json drops its row;
+    each is reported once in the epoch with its reason and manifest index (-1 where none is known)."""
+    import json as jsonlib
+
+    from asit.data.shards import ShardSet, write_shards
+
+    _corrupt_body_flac(tmp_path / "bad.flac")
+    entries = [*demo[:9], AudioEntry(str(tmp_path / "bad.flac")), AudioEntry(_mp3(tmp_path / "song.mp3")),
+               *_junk(tmp_path, 1)]  # 9: flac with garbage frames, 10: mp3, 11: junk
+    write_shards(entries, tmp_path / "s-%06d.tar", max_count=5)
+    wav = open(demo[0].path, "rb").read()
+    extra = _tar(tmp_path / "extra.tar", {
+        "a.wav": wav,  # no json: bad-metadata
+        "b.json": jsonlib.dumps({"index": 20, "labels": []}).encode(),  # no audio: missing
+        "c.json": b"{not json", "c.wav": wav,  # malformed json: dropped from its batch
+    })
+    shards = ShardSet([*(str(tmp_path / f"s-00000{k}.tar") for k in range(3)), extra], [5, 5, 2, 3],
+                      ["tone", "chirp"])
+    loader = DaliPretrainLoader(shards, batch_size=3, seed=0, **SMALL)
+    assert loader.excluded == {"unsupported-by-dali": 1, "bad-metadata": 1, "missing": 1}
+    assert len(loader) == 4  # 12 clips kept: 9 good, the flac, the junk, the malformed json (found when read)
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        batches = list(loader)
+    assert all(torch.isfinite(b["views"]).all() for b in batches)
+    assert {i for b in batches for i in b["index"].tolist()} == set(range(9))
+    reported = sorted((r, i) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"]))
+    assert reported == [("bad-metadata", -1), ("bad-metadata", -1), ("missing", 20), ("undecodable", 9),
+                        ("undecodable", 11), ("unsupported-by-dali", 10)]
+    assert sum(b["num_skipped"] for b in batches) == 6
+    # the flac's error names its member; the junk's ("Format not recognised") names none and is traced
+    assert "000000009.flac" in caplog.text and "named in DALI's error" in caplog.text
+    assert "s-000002.tar:000000011" in caplog.text and "found by decoding the clips one at a time" in caplog.text
+    loader.close()
+
+
+def test_a_damaged_tar_counts_its_missing_clips(demo, tmp_path):
+    from asit.data.shards import open_shard_source, write_shards
+
+    write_shards(demo, tmp_path / "s-%06d.tar", max_count=6)
+    cut = tmp_path / "s-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])  # an interrupted copy
+    loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
+    lost = loader.excluded["unreadable"]
+    assert 3 <= lost < 6 and sum(loader.excluded.values()) == lost
+    batches = list(loader)
+    assert len({i for b in batches for i in b["index"].tolist()}) == 2 * len(loader) and len(loader) >= 3
+    assert sum(b["skip_reasons"].count("unreadable") for b in batches) == lost
+    loader.close()
+
+
+def test_engine_trains_from_shards_with_dali(demo_shards, tmp_path):
+    from asit.train import Pretrainer
+
+    folder = os.path.dirname(demo_shards.urls[0])
+    torch.set_num_threads(1)
+    trainer = Pretrainer(_engine_config(tmp_path, f"shards:{folder}", "train.max_steps_per_epoch=2"))
+    try:
+        trainer.setup()
+        assert isinstance(trainer.loader, DaliPretrainLoader) and trainer.iters_per_epoch == 2
         summary = trainer.train()
     finally:
         trainer.cleanup()

@@ -309,18 +309,22 @@ class Pretrainer:
             iters = min(iters, self.cfg.train.max_steps_per_epoch)
         self.iters_per_epoch = iters
         if d.backend == "dali":
-            if shards is not None or self.cfg.train.mode == "reference":
-                raise ValueError("data.backend=dali reads a JSON/CSV manifest or a folder, in train.mode=fast")
+            if self.cfg.train.mode == "reference":
+                raise ValueError("data.backend=dali runs in train.mode=fast")
             from asit.data.dali import DaliPretrainLoader
 
+            # the loader counts its steps from the clips that pass its header check (every rank the same)
             self.loader = DaliPretrainLoader(
-                entries, batch_size=self.cfg.train.batch_size, shard_id=self.dist.rank,
-                num_shards=self.dist.world_size, steps_per_epoch=iters, fbank=d.dali_fbank,
-                device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
+                shards if shards is not None else entries, batch_size=self.cfg.train.batch_size,
+                shard_id=self.dist.rank, num_shards=self.dist.world_size,
+                max_steps_per_epoch=self.cfg.train.max_steps_per_epoch or None,
+                fbank=d.dali_fbank, device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                 num_threads=max(1, d.num_workers), **views)
+            self.iters_per_epoch = self.loader.steps_per_epoch
             self.dataset, self.sampler = None, self.loader  # the loader takes set_epoch(epoch, skip)
             if self.dist.is_main:
-                log.info("data: DALI, %d clips from %s, %d steps/epoch of %d per process", total, source, iters,
+                log.info("data: DALI, %d clips from %s (%d left out before training), %d steps/epoch of %d per "
+                         "process", total, source, sum(self.loader.excluded.values()), self.iters_per_epoch,
                          self.cfg.train.batch_size)
             return
         views["fbank_on"] = self.fbank_on
