@@ -343,6 +343,6 @@ def _warn_duplicates(src: Path, entries: list[AudioEntry], where: Where) -> None
             repeats.append(i)
     if repeats:
         i = repeats[0]
-        logger.warning("%s: %d %s repeat a path listed before (each is used as a separate clip), e.g. %s (%s) "
-                       "repeats %s", src, len(repeats), "entry" if len(repeats) == 1 else "entries", where(i),
-                       entries[i].path, where(first[entries[i].path]))
+        logger.warning("%s: %d %s a path listed before (each is used as a separate clip), e.g. %s (%s) "
+                       "repeats %s", src, len(repeats), "entry repeats" if len(repeats) == 1 else "entries repeat",
+                       where(i), entries[i].path, where(first[entries[i].path]))
