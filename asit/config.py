@@ -365,6 +365,7 @@ def _validate(cfg: Config) -> None:
         (t.epochs > 0, "train.epochs must be > 0"),
         (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (t.batch_size > 0, "train.batch_size must be > 0"),
+        (t.seed >= 0, f"train.seed must be >= 0 (it seeds NumPy's SeedSequence), got {t.seed}"),
         (t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch must be > 0"),
         (t.log_every > 0, "train.log_every must be > 0"),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),

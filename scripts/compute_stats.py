@@ -1,14 +1,20 @@
 #!/usr/bin/env python
-"""Fbank mean and standard deviation of a corpus, as a config fragment for ``data.mean``/``data.std``.
+"""Fbank mean and standard deviation of a corpus, for ``data.mean``/``data.std``.
 
     python scripts/compute_stats.py /data/my_corpus.json                     # all clips, 32 kHz
     python scripts/compute_stats.py /data/wavs --max-clips 20000 --num-workers 8 -o stats.yaml
     python scripts/compute_stats.py manifest.csv --config asit_v2_vit_base    # that recipe's rate/bins
 
 The manifest is a JSON/CSV manifest or a folder of audio files (see asit.data.load_manifest).
-The result is printed and, with ``-o``, written as YAML (``data: {mean: ..., std: ...}``); use it
-with ``scripts/pretrain.py --config stats.yaml`` or as ``data.mean=... data.std=...`` overrides.
-Undecodable clips are skipped and counted by reason.
+Compute the statistics at the sample rate and mel bins you train with (``--config`` takes them from
+the recipe). The result is printed as overrides to add to the training command:
+
+    torchrun ... scripts/pretrain.py --config asit_v2_vit_base data.mean=-5.1234567 data.std=4.3210987
+
+With ``-o`` the same values are also written as a YAML fragment (``data: {mean: ..., std: ...}``), for
+your records or to copy into your own recipe file. It is not a recipe: ``--config stats.yaml`` would
+train with the defaults for every other key (the demo data, 32 kHz, ...), not with your recipe.
+Undecodable clips are skipped and counted by reason; a progress bar shows the clips done.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=None, help="write the YAML fragment here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    for flag, value, low in (("--sample-rate", args.sample_rate, 1), ("--num-mel-bins", args.num_mel_bins, 1),
+                             ("--max-clips", args.max_clips, 1), ("--num-workers", args.num_workers, 0)):
+        if value is not None and value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("asit.data.stats").setLevel(logging.ERROR)  # skips are summarised at the end
 
@@ -46,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         entries = load_manifest(args.manifest)
     except (ConfigError, ManifestError) as err:
         parser.error(str(err))
-    sample_rate = args.sample_rate or data.sample_rate
-    num_mel_bins = args.num_mel_bins or data.num_mel_bins
+    sample_rate = args.sample_rate if args.sample_rate is not None else data.sample_rate
+    num_mel_bins = args.num_mel_bins if args.num_mel_bins is not None else data.num_mel_bins
     try:
         stats = compute_fbank_stats(entries, sample_rate=sample_rate, num_mel_bins=num_mel_bins,
                                     max_clips=args.max_clips, num_workers=args.num_workers,
@@ -56,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    snippet = stats.yaml_snippet()
+    snippet = stats.yaml_snippet(sample_rate, num_mel_bins)
     print(f"# {sample_rate} Hz, {num_mel_bins} mel bins, {args.manifest}")
     print(snippet, end="")
-    print(f"# overrides: {stats.overrides()}")
+    recipe = args.config or "<recipe>"
+    print(f"# train with: scripts/pretrain.py --config {recipe} {stats.overrides()}")
     if stats.skipped:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(stats.skipped.items()))
         print(f"# skipped {sum(stats.skipped.values())} clips ({reasons})", file=sys.stderr)

@@ -6,7 +6,9 @@
 
 Each clip becomes one sample: its audio bytes with the original extension (flac, wav, ...) and a
 JSON member with its labels, manifest index and source path. ``index.json`` in the output folder
-lists the shards and their clip counts. Train on them with
+lists the shards and their clip counts; the reader splits each epoch's clips between ranks and loader
+workers by these counts, and reports a shard that delivers fewer (cut short, unreadable) as skipped
+clips, so keep the index with the shards and rewrite both together. Train on them with
 ``data.train_manifest=shards:/data/as2m_shards`` (the folder) or a brace pattern such as
 ``shards:/data/as2m_shards/as2m-{000000..000099}.tar``.
 """

@@ -151,6 +151,7 @@ def test_malformed_overrides(override: str) -> None:
     (["data.num_views=3"], "data.num_views"),
     (["train.epochs=0"], "train.epochs"),
     (["train.batch_size=0"], "train.batch_size"),
+    (["train.seed=-1"], "train.seed must be >= 0"),  # NumPy's SeedSequence would fail in the loader workers
     (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch"),
     (["train.keep_last=0"], "train.keep_last"),
     (["train.checkpoint_every_steps=-1"], "train.checkpoint_every_steps"),

@@ -95,7 +95,7 @@ def test_json_entry_without_wav_names_entry_index(tmp_path):
     _touch_wav(tmp_path / "a.wav")
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"data": [{"wav": "a.wav"}, {"labels": "x"}]}))
-    with pytest.raises(ManifestError, match=r"m\.json entry 1: .*wav"):
+    with pytest.raises(ManifestError, match=r"m\.json entry 1 \(line 1\): .*wav"):
         load_manifest(manifest)
 
 
@@ -156,3 +156,102 @@ def test_empty_folder_and_missing_source(tmp_path):
     (tmp_path / "m.txt").write_text("a.wav\n")
     with pytest.raises(ManifestError, match=r"m\.txt: unknown manifest type"):
         load_manifest(tmp_path / "m.txt")
+
+
+def test_byte_order_mark_is_accepted_in_csv_json_and_jsonl(tmp_path):
+    a = _touch_wav(tmp_path / "a.wav")
+    b = _touch_wav(tmp_path / "b.wav")
+    (tmp_path / "m.csv").write_text("\ufeffpath,label\na.wav,dog\nb.wav,cat\n", encoding="utf-8")  # Excel's CSV UTF-8
+    assert load_manifest(tmp_path / "m.csv") == [AudioEntry(str(a), ("dog",)), AudioEntry(str(b), ("cat",))]
+    (tmp_path / "m.json").write_text("\ufeff" + json.dumps({"data": [{"wav": "a.wav"}]}), encoding="utf-8")
+    assert load_manifest(tmp_path / "m.json") == [AudioEntry(str(a))]
+    (tmp_path / "m.jsonl").write_text('\ufeff{"wav": "b.wav", "labels": ["x"]}\n', encoding="utf-8")
+    assert load_manifest(tmp_path / "m.jsonl") == [AudioEntry(str(b), ("x",))]
+
+
+@pytest.mark.parametrize("content,pattern", [
+    ('a.wav,dog\nb.wav,"cat\n', r"line 2: malformed CSV.*quote left open"),  # open at the end: rows swallowed
+    ('a.wav,dog\nb.wav,"cat\nc.wav,x"\nd.wav,y\n', r"line 2: label 'cat\\nc.wav,x' contains a line break"),
+    ('a.wav,dog\n\nb.wav,"cat"x\n', r"line 3: malformed CSV"),
+    ("a.wav,dog\nb.wav,c\x00at\n", r"line 2: label 'c\\x00at' contains a NUL"),
+    ('a.wav,dog\n"b\nc.wav",x\n', r"line 2: path 'b\\nc.wav' contains a line break"),
+])
+def test_malformed_csv_names_the_line(tmp_path, content, pattern):
+    _touch_wav(tmp_path / "a.wav")
+    _touch_wav(tmp_path / "b.wav")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(content)
+    with pytest.raises(ManifestError, match=rf"m\.csv {pattern}"):
+        load_manifest(manifest, check_exists=False)
+
+
+@pytest.mark.parametrize("layout", ["object", "list"])
+def test_json_entry_errors_and_missing_files_give_the_entry_line(tmp_path, layout):
+    _touch_wav(tmp_path / "a.wav")
+    entries = '[\n  {"wav": "a.wav"},\n  {"wav": "gone.wav",\n   "labels": "x"},\n  {"labels": "y"}\n]'
+    text = '{"info": {"n": [1, 2]},\n "data": ' + entries + "}" if layout == "object" else entries
+    manifest = tmp_path / "m.json"
+    manifest.write_text(text)
+    offset = 1 if layout == "object" else 0
+    with pytest.raises(ManifestError, match=rf"entry 2 \(line {5 + offset}\): missing or empty \"wav\""):
+        load_manifest(manifest)
+    manifest.write_text(text.replace('{"labels": "y"}', '{"wav": "a.wav"}'))
+    with pytest.raises(ManifestError, match=rf"1 of 3 listed files do not exist: entry 1 \(line {3 + offset}\): "):
+        load_manifest(manifest)
+
+
+def test_json_lines_manifest_and_its_errors(tmp_path):
+    a = _touch_wav(tmp_path / "a.wav")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"wav": "a.wav", "labels": "dog,cat"}\n\n{"wav": "a.wav"}\n')
+    assert load_manifest(manifest) == [AudioEntry(str(a), ("dog", "cat")), AudioEntry(str(a))]
+    manifest.write_text('{"wav": "a.wav"}\n\n{"wav": "gone.wav"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl: 1 of 2 listed files do not exist: line 3: "):
+        load_manifest(manifest)
+    manifest.write_text('{"wav": "a.wav"}\n{"wav": oops}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl line 2: invalid JSON"):
+        load_manifest(manifest)
+    manifest.write_text('{"wav": "a.wav"}\n{"labels": "x"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl line 2: missing or empty \"wav\""):
+        load_manifest(manifest)
+
+
+def test_duplicate_paths_warn_once_with_count_and_example(tmp_path, caplog):
+    _touch_wav(tmp_path / "a.wav")
+    _touch_wav(tmp_path / "b.wav")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("a.wav,x\nb.wav,y\na.wav,z\n./b.wav,y\n")
+    with caplog.at_level("WARNING", logger="asit.data.manifest"):
+        assert len(load_manifest(manifest)) == 4  # kept: each occurrence is a clip
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "2 entries repeat" in warnings[0]
+    assert "line 3" in warnings[0] and "a.wav" in warnings[0] and "line 1" in warnings[0]
+    caplog.clear()
+    manifest.write_text("a.wav,x\nb.wav,y\n")
+    with caplog.at_level("WARNING", logger="asit.data.manifest"):
+        load_manifest(manifest)
+    assert not caplog.records
+
+
+def test_folder_scan_does_not_follow_a_link_loop(tmp_path, caplog):
+    root = tmp_path / "corpus"
+    _touch_wav(root / "dog" / "a.wav")
+    _touch_wav(root / "top.wav")
+    os.symlink(root, root / "dog" / "loop")  # back to the root: followed, it repeats the tree under new labels
+    with caplog.at_level("WARNING", logger="asit.data.manifest"):
+        entries = load_manifest(root)
+    rel = [(os.path.relpath(e.path, root), e.labels) for e in entries]
+    assert rel == [("top.wav", ()), ("dog/a.wav", ("dog",))]
+    assert any("1 linked folder(s)" in r.getMessage() and "loop" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_scan_follows_each_folder_once_through_aliases(tmp_path):
+    root = tmp_path / "corpus"
+    _touch_wav(root / "dog" / "a.wav")
+    outside = tmp_path / "outside"
+    _touch_wav(outside / "b.wav")
+    os.symlink(root / "dog", root / "alias")  # sorts before "dog": its files are still listed once, as dog
+    os.symlink(outside, root / "ext")  # a folder outside the tree is followed, once
+    os.symlink(outside, outside / "self")  # and its own loop is not
+    rel = [(os.path.relpath(e.path, tmp_path), e.labels) for e in load_manifest(root)]
+    assert rel == [("corpus/dog/a.wav", ("dog",)), ("corpus/ext/b.wav", ("ext",))]

@@ -16,6 +16,7 @@ from asit.data import AudioEntry, PretrainDataset, collate_pretrain, load_audio
 from asit.data.audio import decode_audio_bytes
 from asit.data.shards import (
     ShardPretrainDataset,
+    ShardSet,
     is_shard_source,
     open_shard_source,
     parse_shard_size,
@@ -174,7 +175,7 @@ def test_member_without_metadata_is_skipped(corpus, tmp_path):
     assert not sample["ok"] and sample["error"] == "bad-metadata" and sample["index"] == -1
 
 
-def test_engine_trains_on_shards(tmp_path, monkeypatch):
+def _shard_trainer(tmp_path, *extra):
     from asit.config import load_config
     from asit.data import ensure_demo_dataset, load_manifest
     from asit.train import Pretrainer
@@ -189,8 +190,12 @@ def test_engine_trains_on_shards(tmp_path, monkeypatch):
         "model.head_hidden=64", "model.head_bottleneck=16", "model.recon_hidden=32", "gmml.max_block_frac=0.9",
         "data.local_views=0", "loss.global_pairs=v1",
         "train.batch_size=4", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
-        f"train.output_dir={tmp_path / 'run'}"])
-    trainer = Pretrainer(cfg)
+        f"train.output_dir={tmp_path / 'run'}", *extra])
+    return Pretrainer(cfg), index.parent
+
+
+def test_engine_trains_on_shards(tmp_path):
+    trainer, _ = _shard_trainer(tmp_path)
     try:
         trainer.setup()
         assert isinstance(trainer.dataset, ShardPretrainDataset)
@@ -198,3 +203,119 @@ def test_engine_trains_on_shards(tmp_path, monkeypatch):
     finally:
         trainer.cleanup()
     assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
+
+
+def test_engine_counts_an_unreadable_shards_clips_as_skipped(tmp_path):
+    trainer, folder = _shard_trainer(tmp_path, "train.max_steps_per_epoch=null", "data.max_bad_fraction=0.5")
+    open(folder / "d-000002.tar", "wb").close()  # its 4 clips are lost
+    try:
+        trainer.setup()
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert summary["steps"] == 4 and trainer.bad_inputs == {"unreadable-shard": 4}
+
+
+# ----------------------------------------------------------------- clip-level split, damaged shards
+
+TINY = dict(sample_rate=SR, crop_seconds=0.01, fbank_on="device", roll_prob=0.0)
+
+
+def _tiny_shards(tmp_path, sizes):
+    """Hand-written shards of ``sizes`` clips (uneven on purpose), keys and indices 0..sum-1."""
+    buf = io.BytesIO()
+    sf.write(buf, np.full(400, 0.1, dtype=np.float32), SR, format="WAV")
+    wav = buf.getvalue()
+    urls, index = [], 0
+    for s, size in enumerate(sizes):
+        url = tmp_path / f"u-{s:06d}.tar"
+        with tarfile.open(url, "w") as tar:
+            for _ in range(size):
+                for ext, data in (("wav", wav), ("json", json.dumps({"index": index}).encode())):
+                    info = tarfile.TarInfo(f"{index:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                index += 1
+        urls.append(str(url))
+    return ShardSet(urls, list(sizes), [])
+
+
+def _rank_indices(shards, rank, world, workers, epoch=0, **kw):
+    """Per worker, the indices of one rank's epoch (workers run in-process, as each would in its own)."""
+    ds = ShardPretrainDataset(shards, rank=rank, world_size=world, seed=7, shuffle_buffer=4, **TINY, **kw)
+    ds.set_epoch(epoch)
+    return [[s["index"] for s in ds._iter_worker(w, workers)] for w in range(workers)]
+
+
+@pytest.mark.parametrize("world,workers,batch", [(1, 1, 1), (1, 2, 4), (1, 3, 2), (2, 2, 3), (2, 3, 4),
+                                                 (2, 5, 6), (3, 2, 2), (3, 4, 1), (4, 3, 2)])
+def test_every_clip_exactly_once_per_epoch_with_uneven_shards(tmp_path, world, workers, batch):
+    shards = _tiny_shards(tmp_path, [7, 3, 9, 1, 4])  # 24 clips
+    per_rank = 24 // world
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            parts = _rank_indices(shards, rank, world, workers, epoch, samples_per_rank=per_rank, batch_size=batch)
+            assert all(len(p) % batch == 0 for p in parts)  # whole batches per worker
+            seen += [i for p in parts for i in p]
+        assert sorted(seen) == list(range(24)), (epoch, seen)
+        # one pass (samples_per_rank=None) covers every clip once too
+        seen = [i for rank in range(world) for p in _rank_indices(shards, rank, world, workers, epoch) for i in p]
+        assert sorted(seen) == list(range(24))
+
+
+def test_clip_split_is_deterministic_and_independent_of_workers(tmp_path):
+    shards = _tiny_shards(tmp_path, [5, 2, 8, 3])
+    kw = dict(samples_per_rank=8, batch_size=2)
+    a = _rank_indices(shards, 1, 2, 3, epoch=4, **kw)
+    assert a == _rank_indices(shards, 1, 2, 3, epoch=4, **kw)  # same seed and epoch: same order
+    assert a != _rank_indices(shards, 1, 2, 3, epoch=5, **kw)
+    same_clips = {i for p in _rank_indices(shards, 1, 2, 1, epoch=4, **kw) for i in p}
+    assert {i for p in a for i in p} == same_clips  # which clips a rank gets does not depend on its workers
+
+
+def test_three_shards_over_two_loader_workers_use_each_clip_once(tmp_path):
+    shards = _tiny_shards(tmp_path, [20, 20, 20])  # the split by whole shards gave workers 40 and 20 clips
+    ds = ShardPretrainDataset(shards, rank=0, world_size=1, samples_per_rank=60, batch_size=4, seed=0, **TINY)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_pretrain, drop_last=True)
+    seen = [i for b in loader for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(60))
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_truncated_shard_is_counted_as_skipped_not_padded(tmp_path, caplog, where):
+    shards = _tiny_shards(tmp_path, [10, 10])
+    cut = shards.urls[1]
+    wav3, json3 = tarfile.open(cut).getmembers()[6:8]
+    with open(cut, "r+b") as fh:  # clip 13 cut short: in its json header (the tar seems to end) or its audio
+        fh.truncate(json3.offset + 100 if where == "header" else wav3.offset_data + 100)
+    ds = ShardPretrainDataset(shards, rank=0, world_size=1, samples_per_rank=20, batch_size=4, seed=0, **TINY)
+    with caplog.at_level("WARNING", logger="asit.data.shards"):
+        batches = list(DataLoader(ds, batch_size=4, collate_fn=collate_pretrain, drop_last=True))
+    good = [i for b in batches for i in b["index"].tolist()]
+    reasons = [r for b in batches for r in b["skip_reasons"]]
+    assert len(batches) == 5 and sorted(good) == list(range(13))  # clips 10..12 read, no duplicates
+    assert reasons == ["truncated-shard"] * 7
+    assert any(cut in r.getMessage() and "read 3 of the 10" in r.getMessage() for r in caplog.records)
+
+
+def test_unreadable_shard_is_counted_and_named_unless_all_are(tmp_path, caplog):
+    shards = _tiny_shards(tmp_path, [8, 8])
+    open(shards.urls[1], "wb").close()  # a failed copy: zero bytes
+    ds = ShardPretrainDataset(shards, rank=0, world_size=1, samples_per_rank=16, batch_size=4, seed=0, **TINY)
+    batches = list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_pretrain, drop_last=True))
+    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(8))
+    assert [r for b in batches for r in b["skip_reasons"]] == ["unreadable-shard"] * 8
+    open(shards.urls[0], "wb").close()
+    with pytest.raises(RuntimeError, match="none of its shards can be read") as info:
+        list(ds)
+    assert shards.urls[0] in str(info.value) and shards.urls[1] in str(info.value)
+
+
+def test_shard_with_more_clips_than_its_index_warns(tmp_path, caplog):
+    real = _tiny_shards(tmp_path, [6])
+    stale = ShardSet(real.urls, [4], [])
+    ds = ShardPretrainDataset(stale, seed=0, **TINY)
+    with caplog.at_level("WARNING", logger="asit.data.shards"):
+        assert sorted(s["index"] for s in ds) == [0, 1, 2, 3]
+    assert any("more clips than the 4" in r.getMessage() for r in caplog.records)

@@ -1,5 +1,6 @@
 """Streaming fbank statistics against a direct computation; the compute_stats script end to end."""
 
+import importlib.util
 import math
 import subprocess
 import sys
@@ -90,21 +91,44 @@ def test_errors(tmp_path):
         compute_fbank_stats(_corpus(tmp_path), max_clips=0, progress=False)
 
 
-def test_script_writes_a_loadable_config_fragment(tmp_path):
+def test_script_prints_overrides_that_keep_the_recipe(tmp_path):
     entries = _corpus(tmp_path)
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + "".join(Path(e.path).name + "\n" for e in entries))
     out = tmp_path / "stats.yaml"
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(manifest), "--sample-rate", str(SR), "--num-mel-bins", "40",
+        [sys.executable, str(SCRIPT), str(manifest), "--config", "asit_v2_vit_base", "--num-mel-bins", "40",
          "--max-clips", "3", "--no-progress", "-o", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr
     fragment = yaml.safe_load(out.read_text())
-    mean, std, _ = _direct(entries[:3], SR, 40)
+    mean, std, _ = _direct(entries[:3], SR, 40)  # the v2 recipe's 16 kHz, --num-mel-bins 40
     assert math.isclose(fragment["data"]["mean"], mean, abs_tol=1e-6)
     assert math.isclose(fragment["data"]["std"], std, abs_tol=1e-6)
-    assert "data.mean=" in run.stdout and "mean:" in run.stdout
-    cfg = load_config(out)  # the fragment is a valid config file on its own
-    assert math.isclose(cfg.data.mean, fragment["data"]["mean"]) and cfg.data.std == fragment["data"]["std"]
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("# train with:")]
+    assert "--config asit_v2_vit_base" in line
+    overrides = [word for word in line.split() if word.startswith("data.")]
+    cfg = load_config("asit_v2_vit_base", overrides)  # the printed overrides keep the recipe's other keys
+    assert cfg.data.sample_rate == 16000 and cfg.data.local_views == 4
+    assert math.isclose(cfg.data.mean, mean, abs_tol=1e-6) and math.isclose(cfg.data.std, std, abs_tol=1e-6)
+    assert "not as --config" in out.read_text()
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("compute_stats_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args,flag", [(["--sample-rate", "0"], "--sample-rate"),
+                                       (["--config", "asit_v2_vit_base", "--num-mel-bins", "0"], "--num-mel-bins"),
+                                       (["--sample-rate", "-16000"], "--sample-rate"),
+                                       (["--max-clips", "0"], "--max-clips"),
+                                       (["--num-workers", "-1"], "--num-workers")])
+def test_script_rejects_zero_or_negative_settings(tmp_path, capsys, args, flag):
+    entries = _corpus(tmp_path, rates=(16000,))
+    with pytest.raises(SystemExit) as info:  # 0 used to fall back to the recipe's value silently
+        _script().main([entries[0].path.rsplit("/", 1)[0], *args, "--no-progress"])
+    assert info.value.code == 2 and f"{flag} must be >=" in capsys.readouterr().err

@@ -6,16 +6,21 @@ json: {"index": 42, "labels": [...], "path": "/original/path.flac"}}``, written 
 ``webdataset.ShardWriter``; ``index.json`` next to the shards lists each shard with its number of
 clips, the total and the label vocabulary.
 
-Reading (:class:`ShardPretrainDataset`): a ``torch.utils.data.IterableDataset`` built on
-``webdataset.WebDataset``. Each epoch the shard list is permuted with ``(seed, epoch)`` (the same
-on every rank), split across ranks (``rank::world_size``) and then across DataLoader workers
-(``webdataset.split_by_worker``; when a rank has fewer shards than workers, every worker reads
-the rank's shards and keeps every ``num_workers``-th clip), and the clips of each worker pass
-through a seeded shuffle buffer. Audio is decoded from memory with soundfile and turned into
-views by :class:`~asit.data.dataset.ClipViews` with the clip's manifest index, so a clip gives
-exactly the views :class:`~asit.data.dataset.PretrainDataset` gives for the same
-``(seed, epoch, index)``; samples have the same dict layout, so
-:func:`~asit.data.dataset.collate_pretrain` batches them and reports skipped clips.
+Reading (:class:`ShardPretrainDataset`): a ``torch.utils.data.IterableDataset`` that reads each
+shard with webdataset's tar reader. Each epoch the shard list is permuted with ``(seed, epoch)`` (the
+same on every rank); with the index's clip counts this orders the epoch's clips into one stream, of
+which each rank takes a contiguous span and each DataLoader worker a contiguous run of whole batches
+of its rank's span. The split is by clips, not by whole shards, so ranks and workers get exactly their
+share whatever the shard sizes (a shard at a boundary is read by both sides, each keeping its own
+clips), and every clip is used at most once per epoch while the ranks need no more clips than there
+are. The clips of each worker pass through a seeded shuffle buffer. Audio is decoded from memory with
+soundfile and turned into views by :class:`~asit.data.dataset.ClipViews` with the clip's manifest
+index, so a clip gives exactly the views :class:`~asit.data.dataset.PretrainDataset` gives for the
+same ``(seed, epoch, index)``; samples have the same dict layout, so
+:func:`~asit.data.dataset.collate_pretrain` batches them and reports skipped clips. A shard that
+delivers fewer clips than its index lists (cut short, unreadable) is named in a warning and each
+missing clip is reported as a skipped sample (``truncated-shard`` / ``unreadable-shard``), so the
+engine's per-epoch summary and ``data.max_bad_fraction`` count them.
 """
 
 from __future__ import annotations
@@ -28,8 +33,6 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -227,11 +230,6 @@ def open_shard_source(source: str | os.PathLike) -> ShardSet:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def _split_by_rank(src: Iterator[dict[str, Any]], rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-    """WebDataset node splitter with an explicit rank (no process group needed)."""
-    yield from islice(src, rank, None, world_size)
-
-
 def _seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0])
 
@@ -253,6 +251,55 @@ def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iter
     yield from buf
 
 
+def _split_batches(length: int, batch_size: int, workers: int, *, keep_rest: bool) -> list[int]:
+    """Sizes of ``workers`` consecutive parts of ``length`` clips: whole batches dealt out round-robin
+    (the DataLoader's order), the rest (``length % batch_size`` clips, if ``keep_rest``) to the worker
+    whose turn comes next."""
+    batches = length // batch_size
+    sizes = [len(range(w, batches, workers)) * batch_size for w in range(workers)]
+    if keep_rest:
+        sizes[batches % workers] += length - batches * batch_size
+    return sizes
+
+
+def _is_complete(sample: dict[str, Any]) -> bool:
+    return _META_EXT in sample and any(not k.startswith("__") and k != _META_EXT for k in sample)
+
+
+def _tar_samples(url: str, count: int, errors: list[Exception]) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, read with webdataset's tar reader; read errors are appended to
+    ``errors`` instead of raised. When the shard breaks off (an error, or fewer than the ``count``
+    samples its index lists), a last sample missing its metadata or audio is the one cut short: it is
+    left out (and counted with the shard's missing clips)."""
+    import webdataset as wds
+
+    def record(exn: Exception) -> bool:
+        errors.append(exn)
+        return True  # one shard per stream: after a broken tar the stream simply ends
+
+    held, n = None, 0
+    for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=record):
+        if held is not None:
+            yield held
+        held, n = sample, n + 1
+    if held is not None and (_is_complete(held) or not (errors or n < count)):
+        yield held
+
+
+def _probe_shard(url: str) -> bool:
+    """Whether the shard's first tar member can be read."""
+    try:
+        with tarfile.open(url, mode="r|*") as tar:
+            return tar.next() is not None
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+
+
+def _brief(exn: Exception) -> str:
+    text = str(exn.args[0]).split(" @ <", 1)[0] if exn.args else repr(exn)  # webdataset appends the stream
+    return f"{type(exn).__name__}: {text[:200]}"
+
+
 class ShardPretrainDataset(ClipViews, IterableDataset):
     """Pretraining views read from WebDataset shards (see the module docstring).
 
@@ -260,20 +307,26 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
         shards: a :class:`ShardSet` (from :func:`open_shard_source`).
         rank, world_size: this process's share; ``None`` takes them from ``torch.distributed``
             when it is initialised (else 0 and 1).
-        samples_per_rank: ``None``: one pass over this rank's shards per epoch (every clip once
-            across ranks). A number: exactly that many samples per rank and epoch, cycling over the
-            rank's shards when they hold fewer (reshuffled each cycle) and stopping early when they
-            hold more — ranks then take the same number of steps, as DDP needs.
-        batch_size: with ``samples_per_rank``, the workers' shares are whole batches, dealt out in
-            the DataLoader's round-robin order, so each rank yields ``samples_per_rank //
-            batch_size`` full batches and :meth:`set_skip` can skip whole batches.
+        samples_per_rank: ``None``: one pass over the shards per epoch, split across ranks (every
+            clip once across ranks; ranks may differ by one clip). A number: exactly that many samples
+            per rank and epoch (rounded down to whole batches), continuing into a reshuffled next pass
+            when the ranks together need more clips than the shards hold — ranks then take the same
+            number of steps, as DDP needs. With ``samples_per_rank * world_size`` at most the total,
+            each clip appears at most once per epoch across all ranks and workers.
+        batch_size: the workers' shares are whole batches, dealt out in the DataLoader's round-robin
+            order, so each rank yields ``samples_per_rank // batch_size`` full batches and
+            :meth:`set_skip` can skip whole batches.
         shuffle_buffer: clips in the per-worker shuffle buffer (1 disables it).
         **options: :class:`~asit.data.dataset.ClipViews` options (crop, views, fbank, seed, ...).
 
     Call :meth:`set_epoch` before each epoch (the shard permutation, the shuffle and the views
     depend on it). A member that cannot be decoded gives an ``ok=False`` placeholder with its
     reason, exactly like the map-style dataset; a sample without readable metadata has
-    ``index = -1`` and reason ``"bad-metadata"``.
+    ``index = -1`` and reason ``"bad-metadata"``. Clips that the index lists but the shard does not
+    deliver (a truncated or unreadable tar) give one ``ok=False`` placeholder each, ``index = -1`` and
+    reason ``"truncated-shard"`` (some clips read) or ``"unreadable-shard"`` (none), with a warning
+    naming the shard, so they are counted with the epoch's skipped clips instead of lost silently.
+    Only when none of the rank's shards can be read does iterating raise (naming them).
     """
 
     def __init__(
@@ -289,6 +342,10 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
     ) -> None:
         if not shards.urls:
             raise ValueError("shards lists no shard files")
+        if len(shards.counts) != len(shards.urls) or any(c < 0 for c in shards.counts):
+            raise ValueError("shards.counts must give a non-negative clip count for each shard")
+        if shards.total == 0:
+            raise ValueError(f"the {len(shards.urls)} shards hold no clips")
         options.setdefault("label_vocab", shards.label_vocab or None)
         super().__init__(**options)
         if rank is None or world_size is None:
@@ -298,13 +355,10 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
             world_size = dist.get_world_size() if initialised else 1
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        if len(shards.urls) < world_size:
-            raise ValueError(f"{len(shards.urls)} shards cannot be split across {world_size} ranks; "
-                             "write smaller shards")
-        if samples_per_rank is not None and samples_per_rank < batch_size:
-            raise ValueError(f"samples_per_rank={samples_per_rank} is less than one batch of {batch_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if samples_per_rank is not None and samples_per_rank < batch_size:
+            raise ValueError(f"samples_per_rank={samples_per_rank} is less than one batch of {batch_size}")
         self.shards = shards
         self.rank, self.world_size = rank, world_size
         self.samples_per_rank = samples_per_rank
@@ -325,59 +379,112 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
         """An object whose ``set_epoch(epoch, skip)`` sets the epoch and the skip (the engine's sampler slot)."""
         return _EpochControl(self)
 
-    def _shard_order(self, cycle: int) -> list[str]:
-        order = np.random.default_rng([self.seed, self.epoch, cycle]).permutation(len(self.shards.urls))
-        return [self.shards.urls[i] for i in order]
+    # The epoch's stream: the shards in the order of pass 0's permutation, then of pass 1's, ... (the
+    # same on every rank), with positions counted from the index's clip counts. Each rank takes one
+    # contiguous span of it and each worker one contiguous part of its rank's span, so the split is by
+    # clips, not by shards: a shard at a boundary is read by both sides, each keeping its own clips.
 
-    def _raw_samples(self, worker: int, workers: int, cycle: int) -> Iterator[dict[str, Any]]:
-        """This rank's and worker's tar samples for one pass over the shards, shuffled."""
-        import webdataset as wds
+    def _shard_order(self, cycle: int) -> list[int]:
+        return np.random.default_rng([self.seed, self.epoch, cycle]).permutation(len(self.shards.urls)).tolist()
 
-        per_rank = len(range(self.rank, len(self.shards.urls), self.world_size))
-        by_shard = per_rank >= workers
-        stream = wds.WebDataset(
-            self._shard_order(cycle), shardshuffle=False, empty_check=False,
-            nodesplitter=partial(_split_by_rank, rank=self.rank, world_size=self.world_size),
-            workersplitter=wds.split_by_worker if by_shard else None,
-            handler=wds.warn_and_continue,
-        )
-        items: Iterator[dict[str, Any]] = iter(stream)
-        if not by_shard:  # too few shards for the workers: split the clips instead
-            items = islice(items, worker, None, workers)
-        rng = random.Random(_seed_int(self.seed, self.epoch, cycle, self.rank, worker))
-        return _buffer_shuffle(items, self.shuffle_buffer, rng)
-
-    def _worker_quota(self, worker: int, workers: int) -> tuple[int | None, int]:
-        """(samples this worker yields, samples it skips first) for the epoch."""
+    def _rank_span(self) -> tuple[int, int]:
+        """[start, stop) of this rank's positions in the epoch's stream."""
         if self.samples_per_rank is None:
-            return None, 0
-        batches = self.samples_per_rank // self.batch_size
-        skipped = self.skip // self.batch_size
-        quota = len(range(worker, batches, workers)) * self.batch_size
-        return quota, len(range(worker, skipped, workers)) * self.batch_size
+            total = self.shards.total
+            return total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+        length = self.samples_per_rank // self.batch_size * self.batch_size
+        return self.rank * length, (self.rank + 1) * length
+
+    def _worker_span(self, worker: int, workers: int) -> tuple[int, int]:
+        """[start, stop) of this worker's positions: its whole batches, consecutive in the rank's span."""
+        start, stop = self._rank_span()
+        sizes = _split_batches(stop - start, self.batch_size, workers, keep_rest=self.samples_per_rank is None)
+        first = start + sum(sizes[:worker])
+        return first, first + sizes[worker]
+
+    def _worker_skip(self, worker: int, workers: int) -> int:
+        """Samples of this worker's share that the rank's skip covers (the DataLoader's round-robin order)."""
+        return len(range(worker, self.skip // self.batch_size, workers)) * self.batch_size
+
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """``(shard, lo, hi)``: the clips ``lo..hi-1`` of a shard cover positions [start, stop), in order."""
+        total = self.shards.total
+        cycle = start // total
+        while cycle * total < stop:
+            base = cycle * total
+            for shard in self._shard_order(cycle):
+                count = self.shards.counts[shard]
+                lo, hi = max(start - base, 0), min(stop - base, count)
+                if lo < hi:
+                    yield shard, lo, hi
+                base += count
+            cycle += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        quota, skip = self._worker_quota(worker, workers)
-        emitted, cycle = 0, 0
-        while quota is None or emitted < quota:
-            produced = False
-            for raw in self._raw_samples(worker, workers, cycle):
-                produced = True
-                if emitted >= skip:
-                    yield self._decode(raw)
-                emitted += 1
-                if quota is not None and emitted >= quota:
-                    return
-            if quota is None:
-                return
-            if not produced:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: its shards hold no readable clips")
-            cycle += 1
+        yield from self._iter_worker(worker, workers)
+
+    def _iter_worker(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        """The samples of DataLoader worker ``worker`` of ``workers`` (one per position of its span)."""
+        start, stop = self._worker_span(worker, workers)
+        skip = self._worker_skip(worker, workers)
+        rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
+        state = {"read": 0, "probed": False}
+        raw = (item for shard, lo, hi in self._pieces(start, stop) for item in self._read(shard, lo, hi, state))
+        for n, item in enumerate(_buffer_shuffle(raw, self.shuffle_buffer, rng)):
+            if n >= skip:
+                yield self._decode(item)
+
+    def _read(self, shard: int, lo: int, hi: int, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Clips ``lo..hi-1`` of one shard (raw tar samples); each clip the shard fails to deliver becomes
+        a ``__lost__`` marker that :meth:`_decode` turns into a counted placeholder."""
+        url, count = self.shards.urls[shard], self.shards.counts[shard]
+        errors: list[Exception] = []
+        read = 0
+        for sample in _tar_samples(url, count, errors):
+            if read == count:
+                self._warn_once(url, "shard %s holds more clips than the %d its index lists; the rest are not "
+                                "used (rebuild the index with scripts/make_shards.py)", url, count)
+                break
+            if read >= lo:
+                yield sample
+            read += 1
+            if read == hi and hi < count:
+                break
+        state["read"] += max(min(read, hi) - lo, 0)
+        lost = hi - max(read, lo)
+        if lost <= 0:
+            return
+        reason = "truncated-shard" if read else "unreadable-shard"
+        why = _brief(errors[0]) if errors else "the tar ends early"
+        if not state["read"] and not state["probed"]:
+            state["probed"] = True
+            self._check_rank_readable(why)
+        self._warn_once(url, "shard %s: read %d of the %d clips its index lists (%s); %d clip(s) counted as "
+                        "skipped (%s)", url, min(read, count), count, why, lost, reason)
+        marker = {"__lost__": reason, "__url__": url, "__detail__": why}
+        for _ in range(lost):
+            yield dict(marker)
+
+    def _check_rank_readable(self, why: str) -> None:
+        """Raise if none of the shards in this rank's span can be read (its epoch would be all placeholders)."""
+        start, stop = self._rank_span()
+        urls = list(dict.fromkeys(self.shards.urls[shard] for shard, _, _ in self._pieces(start, stop)))
+        if urls and not any(_probe_shard(u) for u in urls):
+            shown = ", ".join(urls[:5]) + (f", ... ({len(urls)} in all)" if len(urls) > 5 else "")
+            raise RuntimeError(f"rank {self.rank}: none of its shards can be read ({why}): {shown}")
+
+    def _warn_once(self, url: str, message: str, *args: Any) -> None:
+        if url not in self._warned:
+            self._warned.add(url)
+            logger.warning(message, *args)
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        if "__lost__" in raw:  # a clip the shard's index lists but the shard did not deliver (see _read)
+            err = AudioDecodeError(url, raw["__lost__"], raw["__detail__"])
+            return self.make_sample(err, -1, self.label_vector([]), url)
         name = f"{url}:{key}"
         try:
             meta = json.loads(raw[_META_EXT])

@@ -77,11 +77,15 @@ class FbankStats:
     frames: int  # fbank frames that contributed
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> number of clips
 
-    def yaml_snippet(self) -> str:
-        """A config fragment: ``data: {mean, std}`` with a comment on where it came from."""
+    def yaml_snippet(self, sample_rate: int | None = None, num_mel_bins: int | None = None) -> str:
+        """A config fragment: ``data: {mean, std}`` with comments on where it came from and how to use it
+        (as overrides: the fragment alone is not a recipe, every other key would take its default)."""
         skipped = sum(self.skipped.values())
+        setting = f" at {sample_rate} Hz, {num_mel_bins} mel bins" if sample_rate and num_mel_bins else ""
         return (
-            f"# fbank statistics of {self.clips} clips ({self.frames} frames); {skipped} skipped\n"
+            f"# fbank statistics of {self.clips} clips ({self.frames} frames){setting}; {skipped} skipped\n"
+            f"# use as overrides on your recipe: --config <recipe> {self.overrides()}\n"
+            f"# (not as --config of this file: every other key would take its default)\n"
             f"data:\n  mean: {self.mean:.7f}\n  std: {self.std:.7f}\n"
         )
 
