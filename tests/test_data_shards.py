@@ -150,6 +150,20 @@ def test_fixed_epoch_length_gives_equal_full_batches_and_skip(corpus, tmp_path):
         assert [b["index"].tolist() for b in loader] == full[2:]
 
 
+@pytest.mark.parametrize(("workers", "skip_batches"), [(2, 1), (3, 1), (3, 2)])
+def test_resume_after_a_skip_not_a_multiple_of_the_workers_keeps_the_order(corpus, tmp_path, workers, skip_batches):
+    # the DataLoader asks worker 0 first after a skip too: the workers must swap roles so that the batch
+    # it gets is the one the uninterrupted epoch had at that point
+    shards = open_shard_source(_pack(corpus, tmp_path, size=3).parent)  # 4 shards: 3, 3, 3, 2
+    ds = ShardPretrainDataset(shards, rank=0, world_size=1, seed=2, samples_per_rank=11, batch_size=2,
+                              shuffle_buffer=3, **VIEWS)
+    loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=collate_pretrain, drop_last=True)
+    full = [b["index"].tolist() for b in loader]
+    assert len(full) == 5
+    ds.epoch_control().set_epoch(0, skip=2 * skip_batches)
+    assert [b["index"].tolist() for b in loader] == full[skip_batches:]
+
+
 def test_corrupt_member_is_skipped_and_counted(corpus, tmp_path):
     bad = tmp_path / "audio" / "broken.wav"
     bad.write_bytes(b"RIFF not really a wave file" * 20)

@@ -423,10 +423,14 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        yield from self._iter_worker(worker, workers)
+        # After a skip of s batches the DataLoader still asks worker 0 first, but the next batch in the
+        # uninterrupted order is batch s, which worker s % workers held: each worker takes the role (its
+        # share, skip and shuffle seed) of the worker whose batch the DataLoader now expects from it.
+        role = (worker + self.skip // self.batch_size) % workers
+        yield from self._iter_worker(role, workers)
 
     def _iter_worker(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        """The samples of DataLoader worker ``worker`` of ``workers`` (one per position of its span)."""
+        """The samples of worker role ``worker`` of ``workers`` (one per position of its span)."""
         start, stop = self._worker_span(worker, workers)
         skip = self._worker_skip(worker, workers)
         rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
