@@ -16,7 +16,7 @@ import torch
 from tiny_config import TINY_MODEL
 
 from asit.config import load_config
-from asit.data import ManifestError
+from asit.data import ManifestError, ensure_demo_dataset
 from asit.train import Pretrainer, ReplicaMismatchError
 from asit.train.checkpoint import (
     CheckpointError,
@@ -346,6 +346,32 @@ def test_checkpoint_of_another_world_size_is_refused(finished_run, tmp_path) -> 
     err = _setup_error(tiny_config(tmp_path))
     assert isinstance(err, CheckpointError)
     assert str(path) in str(err) and "4 process(es)" in str(err) and "same world size" in str(err)
+
+
+def test_a_larger_world_size_is_refused_before_the_rng_files(finished_run, tmp_path, monkeypatch) -> None:
+    """Rank 1 of 2 resuming a 1-process checkpoint (simulated in process: no collectives) has no RNG file of
+    its own; that is a layout mismatch, not damage: a plain CheckpointError names both world sizes and
+    what to do, and the checkpoint stays a resume candidate (it used to be renamed to *.corrupt)."""
+    import dataclasses
+    import shutil
+
+    import asit.train.engine as engine
+    from asit.train.distributed import DistInfo
+
+    @dataclasses.dataclass(frozen=True)
+    class LoneRank(DistInfo):  # rank 1 of a 2-process world, without a process group
+        @property
+        def distributed(self) -> bool:
+            return False
+
+    shutil.copytree(finished_run / "checkpoints", tmp_path / "checkpoints")
+    d = tiny_config(tmp_path).data  # only rank 0 makes the demo corpus: name its manifest
+    manifest = ensure_demo_dataset(None, num_clips=d.demo_clips, sample_rate=d.sample_rate, seconds=d.demo_seconds)
+    monkeypatch.setattr(engine, "init_distributed", lambda device: LoneRank(1, 1, 2, torch.device("cpu")))
+    err = _setup_error(tiny_config(tmp_path, f"data.train_manifest={manifest}"))
+    assert isinstance(err, CheckpointError) and not isinstance(err, CorruptCheckpointError), err
+    assert "written by 1 process(es), this run has 2" in str(err) and "Relaunch with 1 process(es)" in str(err)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint_{STEPS_PER_EPOCH:09d}.pt"]
 
 
 def test_pretrain_script_reports_a_checkpoint_error_and_exits_1(finished_run, tmp_path, caplog) -> None:

@@ -545,13 +545,21 @@ class Pretrainer:
         damaged: list[str] = []
         for name in reversed(names):
             path = folder / name
+            state, rng, problem, misfit = None, None, None, None
             try:
                 state = load_checkpoint(path, map_location=self.device)
-                rng = self._read_rng(path, state)
-                problem = None
+                misfit = self._layout_misfit(path, state)
+                if misfit is None:
+                    rng = self._read_rng(path, state)
             except CorruptCheckpointError as err:
-                state, rng, problem = None, None, str(err)
-            problems = [p for p in self._gather(problem) if p]
+                problem = str(err)
+            # a sound checkpoint of another world size or epoch length: stop on every rank (its files are
+            # fine, so nothing is moved aside; an older checkpoint of the same run would not fit either)
+            reports = self._gather((problem, misfit))
+            misfits = [m for _, m in reports if m]
+            if misfits:
+                raise CheckpointError(misfits[0])
+            problems = [p for p, _ in reports if p]
             if not problems:
                 break
             damaged.append(name)
@@ -571,8 +579,30 @@ class Pretrainer:
             return
         self._apply_state(path, state, rng)
 
+    def _layout_misfit(self, path: Path, state: dict[str, Any]) -> str | None:
+        """Why checkpoint ``path`` cannot continue in this run's layout (another world size or number of steps
+        per epoch), or None. Checked before the RNG side files: a larger world has ranks without one.
+
+        Raises:
+            CorruptCheckpointError: the checkpoint lacks the two values.
+        """
+        try:
+            world, iters = int(state["world_size"]), int(state["iters_per_epoch"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptCheckpointError(f"checkpoint {path} lacks a valid world_size/iters_per_epoch") from err
+        if world != self.dist.world_size:
+            return (f"{path} was written by {world} process(es), this run has {self.dist.world_size}: exact "
+                    f"resume needs the same world size. Relaunch with {world} process(es) in total (torchrun "
+                    "--nnodes × --nproc_per_node), or use a new train.output_dir to start a separate run")
+        if iters != self.iters_per_epoch:
+            return (f"{path}: {iters} steps/epoch there, {self.iters_per_epoch} now (dataset, "
+                    "train.batch_size or train.max_steps_per_epoch changed): resume with the settings it was "
+                    "written with, or use a new train.output_dir")
+        return None
+
     def _read_rng(self, path: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """This rank's RNG states for checkpoint ``path``: rank 0's are inside it, the others' in side files."""
+        """This rank's RNG states for checkpoint ``path``: rank 0's are inside it, the others' in side files
+        (only called once the world sizes are known to match)."""
         if self.dist.rank == 0:
             return state["rng"]
         side = rng_path(self.run_dir, checkpoint_step(path), self.dist.rank)
@@ -607,13 +637,6 @@ class Pretrainer:
                               "resume with the same model settings or use a new train.output_dir")
 
     def _apply_state(self, path: Path, state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
-        if state["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{path} was written by {state['world_size']} process(es), this run has "
-                                  f"{self.dist.world_size}: exact resume needs the same world size")
-        if state["iters_per_epoch"] != self.iters_per_epoch:
-            raise CheckpointError(f"{path}: {state['iters_per_epoch']} steps/epoch there, "
-                                  f"{self.iters_per_epoch} "
-                                  "now (dataset or batch size changed)")
         self._check_model_matches(path, state)
         try:
             self.student.load_state_dict(state["student"])
