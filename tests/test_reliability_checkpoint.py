@@ -374,25 +374,38 @@ def test_a_larger_world_size_is_refused_before_the_rng_files(finished_run, tmp_p
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint_{STEPS_PER_EPOCH:09d}.pt"]
 
 
-def test_pretrain_script_reports_a_checkpoint_error_and_exits_1(finished_run, tmp_path, caplog) -> None:
+def _pretrain_script_main():
+    """``main`` of scripts/pretrain.py (a script, not a module of the package)."""
     import importlib.util
-    import shutil
 
-    shutil.copytree(finished_run / "checkpoints", tmp_path / "checkpoints")
     script = Path(__file__).parents[1] / "scripts" / "pretrain.py"
     spec = importlib.util.spec_from_file_location("pretrain_script", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module.main
+
+
+def test_pretrain_script_reports_a_checkpoint_error_and_exits_1(finished_run, tmp_path, caplog) -> None:
+    import shutil
+
+    shutil.copytree(finished_run / "checkpoints", tmp_path / "checkpoints")
     with caplog.at_level(logging.ERROR, logger="asit"):
-        rc = module.main(["--config", "demo_cpu", *TINY, f"train.output_dir={tmp_path}", "model.depth=3",
-                          "--resume"])
+        rc = _pretrain_script_main()(["--config", "demo_cpu", *TINY, f"train.output_dir={tmp_path}", "model.depth=3",
+                                      "--resume"])
     assert rc == 1
     assert any("different model" in r.getMessage() for r in caplog.records)
 
 
-def test_batch_larger_than_the_dataset(tmp_path) -> None:
+def test_batch_larger_than_the_dataset(tmp_path, caplog) -> None:
     err = _setup_error(tiny_config(tmp_path, "data.demo_clips=4"), resume=False)
     assert isinstance(err, ValueError) and "larger than the dataset (4 clips" in str(err)
+    # the script logs the message and exits 1 (it used to end in a traceback)
+    with caplog.at_level(logging.ERROR, logger="asit"):
+        rc = _pretrain_script_main()(["--config", "demo_cpu", *TINY, f"train.output_dir={tmp_path / 'run'}",
+                                      "data.demo_clips=4"])
+    assert rc == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "larger than the dataset" in
+            r.getMessage()]
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty_csv", "empty_folder", "missing_clips"])
