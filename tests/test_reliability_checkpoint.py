@@ -348,6 +348,20 @@ def test_checkpoint_of_another_world_size_is_refused(finished_run, tmp_path) -> 
     assert str(path) in str(err) and "4 process(es)" in str(err) and "same world size" in str(err)
 
 
+def test_optimizer_state_of_other_parameter_groups_is_named(finished_run, tmp_path) -> None:
+    """A checkpoint whose AdamW groups split the parameters differently (asit before the DINO weight-decay
+    rule kept the [CLS] token and positional embedding out of decay) is refused by name, not a bare ValueError."""
+    path = checkpoint_path(tmp_path, STEPS_PER_EPOCH)
+    state = load_checkpoint(checkpoint_path(finished_run, STEPS_PER_EPOCH))
+    decay, no_decay = state["optimizer"]["param_groups"]
+    moved = decay["params"][:2]
+    state["optimizer"]["param_groups"] = [dict(decay, params=decay["params"][2:]),
+                                          dict(no_decay, params=moved + no_decay["params"])]
+    atomic_save(state, path)
+    err = _setup_error(tiny_config(tmp_path))
+    assert isinstance(err, CheckpointError) and str(path) in str(err) and "parameter groups" in str(err)
+
+
 def test_a_larger_world_size_is_refused_before_the_rng_files(finished_run, tmp_path, monkeypatch) -> None:
     """Rank 1 of 2 resuming a 1-process checkpoint (simulated in process: no collectives) has no RNG file of
     its own; that is a layout mismatch, not damage: a plain CheckpointError names both world sizes and

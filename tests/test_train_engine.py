@@ -245,20 +245,23 @@ def test_ema_update_matches_the_formula(trainer) -> None:
     assert not torch.equal(t1[key], s1[key]) and not torch.equal(t1[key], t0[key])
 
 
-def test_param_groups_exclude_biases_norms_and_tokens_from_decay(trainer) -> None:
+def test_param_groups_follow_dino_no_decay_on_biases_and_norms_only(trainer) -> None:
+    """The authors' rule (DINO's get_params_groups): no decay for names ending in .bias and 1-D parameters;
+    the [CLS] token and the positional embedding are decayed like the matrices."""
     names = {id(p): n for n, p in trainer.student.named_parameters()}
     decay, no_decay = trainer.optimizer.param_groups
     assert decay["apply_wd"] and not no_decay["apply_wd"] and no_decay["weight_decay"] == 0.0
     decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert not decay_names & no_decay_names
-    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.norm.weight", "backbone.norm.bias",
-            "backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.bias", "head.mlp.0.bias",
-            "recon_head.convTrans.bias"} <= no_decay_names
-    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "head.mlp.0.weight",
-            "head.last_layer.weight_v", "recon_head.convTrans.weight"} <= decay_names
-    assert all(n.endswith(".bias") or n.endswith(("cls_token", "pos_embed")) or "norm" in n
-               for n in no_decay_names)
+    assert {"backbone.norm.weight", "backbone.norm.bias", "backbone.blocks.0.norm1.weight",
+            "backbone.blocks.0.attn.qkv.bias", "head.mlp.0.bias", "recon_head.convTrans.bias"} <= no_decay_names
+    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight",
+            "backbone.blocks.0.attn.qkv.weight", "head.mlp.0.weight", "head.last_layer.weight_v",
+            "recon_head.convTrans.weight"} <= decay_names
+    params = dict(trainer.student.named_parameters())
+    assert all(n.endswith(".bias") or params[n].ndim == 1 for n in no_decay_names)
+    assert all(not n.endswith(".bias") and params[n].ndim > 1 for n in decay_names)
     # the frozen g (v1) is in no group; every trainable parameter is in exactly one
     trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
     assert decay_names | no_decay_names == trainable

@@ -138,13 +138,13 @@ class _StudentStep(nn.Module):
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases, norms, tokens and positional embeddings excluded (DINO's rule
-    extended to the timm names)."""
+    """DINO's ``get_params_groups`` (the authors' rule): no weight decay on biases and other 1-D parameters
+    (the norms' weights); every other parameter, [CLS] token and positional embedding included, is decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.endswith(("cls_token", "pos_embed")):
+        if p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -643,7 +643,11 @@ class Pretrainer:
             self.teacher.load_state_dict(state["teacher"])
         except RuntimeError as err:
             raise CheckpointError(f"{path} does not match the configured model: {err}") from err
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # e.g. parameter groups of another split (asit before the DINO decay rule)
+            raise CheckpointError(f"{path}: its optimiser state does not fit this run's parameter groups ({err}); "
+                                  "resume with the asit version that wrote it, or use a new train.output_dir") from err
         self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.load_state_dict(state["loss"])
         self.bad_inputs.update(state.get("bad_inputs", {}))
