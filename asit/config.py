@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from asit.atomic_io import atomic_write_text
+
 __all__ = [
     "Config", "ConfigError", "DataConfig", "GMMLConfig", "LossConfig", "ModelConfig", "OptimConfig",
     "TrainConfig", "available_recipes", "config_to_dict", "load_config", "save_config",
@@ -454,9 +456,5 @@ def _validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:  # temp file + rename: a crash never leaves half a file
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    tmp.replace(path)
+    """Write the resolved config as YAML (loadable again with :func:`load_config`), atomically."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tiny_config import TINY_MODEL
 
+from asit.atomic_io import atomic_path, atomic_write, atomic_write_text
 from asit.config import load_config
 from asit.data import ManifestError, ensure_demo_dataset
 from asit.train import Pretrainer, ReplicaMismatchError
@@ -204,6 +205,76 @@ def test_prune_keeps_the_last_and_the_permanent_ones(tmp_path) -> None:
     expected = {f"checkpoint_{s:09d}.pt" for s in kept} | {f"rng_{s:09d}_rank{r}.pt" for s in kept for r in (0, 1)}
     expected |= {"rng_000000009_rank1.pt"}  # newer than every checkpoint: kept for the one being written
     assert names == expected | {f"{n}.sha256" for n in expected}
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Paths that os.fsync is called on, in order (file descriptors resolved through /proc)."""
+    synced, real = [], os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_atomic_write_fsyncs_a_unique_temp_file_then_the_folder(tmp_path, monkeypatch) -> None:
+    synced = _record_fsyncs(monkeypatch)
+    target = tmp_path / "summary.json"
+    with atomic_path(target) as first, atomic_path(target) as second:  # two writers of one file at once
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_text("first")
+        second.write_text("second")
+    assert target.read_text() == "first"  # the outer block commits last
+    # per write: the temp file, then the folder (inner block first)
+    assert synced == [str(second), str(tmp_path), str(first), str(tmp_path)]
+    assert first.name.startswith(".summary.json.") and first.name.endswith(".tmp")
+    atomic_write_text(target, "third")
+    assert target.read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+    def dies(fh) -> None:
+        fh.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, dies)
+    assert target.read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_every_file_of_a_run_is_fsynced_before_its_rename(tmp_path, monkeypatch) -> None:
+    """config.yaml, checkpoints, summary.json and the exported encoder go through asit.atomic_io (the encoder
+    used a fixed teacher_encoder.tmp name without fsync, summary.json was written in place); trim_log too."""
+    synced = _record_fsyncs(monkeypatch)
+    run(tiny_config(tmp_path, "train.epochs=1"))
+    for name in ("config.yaml", "summary.json", "teacher_encoder.safetensors", "log.jsonl"):
+        if name == "log.jsonl":
+            trim_log(tmp_path / name, 1)  # drops steps 2 and 3: rewrites the file
+        assert any(Path(p).name.startswith(f".{name}.") and Path(p).parent == tmp_path for p in synced), name
+    assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_crash_while_exporting_the_encoder_leaves_the_old_file(tmp_path, monkeypatch) -> None:
+    import safetensors.torch
+
+    trainer = Pretrainer(tiny_config(tmp_path, "train.epochs=1"))
+    trainer.setup()
+    try:
+        path = trainer.export_teacher_encoder()
+        before = path.read_bytes()
+
+        def dies_half_way(tensors, filename, metadata=None) -> None:
+            Path(filename).write_bytes(before[:100])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.export_teacher_encoder()
+    finally:
+        trainer.cleanup()
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
 
 
 # --------------------------------------------------------------------------- resume

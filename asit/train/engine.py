@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from asit.atomic_io import atomic_path, atomic_write_text
 from asit.config import Config, config_to_dict, save_config
 from asit.data.fbank import fbank_views
 from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs, ring_bytes, shared_memory_free
@@ -1006,8 +1007,7 @@ class Pretrainer:
                        nonfinite_skipped=self.nonfinite_total)
         if self.dist.is_main:
             summary["encoder"] = str(self.export_teacher_encoder())
-            with open(self.run_dir / "summary.json", "w", encoding="utf-8") as fh:
-                json.dump(summary, fh, indent=2)
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def _log_values(self, result: StepResult, epoch: int, samples_per_s: float) -> dict[str, Any]:
@@ -1068,9 +1068,8 @@ class Pretrainer:
                 "embed_dim": str(backbone.embed_dim), "depth": str(len(backbone.blocks)),
                 "num_heads": str(backbone.blocks[0].attn.num_heads)}
         path = self.run_dir / "teacher_encoder.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     def cleanup(self) -> None:
