@@ -351,7 +351,9 @@ def test_diverged_replicas_stop_the_run(tmp_path, monkeypatch) -> None:
     trainer = Pretrainer(tiny_config(tmp_path, "train.epochs=1"))
     trainer.setup()
     try:
-        monkeypatch.setattr(trainer, "_gather", lambda digest: [digest, "0" * 64])
+        # rank 1's digest differs (the other gather, of bad-clip counts, stays single-rank)
+        monkeypatch.setattr(trainer, "_gather",
+                            lambda obj, group=None: [obj, "0" * 64] if isinstance(obj, str) else [obj])
         with pytest.raises(ReplicaMismatchError, match=r"rank\(s\) \[1\] differ"):
             trainer.save_checkpoint()
     finally:

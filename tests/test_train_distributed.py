@@ -134,3 +134,44 @@ def test_ddp_sync_free_skip_on_one_rank_is_taken_by_all(tmp_path) -> None:
     assert records[1]["nonfinite"] == ["local"] and records[1]["skipped_steps"] == 1
     final = load_checkpoint(out / "checkpoints" / f"checkpoint_{STEPS_PER_EPOCH:09d}.pt")
     assert final["nonfinite"] == {"total": 1, "consecutive": 1}
+
+
+_BAD_CLIPS_ON_RANK_1 = """
+import runpy, sys
+from asit.train import engine
+
+original = engine.Pretrainer._setup_data
+
+
+class TwoBadPerBatch:  # rank 1's loader reports 2 unreadable clips in every batch
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield dict(batch, num_skipped=2, skip_reasons=["unreadable", "unreadable"])
+
+
+def _setup_data(self):
+    original(self)
+    if self.dist.rank == 1:
+        self.loader = TwoBadPerBatch(self.loader)
+
+
+engine.Pretrainer._setup_data = _setup_data
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_bad_clips_on_one_rank_stop_every_rank_together(tmp_path) -> None:
+    """Only rank 1 meets unreadable clips. The counts are summed over the ranks before they are judged, so both
+    ranks raise BadDataError at the same step (rank 1 used to raise alone, judged on its own counts, while
+    rank 0 went on into the next collective)."""
+    wrapper = tmp_path / "bad_on_rank_1.py"
+    wrapper.write_text(_BAD_CLIPS_ON_RANK_1)
+    proc = _torchrun(tmp_path / "run", tmp_path / "cache", "train.epochs=1", "data.max_bad_fraction=0.05",
+                     wrapper=wrapper, returncode=1)
+    text = proc.stdout + proc.stderr
+    assert text.count("epoch 1: 2 clips (of 18 loaded so far, all processes) could not be used") == 2, text[-4000:]

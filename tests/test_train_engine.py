@@ -76,11 +76,11 @@ class RecordingPretrainer(Pretrainer):
         self.other_start = self.student.backbone.blocks[0].attn.qkv.weight.detach().clone()
         self.centers_at_start = (self.loss_fn.center_global.clone(), self.loss_fn.center_local.clone())
 
-    def _end_epoch(self, epoch, skipped) -> None:
+    def _end_epoch(self, epoch) -> None:
         self.snapshots[epoch] = last_layer_state(self)
         if epoch == 0:
             self.other_after_epoch0 = self.student.backbone.blocks[0].attn.qkv.weight.detach().clone()
-        super()._end_epoch(epoch, skipped)
+        super()._end_epoch(epoch)
 
 
 class Interrupted(Exception):

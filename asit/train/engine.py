@@ -47,7 +47,8 @@ from .metrics import MetricWriter, softmax_entropy, trim_log
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
-__all__ = ["EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult"]
+__all__ = ["BadDataError", "EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult",
+           "bad_fraction_error"]
 
 _CHECKED_TERMS = ("global", "local", "recon")
 _FLAG_NAMES = (*_CHECKED_TERMS, "grad_norm")  # what the non-finite guard checks, in this order
@@ -83,6 +84,32 @@ class EpochSampler(Sampler[int]):
 
 class BadDataError(RuntimeError):
     """Too many clips of an epoch could not be decoded (``data.max_bad_fraction``)."""
+
+
+def bad_fraction_error(skipped: Counter[str] | dict[str, int], seen: int, planned: int, limit: float, *,
+                       epoch_done: bool) -> str | None:
+    """Why an epoch has too many unusable clips (``data.max_bad_fraction``), or None.
+
+    ``skipped``: unusable clips per reason so far, ``seen``: clips loaded so far (usable or not), ``planned``:
+    the clips the epoch draws (steps × batch × processes). At the epoch end the rule is ``bad > limit · seen``.
+    Before that only a spent budget counts, never the rate of a prefix (bad files cluster, and a prefix over
+    the limit says little about a 2M-clip epoch): a loader that replaces unusable clips (DALI) can load at
+    most ``planned + bad`` clips, so ``bad > limit · (planned + bad)`` now means over the limit at the end,
+    whatever the rest of the epoch holds.
+    """
+    bad = sum(skipped.values())
+    if not bad:
+        return None
+    counts = dict(Counter(skipped).most_common(5))
+    if epoch_done:
+        if bad <= limit * seen:
+            return None
+        return (f"{bad} of {seen} clips ({bad / seen:.1%}, all processes) could not be used, more than "
+                f"data.max_bad_fraction={limit}; reasons: {counts}")
+    if bad <= limit * (planned + bad):
+        return None
+    return (f"{bad} clips (of {seen} loaded so far, all processes) could not be used, already more than "
+            f"data.max_bad_fraction={limit} of the epoch's {planned} clips; reasons: {counts}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,7 +225,13 @@ class Pretrainer:
         self.step = 0
         self.start_epoch = 0
         self.skip_batches = 0
-        self.bad_inputs: Counter[str] = Counter()
+        self.bad_inputs: Counter[str] = Counter()  # unusable clips per reason, all ranks, finished epochs
+        # the current epoch's unusable clips per reason and clips loaded, summed over all ranks up to the last
+        # reduction (_reduce_bad_counts: identical on every rank), and this rank's counts since then
+        self.epoch_bad: Counter[str] = Counter()
+        self.epoch_seen = 0
+        self._pending_bad: Counter[str] = Counter()
+        self._pending_seen = 0
         self.nonfinite_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
         self.nonfinite_consecutive = 0
         self.gmml_shortfall_total = 0  # sync-free GMML samples left below their target (budget too small)
@@ -483,6 +516,7 @@ class Pretrainer:
         it prunes; (5) barrier. A crash at any point leaves the previous checkpoint usable.
         """
         self._sync_nonfinite()
+        self._reduce_bad_counts()
         step = self.step
         digests = self._replica_digests() if self.cfg.train.verify_replicas else None
         atomic_save(_rng_state(self.gmml_gen), rng_path(self.run_dir, step, self.dist.rank))
@@ -507,12 +541,12 @@ class Pretrainer:
         it = self.iters_per_epoch
         return bool(t.keep_every_epochs and step % it == 0 and (step // it) % t.keep_every_epochs == 0)
 
-    def _gather(self, obj: Any) -> list[Any]:
+    def _gather(self, obj: Any, group: Any = None) -> list[Any]:
         """``obj`` from every rank, in rank order (a list of one without a process group)."""
         if not self.dist.distributed:
             return [obj]
         out: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
     def _replica_digests(self) -> list[str]:
@@ -962,14 +996,11 @@ class Pretrainer:
             bar = tqdm(total=self.iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                        disable=not (self.dist.is_main and cfg.train.progress), dynamic_ncols=True, leave=True)
             window_start, window_samples = time.time(), 0
-            epoch_skipped: Counter[str] = Counter()
             self._preview = None
-            epoch_seen = 0
             for batch in self.loader:
                 batch = self.batch_views(batch)
-                epoch_skipped.update(batch.get("skip_reasons", []))
-                epoch_seen += batch["views"].shape[0] + int(batch.get("num_skipped", 0))
-                self._check_bad_fraction(epoch, epoch_seen, epoch_skipped)
+                self._pending_bad.update(batch.get("skip_reasons", []))
+                self._pending_seen += batch["views"].shape[0] + int(batch.get("num_skipped", 0))
                 next_step = self.step + 1
                 log_now = next_step % cfg.train.log_every == 0 or next_step == self.total_steps
                 result = None
@@ -984,6 +1015,8 @@ class Pretrainer:
                 bar.update(1)
                 if log_now:
                     self._sync_nonfinite()
+                    self._reduce_bad_counts()  # every rank: the same step, the same totals, the same verdict
+                    self._check_bad_fraction(epoch, epoch_done=False)
                 if log_now and result is not None and not result.skipped:
                     rate = window_samples / max(time.time() - window_start, 1e-9)
                     values = self._log_values(result, epoch, rate)
@@ -1002,7 +1035,7 @@ class Pretrainer:
                     self.save_checkpoint()
             bar.close()
             self._sync_nonfinite()
-            self._end_epoch(epoch, epoch_skipped)
+            self._end_epoch(epoch)
         summary.update(steps=self.step, wall_time_s=time.time() - started,
                        nonfinite_skipped=self.nonfinite_total)
         if self.dist.is_main:
@@ -1023,26 +1056,35 @@ class Pretrainer:
             values["gmml_shortfall"] = self.gmml_shortfall_total  # read by _sync_nonfinite just before
         return values
 
-    def _check_bad_fraction(self, epoch: int, seen: int, skipped: Counter[str]) -> None:
-        """Stop when unreadable clips exceed ``data.max_bad_fraction`` of what this rank loaded this epoch.
+    def _reduce_bad_counts(self) -> None:
+        """Add every rank's unusable and loaded clips since the last call to the epoch's totals, which are then
+        the same on every rank. A collective (over the gloo group when the step runs sync-free under NCCL):
+        all ranks call it at the same points (log steps, checkpoints, epoch ends)."""
+        mine = (dict(self._pending_bad), self._pending_seen)
+        for bad, seen in self._gather(mine, group=self._host_group):
+            self.epoch_bad.update(bad)
+            self.epoch_seen += seen
+        self._pending_bad, self._pending_seen = Counter(), 0
 
-        Judged once at least 100 clips (or the whole epoch on a smaller set) were seen, so one bad file
-        in a tiny first batch does not stop a run.
-        """
-        bad = sum(skipped.values())
-        limit = self.cfg.data.max_bad_fraction
-        enough = seen >= min(100, self.iters_per_epoch * self.cfg.train.batch_size)
-        if bad and enough and bad > limit * seen:
-            raise BadDataError(
-                f"epoch {epoch + 1}: {bad} of {seen} clips ({bad / seen:.1%}) could not be used, more than "
-                f"data.max_bad_fraction={limit}; reasons: {dict(skipped.most_common(5))}. Check the manifest "
-                f"{self.cfg.data.train_manifest} (the log names each file) or raise the limit.")
+    def _check_bad_fraction(self, epoch: int, *, epoch_done: bool) -> None:
+        """Raise :class:`BadDataError` when the epoch's unusable clips (all ranks, as of the last
+        :meth:`_reduce_bad_counts`) exceed ``data.max_bad_fraction``; the same verdict on every rank."""
+        planned = self.iters_per_epoch * self.cfg.train.batch_size * self.dist.world_size
+        message = bad_fraction_error(self.epoch_bad, self.epoch_seen, planned, self.cfg.data.max_bad_fraction,
+                                     epoch_done=epoch_done)
+        if message:
+            raise BadDataError(f"epoch {epoch + 1}: {message}. Check the manifest {self.cfg.data.train_manifest} "
+                               "(the log names each file) or raise the limit.")
 
-    def _end_epoch(self, epoch: int, skipped: Counter[str]) -> None:
-        self.bad_inputs.update(skipped)
-        if skipped and self.dist.is_main:
-            log.warning("epoch %d: skipped %d unreadable clip(s): %s", epoch + 1, sum(skipped.values()),
-                        dict(skipped.most_common(5)))
+    def _end_epoch(self, epoch: int) -> None:
+        self._reduce_bad_counts()
+        bad = sum(self.epoch_bad.values())
+        if bad and self.dist.is_main:
+            log.warning("epoch %d: skipped %d of %d clip(s) (%.2f%%, all processes): %s", epoch + 1, bad,
+                        self.epoch_seen, 100 * bad / max(self.epoch_seen, 1), dict(self.epoch_bad.most_common(5)))
+        self._check_bad_fraction(epoch, epoch_done=True)
+        self.bad_inputs.update(self.epoch_bad)
+        self.epoch_bad, self.epoch_seen = Counter(), 0
         self.writer.flush()
         every = self.cfg.train.image_every_epochs
         if (self.dist.is_main and every and (epoch + 1) % every == 0 and self._preview is not None
