@@ -112,3 +112,43 @@ def test_one_ranks_bad_clips_stop_every_rank(tmp_path):
     finally:
         trainer.cleanup()
     assert trainer.step == 1
+
+
+class StopsAfter(Pretrainer):
+    """Stops the run right after the checkpoint of step ``stop_at`` is written (a crash)."""
+
+    stop_at = -1
+
+    def save_checkpoint(self):
+        path = super().save_checkpoint()
+        if self.step == self.stop_at:
+            raise KeyboardInterrupt
+        return path
+
+
+def test_mid_epoch_resume_keeps_the_epochs_bad_clip_counts(tmp_path):
+    """A crash after the mid-epoch checkpoint of step 4 (epoch 2 of 3-step epochs), then a resume: the
+    epoch's counts up to the crash come back from the checkpoint (they restarted at 0), so every later
+    checkpoint counts the same unreadable clips as an uninterrupted run."""
+    data = _corpus(tmp_path / "wavs", good=16, bad=8)
+    overrides = [*TINY, f"data.train_manifest={data}", "train.epochs=2", "train.checkpoint_every_steps=2",
+                 "data.max_bad_fraction=0.6", "train.image_every_epochs=0"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for out, cls, resume in ((whole, Pretrainer, False), (cut, StopsAfter, False), (cut, Pretrainer, True)):
+        trainer = cls(load_config("demo_cpu", [*overrides, f"train.output_dir={out}"]), resume=resume)
+        trainer.stop_at = 4
+        try:
+            trainer.setup()
+            trainer.train()
+        except KeyboardInterrupt:
+            assert out == cut and trainer.step == 4
+        finally:
+            trainer.cleanup()
+    keys = ("bad_inputs", "epoch_bad_inputs", "epoch_seen")
+    for step in (4, 6):
+        a, b = (load_checkpoint(checkpoint_path(out, step)) for out in (whole, cut))
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, step
+    mid = load_checkpoint(checkpoint_path(whole, 4))
+    assert mid["epoch_seen"] == 8 and mid["epoch_bad_inputs"]  # one batch of epoch 2 (seed 0: 3 bad clips)
+    final = load_checkpoint(checkpoint_path(whole, 6))
+    assert sum(final["bad_inputs"].values()) == 16 and final["epoch_seen"] == 0  # 8 bad files, 2 epochs

@@ -501,6 +501,9 @@ class Pretrainer:
             "world_size": self.dist.world_size,
             "rng": _rng_state(self.gmml_gen),
             "bad_inputs": dict(self.bad_inputs),
+            # the current epoch's counts so far (all ranks; reduced by save_checkpoint), for a mid-epoch resume
+            "epoch_bad_inputs": dict(self.epoch_bad),
+            "epoch_seen": self.epoch_seen,
             "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
             "gmml_shortfall": self.gmml_shortfall_total,
             "config": config_to_dict(self.cfg),
@@ -686,6 +689,8 @@ class Pretrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.load_state_dict(state["loss"])
         self.bad_inputs.update(state.get("bad_inputs", {}))
+        self.epoch_bad = Counter(state.get("epoch_bad_inputs", {}))
+        self.epoch_seen = int(state.get("epoch_seen", 0))
         nonfinite = state.get("nonfinite", {})
         self.nonfinite_total = int(nonfinite.get("total", 0))
         self.nonfinite_consecutive = int(nonfinite.get("consecutive", 0))
