@@ -568,6 +568,32 @@ def test_resume_after_interruption_is_exact(reference, tmp_path, crash_at: int, 
     assert [r["loss"] for r in read_log(tmp_path)] == ref_loss
 
 
+def test_resume_warns_about_changed_settings(tmp_path, caplog) -> None:
+    """Settings that change the data order, schedules or objective are listed in a warning on resume; output,
+    logging and checkpoint cadence may change silently; an unchanged config resumes without the warning."""
+    run(Pretrainer(tiny_config(tmp_path, "train.epochs=1", "train.image_every_epochs=0")))
+
+    def resume_warnings(*extra: str) -> list[str]:
+        caplog.clear()
+        trainer = Pretrainer(tiny_config(tmp_path, "train.epochs=1", "train.image_every_epochs=0", *extra),
+                             resume=True)
+        try:
+            with caplog.at_level("WARNING", logger="asit.train.engine"):
+                trainer.setup()
+        finally:
+            trainer.cleanup()
+        return [r.getMessage() for r in caplog.records if "setting(s) changed" in r.getMessage()]
+
+    assert resume_warnings("train.log_every=2", "train.checkpoint_every_steps=5", "train.keep_last=4") == []
+    (message,) = resume_warnings("train.seed=1", "optim.lr=2e-3", "loss.weight_recon=1.0", "train.epochs=3",
+                                 "train.log_every=2")
+    assert "with 4 setting(s) changed" in message
+    for item in ("train.seed: 0 there, 1 here", "optim.lr: 0.001 there, 0.002 here",
+                 "loss.weight_recon: 2.0 there, 1.0 here", "train.epochs: 1 there, 3 here"):
+        assert item in message
+    assert "log_every" not in message
+
+
 def test_resume_rejects_a_different_dataset_size(tmp_path) -> None:
     from asit.train.checkpoint import CheckpointError
 

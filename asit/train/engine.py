@@ -60,6 +60,17 @@ FAULT_RANK_ENV = "ASIT_FAULT_RANK"
 
 log = logging.getLogger(__name__)
 
+# Config keys that may differ on resume without changing what is trained: where output goes, how often it is
+# logged and checkpointed, guard thresholds, and speed settings that keep the batches and the maths (up to float
+# rounding). A change of any other key is listed in a warning (data order, schedules, objective or numerics).
+RESUME_FREE_KEYS = frozenset({
+    "name", "train.output_dir", "train.log_every", "train.progress", "train.checkpoint_every_steps",
+    "train.keep_last", "train.keep_every_steps", "train.keep_every_epochs", "train.auto_resume",
+    "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite", "train.compile",
+    "train.compile_mode", "train.sync_free", "data.max_bad_fraction", "data.num_workers", "data.batch_ring",
+    "data.fbank_on", "data.cache_dir", "model.attn_backend",
+})
+
 
 class EpochSampler(Sampler[int]):
     """Deterministic shuffled indices for one rank: a permutation seeded by ``(seed, epoch)``,
@@ -177,6 +188,18 @@ def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
         else:
             decay.append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: ``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def _rng_state(gmml_gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -674,8 +697,23 @@ class Pretrainer:
         raise CheckpointError(f"{path} was written for a different model ({'; '.join(settings + tensors)}): "
                               "resume with the same model settings or use a new train.output_dir")
 
+    def _warn_changed_config(self, path: Path, state: dict[str, Any]) -> None:
+        """Rank 0: warn, listing them, when keys outside :data:`RESUME_FREE_KEYS` differ from the config saved in
+        checkpoint ``path``: the run continues, but not as the saved one would have."""
+        if not (self.dist.is_main and isinstance(state["config"], dict)):
+            return
+        saved, now = _flatten(state["config"]), _flatten(config_to_dict(self.cfg))
+        changed = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in now.items()
+                   if k in saved and saved[k] != v and k not in RESUME_FREE_KEYS]
+        if changed:
+            log.warning("resuming from %s with %d setting(s) changed: %s. The run continues with the new values "
+                        "(data order, schedules or the objective may differ from the run that wrote the checkpoint); "
+                        "resume with the values found 'there' for an exact continuation", path,
+                        len(changed), "; ".join(changed))
+
     def _apply_state(self, path: Path, state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
         self._check_model_matches(path, state)
+        self._warn_changed_config(path, state)
         try:
             self.student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
