@@ -128,7 +128,7 @@ def test_run_writes_checkpoints_logs_images_and_config(reference) -> None:
     assert (out / "checkpoints" / f"rng_{total:09d}_rank0.pt").is_file()
     state = load_checkpoint(out / "checkpoints" / ckpts[-1])
     assert state["step"] == total and state["epoch"] == 2
-    assert state["nonfinite"] == {"total": 0, "consecutive": 0}
+    assert state["nonfinite"] == {"total": 0, "consecutive": 0} and state["scaler_overflows"] == 0
 
     records = read_log(out)
     assert [r["step"] for r in records] == list(range(1, total + 1))
@@ -346,6 +346,37 @@ def test_nonfinite_gradient_norm_alone_skips(trainer) -> None:
     trainer.writer.flush()
     event = [r for r in read_log(trainer.run_dir) if r.get("event") == "nonfinite_skip"][-1]
     assert event["nonfinite_params"] == ["backbone"]  # only cls_token's gradient was poisoned
+
+
+def test_fp16_scaler_overflow_skips_the_optimiser_only(trainer, caplog) -> None:
+    """With loss scaling (fp16; a CPU GradScaler here), finite loss terms and overflowing scaled gradients are the
+    scaler's routine overflow: it skips the optimiser step and halves its scale; the teacher EMA and the centres
+    update as in the authors' (DINO) loop, and the step is not a non-finite skip. A run of overflows still stops
+    at train.max_consecutive_nonfinite."""
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert not trainer.train_step(next(trainer.batches), epoch=0).skipped  # teacher and student now differ
+    trainer.scaler.update(new_scale=2.0**127)  # loss x 2^127 overflows float32: every gradient is inf/NaN
+    before = _frozen_state(trainer)
+    with caplog.at_level("INFO", logger="asit.train.engine"):
+        result = trainer.train_step(next(trainer.batches), epoch=0)
+    assert result.scaler_overflow and result.nonfinite == ["grad_norm"]
+    assert math.isfinite(float(result.terms["loss"]))
+    after = _frozen_state(trainer)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("s."))  # no optimiser step
+    momentum = float(trainer.momentum_sched[1])
+    for k in (k for k in before if k.startswith("t.")):  # the teacher EMA ran, towards the unchanged student
+        expected = momentum * before[k] + (1 - momentum) * before["s." + k[2:]]
+        torch.testing.assert_close(after[k], expected, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(after["t.backbone.cls_token"], before["t.backbone.cls_token"])
+    assert not torch.equal(after["c.global"], before["c.global"])  # the centres moved
+    assert trainer.scaler.get_scale() == 2.0**126
+    assert trainer.nonfinite_total == 0 and trainer.scaler_overflows == 1 and trainer.nonfinite_consecutive == 1
+    assert "loss-scale overflow" in caplog.text and "WARNING" not in caplog.text
+    state = trainer.state_dict()
+    assert state["nonfinite"] == {"total": 0, "consecutive": 1} and state["scaler_overflows"] == 1
+    trainer.cfg.train.max_consecutive_nonfinite = 2
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps without an optimiser update.*loss scale"):
+        trainer.train_step(next(trainer.batches), epoch=0)  # 2^126 overflows too
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch) -> None:

@@ -139,13 +139,16 @@ class StepResult:
     no host sync). ``flags``: per name in ``global``/``local``/``recon``/``grad_norm``, 1 where it was
     NaN/Inf on some rank (a device tensor). ``nonfinite`` reads them (a host sync, done at once unless
     the step runs sync-free): the names that were non-finite; non-empty means the step was skipped: no
-    optimiser, teacher or centre update. ``monitors``: collapse monitors as 0-d device tensors (only
-    when asked for).
+    optimiser, teacher or centre update, except on an fp16 loss-scale overflow (``scaler_overflow``: with
+    loss scaling on, only the gradient norm was non-finite), where the scaler skips the optimiser step
+    and the teacher and centres update as in the authors' loop. ``monitors``: collapse monitors as 0-d
+    device tensors (only when asked for). ``scaling``: the step ran with fp16 loss scaling.
     """
 
     terms: dict[str, torch.Tensor]
     flags: torch.Tensor | None = None
     monitors: dict[str, torch.Tensor] = field(default_factory=dict)
+    scaling: bool = False
     _nonfinite: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -158,6 +161,11 @@ class StepResult:
     @property
     def skipped(self) -> bool:
         return bool(self.nonfinite)
+
+    @property
+    def scaler_overflow(self) -> bool:
+        """The loss scaler's overflow: finite loss terms, a non-finite gradient norm, fp16 loss scaling on."""
+        return self.scaling and self.nonfinite == ["grad_norm"]
 
 
 class _StudentStep(nn.Module):
@@ -256,7 +264,8 @@ class Pretrainer:
         self._pending_bad: Counter[str] = Counter()
         self._pending_seen = 0
         self.nonfinite_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
-        self.nonfinite_consecutive = 0
+        self.nonfinite_consecutive = 0  # steps in a row without an optimiser update (fp16 overflows included)
+        self.scaler_overflows = 0  # fp16 steps whose scaled gradients overflowed (optimiser step skipped)
         self.gmml_shortfall_total = 0  # sync-free GMML samples left below their target (budget too small)
         # the epoch's last step: its StepResult and a few (clean, corrupted, recon, mask) samples
         self._preview: tuple | None = None
@@ -528,6 +537,7 @@ class Pretrainer:
             "epoch_bad_inputs": dict(self.epoch_bad),
             "epoch_seen": self.epoch_seen,
             "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
+            "scaler_overflows": self.scaler_overflows,
             "gmml_shortfall": self.gmml_shortfall_total,
             "config": config_to_dict(self.cfg),
         }
@@ -732,6 +742,7 @@ class Pretrainer:
         nonfinite = state.get("nonfinite", {})
         self.nonfinite_total = int(nonfinite.get("total", 0))
         self.nonfinite_consecutive = int(nonfinite.get("consecutive", 0))
+        self.scaler_overflows = int(state.get("scaler_overflows", 0))
         self._nf_counts.zero_()
         self._nf_counts[0], self._nf_counts[1] = self.nonfinite_total, self.nonfinite_consecutive
         self.gmml_shortfall_total = int(state.get("gmml_shortfall", 0))
@@ -843,7 +854,10 @@ class Pretrainer:
 
         A non-finite loss term or gradient norm (on any rank) skips the step: the gradients are
         dropped and neither the optimiser, the teacher nor the centres change; the step counter still
-        advances (the batch is consumed and the schedules move on, so resume stays exact). Checking
+        advances (the batch is consumed and the schedules move on, so resume stays exact). With fp16 loss
+        scaling, finite loss terms and a non-finite gradient norm are the scaler's overflow: the scaler skips
+        the optimiser step and lowers its scale, the teacher and centres update (the authors' loop), and the
+        step counts towards ``train.max_consecutive_nonfinite`` only while overflows follow each other. Checking
         costs one host sync per step (plus a tiny all-reduce under DDP), unless the trainer runs
         sync-free (``train.sync_free``): then the skip is applied on the device and reported at the next
         log interval, checkpoint or epoch end (:meth:`_sync_nonfinite`), and the result's ``nonfinite``
@@ -882,7 +896,7 @@ class Pretrainer:
         terms = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
             terms["grad_norm"] = grad_norm.detach()
-        result = StepResult(terms, flags=self._nonfinite_flags(terms))
+        result = StepResult(terms, flags=self._nonfinite_flags(terms), scaling=self.scaler.is_enabled())
         if monitors:
             result.monitors = self._monitors(hp, teacher_out)  # with the centres this step used
         if preview:  # a skipped step's picture is dropped at the epoch end (_end_epoch reads the flags)
@@ -891,14 +905,19 @@ class Pretrainer:
             self._preview = (result, *(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask)))
         if self.sync_free:
             self._step_or_skip_on_device(result.flags, hp, center_stats)
-        elif result.skipped:
+        elif result.skipped and not result.scaler_overflow:
             self._skip_step(result)
         else:
+            # an fp16 loss-scale overflow: the scaler skips the optimiser step and lowers the scale, and the teacher
+            # and centres update from the finite outputs, as every step of the authors' (DINO) loop
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.loss_fn.update_centers_(center_stats)
             self.pair.update_teacher(hp["momentum"])
-            self.nonfinite_consecutive = 0
+            if result.scaler_overflow:
+                self._count_overflow()
+            else:
+                self.nonfinite_consecutive = 0
         self.step += 1
         self._hp = hp
         return result
@@ -1008,6 +1027,25 @@ class Pretrainer:
                 f"{what}. Stopping. Try a lower optim.lr, train.precision=bf16/fp32, or check the data; "
                 f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
 
+    def _count_overflow(self) -> None:
+        """After an fp16 loss-scale overflow: routine while the scaler finds its scale (an INFO line), but a long
+        run of them means the gradients are non-finite at any scale, so they count towards
+        ``train.max_consecutive_nonfinite`` (not towards the non-finite skips' total)."""
+        self.scaler_overflows += 1
+        self.nonfinite_consecutive += 1
+        scale = self.scaler.get_scale()
+        if self.dist.is_main:
+            log.info("step %d: fp16 loss-scale overflow; optimiser step skipped, loss scale lowered to %g "
+                     "(%d in a row)", self.step + 1, scale, self.nonfinite_consecutive)
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.nonfinite_consecutive >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_consecutive} consecutive steps without an optimiser update "
+                f"(train.max_consecutive_nonfinite={limit}); the last, step {self.step + 1}, overflowed the fp16 "
+                f"loss scale (each overflow halves it; now {scale:g}): the gradients stay non-finite. Stopping. Try "
+                f"a lower optim.lr or train.precision=bf16/fp32; the last good checkpoint is in "
+                f"{self.run_dir / 'checkpoints'}")
+
     def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Collapse monitors: teacher entropy per head (max log K), with the step's centres; 0-d device
         tensors, read when the step is logged."""
@@ -1095,6 +1133,9 @@ class Pretrainer:
         values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
         values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
         values["nonfinite_total"] = self.nonfinite_total
+        if self.scaler.is_enabled():  # fp16
+            values["loss_scale"] = self.scaler.get_scale()
+            values["scaler_overflows"] = self.scaler_overflows
         if self.sync_free:
             values["gmml_shortfall"] = self.gmml_shortfall_total  # read by _sync_nonfinite just before
         return values
