@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from asit.atomic_io import atomic_write_text
+
 __all__ = [
     "Config", "ConfigError", "DataConfig", "GMMLConfig", "LossConfig", "ModelConfig", "OptimConfig",
     "TrainConfig", "available_recipes", "config_to_dict", "load_config", "save_config",
@@ -139,7 +141,7 @@ class TrainConfig:
     """The run: length, precision, output, checkpoints."""
 
     epochs: int = 100
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # per process, >= 2
     max_steps_per_epoch: int | None = None  # cap for demos and tests
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -349,8 +351,48 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
     return cfg
 
 
+def _validate_ranges(cfg: Config) -> None:
+    """Value ranges of single keys (and the width/heads split), each message naming the key. Run before the
+    cross-field checks of :func:`_validate`, which divide by ``model.patch_size``."""
+    d, m, lo, o = cfg.data, cfg.model, cfg.loss, cfg.optim
+    counts = {"model.patch_size": m.patch_size, "model.embed_dim": m.embed_dim, "model.depth": m.depth,
+              "model.num_heads": m.num_heads, "model.head_out_cls": m.head_out_cls,
+              "model.head_out_tokens": m.head_out_tokens, "model.head_hidden": m.head_hidden,
+              "model.head_bottleneck": m.head_bottleneck, "model.recon_hidden": m.recon_hidden,
+              "model.recon_out": m.recon_out, "data.target_frames": d.target_frames,
+              "data.num_mel_bins": d.num_mel_bins, "data.shuffle_buffer": d.shuffle_buffer}
+    if d.local_views > 0:
+        counts["data.local_target_frames"] = d.local_target_frames
+    for key, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    checks = [
+        (all(0 <= b < 1 for b in o.betas), f"optim.betas must both be in [0, 1), got {list(o.betas)}"),
+        (0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}"),
+        (0 <= d.roll_prob <= 1, f"data.roll_prob must be in [0, 1], got {d.roll_prob}"),
+        (d.local_views == 0 or d.local_crop_seconds > 0,
+         f"data.local_crop_seconds must be > 0 when data.local_views > 0, got {d.local_crop_seconds}"),
+        (d.demo_seconds > 0, f"data.demo_seconds must be > 0, got {d.demo_seconds}"),
+    ]
+    weights = {key: getattr(lo, key) for key in ("weight_global", "weight_local", "weight_recon")}
+    for key, value in weights.items():
+        checks.append((value >= 0, f"loss.{key} must be >= 0, got {value}"))
+    checks.append((sum(weights.values()) > 0, "loss.weight_global/weight_local/weight_recon must not all be 0"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if m.embed_dim is not None or m.num_heads is not None:  # the presets themselves divide evenly
+        from asit.models.vit import VIT_PRESETS  # lazy: torch and timm, only for overridden widths
+
+        dim = m.embed_dim if m.embed_dim is not None else VIT_PRESETS[m.arch]["embed_dim"]
+        heads = m.num_heads if m.num_heads is not None else VIT_PRESETS[m.arch]["num_heads"]
+        if dim % heads:
+            raise ConfigError(f"model.embed_dim ({dim}) must be a multiple of model.num_heads ({heads})")
+
+
 def _validate(cfg: Config) -> None:
     """Cross-field checks that single field types cannot express."""
+    _validate_ranges(cfg)
     d, m, t = cfg.data, cfg.model, cfg.train
     checks = [
         (d.sample_rate > 0, "data.sample_rate must be > 0"),
@@ -364,7 +406,7 @@ def _validate(cfg: Config) -> None:
          "data.local_target_frames must be a multiple of model.patch_size"),
         (t.epochs > 0, "train.epochs must be > 0"),
         (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
-        (t.batch_size > 0, "train.batch_size must be > 0"),
+        (t.batch_size >= 2, "train.batch_size must be >= 2 per process (GMML's alien mode needs 2 clips)"),
         (t.seed >= 0, f"train.seed must be >= 0 (it seeds NumPy's SeedSequence), got {t.seed}"),
         (t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch must be > 0"),
         (t.log_every > 0, "train.log_every must be > 0"),
@@ -415,9 +457,5 @@ def _validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:  # temp file + rename: a crash never leaves half a file
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    tmp.replace(path)
+    """Write the resolved config as YAML (loadable again with :func:`load_config`), atomically."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -45,16 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
+    log = logging.getLogger("asit")
     trainer = Pretrainer(cfg, resume=args.resume)
     try:
         try:
             trainer.setup()
+        except (CheckpointError, ValueError) as err:  # settings or input that cannot work (incl. ManifestError)
+            log.error("%s", err)
+            log.debug("raised here:", exc_info=err)
+            return 1
+        try:
             summary = trainer.train()
         except (BadDataError, CheckpointError, ManifestError, NonFiniteLossError, ReplicaMismatchError) as err:
-            logging.getLogger("asit").error("%s", err)
+            log.error("%s", err)
             return 1
         if rank == 0:
-            logging.getLogger("asit").info(
+            log.info(
                 "done: %d steps in %.0f s, loss %.4f -> %.4f; encoder at %s", summary["steps"],
                 summary["wall_time_s"], _or_nan(summary["first_loss"]), _or_nan(summary["last_loss"]),
                 summary.get("encoder"))

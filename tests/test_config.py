@@ -171,6 +171,39 @@ def test_cross_field_errors(overrides: list[str], fragment: str) -> None:
         load_config("demo_cpu", overrides)
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.patch_size=0"], "model.patch_size must be >= 1"),  # was a ZeroDivisionError in the checks
+    (["model.patch_size=-16"], "model.patch_size must be >= 1"),
+    (["model.head_out_cls=0"], "model.head_out_cls must be >= 1"),
+    (["model.head_out_tokens=0"], "model.head_out_tokens must be >= 1"),
+    (["model.depth=0"], "model.depth must be >= 1"),
+    (["model.recon_out=0"], "model.recon_out must be >= 1"),
+    (["data.target_frames=0"], "data.target_frames must be >= 1"),  # 0 is a multiple of the patch size
+    (["model.num_heads=3"], r"model.embed_dim \(128\) must be a multiple of model.num_heads \(3\)"),
+    (["model.arch=base", "model.embed_dim=null", "model.num_heads=5"], r"model.embed_dim \(768\)"),
+    (["optim.betas=[1.5,0.9]"], r"optim.betas must both be in \[0, 1\)"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas"),
+    (["model.drop_path_rate=1.5"], "model.drop_path_rate"),
+    (["model.drop_path_rate=-0.1"], "model.drop_path_rate"),
+    (["data.local_crop_seconds=0"], "data.local_crop_seconds must be > 0"),  # demo_cpu has local views
+    (["data.roll_prob=1.5"], "data.roll_prob"),
+    (["loss.weight_recon=-2"], "loss.weight_recon must be >= 0"),
+    (["loss.weight_global=0", "loss.weight_local=0", "loss.weight_recon=0"], "must not all be 0"),
+    (["train.batch_size=1"], "train.batch_size must be >= 2"),  # every batch would be skipped
+])
+def test_value_ranges_are_checked_naming_the_key(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("demo_cpu", overrides)
+
+
+def test_values_at_the_range_edges_are_accepted() -> None:
+    cfg = load_config("demo_cpu", ["train.batch_size=2", "model.drop_path_rate=0", "data.roll_prob=1",
+                                   "loss.weight_recon=0", "optim.betas=[0,0.999]", "model.num_heads=8"])
+    assert cfg.train.batch_size == 2 and cfg.model.num_heads == 8
+    # local views off: their crop length is not used, so not checked
+    assert load_config("asit_vit_base", ["data.local_crop_seconds=0"]).data.local_views == 0
+
+
 def test_unknown_recipe_and_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         load_config("nope")

@@ -15,8 +15,9 @@ import pytest
 import torch
 from tiny_config import TINY_MODEL
 
+from asit.atomic_io import atomic_path, atomic_write, atomic_write_text
 from asit.config import load_config
-from asit.data import ManifestError
+from asit.data import ManifestError, ensure_demo_dataset
 from asit.train import Pretrainer, ReplicaMismatchError
 from asit.train.checkpoint import (
     CheckpointError,
@@ -206,6 +207,76 @@ def test_prune_keeps_the_last_and_the_permanent_ones(tmp_path) -> None:
     assert names == expected | {f"{n}.sha256" for n in expected}
 
 
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Paths that os.fsync is called on, in order (file descriptors resolved through /proc)."""
+    synced, real = [], os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_atomic_write_fsyncs_a_unique_temp_file_then_the_folder(tmp_path, monkeypatch) -> None:
+    synced = _record_fsyncs(monkeypatch)
+    target = tmp_path / "summary.json"
+    with atomic_path(target) as first, atomic_path(target) as second:  # two writers of one file at once
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_text("first")
+        second.write_text("second")
+    assert target.read_text() == "first"  # the outer block commits last
+    # per write: the temp file, then the folder (inner block first)
+    assert synced == [str(second), str(tmp_path), str(first), str(tmp_path)]
+    assert first.name.startswith(".summary.json.") and first.name.endswith(".tmp")
+    atomic_write_text(target, "third")
+    assert target.read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+    def dies(fh) -> None:
+        fh.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, dies)
+    assert target.read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_every_file_of_a_run_is_fsynced_before_its_rename(tmp_path, monkeypatch) -> None:
+    """config.yaml, checkpoints, summary.json and the exported encoder go through asit.atomic_io (the encoder
+    used a fixed teacher_encoder.tmp name without fsync, summary.json was written in place); trim_log too."""
+    synced = _record_fsyncs(monkeypatch)
+    run(tiny_config(tmp_path, "train.epochs=1"))
+    for name in ("config.yaml", "summary.json", "teacher_encoder.safetensors", "log.jsonl"):
+        if name == "log.jsonl":
+            trim_log(tmp_path / name, 1)  # drops steps 2 and 3: rewrites the file
+        assert any(Path(p).name.startswith(f".{name}.") and Path(p).parent == tmp_path for p in synced), name
+    assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_crash_while_exporting_the_encoder_leaves_the_old_file(tmp_path, monkeypatch) -> None:
+    import safetensors.torch
+
+    trainer = Pretrainer(tiny_config(tmp_path, "train.epochs=1"))
+    trainer.setup()
+    try:
+        path = trainer.export_teacher_encoder()
+        before = path.read_bytes()
+
+        def dies_half_way(tensors, filename, metadata=None) -> None:
+            Path(filename).write_bytes(before[:100])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.export_teacher_encoder()
+    finally:
+        trainer.cleanup()
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -280,7 +351,9 @@ def test_diverged_replicas_stop_the_run(tmp_path, monkeypatch) -> None:
     trainer = Pretrainer(tiny_config(tmp_path, "train.epochs=1"))
     trainer.setup()
     try:
-        monkeypatch.setattr(trainer, "_gather", lambda digest: [digest, "0" * 64])
+        # rank 1's digest differs (the other gather, of bad-clip counts, stays single-rank)
+        monkeypatch.setattr(trainer, "_gather",
+                            lambda obj, group=None: [obj, "0" * 64] if isinstance(obj, str) else [obj])
         with pytest.raises(ReplicaMismatchError, match=r"rank\(s\) \[1\] differ"):
             trainer.save_checkpoint()
     finally:
@@ -348,25 +421,78 @@ def test_checkpoint_of_another_world_size_is_refused(finished_run, tmp_path) -> 
     assert str(path) in str(err) and "4 process(es)" in str(err) and "same world size" in str(err)
 
 
-def test_pretrain_script_reports_a_checkpoint_error_and_exits_1(finished_run, tmp_path, caplog) -> None:
-    import importlib.util
+def test_optimizer_state_of_other_parameter_groups_is_named(finished_run, tmp_path) -> None:
+    """A checkpoint whose AdamW groups split the parameters differently (asit before the DINO weight-decay
+    rule kept the [CLS] token and positional embedding out of decay) is refused by name, not a bare ValueError."""
+    path = checkpoint_path(tmp_path, STEPS_PER_EPOCH)
+    state = load_checkpoint(checkpoint_path(finished_run, STEPS_PER_EPOCH))
+    decay, no_decay = state["optimizer"]["param_groups"]
+    moved = decay["params"][:2]
+    state["optimizer"]["param_groups"] = [dict(decay, params=decay["params"][2:]),
+                                          dict(no_decay, params=moved + no_decay["params"])]
+    atomic_save(state, path)
+    err = _setup_error(tiny_config(tmp_path))
+    assert isinstance(err, CheckpointError) and str(path) in str(err) and "parameter groups" in str(err)
+
+
+def test_a_larger_world_size_is_refused_before_the_rng_files(finished_run, tmp_path, monkeypatch) -> None:
+    """Rank 1 of 2 resuming a 1-process checkpoint (simulated in process: no collectives) has no RNG file of
+    its own; that is a layout mismatch, not damage: a plain CheckpointError names both world sizes and
+    what to do, and the checkpoint stays a resume candidate (it used to be renamed to *.corrupt)."""
+    import dataclasses
     import shutil
 
+    import asit.train.engine as engine
+    from asit.train.distributed import DistInfo
+
+    @dataclasses.dataclass(frozen=True)
+    class LoneRank(DistInfo):  # rank 1 of a 2-process world, without a process group
+        @property
+        def distributed(self) -> bool:
+            return False
+
     shutil.copytree(finished_run / "checkpoints", tmp_path / "checkpoints")
+    d = tiny_config(tmp_path).data  # only rank 0 makes the demo corpus: name its manifest
+    manifest = ensure_demo_dataset(None, num_clips=d.demo_clips, sample_rate=d.sample_rate, seconds=d.demo_seconds)
+    monkeypatch.setattr(engine, "init_distributed", lambda device: LoneRank(1, 1, 2, torch.device("cpu")))
+    err = _setup_error(tiny_config(tmp_path, f"data.train_manifest={manifest}"))
+    assert isinstance(err, CheckpointError) and not isinstance(err, CorruptCheckpointError), err
+    assert "written by 1 process(es), this run has 2" in str(err) and "Relaunch with 1 process(es)" in str(err)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint_{STEPS_PER_EPOCH:09d}.pt"]
+
+
+def _pretrain_script_main():
+    """``main`` of scripts/pretrain.py (a script, not a module of the package)."""
+    import importlib.util
+
     script = Path(__file__).parents[1] / "scripts" / "pretrain.py"
     spec = importlib.util.spec_from_file_location("pretrain_script", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module.main
+
+
+def test_pretrain_script_reports_a_checkpoint_error_and_exits_1(finished_run, tmp_path, caplog) -> None:
+    import shutil
+
+    shutil.copytree(finished_run / "checkpoints", tmp_path / "checkpoints")
     with caplog.at_level(logging.ERROR, logger="asit"):
-        rc = module.main(["--config", "demo_cpu", *TINY, f"train.output_dir={tmp_path}", "model.depth=3",
-                          "--resume"])
+        rc = _pretrain_script_main()(["--config", "demo_cpu", *TINY, f"train.output_dir={tmp_path}", "model.depth=3",
+                                      "--resume"])
     assert rc == 1
     assert any("different model" in r.getMessage() for r in caplog.records)
 
 
-def test_batch_larger_than_the_dataset(tmp_path) -> None:
+def test_batch_larger_than_the_dataset(tmp_path, caplog) -> None:
     err = _setup_error(tiny_config(tmp_path, "data.demo_clips=4"), resume=False)
     assert isinstance(err, ValueError) and "larger than the dataset (4 clips" in str(err)
+    # the script logs the message and exits 1 (it used to end in a traceback)
+    with caplog.at_level(logging.ERROR, logger="asit"):
+        rc = _pretrain_script_main()(["--config", "demo_cpu", *TINY, f"train.output_dir={tmp_path / 'run'}",
+                                      "data.demo_clips=4"])
+    assert rc == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "larger than the dataset" in
+            r.getMessage()]
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty_csv", "empty_folder", "missing_clips"])

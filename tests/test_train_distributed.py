@@ -30,16 +30,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(out: Path, cache: Path, *args: str, wrapper: Path | None = None) -> subprocess.CompletedProcess:
-    """Two CPU ranks of ``scripts/pretrain.py`` (each started through ``wrapper``, given one)."""
+def _torchrun(out: Path, cache: Path, *args: str, wrapper: Path | None = None, nproc: int = 2,
+             returncode: int = 0) -> subprocess.CompletedProcess:
+    """``nproc`` CPU ranks of ``scripts/pretrain.py`` (each started through ``wrapper``, given one); asserts that
+    torchrun ends with ``returncode``."""
     script = [str(wrapper)] if wrapper else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *script, str(ROOT / "scripts" / "pretrain.py"),
            "--config", "demo_cpu", *TINY, f"train.output_dir={out}", *args]
     env = dict(os.environ, ASIT_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                                  f"{proc.stderr[-6000:]}")
+    assert proc.returncode == returncode, (f"torchrun ended with {proc.returncode}, not {returncode}:\n"
+                                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
@@ -75,6 +77,23 @@ def test_ddp_run_then_resume(tmp_path) -> None:
         assert fh.metadata()["step"] == str(total)
         assert torch.equal(fh.get_tensor("cls_token"), final["teacher"]["backbone.cls_token"])
     assert json.loads((out / "summary.json").read_text())["steps"] == total
+
+
+@pytest.mark.slow
+def test_resume_with_more_processes_is_refused_and_leaves_the_checkpoint(tmp_path) -> None:
+    """A 1-process run resumed by 2 processes: rank 1 has no RNG file of its own. That is a layout
+    mismatch, not damage: both ranks stop with a CheckpointError naming both world sizes, nothing is
+    renamed to *.corrupt, and the same command with 1 process then resumes (it used to start from scratch)."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    _torchrun(out, cache, "train.epochs=1", nproc=1)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = _torchrun(out, cache, "train.epochs=2", "--resume", returncode=1)
+    text = proc.stdout + proc.stderr
+    assert text.count("was written by 1 process(es), this run has 2") == 2, text[-4000:]  # both ranks
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    proc = _torchrun(out, cache, "train.epochs=2", "--resume", nproc=1)
+    assert f"at step {STEPS_PER_EPOCH}" in proc.stdout + proc.stderr
+    assert load_checkpoint(out / "checkpoints" / f"checkpoint_{2 * STEPS_PER_EPOCH:09d}.pt")["step"] == 4
 
 
 _NAN_ON_RANK_1 = """
@@ -115,3 +134,44 @@ def test_ddp_sync_free_skip_on_one_rank_is_taken_by_all(tmp_path) -> None:
     assert records[1]["nonfinite"] == ["local"] and records[1]["skipped_steps"] == 1
     final = load_checkpoint(out / "checkpoints" / f"checkpoint_{STEPS_PER_EPOCH:09d}.pt")
     assert final["nonfinite"] == {"total": 1, "consecutive": 1}
+
+
+_BAD_CLIPS_ON_RANK_1 = """
+import runpy, sys
+from asit.train import engine
+
+original = engine.Pretrainer._setup_data
+
+
+class TwoBadPerBatch:  # rank 1's loader reports 2 unreadable clips in every batch
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield dict(batch, num_skipped=2, skip_reasons=["unreadable", "unreadable"])
+
+
+def _setup_data(self):
+    original(self)
+    if self.dist.rank == 1:
+        self.loader = TwoBadPerBatch(self.loader)
+
+
+engine.Pretrainer._setup_data = _setup_data
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_bad_clips_on_one_rank_stop_every_rank_together(tmp_path) -> None:
+    """Only rank 1 meets unreadable clips. The counts are summed over the ranks before they are judged, so both
+    ranks raise BadDataError at the same step (rank 1 used to raise alone, judged on its own counts, while
+    rank 0 went on into the next collective)."""
+    wrapper = tmp_path / "bad_on_rank_1.py"
+    wrapper.write_text(_BAD_CLIPS_ON_RANK_1)
+    proc = _torchrun(tmp_path / "run", tmp_path / "cache", "train.epochs=1", "data.max_bad_fraction=0.05",
+                     wrapper=wrapper, returncode=1)
+    text = proc.stdout + proc.stderr
+    assert text.count("epoch 1: 2 clips (of 18 loaded so far, all processes) could not be used") == 2, text[-4000:]

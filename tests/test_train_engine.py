@@ -76,11 +76,11 @@ class RecordingPretrainer(Pretrainer):
         self.other_start = self.student.backbone.blocks[0].attn.qkv.weight.detach().clone()
         self.centers_at_start = (self.loss_fn.center_global.clone(), self.loss_fn.center_local.clone())
 
-    def _end_epoch(self, epoch, skipped) -> None:
+    def _end_epoch(self, epoch) -> None:
         self.snapshots[epoch] = last_layer_state(self)
         if epoch == 0:
             self.other_after_epoch0 = self.student.backbone.blocks[0].attn.qkv.weight.detach().clone()
-        super()._end_epoch(epoch, skipped)
+        super()._end_epoch(epoch)
 
 
 class Interrupted(Exception):
@@ -128,7 +128,7 @@ def test_run_writes_checkpoints_logs_images_and_config(reference) -> None:
     assert (out / "checkpoints" / f"rng_{total:09d}_rank0.pt").is_file()
     state = load_checkpoint(out / "checkpoints" / ckpts[-1])
     assert state["step"] == total and state["epoch"] == 2
-    assert state["nonfinite"] == {"total": 0, "consecutive": 0}
+    assert state["nonfinite"] == {"total": 0, "consecutive": 0} and state["scaler_overflows"] == 0
 
     records = read_log(out)
     assert [r["step"] for r in records] == list(range(1, total + 1))
@@ -245,20 +245,23 @@ def test_ema_update_matches_the_formula(trainer) -> None:
     assert not torch.equal(t1[key], s1[key]) and not torch.equal(t1[key], t0[key])
 
 
-def test_param_groups_exclude_biases_norms_and_tokens_from_decay(trainer) -> None:
+def test_param_groups_follow_dino_no_decay_on_biases_and_norms_only(trainer) -> None:
+    """The authors' rule (DINO's get_params_groups): no decay for names ending in .bias and 1-D parameters;
+    the [CLS] token and the positional embedding are decayed like the matrices."""
     names = {id(p): n for n, p in trainer.student.named_parameters()}
     decay, no_decay = trainer.optimizer.param_groups
     assert decay["apply_wd"] and not no_decay["apply_wd"] and no_decay["weight_decay"] == 0.0
     decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert not decay_names & no_decay_names
-    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.norm.weight", "backbone.norm.bias",
-            "backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.bias", "head.mlp.0.bias",
-            "recon_head.convTrans.bias"} <= no_decay_names
-    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "head.mlp.0.weight",
-            "head.last_layer.weight_v", "recon_head.convTrans.weight"} <= decay_names
-    assert all(n.endswith(".bias") or n.endswith(("cls_token", "pos_embed")) or "norm" in n
-               for n in no_decay_names)
+    assert {"backbone.norm.weight", "backbone.norm.bias", "backbone.blocks.0.norm1.weight",
+            "backbone.blocks.0.attn.qkv.bias", "head.mlp.0.bias", "recon_head.convTrans.bias"} <= no_decay_names
+    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight",
+            "backbone.blocks.0.attn.qkv.weight", "head.mlp.0.weight", "head.last_layer.weight_v",
+            "recon_head.convTrans.weight"} <= decay_names
+    params = dict(trainer.student.named_parameters())
+    assert all(n.endswith(".bias") or params[n].ndim == 1 for n in no_decay_names)
+    assert all(not n.endswith(".bias") and params[n].ndim > 1 for n in decay_names)
     # the frozen g (v1) is in no group; every trainable parameter is in exactly one
     trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
     assert decay_names | no_decay_names == trainable
@@ -343,6 +346,37 @@ def test_nonfinite_gradient_norm_alone_skips(trainer) -> None:
     trainer.writer.flush()
     event = [r for r in read_log(trainer.run_dir) if r.get("event") == "nonfinite_skip"][-1]
     assert event["nonfinite_params"] == ["backbone"]  # only cls_token's gradient was poisoned
+
+
+def test_fp16_scaler_overflow_skips_the_optimiser_only(trainer, caplog) -> None:
+    """With loss scaling (fp16; a CPU GradScaler here), finite loss terms and overflowing scaled gradients are the
+    scaler's routine overflow: it skips the optimiser step and halves its scale; the teacher EMA and the centres
+    update as in the authors' (DINO) loop, and the step is not a non-finite skip. A run of overflows still stops
+    at train.max_consecutive_nonfinite."""
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert not trainer.train_step(next(trainer.batches), epoch=0).skipped  # teacher and student now differ
+    trainer.scaler.update(new_scale=2.0**127)  # loss x 2^127 overflows float32: every gradient is inf/NaN
+    before = _frozen_state(trainer)
+    with caplog.at_level("INFO", logger="asit.train.engine"):
+        result = trainer.train_step(next(trainer.batches), epoch=0)
+    assert result.scaler_overflow and result.nonfinite == ["grad_norm"]
+    assert math.isfinite(float(result.terms["loss"]))
+    after = _frozen_state(trainer)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("s."))  # no optimiser step
+    momentum = float(trainer.momentum_sched[1])
+    for k in (k for k in before if k.startswith("t.")):  # the teacher EMA ran, towards the unchanged student
+        expected = momentum * before[k] + (1 - momentum) * before["s." + k[2:]]
+        torch.testing.assert_close(after[k], expected, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(after["t.backbone.cls_token"], before["t.backbone.cls_token"])
+    assert not torch.equal(after["c.global"], before["c.global"])  # the centres moved
+    assert trainer.scaler.get_scale() == 2.0**126
+    assert trainer.nonfinite_total == 0 and trainer.scaler_overflows == 1 and trainer.nonfinite_consecutive == 1
+    assert "loss-scale overflow" in caplog.text and "WARNING" not in caplog.text
+    state = trainer.state_dict()
+    assert state["nonfinite"] == {"total": 0, "consecutive": 1} and state["scaler_overflows"] == 1
+    trainer.cfg.train.max_consecutive_nonfinite = 2
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps without an optimiser update.*loss scale"):
+        trainer.train_step(next(trainer.batches), epoch=0)  # 2^126 overflows too
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch) -> None:
@@ -563,6 +597,32 @@ def test_resume_after_interruption_is_exact(reference, tmp_path, crash_at: int, 
     assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     ref_loss = [r["loss"] for r in read_log(ref_dir)]
     assert [r["loss"] for r in read_log(tmp_path)] == ref_loss
+
+
+def test_resume_warns_about_changed_settings(tmp_path, caplog) -> None:
+    """Settings that change the data order, schedules or objective are listed in a warning on resume; output,
+    logging and checkpoint cadence may change silently; an unchanged config resumes without the warning."""
+    run(Pretrainer(tiny_config(tmp_path, "train.epochs=1", "train.image_every_epochs=0")))
+
+    def resume_warnings(*extra: str) -> list[str]:
+        caplog.clear()
+        trainer = Pretrainer(tiny_config(tmp_path, "train.epochs=1", "train.image_every_epochs=0", *extra),
+                             resume=True)
+        try:
+            with caplog.at_level("WARNING", logger="asit.train.engine"):
+                trainer.setup()
+        finally:
+            trainer.cleanup()
+        return [r.getMessage() for r in caplog.records if "setting(s) changed" in r.getMessage()]
+
+    assert resume_warnings("train.log_every=2", "train.checkpoint_every_steps=5", "train.keep_last=4") == []
+    (message,) = resume_warnings("train.seed=1", "optim.lr=2e-3", "loss.weight_recon=1.0", "train.epochs=3",
+                                 "train.log_every=2")
+    assert "with 4 setting(s) changed" in message
+    for item in ("train.seed: 0 there, 1 here", "optim.lr: 0.001 there, 0.002 here",
+                 "loss.weight_recon: 2.0 there, 1.0 here", "train.epochs: 1 there, 3 here"):
+        assert item in message
+    assert "log_every" not in message
 
 
 def test_resume_rejects_a_different_dataset_size(tmp_path) -> None:

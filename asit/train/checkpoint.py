@@ -1,6 +1,7 @@
 """Checkpoint files that survive crashes.
 
-* Written atomically: a temporary file in the same folder, fsynced, renamed into place, folder fsynced.
+* Written atomically (:mod:`asit.atomic_io`): a temporary file in the same folder, fsynced, renamed into
+  place, folder fsynced.
 * Checked on load: a SHA-256 sidecar (``<file>.sha256``, ``sha256sum -c`` format) written atomically
   after the file, then ``torch.load(weights_only=True)`` (no arbitrary pickles) and the required keys.
   Any failure there raises :class:`CorruptCheckpointError`; a resume then falls back to an older file.
@@ -13,12 +14,13 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from asit.atomic_io import atomic_write, fsync_dir
 
 __all__ = [
     "CheckpointError", "CorruptCheckpointError", "REQUIRED_KEYS", "atomic_save", "checkpoint_path",
@@ -45,32 +47,6 @@ class CorruptCheckpointError(CheckpointError):
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, fsync it and rename it to ``path``: a crash
-    leaves either the old file or the complete new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class _HashingWriter:
@@ -104,9 +80,9 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         torch.save(obj, hashing)
         digest.append(hashing.sha.hexdigest())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     line = f"{digest[0]}  {path.name}\n".encode()
-    _atomic_write(_checksum_path(path), lambda fh: fh.write(line))
+    atomic_write(_checksum_path(path), lambda fh: fh.write(line))
     return path
 
 
@@ -252,5 +228,5 @@ def quarantine(path: str | Path) -> Path:
     sidecar = _checksum_path(path)
     if sidecar.exists():
         os.replace(sidecar, target.with_name(target.name + CHECKSUM_SUFFIX))
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return target

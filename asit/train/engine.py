@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from asit.atomic_io import atomic_path, atomic_write_text
 from asit.config import Config, config_to_dict, save_config
 from asit.data.fbank import fbank_views
 from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs, ring_bytes, shared_memory_free
@@ -46,7 +47,8 @@ from .metrics import MetricWriter, softmax_entropy, trim_log
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
-__all__ = ["EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult"]
+__all__ = ["BadDataError", "EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult",
+           "bad_fraction_error"]
 
 _CHECKED_TERMS = ("global", "local", "recon")
 _FLAG_NAMES = (*_CHECKED_TERMS, "grad_norm")  # what the non-finite guard checks, in this order
@@ -57,6 +59,17 @@ FAULT_STEP_ENV = "ASIT_FAULT_AT_STEP"
 FAULT_RANK_ENV = "ASIT_FAULT_RANK"
 
 log = logging.getLogger(__name__)
+
+# Config keys that may differ on resume without changing what is trained: where output goes, how often it is
+# logged and checkpointed, guard thresholds, and speed settings that keep the batches and the maths (up to float
+# rounding). A change of any other key is listed in a warning (data order, schedules, objective or numerics).
+RESUME_FREE_KEYS = frozenset({
+    "name", "train.output_dir", "train.log_every", "train.progress", "train.checkpoint_every_steps",
+    "train.keep_last", "train.keep_every_steps", "train.keep_every_epochs", "train.auto_resume",
+    "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite", "train.compile",
+    "train.compile_mode", "train.sync_free", "data.max_bad_fraction", "data.num_workers", "data.batch_ring",
+    "data.fbank_on", "data.cache_dir", "model.attn_backend",
+})
 
 
 class EpochSampler(Sampler[int]):
@@ -84,6 +97,32 @@ class BadDataError(RuntimeError):
     """Too many clips of an epoch could not be decoded (``data.max_bad_fraction``)."""
 
 
+def bad_fraction_error(skipped: Counter[str] | dict[str, int], seen: int, planned: int, limit: float, *,
+                       epoch_done: bool) -> str | None:
+    """Why an epoch has too many unusable clips (``data.max_bad_fraction``), or None.
+
+    ``skipped``: unusable clips per reason so far, ``seen``: clips loaded so far (usable or not), ``planned``:
+    the clips the epoch draws (steps × batch × processes). At the epoch end the rule is ``bad > limit · seen``.
+    Before that only a spent budget counts, never the rate of a prefix (bad files cluster, and a prefix over
+    the limit says little about a 2M-clip epoch): a loader that replaces unusable clips (DALI) can load at
+    most ``planned + bad`` clips, so ``bad > limit · (planned + bad)`` now means over the limit at the end,
+    whatever the rest of the epoch holds.
+    """
+    bad = sum(skipped.values())
+    if not bad:
+        return None
+    counts = dict(Counter(skipped).most_common(5))
+    if epoch_done:
+        if bad <= limit * seen:
+            return None
+        return (f"{bad} of {seen} clips ({bad / seen:.1%}, all processes) could not be used, more than "
+                f"data.max_bad_fraction={limit}; reasons: {counts}")
+    if bad <= limit * (planned + bad):
+        return None
+    return (f"{bad} clips (of {seen} loaded so far, all processes) could not be used, already more than "
+            f"data.max_bad_fraction={limit} of the epoch's {planned} clips; reasons: {counts}")
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss term or gradient norm."""
 
@@ -100,13 +139,16 @@ class StepResult:
     no host sync). ``flags``: per name in ``global``/``local``/``recon``/``grad_norm``, 1 where it was
     NaN/Inf on some rank (a device tensor). ``nonfinite`` reads them (a host sync, done at once unless
     the step runs sync-free): the names that were non-finite; non-empty means the step was skipped: no
-    optimiser, teacher or centre update. ``monitors``: collapse monitors as 0-d device tensors (only
-    when asked for).
+    optimiser, teacher or centre update, except on an fp16 loss-scale overflow (``scaler_overflow``: with
+    loss scaling on, only the gradient norm was non-finite), where the scaler skips the optimiser step
+    and the teacher and centres update as in the authors' loop. ``monitors``: collapse monitors as 0-d
+    device tensors (only when asked for). ``scaling``: the step ran with fp16 loss scaling.
     """
 
     terms: dict[str, torch.Tensor]
     flags: torch.Tensor | None = None
     monitors: dict[str, torch.Tensor] = field(default_factory=dict)
+    scaling: bool = False
     _nonfinite: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -119,6 +161,11 @@ class StepResult:
     @property
     def skipped(self) -> bool:
         return bool(self.nonfinite)
+
+    @property
+    def scaler_overflow(self) -> bool:
+        """The loss scaler's overflow: finite loss terms, a non-finite gradient norm, fp16 loss scaling on."""
+        return self.scaling and self.nonfinite == ["grad_norm"]
 
 
 class _StudentStep(nn.Module):
@@ -138,17 +185,29 @@ class _StudentStep(nn.Module):
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases, norms, tokens and positional embeddings excluded (DINO's rule
-    extended to the timm names)."""
+    """DINO's ``get_params_groups`` (the authors' rule): no weight decay on biases and other 1-D parameters
+    (the norms' weights); every other parameter, [CLS] token and positional embedding included, is decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.endswith(("cls_token", "pos_embed")):
+        if p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: ``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def _rng_state(gmml_gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -197,9 +256,16 @@ class Pretrainer:
         self.step = 0
         self.start_epoch = 0
         self.skip_batches = 0
-        self.bad_inputs: Counter[str] = Counter()
+        self.bad_inputs: Counter[str] = Counter()  # unusable clips per reason, all ranks, finished epochs
+        # the current epoch's unusable clips per reason and clips loaded, summed over all ranks up to the last
+        # reduction (_reduce_bad_counts: identical on every rank), and this rank's counts since then
+        self.epoch_bad: Counter[str] = Counter()
+        self.epoch_seen = 0
+        self._pending_bad: Counter[str] = Counter()
+        self._pending_seen = 0
         self.nonfinite_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
-        self.nonfinite_consecutive = 0
+        self.nonfinite_consecutive = 0  # steps in a row without an optimiser update (fp16 overflows included)
+        self.scaler_overflows = 0  # fp16 steps whose scaled gradients overflowed (optimiser step skipped)
         self.gmml_shortfall_total = 0  # sync-free GMML samples left below their target (budget too small)
         # the epoch's last step: its StepResult and a few (clean, corrupted, recon, mask) samples
         self._preview: tuple | None = None
@@ -471,7 +537,11 @@ class Pretrainer:
             "world_size": self.dist.world_size,
             "rng": _rng_state(self.gmml_gen),
             "bad_inputs": dict(self.bad_inputs),
+            # the current epoch's counts so far (all ranks; reduced by save_checkpoint), for a mid-epoch resume
+            "epoch_bad_inputs": dict(self.epoch_bad),
+            "epoch_seen": self.epoch_seen,
             "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
+            "scaler_overflows": self.scaler_overflows,
             "gmml_shortfall": self.gmml_shortfall_total,
             "config": config_to_dict(self.cfg),
         }
@@ -486,6 +556,7 @@ class Pretrainer:
         it prunes; (5) barrier. A crash at any point leaves the previous checkpoint usable.
         """
         self._sync_nonfinite()
+        self._reduce_bad_counts()
         step = self.step
         digests = self._replica_digests() if self.cfg.train.verify_replicas else None
         atomic_save(_rng_state(self.gmml_gen), rng_path(self.run_dir, step, self.dist.rank))
@@ -510,12 +581,12 @@ class Pretrainer:
         it = self.iters_per_epoch
         return bool(t.keep_every_epochs and step % it == 0 and (step // it) % t.keep_every_epochs == 0)
 
-    def _gather(self, obj: Any) -> list[Any]:
+    def _gather(self, obj: Any, group: Any = None) -> list[Any]:
         """``obj`` from every rank, in rank order (a list of one without a process group)."""
         if not self.dist.distributed:
             return [obj]
         out: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
     def _replica_digests(self) -> list[str]:
@@ -549,13 +620,21 @@ class Pretrainer:
         damaged: list[str] = []
         for name in reversed(names):
             path = folder / name
+            state, rng, problem, misfit = None, None, None, None
             try:
                 state = load_checkpoint(path, map_location=self.device)
-                rng = self._read_rng(path, state)
-                problem = None
+                misfit = self._layout_misfit(path, state)
+                if misfit is None:
+                    rng = self._read_rng(path, state)
             except CorruptCheckpointError as err:
-                state, rng, problem = None, None, str(err)
-            problems = [p for p in self._gather(problem) if p]
+                problem = str(err)
+            # a sound checkpoint of another world size or epoch length: stop on every rank (its files are
+            # fine, so nothing is moved aside; an older checkpoint of the same run would not fit either)
+            reports = self._gather((problem, misfit))
+            misfits = [m for _, m in reports if m]
+            if misfits:
+                raise CheckpointError(misfits[0])
+            problems = [p for p, _ in reports if p]
             if not problems:
                 break
             damaged.append(name)
@@ -575,8 +654,30 @@ class Pretrainer:
             return
         self._apply_state(path, state, rng)
 
+    def _layout_misfit(self, path: Path, state: dict[str, Any]) -> str | None:
+        """Why checkpoint ``path`` cannot continue in this run's layout (another world size or number of steps
+        per epoch), or None. Checked before the RNG side files: a larger world has ranks without one.
+
+        Raises:
+            CorruptCheckpointError: the checkpoint lacks the two values.
+        """
+        try:
+            world, iters = int(state["world_size"]), int(state["iters_per_epoch"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptCheckpointError(f"checkpoint {path} lacks a valid world_size/iters_per_epoch") from err
+        if world != self.dist.world_size:
+            return (f"{path} was written by {world} process(es), this run has {self.dist.world_size}: exact "
+                    f"resume needs the same world size. Relaunch with {world} process(es) in total (torchrun "
+                    "--nnodes × --nproc_per_node), or use a new train.output_dir to start a separate run")
+        if iters != self.iters_per_epoch:
+            return (f"{path}: {iters} steps/epoch there, {self.iters_per_epoch} now (dataset, "
+                    "train.batch_size or train.max_steps_per_epoch changed): resume with the settings it was "
+                    "written with, or use a new train.output_dir")
+        return None
+
     def _read_rng(self, path: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """This rank's RNG states for checkpoint ``path``: rank 0's are inside it, the others' in side files."""
+        """This rank's RNG states for checkpoint ``path``: rank 0's are inside it, the others' in side files
+        (only called once the world sizes are known to match)."""
         if self.dist.rank == 0:
             return state["rng"]
         side = rng_path(self.run_dir, checkpoint_step(path), self.dist.rank)
@@ -610,27 +711,42 @@ class Pretrainer:
         raise CheckpointError(f"{path} was written for a different model ({'; '.join(settings + tensors)}): "
                               "resume with the same model settings or use a new train.output_dir")
 
+    def _warn_changed_config(self, path: Path, state: dict[str, Any]) -> None:
+        """Rank 0: warn, listing them, when keys outside :data:`RESUME_FREE_KEYS` differ from the config saved in
+        checkpoint ``path``: the run continues, but not as the saved one would have."""
+        if not (self.dist.is_main and isinstance(state["config"], dict)):
+            return
+        saved, now = _flatten(state["config"]), _flatten(config_to_dict(self.cfg))
+        changed = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in now.items()
+                   if k in saved and saved[k] != v and k not in RESUME_FREE_KEYS]
+        if changed:
+            log.warning("resuming from %s with %d setting(s) changed: %s. The run continues with the new values "
+                        "(data order, schedules or the objective may differ from the run that wrote the checkpoint); "
+                        "resume with the values found 'there' for an exact continuation", path,
+                        len(changed), "; ".join(changed))
+
     def _apply_state(self, path: Path, state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
-        if state["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{path} was written by {state['world_size']} process(es), this run has "
-                                  f"{self.dist.world_size}: exact resume needs the same world size")
-        if state["iters_per_epoch"] != self.iters_per_epoch:
-            raise CheckpointError(f"{path}: {state['iters_per_epoch']} steps/epoch there, "
-                                  f"{self.iters_per_epoch} "
-                                  "now (dataset or batch size changed)")
         self._check_model_matches(path, state)
+        self._warn_changed_config(path, state)
         try:
             self.student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
         except RuntimeError as err:
             raise CheckpointError(f"{path} does not match the configured model: {err}") from err
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # e.g. parameter groups of another split (asit before the DINO decay rule)
+            raise CheckpointError(f"{path}: its optimiser state does not fit this run's parameter groups ({err}); "
+                                  "resume with the asit version that wrote it, or use a new train.output_dir") from err
         self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.load_state_dict(state["loss"])
         self.bad_inputs.update(state.get("bad_inputs", {}))
+        self.epoch_bad = Counter(state.get("epoch_bad_inputs", {}))
+        self.epoch_seen = int(state.get("epoch_seen", 0))
         nonfinite = state.get("nonfinite", {})
         self.nonfinite_total = int(nonfinite.get("total", 0))
         self.nonfinite_consecutive = int(nonfinite.get("consecutive", 0))
+        self.scaler_overflows = int(state.get("scaler_overflows", 0))
         self._nf_counts.zero_()
         self._nf_counts[0], self._nf_counts[1] = self.nonfinite_total, self.nonfinite_consecutive
         self.gmml_shortfall_total = int(state.get("gmml_shortfall", 0))
@@ -742,7 +858,10 @@ class Pretrainer:
 
         A non-finite loss term or gradient norm (on any rank) skips the step: the gradients are
         dropped and neither the optimiser, the teacher nor the centres change; the step counter still
-        advances (the batch is consumed and the schedules move on, so resume stays exact). Checking
+        advances (the batch is consumed and the schedules move on, so resume stays exact). With fp16 loss
+        scaling, finite loss terms and a non-finite gradient norm are the scaler's overflow: the scaler skips
+        the optimiser step and lowers its scale, the teacher and centres update (the authors' loop), and the
+        step counts towards ``train.max_consecutive_nonfinite`` only while overflows follow each other. Checking
         costs one host sync per step (plus a tiny all-reduce under DDP), unless the trainer runs
         sync-free (``train.sync_free``): then the skip is applied on the device and reported at the next
         log interval, checkpoint or epoch end (:meth:`_sync_nonfinite`), and the result's ``nonfinite``
@@ -781,7 +900,7 @@ class Pretrainer:
         terms = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
             terms["grad_norm"] = grad_norm.detach()
-        result = StepResult(terms, flags=self._nonfinite_flags(terms))
+        result = StepResult(terms, flags=self._nonfinite_flags(terms), scaling=self.scaler.is_enabled())
         if monitors:
             result.monitors = self._monitors(hp, teacher_out)  # with the centres this step used
         if preview:  # a skipped step's picture is dropped at the epoch end (_end_epoch reads the flags)
@@ -790,14 +909,19 @@ class Pretrainer:
             self._preview = (result, *(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask)))
         if self.sync_free:
             self._step_or_skip_on_device(result.flags, hp, center_stats)
-        elif result.skipped:
+        elif result.skipped and not result.scaler_overflow:
             self._skip_step(result)
         else:
+            # an fp16 loss-scale overflow: the scaler skips the optimiser step and lowers the scale, and the teacher
+            # and centres update from the finite outputs, as every step of the authors' (DINO) loop
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.loss_fn.update_centers_(center_stats)
             self.pair.update_teacher(hp["momentum"])
-            self.nonfinite_consecutive = 0
+            if result.scaler_overflow:
+                self._count_overflow()
+            else:
+                self.nonfinite_consecutive = 0
         self.step += 1
         self._hp = hp
         return result
@@ -907,6 +1031,25 @@ class Pretrainer:
                 f"{what}. Stopping. Try a lower optim.lr, train.precision=bf16/fp32, or check the data; "
                 f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
 
+    def _count_overflow(self) -> None:
+        """After an fp16 loss-scale overflow: routine while the scaler finds its scale (an INFO line), but a long
+        run of them means the gradients are non-finite at any scale, so they count towards
+        ``train.max_consecutive_nonfinite`` (not towards the non-finite skips' total)."""
+        self.scaler_overflows += 1
+        self.nonfinite_consecutive += 1
+        scale = self.scaler.get_scale()
+        if self.dist.is_main:
+            log.info("step %d: fp16 loss-scale overflow; optimiser step skipped, loss scale lowered to %g "
+                     "(%d in a row)", self.step + 1, scale, self.nonfinite_consecutive)
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.nonfinite_consecutive >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_consecutive} consecutive steps without an optimiser update "
+                f"(train.max_consecutive_nonfinite={limit}); the last, step {self.step + 1}, overflowed the fp16 "
+                f"loss scale (each overflow halves it; now {scale:g}): the gradients stay non-finite. Stopping. Try "
+                f"a lower optim.lr or train.precision=bf16/fp32; the last good checkpoint is in "
+                f"{self.run_dir / 'checkpoints'}")
+
     def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Collapse monitors: teacher entropy per head (max log K), with the step's centres; 0-d device
         tensors, read when the step is logged."""
@@ -938,14 +1081,11 @@ class Pretrainer:
             bar = tqdm(total=self.iters_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                        disable=not (self.dist.is_main and cfg.train.progress), dynamic_ncols=True, leave=True)
             window_start, window_samples = time.time(), 0
-            epoch_skipped: Counter[str] = Counter()
             self._preview = None
-            epoch_seen = 0
             for batch in self.loader:
                 batch = self.batch_views(batch)
-                epoch_skipped.update(batch.get("skip_reasons", []))
-                epoch_seen += batch["views"].shape[0] + int(batch.get("num_skipped", 0))
-                self._check_bad_fraction(epoch, epoch_seen, epoch_skipped)
+                self._pending_bad.update(batch.get("skip_reasons", []))
+                self._pending_seen += batch["views"].shape[0] + int(batch.get("num_skipped", 0))
                 next_step = self.step + 1
                 log_now = next_step % cfg.train.log_every == 0 or next_step == self.total_steps
                 result = None
@@ -960,6 +1100,8 @@ class Pretrainer:
                 bar.update(1)
                 if log_now:
                     self._sync_nonfinite()
+                    self._reduce_bad_counts()  # every rank: the same step, the same totals, the same verdict
+                    self._check_bad_fraction(epoch, epoch_done=False)
                 if log_now and result is not None and not result.skipped:
                     rate = window_samples / max(time.time() - window_start, 1e-9)
                     values = self._log_values(result, epoch, rate)
@@ -978,13 +1120,12 @@ class Pretrainer:
                     self.save_checkpoint()
             bar.close()
             self._sync_nonfinite()
-            self._end_epoch(epoch, epoch_skipped)
+            self._end_epoch(epoch)
         summary.update(steps=self.step, wall_time_s=time.time() - started,
                        nonfinite_skipped=self.nonfinite_total)
         if self.dist.is_main:
             summary["encoder"] = str(self.export_teacher_encoder())
-            with open(self.run_dir / "summary.json", "w", encoding="utf-8") as fh:
-                json.dump(summary, fh, indent=2)
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def _log_values(self, result: StepResult, epoch: int, samples_per_s: float) -> dict[str, Any]:
@@ -996,30 +1137,42 @@ class Pretrainer:
         values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
         values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
         values["nonfinite_total"] = self.nonfinite_total
+        if self.scaler.is_enabled():  # fp16
+            values["loss_scale"] = self.scaler.get_scale()
+            values["scaler_overflows"] = self.scaler_overflows
         if self.sync_free:
             values["gmml_shortfall"] = self.gmml_shortfall_total  # read by _sync_nonfinite just before
         return values
 
-    def _check_bad_fraction(self, epoch: int, seen: int, skipped: Counter[str]) -> None:
-        """Stop when unreadable clips exceed ``data.max_bad_fraction`` of what this rank loaded this epoch.
+    def _reduce_bad_counts(self) -> None:
+        """Add every rank's unusable and loaded clips since the last call to the epoch's totals, which are then
+        the same on every rank. A collective (over the gloo group when the step runs sync-free under NCCL):
+        all ranks call it at the same points (log steps, checkpoints, epoch ends)."""
+        mine = (dict(self._pending_bad), self._pending_seen)
+        for bad, seen in self._gather(mine, group=self._host_group):
+            self.epoch_bad.update(bad)
+            self.epoch_seen += seen
+        self._pending_bad, self._pending_seen = Counter(), 0
 
-        Judged once at least 100 clips (or the whole epoch on a smaller set) were seen, so one bad file
-        in a tiny first batch does not stop a run.
-        """
-        bad = sum(skipped.values())
-        limit = self.cfg.data.max_bad_fraction
-        enough = seen >= min(100, self.iters_per_epoch * self.cfg.train.batch_size)
-        if bad and enough and bad > limit * seen:
-            raise BadDataError(
-                f"epoch {epoch + 1}: {bad} of {seen} clips ({bad / seen:.1%}) could not be used, more than "
-                f"data.max_bad_fraction={limit}; reasons: {dict(skipped.most_common(5))}. Check the manifest "
-                f"{self.cfg.data.train_manifest} (the log names each file) or raise the limit.")
+    def _check_bad_fraction(self, epoch: int, *, epoch_done: bool) -> None:
+        """Raise :class:`BadDataError` when the epoch's unusable clips (all ranks, as of the last
+        :meth:`_reduce_bad_counts`) exceed ``data.max_bad_fraction``; the same verdict on every rank."""
+        planned = self.iters_per_epoch * self.cfg.train.batch_size * self.dist.world_size
+        message = bad_fraction_error(self.epoch_bad, self.epoch_seen, planned, self.cfg.data.max_bad_fraction,
+                                     epoch_done=epoch_done)
+        if message:
+            raise BadDataError(f"epoch {epoch + 1}: {message}. Check the manifest {self.cfg.data.train_manifest} "
+                               "(the log names each file) or raise the limit.")
 
-    def _end_epoch(self, epoch: int, skipped: Counter[str]) -> None:
-        self.bad_inputs.update(skipped)
-        if skipped and self.dist.is_main:
-            log.warning("epoch %d: skipped %d unreadable clip(s): %s", epoch + 1, sum(skipped.values()),
-                        dict(skipped.most_common(5)))
+    def _end_epoch(self, epoch: int) -> None:
+        self._reduce_bad_counts()
+        bad = sum(self.epoch_bad.values())
+        if bad and self.dist.is_main:
+            log.warning("epoch %d: skipped %d of %d clip(s) (%.2f%%, all processes): %s", epoch + 1, bad,
+                        self.epoch_seen, 100 * bad / max(self.epoch_seen, 1), dict(self.epoch_bad.most_common(5)))
+        self._check_bad_fraction(epoch, epoch_done=True)
+        self.bad_inputs.update(self.epoch_bad)
+        self.epoch_bad, self.epoch_seen = Counter(), 0
         self.writer.flush()
         every = self.cfg.train.image_every_epochs
         if (self.dist.is_main and every and (epoch + 1) % every == 0 and self._preview is not None
@@ -1045,9 +1198,8 @@ class Pretrainer:
                 "embed_dim": str(backbone.embed_dim), "depth": str(len(backbone.blocks)),
                 "num_heads": str(backbone.blocks[0].attn.num_heads)}
         path = self.run_dir / "teacher_encoder.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     def cleanup(self) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from asit.atomic_io import atomic_write_text
 
 __all__ = ["MetricWriter", "softmax_entropy", "trim_log"]
 
@@ -85,7 +86,5 @@ def trim_log(path: Path, step: int) -> None:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
         logger.info("%s: dropped %d record(s) written after step %d by the interrupted run", path, dropped, step)
