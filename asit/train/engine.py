@@ -1203,6 +1203,9 @@ class Pretrainer:
         return path
 
     def cleanup(self) -> None:
+        loader = getattr(self, "loader", None)
+        if loader is not None and hasattr(loader, "close"):  # DALI: its pipeline and shard index files
+            loader.close()
         ring = getattr(self, "ring", None)
         if ring is not None:
             ring.release()
