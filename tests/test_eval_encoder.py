@@ -14,7 +14,7 @@ import asit
 from asit.data import kaldi_fbank, normalize_fbank
 from asit.data.fbank import batched_kaldi_fbank
 from asit.data.transforms import pad_or_crop_random
-from asit.eval import AudioEncoder, EncoderError, load_encoder
+from asit.eval import AudioEncoder, EncoderError, export_encoder, load_encoder
 from asit.models import build_backbone, encode
 
 SR = 8000
@@ -113,6 +113,31 @@ def test_num_heads_metadata_comes_first(tmp_path):
     _rewrite_metadata(path, num_heads="5")
     with pytest.raises(EncoderError, match="does not divide"):
         load_encoder(path)
+
+
+def test_export_encoder_roundtrip_and_checks(tmp_path):
+    backbone = _tiny_backbone(4)
+    path = export_encoder(backbone, tmp_path / "x.safetensors", sample_rate=SR, mean=MEAN, std=STD, step=3)
+    enc = load_encoder(path)
+    assert (enc.sample_rate, enc.mean, enc.std, enc.target_frames, enc.num_mel_bins) == (SR, MEAN, STD, FRAMES, MELS)
+    assert enc.backbone.blocks[0].attn.num_heads == 3 and enc.metadata["step"] == "3"
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(enc.backbone.state_dict()[k], v), k
+    assert not list(tmp_path.glob("*.tmp"))
+    # a state dict needs the two facts its shapes do not hold
+    state = backbone.state_dict()
+    with pytest.raises(EncoderError, match="img_size and num_heads"):
+        export_encoder(state, tmp_path / "y.safetensors", sample_rate=SR, mean=MEAN, std=STD)
+    export_encoder(state, tmp_path / "y.safetensors", sample_rate=SR, mean=MEAN, std=STD, img_size=(FRAMES, MELS),
+                   num_heads=3)
+    assert load_encoder(tmp_path / "y.safetensors").backbone.blocks[0].attn.num_heads == 3
+    with pytest.raises(EncoderError, match="not a ViT"):  # positional grid of another input size
+        export_encoder(state, tmp_path / "z.safetensors", sample_rate=SR, mean=MEAN, std=STD,
+                       img_size=(2 * FRAMES, MELS), num_heads=3)
+    with pytest.raises(EncoderError, match="does not divide"):
+        export_encoder(state, tmp_path / "z.safetensors", sample_rate=SR, mean=MEAN, std=STD,
+                       img_size=(FRAMES, MELS), num_heads=5)
+    assert not (tmp_path / "z.safetensors").exists()
 
 
 def test_features_match_pretraining_pipeline(encoder_file):

@@ -17,6 +17,9 @@ zero-padded *as a waveform* before the fbank, as pretraining pads short crops (t
 hit Kaldi's log floor). A longer clip is cut into windows every ``hop_frames`` frames, and the last
 window is moved back to end at the clip's end, so every window is real audio (it overlaps the one
 before); see :meth:`AudioEncoder.embed` for how the frame embeddings of the overlap are combined.
+
+:func:`export_encoder` writes the file format (the trainer's ``teacher_encoder.safetensors``, or
+any backbone, e.g. one imported with :mod:`asit.eval.interop`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -43,6 +47,7 @@ __all__ = [
     "EncoderError",
     "EncoderOutput",
     "backbone_spec",
+    "export_encoder",
     "load_encoder",
     "read_encoder_metadata",
 ]
@@ -97,7 +102,7 @@ def backbone_spec(state: Mapping[str, torch.Tensor], meta: Mapping[str, str]) ->
 
     Widths, depth, patch size and MLP ratio come from the tensor shapes. The number of heads is
     invisible in the shapes: it comes from the ``num_heads`` metadata (written by
-    ``Pretrainer.export_teacher_encoder``), else from the stored config's ``model.num_heads``, else from the
+    :func:`export_encoder`), else from the stored config's ``model.num_heads``, else from the
     ``arch`` preset when its width matches.
     """
     try:
@@ -139,6 +144,85 @@ def backbone_spec(state: Mapping[str, torch.Tensor], meta: Mapping[str, str]) ->
     )
 
 
+def export_encoder(
+    backbone: VisionTransformer | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    sample_rate: int,
+    mean: float,
+    std: float,
+    img_size: tuple[int, int] | None = None,
+    num_heads: int | None = None,
+    arch: str = "custom",
+    config: Mapping[str, Any] | None = None,
+    step: int = 0,
+) -> Path:
+    """Write an encoder file that :func:`load_encoder`, fine-tuning, probing and HEAR read.
+
+    The file is safetensors: the backbone's tensors under timm's names plus string metadata
+    (``format``, ``arch``, ``patch_size``, ``img_size``, ``sample_rate``, ``num_mel_bins``,
+    ``mean``, ``std``, ``embed_dim``, ``depth``, ``num_heads``, ``config``, ``step``). It is
+    written to a temporary name and renamed, so a reader never sees half a file.
+
+    Args:
+        backbone: a ViT from :func:`asit.models.build_backbone`, or its state dict (then
+            ``img_size`` and ``num_heads`` are required: neither shows in the tensor shapes).
+        path: the output file (``.safetensors``).
+        sample_rate: the rate the encoder expects; :meth:`AudioEncoder.embed` resamples to it.
+        mean, std: the fbank statistics of its input normalisation ``(fbank - mean) / (2 std)``.
+        img_size: ``(frames, mels)`` of one input window; read from ``backbone`` when it is a model.
+        num_heads: attention heads; read from ``backbone`` when it is a model.
+        arch: a name for the architecture (informational: the shapes and ``num_heads`` define it).
+        config: JSON-serialisable description of where the weights come from (the trainer stores
+            its resolved config).
+        step: training step of the weights.
+
+    Raises:
+        EncoderError: the tensors do not form a ViT of the given size, or ``std <= 0``.
+    """
+    from safetensors.torch import save_file
+
+    name = os.fspath(path)
+    if isinstance(backbone, nn.Module):
+        img_size = tuple(int(v) for v in backbone.patch_embed.img_size) if img_size is None else img_size
+        num_heads = int(backbone.blocks[0].attn.num_heads) if num_heads is None else num_heads
+        state = backbone.state_dict()
+    else:
+        if img_size is None or num_heads is None:
+            raise EncoderError(f"{name}: exporting a state dict needs img_size and num_heads")
+        state = dict(backbone)
+    if not std > 0:
+        raise EncoderError(f"{name}: std must be positive, got {std}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {
+        "format": ENCODER_FORMAT,
+        "arch": str(arch),
+        "img_size": json.dumps([int(v) for v in img_size]),
+        "sample_rate": str(int(sample_rate)),
+        "num_mel_bins": str(int(img_size[1])),
+        "mean": str(float(mean)),
+        "std": str(float(std)),
+        "num_heads": str(int(num_heads)),
+        "config": json.dumps(dict(config or {})),
+        "step": str(int(step)),
+    }
+    spec = backbone_spec(tensors, meta)
+    with torch.device("meta"):  # check the names and shapes against the architecture, no memory needed
+        reference = build_backbone(**spec).state_dict()
+    if set(reference) != set(tensors) or any(reference[k].shape != tensors[k].shape for k in reference):
+        missing, extra = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
+        raise EncoderError(
+            f"{name}: the tensors are not a ViT with {spec}: missing {missing[:5]}, unexpected {extra[:5]}"
+            + ("" if missing or extra else ", shapes differ")
+        )
+    # the resolved width / depth / patch (an arch name alone is wrong when they were overridden)
+    meta.update(patch_size=str(spec["patch_size"]), embed_dim=str(spec["embed_dim"]), depth=str(spec["depth"]))
+    tmp = Path(name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(name)
+    return Path(name)
+
+
 def load_encoder(
     path: str | os.PathLike,
     *,
@@ -152,7 +236,8 @@ def load_encoder(
     """Load an exported ASiT encoder (``teacher_encoder.safetensors``).
 
     Args:
-        path: file written by ``Pretrainer.export_teacher_encoder``.
+        path: file written by :func:`export_encoder` (``Pretrainer.export_teacher_encoder``,
+            ``scripts/import_authors.py``).
         device: where the model runs.
         random_init: build the same architecture with random weights (seeded by ``seed``)
             instead of loading the stored ones: the baseline for probing experiments.

@@ -1027,24 +1027,14 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ export / cleanup
     def export_teacher_encoder(self) -> Path:
-        """Write the teacher backbone alone (timm parameter names) as safetensors, atomically."""
-        from safetensors.torch import save_file
+        """Write the teacher backbone alone (timm parameter names) as safetensors, atomically
+        (:func:`asit.eval.encoder.export_encoder`: the format ``load_encoder`` reads)."""
+        from asit.eval.encoder import export_encoder
 
-        backbone = self.teacher.backbone
-        tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-        m, d = self.cfg.model, self.cfg.data
-        meta = {"format": "asit-encoder-v1", "arch": m.arch, "patch_size": str(m.patch_size),
-                "img_size": json.dumps([d.target_frames, d.num_mel_bins]), "sample_rate": str(d.sample_rate),
-                "num_mel_bins": str(d.num_mel_bins), "mean": str(d.mean), "std": str(d.std),
-                "config": json.dumps(config_to_dict(self.cfg)), "step": str(self.step),
-                # the resolved width/depth/heads (the arch name alone is wrong when they are overridden)
-                "embed_dim": str(backbone.embed_dim), "depth": str(len(backbone.blocks)),
-                "num_heads": str(backbone.blocks[0].attn.num_heads)}
-        path = self.run_dir / "teacher_encoder.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        d = self.cfg.data
+        return export_encoder(self.teacher.backbone, self.run_dir / "teacher_encoder.safetensors",
+                              sample_rate=d.sample_rate, mean=d.mean, std=d.std, arch=self.cfg.model.arch,
+                              config=config_to_dict(self.cfg), step=self.step)
 
     def cleanup(self) -> None:
         ring = getattr(self, "ring", None)
