@@ -6,8 +6,10 @@
     emb, ts = hear.get_timestamp_embeddings(audio, model)      # [n_sounds, T, D], [n_sounds, T] ms
 
 ``audio`` is ``[n_sounds, n_samples]`` at ``model.sample_rate``. Scene embeddings are the mean
-[CLS] over windows; timestamp embeddings are the data tokens averaged over frequency, one per time
-patch (16 fbank frames = 160 ms), stamped at the patch centre. HEAR recommends a hop of at most
+[CLS] over windows (the last window of a long clip ends at the clip's end: all windows are real
+audio); timestamp embeddings are the data tokens averaged over frequency, one per time patch (16
+fbank frames = 160 ms) of the clip, stamped at the patch centre (patches only the final window
+reaches take its nearest patch: :meth:`asit.eval.AudioEncoder.embed`). HEAR recommends a hop of at most
 50 ms, so by default (``timestamp_hop_ms=40``) the clip is also embedded advanced by 40, 80 and
 120 ms and the four patch grids are interleaved: a 40 ms hop of real model outputs (not
 interpolated) for four forward passes. ``timestamp_hop_ms=160`` gives the native grid alone.

@@ -5,9 +5,9 @@
         --manifest data/esc50.csv --out probe.json [--folds 5] [--random-init]
 
 Embeddings are computed once and cached in --cache-dir (keyed by the encoder file's hash, the
-manifest's entries and the options). Single-label manifests report accuracy, multi-label ones
-mAP, per fold and as mean ± std. --random-init probes the same architecture with random
-weights, the baseline to compare against.
+manifest's entries, each audio file's size and modification time, and the options).
+Single-label manifests report accuracy, multi-label ones mAP, per fold and as mean ± std.
+--random-init probes the same architecture with random weights, the baseline to compare against.
 """
 
 from __future__ import annotations

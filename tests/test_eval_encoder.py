@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import asit
 from asit.data import kaldi_fbank, normalize_fbank
-from asit.eval import AudioEncoder, EncoderError, load_encoder
+from asit.data.fbank import batched_kaldi_fbank
+from asit.data.transforms import pad_or_crop_random
+from asit.eval import AudioEncoder, EncoderError, export_encoder, load_encoder
 from asit.models import build_backbone, encode
 
 SR = 8000
@@ -91,6 +95,51 @@ def test_num_heads_from_preset_must_match_width(tmp_path):
         load_encoder(path)  # width 48 is not the tiny preset's 192
 
 
+def _rewrite_metadata(path, **changes):
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_num_heads_metadata_comes_first(tmp_path):
+    """A width override leaves config.model.num_heads null; the exporter's num_heads entry must be used."""
+    path = write_encoder(tmp_path / "e.safetensors", with_heads_in_config=False)
+    _rewrite_metadata(path, num_heads="3", embed_dim="48", depth="2")
+    assert load_encoder(path).backbone.blocks[0].attn.num_heads == 3
+    # it wins over a config that says otherwise (48 / 6 would build, with the wrong attention)
+    _rewrite_metadata(path, config=json.dumps({"model": {"arch": "tiny", "num_heads": 6}}))
+    assert load_encoder(path).backbone.blocks[0].attn.num_heads == 3
+    _rewrite_metadata(path, num_heads="5")
+    with pytest.raises(EncoderError, match="does not divide"):
+        load_encoder(path)
+
+
+def test_export_encoder_roundtrip_and_checks(tmp_path):
+    backbone = _tiny_backbone(4)
+    path = export_encoder(backbone, tmp_path / "x.safetensors", sample_rate=SR, mean=MEAN, std=STD, step=3)
+    enc = load_encoder(path)
+    assert (enc.sample_rate, enc.mean, enc.std, enc.target_frames, enc.num_mel_bins) == (SR, MEAN, STD, FRAMES, MELS)
+    assert enc.backbone.blocks[0].attn.num_heads == 3 and enc.metadata["step"] == "3"
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(enc.backbone.state_dict()[k], v), k
+    assert not list(tmp_path.glob("*.tmp"))
+    # a state dict needs the two facts its shapes do not hold
+    state = backbone.state_dict()
+    with pytest.raises(EncoderError, match="img_size and num_heads"):
+        export_encoder(state, tmp_path / "y.safetensors", sample_rate=SR, mean=MEAN, std=STD)
+    export_encoder(state, tmp_path / "y.safetensors", sample_rate=SR, mean=MEAN, std=STD, img_size=(FRAMES, MELS),
+                   num_heads=3)
+    assert load_encoder(tmp_path / "y.safetensors").backbone.blocks[0].attn.num_heads == 3
+    with pytest.raises(EncoderError, match="not a ViT"):  # positional grid of another input size
+        export_encoder(state, tmp_path / "z.safetensors", sample_rate=SR, mean=MEAN, std=STD,
+                       img_size=(2 * FRAMES, MELS), num_heads=3)
+    with pytest.raises(EncoderError, match="does not divide"):
+        export_encoder(state, tmp_path / "z.safetensors", sample_rate=SR, mean=MEAN, std=STD,
+                       img_size=(FRAMES, MELS), num_heads=5)
+    assert not (tmp_path / "z.safetensors").exists()
+
+
 def test_features_match_pretraining_pipeline(encoder_file):
     enc = load_encoder(encoder_file)
     wave = torch.randn(2, SR) * 0.1 + 0.3  # DC offset: must be removed
@@ -114,37 +163,88 @@ def test_single_window_equals_direct_forward(encoder_file):
     torch.testing.assert_close(out.timestamps_s, torch.tensor([0.0875, 0.2475, 0.4075, 0.5675]))
 
 
+def _per_time(enc, windows):
+    """``[W, gh, D]`` data tokens of ``windows`` averaged over frequency, and [CLS] ``[W, D]``."""
+    tokens = encode(enc.backbone, windows)
+    return tokens[:, 1:].reshape(windows.shape[0], FRAMES // PATCH, MELS // PATCH, -1).mean(2), tokens[:, 0]
+
+
+def test_short_clips_are_padded_like_pretraining(encoder_file):
+    """Zero samples, not zero fbank values: the padded frames sit at Kaldi's log floor, as in pretraining."""
+    enc = load_encoder(encoder_file)
+    wave = torch.randn(SR // 2, generator=torch.Generator().manual_seed(0)) * 0.1  # 0.5 s: 48 of 64 frames
+    out = enc.embed(wave, SR)
+    crop = pad_or_crop_random(wave, enc.num_samples_for_frames(FRAMES), None)  # what ClipViews does
+    pretrain = batched_kaldi_fbank(crop[None], SR, MELS, FRAMES, normalize=(MEAN, STD))  # [1, FRAMES, MELS]
+    log_floor = (math.log(torch.finfo(torch.float32).eps) - MEAN) / (2 * STD)
+    torch.testing.assert_close(pretrain[0, -1], torch.full((MELS,), log_floor))
+    torch.testing.assert_close(enc.features(wave, FRAMES)[0, 0], pretrain[0], rtol=1e-4, atol=1e-4)
+    per_time, cls = _per_time(enc, pretrain.unsqueeze(1))
+    torch.testing.assert_close(out.clip[0], cls[0], rtol=1e-4, atol=1e-4)
+    n = math.ceil(enc.num_fbank_frames(wave.numel()) / PATCH)
+    assert out.num_frames.tolist() == [n] and n == 3
+    torch.testing.assert_close(out.frames[0], per_time[0, :n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("frames, hop", [(65, 64), (148, 64), (160, 64), (98, 32), (200, 16), (137, 48)])
+def test_window_starts_cover_the_clip_with_full_windows(encoder_file, frames, hop):
+    enc = load_encoder(encoder_file, hop_frames=hop)
+    starts = enc.window_starts(frames)
+    assert starts[0] == 0 and starts[-1] + FRAMES == frames  # the last window ends at the clip's end
+    assert all(b > a for a, b in zip(starts, starts[1:])) and all(s % hop == 0 for s in starts[:-1])
+    assert all(b - a <= hop for a, b in zip(starts, starts[1:]))  # no gap: every frame is in a window
+    assert enc.window_starts(FRAMES) == enc.window_starts(FRAMES - 5) == [0]
+
+
 def test_long_audio_windows_and_pooling(encoder_file):
     enc = load_encoder(encoder_file)
-    wave = torch.randn(2, int(SR * 1.5))  # 148 frames: windows at 0, 64, 128 (last one padded)
-    out = enc.embed(wave, SR)
+    wave = torch.randn(2, int(SR * 1.5))  # 148 frames: windows at 0, 64 and 84 (ending at frame 148)
     frames = enc.num_fbank_frames(wave.shape[1])
-    assert frames == 148
-    n = -(-frames // PATCH)
+    assert frames == 148 and enc.window_starts(frames) == [0, 64, 84]
+    out = enc.embed(wave, SR)
+    n = -(-frames // PATCH)  # 10 time patches, the last one 4 frames of audio
     assert out.frames.shape == (2, n, 48) and out.num_frames.tolist() == [n, n]
-    fb = enc.features(wave)[:, :, :, :]
-    pad = normalize_fbank(torch.zeros(()), MEAN, STD).item()
-    padded = torch.cat([fb, torch.full((2, 1, 3 * FRAMES - frames, MELS), pad)], dim=2)
-    windows = padded.reshape(2, 1, 3, FRAMES, MELS).transpose(1, 2).reshape(6, 1, FRAMES, MELS)
-    tokens = encode(enc.backbone, windows).reshape(2, 3, 1 + 8, -1)
-    torch.testing.assert_close(out.clip, tokens[:, :, 0].mean(1))
-    per_time = tokens[:, :, 1:].reshape(2, 3, 4, 2, -1).mean(3).reshape(2, 12, -1)
-    torch.testing.assert_close(out.frames, per_time[:, :n])
+    assert out.timestamps_s.shape == (n,)
+    fb = enc.features(wave)  # [2, 1, 148, F]: no padding anywhere
+    windows = torch.stack([fb[:, :, s : s + FRAMES] for s in (0, 64, 84)], 1).reshape(6, 1, FRAMES, MELS)
+    per_time, cls = _per_time(enc, windows)
+    per_time, cls = per_time.reshape(2, 3, 4, -1), cls.reshape(2, 3, -1)
+    torch.testing.assert_close(out.clip, cls.mean(1))
+    # patches 0-7 from the aligned windows; 8 (frames 128-143) and 9 (144-147) from the last window's
+    # nearest patch, its fourth (frames 132-147)
+    expected = torch.cat([per_time[:, 0], per_time[:, 1], per_time[:, 2, 3:], per_time[:, 2, 3:]], 1)
+    torch.testing.assert_close(out.frames, expected)
     tok = enc.embed(wave, SR, pool="tokens").clip
-    torch.testing.assert_close(tok, per_time[:, :n].mean(1))
+    torch.testing.assert_close(tok, expected.mean(1))
+
+
+def test_tail_patches_come_from_the_nearest_patch_of_the_last_window(encoder_file):
+    """167 frames: windows at 0, 64 and 103; patch 8 (frames 128-143) is nearest to the last window's patch
+    2 (frames 135-150, 7 frames later), patch 9 (144-159) to patch 3 (151-166), patch 10 (160-166, under
+    half a patch of audio) also to patch 3, the clip's last 16 frames."""
+    enc = load_encoder(encoder_file)
+    wave = torch.randn(1, enc.num_samples_for_frames(167), generator=torch.Generator().manual_seed(1))
+    assert enc.window_starts(167) == [0, 64, 103]
+    out = enc.embed(wave, SR)
+    fb = enc.features(wave)[0, 0]
+    per_time, _ = _per_time(enc, torch.stack([fb[s : s + FRAMES] for s in (0, 64, 103)]).unsqueeze(1))
+    assert out.num_frames.tolist() == [11]
+    torch.testing.assert_close(out.frames[0, 4:8], per_time[1])
+    torch.testing.assert_close(out.frames[0, 8:], per_time[2, [2, 3, 3]])
 
 
 def test_overlapping_windows_average_aligned_patches(encoder_file):
     enc = load_encoder(encoder_file, hop_frames=32)
-    wave = torch.randn(1, SR)  # 98 frames: windows at 0, 32 (to 96) and 64 (padded)
+    wave = torch.randn(1, SR)  # 98 frames: windows at 0, 32 and 34 (ending at frame 98)
+    assert enc.window_starts(98) == [0, 32, 34]
     out = enc.embed(wave, SR)
     frames = enc.features(wave)[0, 0]
-    pad = normalize_fbank(torch.zeros(()), MEAN, STD).item()
-    frames = torch.cat([frames, torch.full((128 - frames.shape[0], MELS), pad)])
-    wins = torch.stack([frames[s : s + FRAMES] for s in (0, 32, 64)]).unsqueeze(1)
-    per_time = encode(enc.backbone, wins)[:, 1:].reshape(3, 4, 2, -1).mean(2)  # [3, 4, D]
-    # time patch 2 (frames 32..47) is seen by windows 0 and 1
+    per_time, cls = _per_time(enc, torch.stack([frames[s : s + FRAMES] for s in (0, 32, 34)]).unsqueeze(1))
+    # time patch 2 (frames 32..47) is seen by windows 0 and 1; patch 6 (frames 96, 97) only by the last
     torch.testing.assert_close(out.frames[0, 2], (per_time[0, 2] + per_time[1, 0]) / 2)
+    torch.testing.assert_close(out.frames[0, 5], per_time[1, 3])
+    torch.testing.assert_close(out.frames[0, 6], per_time[2, 3])
+    torch.testing.assert_close(out.clip[0], cls.mean(0))
     with pytest.raises(ValueError, match="multiple of patch_size"):
         load_encoder(encoder_file, hop_frames=20)
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
-from test_eval_encoder import FRAMES, MELS, PATCH, write_encoder  # tests/ is on sys.path under pytest
+from test_eval_encoder import FRAMES, MELS, PATCH, SR, write_encoder  # tests/ is on sys.path under pytest
 
-from asit.eval import EncoderError, load_encoder
-from asit.eval.interop import import_authors_checkpoint, to_timm, transpose_patch_layout
+import asit.hear as hear
+from asit.eval import EncoderError, backbone_spec, load_encoder
+from asit.eval.interop import export_authors_checkpoint, import_authors_checkpoint, to_timm, transpose_patch_layout
 from asit.models import build_backbone, encode
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GRID = (FRAMES // PATCH, MELS // PATCH)  # (4, 2)
 
@@ -101,3 +109,107 @@ def test_v2_transpose_patches_roundtrip_and_function():
     # a grid that does not match the number of positions is refused
     with pytest.raises(ValueError, match="positions"):
         transpose_patch_layout(ours, (3, 3))
+
+
+def _authors_file(path: Path, teacher_state, *, arch: str = "vit_tiny48") -> Path:
+    """What the authors' main_ASiT.py saves (DINO's layout): networks, optimiser, loss, scaler, epoch,
+    and the argparse.Namespace of its command line."""
+    student = _authors_layout(teacher_state, ddp=True)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
+    opt = torch.optim.AdamW(params, lr=5e-4)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    args = argparse.Namespace(arch=arch, patch_size=16, lr=5e-4, batch_size_per_gpu=32, data_path="/data/as2m",
+                              use_fp16=True, epochs=100, out_dim=8192, teacher_temp=0.07)
+    torch.save({"student": student, "teacher": _authors_layout(teacher_state, ddp=False),
+                "optimizer": opt.state_dict(), "epoch": 100, "args": args,
+                "asit_loss": {"center": torch.zeros(1, 8192), "center_local": torch.zeros(1, 1, 1024)},
+                "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}, path)
+    return path
+
+
+def test_import_reads_the_authors_file_with_its_argparse_namespace(tmp_path):
+    ours = _backbone(2).state_dict()
+    state = import_authors_checkpoint(_authors_file(tmp_path / "checkpoint.pth", ours), img_size=(FRAMES, MELS))
+    assert set(state) == set(ours) and all(torch.equal(state[k], ours[k]) for k in ours)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_import_wraps_unreadable_files_in_encoder_errors(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"certainly not a checkpoint")
+    with pytest.raises(EncoderError, match="garbage.pth: cannot read it with torch.load"):
+        import_authors_checkpoint(garbage)
+    other = tmp_path / "other.pth"
+    torch.save({"teacher": {"backbone.x": torch.zeros(1)}, "hook": _Evil()}, other)
+    with pytest.raises(EncoderError, match="other.pth: .*weights_only=False"):
+        import_authors_checkpoint(other)
+    with pytest.raises(EncoderError, match="does not exist"):
+        import_authors_checkpoint(tmp_path / "missing.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(EncoderError, match="not a checkpoint dict"):
+        import_authors_checkpoint(tmp_path / "list.pth")
+
+
+def test_export_authors_infers_heads_from_args_or_width(tmp_path):
+    torch.manual_seed(0)  # a ViT-S-wide, 1-block backbone: args.arch "vit_small" -> 6 heads
+    small = build_backbone(img_size=(FRAMES, MELS), patch_size=PATCH, embed_dim=384, depth=1, num_heads=6)
+    ckpt = _authors_file(tmp_path / "small.pth", small.state_dict(), arch="vit_small")
+    out = export_authors_checkpoint(ckpt, tmp_path / "small.safetensors", img_size=(FRAMES, MELS), sample_rate=SR)
+    enc = load_encoder(out)
+    assert enc.backbone.blocks[0].attn.num_heads == 6 and enc.sample_rate == SR
+    meta = enc.metadata
+    assert meta["arch"] == "authors-v1" and json.loads(meta["config"])["source"]["epoch"] == 100
+    # v2 defaults to 16 kHz; without args, the one preset of that width decides
+    raw = {"teacher": _authors_layout(small.state_dict(), ddp=False)}
+    assert load_encoder(export_authors_checkpoint(raw, tmp_path / "v2.safetensors", version="v2",
+                                                  img_size=(FRAMES, MELS))).sample_rate == 16000
+    with pytest.raises(EncoderError, match="--num-heads"):  # width 48 matches no preset
+        export_authors_checkpoint(_authors_file(tmp_path / "t.pth", _backbone().state_dict()),
+                                  tmp_path / "t.safetensors", img_size=(FRAMES, MELS))
+
+
+def test_authors_checkpoint_end_to_end_through_the_script(tmp_path, capsys):
+    """The authors' .pth -> scripts/import_authors.py -> an encoder file, with the authors' weights in it,
+    that loading, HEAR, the linear probe and a (two-step) fine-tune all accept."""
+    from test_eval_linear_probe import _mini_corpus
+
+    from asit.eval.finetune import load_finetune_config, run_finetune
+    from asit.eval.linear_probe import ProbeConfig, probe_encoder
+
+    ours = _backbone(7)
+    ckpt = _authors_file(tmp_path / "checkpoint.pth", ours.state_dict())
+    out = tmp_path / "authors.safetensors"
+    main = runpy.run_path(str(ROOT / "scripts" / "import_authors.py"), run_name="script_under_test")["main"]
+    args = [str(ckpt), "--out", str(out), "--img-size", str(FRAMES), str(MELS), "--sample-rate", str(SR),
+            "--mean", "-5", "--std", "3"]
+    assert main(args) == 1 and "--num-heads" in capsys.readouterr().err  # width 48: heads must be given
+    assert main([*args, "--num-heads", "3"]) == 0, capsys.readouterr().err
+    assert "3 heads" in capsys.readouterr().out
+
+    enc = load_encoder(out)
+    assert (enc.sample_rate, enc.mean, enc.std, enc.target_frames, enc.num_mel_bins) == (SR, -5.0, 3.0, FRAMES, MELS)
+    x = torch.randn(2, 1, FRAMES, MELS)
+    with torch.no_grad():
+        torch.testing.assert_close(encode(enc.backbone, x), encode(ours.eval(), x))
+    audio = torch.randn(2, SR) * 0.1
+    model = hear.load_model(str(out))
+    assert hear.get_scene_embeddings(audio, model).shape == (2, 48)
+    assert hear.get_timestamp_embeddings(audio, model)[0].shape[:2] == (2, 7 + 6 + 6 + 6)  # 4 grids, 40 ms apart
+    assert backbone_spec(enc.backbone.state_dict(), enc.metadata)["num_heads"] == 3
+
+    (tmp_path / "corpus").mkdir()
+    probe = probe_encoder(out, _mini_corpus(tmp_path / "corpus"), cache_dir=tmp_path / "emb",
+                          cfg=ProbeConfig(folds=2, max_iter=20), progress=False)
+    assert probe["num_clips"] == 12 and probe["embed_dim"] == 48
+    cfg = load_finetune_config("demo", [
+        f"encoder={out}", f"data.cache_dir={tmp_path / 'cache'}", "data.demo_clips=12", "data.demo_seconds=0.64",
+        "data.num_workers=0", "train.batch_size=6", "train.progress=false", f"train.output_dir={tmp_path / 'ft'}",
+        "train.epochs=1", "train.max_steps_per_epoch=2", "train.average_start=null", "train.average_end=null",
+        "train.save_best=false"])
+    result = run_finetune(cfg)
+    assert len(result["history"]) == 1 and (tmp_path / "ft" / "results.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 from collections import Counter
 from pathlib import Path
@@ -83,6 +84,32 @@ def test_fit_linear_separates_and_is_deterministic():
     assert strong.weight.norm() < a.weight.norm()
 
 
+def test_fit_linear_keeps_a_column_for_every_class():
+    x = torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(20) % 2  # classes 0 and 1 of 4
+    assert fit_linear(x, y, multilabel=False, weight_decay=1e-3, max_iter=10, num_classes=4).out_features == 4
+    with pytest.raises(ValueError, match="out of range"):
+        fit_linear(x, y + 3, multilabel=False, weight_decay=1e-3, max_iter=10, num_classes=4)
+
+
+def test_cross_validate_sizes_every_fold_from_the_whole_label_set(monkeypatch):
+    """The last class has a single clip: the training part of the fold that tests it lacks the class."""
+    import asit.eval.linear_probe as lp
+
+    widths = []
+
+    def recording(*args, **kwargs):
+        layer = fit_linear(*args, **kwargs)
+        widths.append(layer.out_features)
+        return layer
+
+    monkeypatch.setattr(lp, "fit_linear", recording)
+    rng = np.random.default_rng(0)
+    labels = [("a",)] * 10 + [("b",)] * 10 + [("z",)]
+    cross_validate(rng.standard_normal((21, 4)), labels, ProbeConfig(folds=3, max_iter=10))
+    assert widths == [3, 3, 3]
+
+
 def test_cross_validate_single_and_multi_label():
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((3, 8)) * 3
@@ -157,6 +184,23 @@ def test_probe_encoder_caches_embeddings(tmp_path, monkeypatch):
     monkeypatch.setattr(lp, "extract_embeddings", no_extraction)
     again = probe_encoder(enc_path, manifest, cache_dir=tmp_path / "cache", cfg=cfg, progress=False)
     assert again["folds"] == first["folds"]
+
+
+def test_rewritten_audio_invalidates_the_embedding_cache(tmp_path):
+    enc_path = write_encoder(tmp_path / "e.safetensors")
+    manifest = _mini_corpus(tmp_path)
+    cache = tmp_path / "cache"
+    first = probe_encoder(enc_path, manifest, cache_dir=cache, cfg=ProbeConfig(folds=3), progress=False)
+    again = probe_encoder(enc_path, manifest, cache_dir=cache, cfg=ProbeConfig(folds=3), progress=False)
+    assert again["embeddings"] == first["embeddings"]
+    clip = tmp_path / "3.wav"
+    stamp = clip.stat()
+    wave, sr = sf.read(clip, dtype="float32")
+    sf.write(clip, -wave, sr)  # same size; keep the time stamp distinct even on a coarse clock
+    os.utime(clip, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))
+    rewritten = probe_encoder(enc_path, manifest, cache_dir=cache, cfg=ProbeConfig(folds=3), progress=False)
+    assert rewritten["embeddings"] != first["embeddings"]
+    assert len(list(cache.glob("emb_*.npz"))) == 2
 
 
 def _run(script: str, *args: str, capsys) -> tuple[int, str, str]:

@@ -51,6 +51,20 @@ def test_dense_timestamps_are_real_outputs_of_shifted_inputs(tmp_path):
         hear.load_model(path, timestamp_hop_ms=50)
 
 
+def test_last_timestamp_of_a_long_clip_comes_from_its_final_window(tmp_path):
+    """2 s = 198 fbank frames, 13 patches; the 64-frame windows start at 0, 64, 128 and 134 (ending with the
+    clip), so the last patch (frames 192-197) is an output of the clip's final 64 frames of audio, not of a
+    zero-padded window."""
+    model = hear.load_model(str(write_encoder(tmp_path / "e.safetensors")), timestamp_hop_ms=160)
+    audio = torch.randn(2, 2 * SR, generator=torch.Generator().manual_seed(3)) * 0.1
+    emb, ts = hear.get_timestamp_embeddings(audio, model)
+    assert emb.shape[1] == ts.shape[1] == 13 and model.encoder.window_starts(198) == [0, 64, 128, 134]
+    start = 134 * SR // 100  # frame 134, in samples
+    final = model.encoder.embed(audio[:, start : start + model.encoder.num_samples_for_frames(64)], SR).frames
+    assert final.shape[1] == 4
+    torch.testing.assert_close(emb[:, 12], final[:, 3], rtol=1e-4, atol=1e-4)
+
+
 def test_load_model_needs_a_path(monkeypatch):
     monkeypatch.delenv(hear.ENV_VAR, raising=False)
     with pytest.raises(ValueError, match="safetensors"):

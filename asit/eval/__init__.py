@@ -5,6 +5,7 @@ from .encoder import (
     EncoderError,
     EncoderOutput,
     backbone_spec,
+    export_encoder,
     load_encoder,
     read_encoder_metadata,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "EncoderError",
     "EncoderOutput",
     "backbone_spec",
+    "export_encoder",
     "load_encoder",
     "read_encoder_metadata",
 ]

@@ -6,14 +6,20 @@ architecture, input size, sample rate, fbank statistics) and rebuilds the backbo
 :func:`asit.models.build_backbone`. :class:`AudioEncoder` then turns audio of any length into
 
 * **clip embeddings** ``[B, D]``: the mean over windows of the [CLS] token (``pool="cls"``, the
-  default: [CLS] is what the global self-distillation loss trains), or the mean of the data
-  tokens over all windows (``pool="tokens"``);
+  default: [CLS] is what the global self-distillation loss trains), or the mean of the frame
+  embeddings (``pool="tokens"``);
 * **frame embeddings** ``[B, N, D]``: one vector per time patch (16 fbank frames = 160 ms), the
   data tokens averaged over the frequency patches, with the time of each patch centre.
 
 The input pipeline is exactly the pretraining one (DESIGN §1): mean removal, Kaldi fbank,
-``(fbank - mean) / (2 * std)``; audio longer than one window (``target_frames`` frames) is cut
-into windows, the last one padded like pretraining pads short clips.
+``(fbank - mean) / (2 * std)``. A clip shorter than one window (``target_frames`` frames) is
+zero-padded *as a waveform* before the fbank, as pretraining pads short crops (the padded frames
+hit Kaldi's log floor). A longer clip is cut into windows every ``hop_frames`` frames, and the last
+window is moved back to end at the clip's end, so every window is real audio (it overlaps the one
+before); see :meth:`AudioEncoder.embed` for how the frame embeddings of the overlap are combined.
+
+:func:`export_encoder` writes the file format (the trainer's ``teacher_encoder.safetensors``, or
+any backbone, e.g. one imported with :mod:`asit.eval.interop`).
 """
 
 from __future__ import annotations
@@ -21,15 +27,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchaudio.functional as AF
 from timm.models.vision_transformer import VisionTransformer
 
+from asit.atomic_io import atomic_path
 from asit.data import kaldi_fbank, normalize_fbank
 from asit.models import VIT_PRESETS, build_backbone, encode
 
@@ -39,6 +48,7 @@ __all__ = [
     "EncoderError",
     "EncoderOutput",
     "backbone_spec",
+    "export_encoder",
     "load_encoder",
     "read_encoder_metadata",
 ]
@@ -88,11 +98,13 @@ def read_encoder_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise EncoderError(f"{name}: cannot read safetensors header: {exc}") from exc
 
 
-def backbone_spec(state: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, Any]:
+def backbone_spec(state: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> dict[str, Any]:
     """Keyword arguments of :func:`build_backbone` that reproduce the tensors in ``state``.
 
-    Widths, depth, patch size and MLP ratio come from the tensor shapes; the number of heads
-    (invisible in the shapes) from the stored config, else from the ``arch`` preset.
+    Widths, depth, patch size and MLP ratio come from the tensor shapes. The number of heads is
+    invisible in the shapes: it comes from the ``num_heads`` metadata (written by
+    :func:`export_encoder`), else from the stored config's ``model.num_heads``, else from the
+    ``arch`` preset when its width matches.
     """
     try:
         proj = state["patch_embed.proj.weight"]  # [D, C, p, p]
@@ -103,21 +115,24 @@ def backbone_spec(state: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[
     if ph != pw:
         raise EncoderError(f"non-square patches {ph}x{pw} are not supported")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    num_heads = None
     config = json.loads(meta.get("config", "{}") or "{}")
-    num_heads = (config.get("model") or {}).get("num_heads")
+    model_cfg = config.get("model") or {}
+    num_heads = meta.get("num_heads") or model_cfg.get("num_heads")
     if num_heads is None:
-        arch = meta.get("arch") or (config.get("model") or {}).get("arch")
+        arch = meta.get("arch") or model_cfg.get("arch")
         preset = VIT_PRESETS.get(arch or "")
         if preset is None or preset["embed_dim"] != embed_dim:
             raise EncoderError(
-                "cannot tell the number of attention heads: no config.model.num_heads and "
-                f"no preset with embed_dim={embed_dim}"
+                "cannot tell the number of attention heads: no num_heads metadata, no config.model.num_heads "
+                f"and no preset with embed_dim={embed_dim}"
             )
         num_heads = preset["num_heads"]
+    num_heads = int(num_heads)
+    if num_heads <= 0 or embed_dim % num_heads:
+        raise EncoderError(f"num_heads={num_heads} does not divide embed_dim={embed_dim}")
     if "img_size" in meta:
         img_size = tuple(int(v) for v in json.loads(meta["img_size"]))
-    else:  # the positional grid alone does not say which side is time; assume the default 592 x 128 ratio
+    else:  # the positional grid alone does not say which side is time
         raise EncoderError("metadata has no img_size")
     return dict(
         img_size=img_size,
@@ -125,9 +140,87 @@ def backbone_spec(state: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[
         in_chans=in_chans,
         embed_dim=embed_dim,
         depth=depth,
-        num_heads=int(num_heads),
+        num_heads=num_heads,
         mlp_ratio=fc1.shape[0] / embed_dim,
     )
+
+
+def export_encoder(
+    backbone: VisionTransformer | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    sample_rate: int,
+    mean: float,
+    std: float,
+    img_size: tuple[int, int] | None = None,
+    num_heads: int | None = None,
+    arch: str = "custom",
+    config: Mapping[str, Any] | None = None,
+    step: int = 0,
+) -> Path:
+    """Write an encoder file that :func:`load_encoder`, fine-tuning, probing and HEAR read.
+
+    The file is safetensors: the backbone's tensors under timm's names plus string metadata
+    (``format``, ``arch``, ``patch_size``, ``img_size``, ``sample_rate``, ``num_mel_bins``,
+    ``mean``, ``std``, ``embed_dim``, ``depth``, ``num_heads``, ``config``, ``step``). It is
+    written to a temporary name and renamed, so a reader never sees half a file.
+
+    Args:
+        backbone: a ViT from :func:`asit.models.build_backbone`, or its state dict (then
+            ``img_size`` and ``num_heads`` are required: neither shows in the tensor shapes).
+        path: the output file (``.safetensors``).
+        sample_rate: the rate the encoder expects; :meth:`AudioEncoder.embed` resamples to it.
+        mean, std: the fbank statistics of its input normalisation ``(fbank - mean) / (2 std)``.
+        img_size: ``(frames, mels)`` of one input window; read from ``backbone`` when it is a model.
+        num_heads: attention heads; read from ``backbone`` when it is a model.
+        arch: a name for the architecture (informational: the shapes and ``num_heads`` define it).
+        config: JSON-serialisable description of where the weights come from (the trainer stores
+            its resolved config).
+        step: training step of the weights.
+
+    Raises:
+        EncoderError: the tensors do not form a ViT of the given size, or ``std <= 0``.
+    """
+    from safetensors.torch import save_file
+
+    name = os.fspath(path)
+    if isinstance(backbone, nn.Module):
+        img_size = tuple(int(v) for v in backbone.patch_embed.img_size) if img_size is None else img_size
+        num_heads = int(backbone.blocks[0].attn.num_heads) if num_heads is None else num_heads
+        state = backbone.state_dict()
+    else:
+        if img_size is None or num_heads is None:
+            raise EncoderError(f"{name}: exporting a state dict needs img_size and num_heads")
+        state = dict(backbone)
+    if not std > 0:
+        raise EncoderError(f"{name}: std must be positive, got {std}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {
+        "format": ENCODER_FORMAT,
+        "arch": str(arch),
+        "img_size": json.dumps([int(v) for v in img_size]),
+        "sample_rate": str(int(sample_rate)),
+        "num_mel_bins": str(int(img_size[1])),
+        "mean": str(float(mean)),
+        "std": str(float(std)),
+        "num_heads": str(int(num_heads)),
+        "config": json.dumps(dict(config or {})),
+        "step": str(int(step)),
+    }
+    spec = backbone_spec(tensors, meta)
+    with torch.device("meta"):  # check the names and shapes against the architecture, no memory needed
+        reference = build_backbone(**spec).state_dict()
+    if set(reference) != set(tensors) or any(reference[k].shape != tensors[k].shape for k in reference):
+        missing, extra = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
+        raise EncoderError(
+            f"{name}: the tensors are not a ViT with {spec}: missing {missing[:5]}, unexpected {extra[:5]}"
+            + ("" if missing or extra else ", shapes differ")
+        )
+    # the resolved width / depth / patch (an arch name alone is wrong when they were overridden)
+    meta.update(patch_size=str(spec["patch_size"]), embed_dim=str(spec["embed_dim"]), depth=str(spec["depth"]))
+    with atomic_path(name) as tmp:  # a unique temporary name, fsynced, then renamed
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(name)
 
 
 def load_encoder(
@@ -143,7 +236,8 @@ def load_encoder(
     """Load an exported ASiT encoder (``teacher_encoder.safetensors``).
 
     Args:
-        path: file written by ``Pretrainer.export_teacher_encoder``.
+        path: file written by :func:`export_encoder` (``Pretrainer.export_teacher_encoder``,
+            ``scripts/import_authors.py``).
         device: where the model runs.
         random_init: build the same architecture with random weights (seeded by ``seed``)
             instead of loading the stored ones: the baseline for probing experiments.
@@ -203,9 +297,10 @@ class AudioEncoder(nn.Module):
         mean, std: fbank normalisation statistics used in pretraining.
         hop_frames: distance between windows in fbank frames; default ``target_frames``
             (non-overlapping). Must be a multiple of the patch size so that the time patches
-            of overlapping windows line up (their embeddings are then averaged).
+            of overlapping windows line up (their embeddings are then averaged). Whatever the
+            hop, the last window of a long clip ends at the clip's end (:meth:`window_starts`).
         pool: clip embedding: ``"cls"`` (mean over windows of [CLS]) or ``"tokens"`` (mean of
-            the data tokens of all windows, padding excluded).
+            the frame embeddings, padding excluded).
         batch_size: windows per forward pass.
     """
 
@@ -261,13 +356,18 @@ class AudioEncoder(nn.Module):
         length = int(self.sample_rate * FRAME_LENGTH_S)
         return 1 + max(num_samples - length, 0) // shift
 
+    def num_samples_for_frames(self, frames: int) -> int:
+        """Fewest samples that give ``frames`` fbank frames (pretraining's crop length for ``target_frames``)."""
+        return int(self.sample_rate * FRAME_LENGTH_S) + (frames - 1) * int(self.sample_rate * FRAME_SHIFT_S)
+
     def features(self, waves: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """Normalised log-mel features, exactly as in pretraining.
 
         Args:
             waves: ``[B, T]`` (or ``[T]``) waveforms at :attr:`sample_rate`.
-            num_frames: output length in frames (cut or padded like pretraining); default: every
-                frame of the input (:meth:`num_fbank_frames`).
+            num_frames: output length in frames: longer input is cut, shorter input is zero-padded
+                as a waveform first, like pretraining pads short clips; default: every frame of the
+                input (:meth:`num_fbank_frames`).
 
         Returns:
             ``[B, 1, frames, F]`` float32.
@@ -281,8 +381,32 @@ class AudioEncoder(nn.Module):
         return torch.stack(out).unsqueeze(1)  # [B, 1, frames, F]
 
     def _fbank(self, wave: torch.Tensor, frames: int) -> torch.Tensor:
+        """``[frames, F]`` normalised fbank of ``wave``, zero-padded in the waveform domain when short.
+
+        Pretraining pads a short clip with zero samples, so its padded frames hit Kaldi's log floor
+        (``log(eps)``); padding the fbank itself with zeros would give the model values it never saw.
+        """
+        need = self.num_samples_for_frames(frames)
+        if wave.numel() < need:
+            wave = F.pad(wave, (0, need - wave.numel()))
         fbank = kaldi_fbank(wave, self.sample_rate, self.num_mel_bins, frames)  # [frames, F]
         return normalize_fbank(fbank, self.mean, self.std)
+
+    def window_starts(self, num_frames: int) -> list[int]:
+        """Start frames of the windows that cover a clip of ``num_frames`` fbank frames.
+
+        One window (padded) for a clip up to ``target_frames`` frames; otherwise windows every
+        :attr:`hop_frames` frames while they fit in the clip, then, unless the last of them
+        already ends at the clip's end, one more window ending exactly there (overlapping its
+        predecessor, not aligned to the patch grid). Every window is then real audio.
+        """
+        window, hop = self.target_frames, self.hop_frames
+        if num_frames <= window:
+            return [0]
+        starts = list(range(0, num_frames - window + 1, hop))
+        if starts[-1] + window < num_frames:
+            starts.append(num_frames - window)
+        return starts
 
     def timestamps(self, num_patches: int) -> torch.Tensor:
         """Centre, in seconds, of each time patch: the mean of its frames' window centres.
@@ -299,18 +423,13 @@ class AudioEncoder(nn.Module):
         """Run the ViT on ``[W, 1, target_frames, F]`` windows → tokens ``[W, 1 + gh·gw, D]``."""
         return encode(self.backbone, x)
 
-    def _windows(self, fbank: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Cut ``[L, F]`` into windows ``[W, 1, target_frames, F]``; also their start frames."""
-        length, window, hop = fbank.shape[0], self.target_frames, self.hop_frames
-        count = 1 + max(0, math.ceil((length - window) / hop))
-        starts = [i * hop for i in range(count)]
-        pad_to = starts[-1] + window
-        if pad_to > length:  # padded with the normalised value of a zero fbank, as kaldi_fbank pads
-            fill = normalize_fbank(torch.zeros(()), self.mean, self.std).item()
-            pad = fbank.new_full((pad_to - length, fbank.shape[1]), fill)
-            fbank = torch.cat([fbank, pad])
-        windows = torch.stack([fbank[s : s + window] for s in starts]).unsqueeze(1)
-        return windows, starts
+    def _windows(self, wave: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
+        """Windows ``[W, 1, target_frames, F]`` of one clip, their start frames and the clip's frame count."""
+        frames = self.num_fbank_frames(wave.numel())
+        starts = self.window_starts(frames)
+        fbank = self._fbank(wave, max(frames, self.target_frames))  # [max(L, window), F]
+        windows = torch.stack([fbank[s : s + self.target_frames] for s in starts]).unsqueeze(1)
+        return windows, starts, frames
 
     @torch.inference_mode()
     def embed(
@@ -321,6 +440,16 @@ class AudioEncoder(nn.Module):
         pool: Pool | None = None,
     ) -> EncoderOutput:
         """Embed a batch of clips of any length.
+
+        Windows are placed by :meth:`window_starts`. Frame embeddings live on the clip's patch grid
+        (patch ``j`` = fbank frames ``16j … 16j+15``; ``ceil(frames / 16)`` of them, the last one
+        possibly partial): a patch seen by several grid-aligned windows (``hop_frames`` <
+        ``target_frames``) gets their mean; a patch past the aligned windows, covered only by the
+        final window that ends at the clip's end, takes that window's patch nearest in time (at
+        most half a patch, 80 ms, away, except for a final patch holding under half a patch of
+        audio, which takes the clip's last 16 frames). They are real model outputs, never
+        interpolated. ``pool="cls"`` averages [CLS] over the windows, ``pool="tokens"`` the frame
+        embeddings.
 
         Args:
             waves: ``[B, T]`` tensor, a single ``[T]`` clip, or a list of 1-D tensors of
@@ -346,8 +475,7 @@ class AudioEncoder(nn.Module):
             wave = wave.to(device=device, dtype=torch.float32)
             if sample_rate != self.sample_rate:
                 wave = AF.resample(wave, orig_freq=int(sample_rate), new_freq=self.sample_rate)
-            frames = self.num_fbank_frames(wave.numel())
-            windows, wstarts = self._windows(self._fbank(wave, frames))
+            windows, wstarts, frames = self._windows(wave)
             all_windows.append(windows)
             owners += [b] * len(wstarts)
             starts += wstarts
@@ -364,17 +492,28 @@ class AudioEncoder(nn.Module):
         cls = tokens[:, 0]  # [W, D]
         per_time = tokens[:, 1:].reshape(W, grid_t, -1, D).mean(2)  # [W, gh, D]: mean over frequency
 
-        B, n_max = len(clips), max(valid_patches)
-        total = max(s // p + grid_t for s in starts)
-        frame_sum = tokens.new_zeros(B, max(total, n_max), D)
-        frame_cnt = tokens.new_zeros(B, max(total, n_max), 1)
+        B = len(clips)
+        n_max = max(max(valid_patches), grid_t)  # a short clip's single window spans grid_t patches
+        frame_sum = tokens.new_zeros(B, n_max, D)
+        frame_cnt = tokens.new_zeros(B, n_max, 1)
         cls_sum, win_cnt = tokens.new_zeros(B, D), tokens.new_zeros(B, 1)
+        tail = []  # windows ending at their clip's end, off the patch grid
         for w, (b, s) in enumerate(zip(owners, starts)):
+            cls_sum[b] += cls[w]
+            win_cnt[b] += 1
+            if s % p:
+                tail.append((w, b, s))
+                continue
             j = s // p
             frame_sum[b, j : j + grid_t] += per_time[w]
             frame_cnt[b, j : j + grid_t] += 1
-            cls_sum[b] += cls[w]
-            win_cnt[b] += 1
+        for w, b, s in tail:  # the patches no aligned window reached: the nearest patch of this window
+            first = int((frame_cnt[b, :, 0] > 0).sum())  # aligned windows cover patches [0, first)
+            for j in range(first, valid_patches[b]):
+                k = min(max((j * p - s + p // 2) // p, 0), grid_t - 1)
+                frame_sum[b, j] = per_time[w, k]
+                frame_cnt[b, j] = 1
+        n_max = max(valid_patches)
         frames_out = (frame_sum / frame_cnt.clamp_min(1))[:, :n_max]  # [B, N, D]
         num_frames = torch.tensor(valid_patches, device=device)
         valid = (torch.arange(n_max, device=device)[None] < num_frames[:, None]).unsqueeze(-1)  # [B, N, 1]

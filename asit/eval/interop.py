@@ -4,7 +4,11 @@ Our backbone *is* a timm ``VisionTransformer`` with timm's parameter names, so e
 strict ``load_state_dict``. The authors' checkpoints (DINO layout) hold ``student`` / ``teacher``
 dicts whose keys carry a ``module.`` prefix (DDP; not always) and then ``backbone.`` for the ViT
 (also timm/DINO names), next to ``head.*`` / ``head_cls.*`` / ``head_recons.*``; import strips the
-prefixes and keeps the backbone.
+prefixes and keeps the backbone. Their ``main_ASiT.py`` also saves its ``argparse.Namespace`` under
+``args``: the file is read with ``torch.load(weights_only=True)`` allowing that one class.
+:func:`export_authors_checkpoint` (and ``scripts/import_authors.py``) turns such a checkpoint into
+an encoder file (:func:`asit.eval.encoder.export_encoder`) that ``load_encoder``, fine-tuning,
+probing and HEAR read.
 
 The v2 checkpoint is used at 16 kHz and at least one wrapper feeds it frequency-first input
 (``(B, 1, F, T)``). If it was trained that way its patch kernel and positional grid are the
@@ -13,21 +17,31 @@ transpose of ours; ``transpose_patches=True`` converts them to our time-first la
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from asit.models import build_backbone
+from asit.data import AUDIOSET_MEAN, AUDIOSET_STD
+from asit.models import VIT_PRESETS, build_backbone
 
-from .encoder import AudioEncoder, EncoderError, load_encoder
+from .encoder import AudioEncoder, EncoderError, export_encoder, load_encoder
 
-__all__ = ["AUTHORS_SAMPLE_RATE", "import_authors_checkpoint", "to_timm", "transpose_patch_layout"]
+__all__ = [
+    "AUTHORS_SAMPLE_RATE",
+    "export_authors_checkpoint",
+    "import_authors_checkpoint",
+    "load_authors_checkpoint",
+    "to_timm",
+    "transpose_patch_layout",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +104,107 @@ def transpose_patch_layout(
     return out
 
 
+def load_authors_checkpoint(path: str | os.PathLike) -> dict[str, object]:
+    """Read an authors' checkpoint file with ``torch.load(weights_only=True)``.
+
+    The weights-only unpickler accepts tensors and plain containers; ``argparse.Namespace`` (the
+    ``args`` entry ``main_ASiT.py`` saves, as DINO does) is allowed too. Anything else is refused
+    rather than executed.
+
+    Raises:
+        EncoderError: the file is missing, is not a PyTorch checkpoint, or holds other objects
+            (the message names the file; load a file you trust yourself and pass the dict).
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise EncoderError(f"{name}: checkpoint file does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(name, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, ... : all mean "unreadable"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EncoderError(
+            f"{name}: cannot read it with torch.load(weights_only=True) ({type(exc).__name__}: {first}). "
+            "If you trust the file, load it with torch.load(..., weights_only=False) and pass the dict instead."
+        ) from exc
+    if not isinstance(raw, Mapping):
+        raise EncoderError(f"{name}: holds a {type(raw).__name__}, not a checkpoint dict")
+    return dict(raw)
+
+
+def _authors_num_heads(raw: Mapping[str, object], embed_dim: int, where: str) -> int:
+    """Heads of the authors' ViT: their ``args.arch`` (``vit_small``, ``vit_base``...) when saved and
+    consistent with the width, else the one preset of that width."""
+    args = raw.get("args")
+    arch = args.get("arch") if isinstance(args, Mapping) else getattr(args, "arch", None)
+    preset = VIT_PRESETS.get(str(arch).removeprefix("vit_")) if arch else None
+    if preset is not None and preset["embed_dim"] == embed_dim:
+        return preset["num_heads"]
+    by_width = [p for p in VIT_PRESETS.values() if p["embed_dim"] == embed_dim]
+    if len(by_width) == 1:
+        return by_width[0]["num_heads"]
+    raise EncoderError(
+        f"{where}: cannot tell the number of attention heads of a {embed_dim}-wide ViT; "
+        "give num_heads (scripts/import_authors.py: --num-heads)"
+    )
+
+
+def export_authors_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, object],
+    out: str | os.PathLike,
+    *,
+    which: Literal["teacher", "student"] = "teacher",
+    version: Literal["v1", "v2"] = "v1",
+    transpose_patches: bool = False,
+    img_size: tuple[int, int] = (592, 128),
+    num_heads: int | None = None,
+    sample_rate: int | None = None,
+    mean: float = AUDIOSET_MEAN,
+    std: float = AUDIOSET_STD,
+) -> Path:
+    """Turn an authors' checkpoint into an asit encoder file (what ``scripts/import_authors.py`` does).
+
+    The backbone comes from :func:`import_authors_checkpoint` and is written by
+    :func:`asit.eval.encoder.export_encoder`, so :func:`load_encoder`, ``scripts/finetune.py``,
+    ``scripts/linear_probe.py``, ``scripts/extract.py`` and :mod:`asit.hear` accept the result.
+
+    Args:
+        checkpoint, which, version, transpose_patches, img_size: see :func:`import_authors_checkpoint`.
+        out: the ``.safetensors`` file to write.
+        num_heads: attention heads; default: from the checkpoint's ``args.arch``, else the preset
+            of the same width (384 → 6, 768 → 12).
+        sample_rate: default :data:`AUTHORS_SAMPLE_RATE` of ``version`` (v1 32 kHz, v2 16 kHz).
+        mean, std: the fbank statistics the model was trained with (default AudioSet's, as the
+            authors used).
+
+    Returns:
+        the written path.
+    """
+    where = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
+    raw = load_authors_checkpoint(where) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
+    state = import_authors_checkpoint(
+        raw, which=which, version=version, transpose_patches=transpose_patches, img_size=img_size,
+        num_heads=num_heads,
+    )
+    embed_dim = int(state["patch_embed.proj.weight"].shape[0])
+    heads = num_heads if num_heads is not None else _authors_num_heads(raw, embed_dim, where)
+    source = {"checkpoint": where, "which": which, "version": version, "transpose_patches": transpose_patches}
+    if isinstance(raw.get("epoch"), int):
+        source["epoch"] = raw["epoch"]
+    return export_encoder(
+        state,
+        out,
+        sample_rate=sample_rate if sample_rate is not None else AUTHORS_SAMPLE_RATE[version],
+        mean=mean,
+        std=std,
+        img_size=img_size,
+        num_heads=heads,
+        arch=f"authors-{version}",
+        config={"source": source, "model": {"num_heads": heads}},
+        step=0,
+    )
+
+
 def import_authors_checkpoint(
     checkpoint: str | os.PathLike | Mapping[str, object],
     *,
@@ -102,7 +217,7 @@ def import_authors_checkpoint(
     """Backbone weights of an ASiT authors' checkpoint, in our (timm) names and layout.
 
     Args:
-        checkpoint: a path (read with ``torch.load(weights_only=True)``) or an already loaded dict:
+        checkpoint: a path (read by :func:`load_authors_checkpoint`) or an already loaded dict:
             either the full checkpoint with ``student`` / ``teacher`` entries or one of those dicts.
         which: the network to take; the paper fine-tunes the teacher.
         version: ``"v1"`` (32 kHz) or ``"v2"`` (16 kHz). ``transpose_patches`` is only
@@ -113,18 +228,15 @@ def import_authors_checkpoint(
             (any divisor of the width gives the same shapes).
 
     Raises:
-        EncoderError: no backbone keys, or keys/shapes that do not match our backbone.
+        EncoderError: the file cannot be read, no backbone keys, or keys/shapes that do not match
+            our backbone.
     """
     if version not in AUTHORS_SAMPLE_RATE:
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
     if transpose_patches and version != "v2":
         raise ValueError("transpose_patches applies to the v2 checkpoint only")
     where = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
-    raw = (
-        torch.load(where, map_location="cpu", weights_only=True)
-        if isinstance(checkpoint, (str, os.PathLike))
-        else checkpoint
-    )
+    raw = load_authors_checkpoint(where) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     net = raw.get(which, raw) if isinstance(raw, Mapping) else None
     if not isinstance(net, Mapping):
         raise EncoderError(f"{where}: no {which!r} state dict in the checkpoint")

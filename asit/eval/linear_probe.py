@@ -1,7 +1,8 @@
 """Linear probing of a frozen encoder: k-fold stratified cross-validation of a logistic regression.
 
 The encoder never changes, so each clip is embedded once and the embeddings are cached (an
-``.npz`` keyed by the encoder file's hash, the manifest's entries and the embedding options).
+``.npz`` keyed by the encoder file's hash, the manifest's entries with each audio file's size and
+modification time, and the embedding options).
 For each fold the features are standardised with the training part's statistics and a linear
 layer is fitted full-batch with L-BFGS (softmax cross-entropy for single-label data, per-class
 sigmoid for multi-label data) plus an L2 penalty. Single-label tasks report accuracy,
@@ -133,7 +134,13 @@ def stratified_folds(labels: Sequence[tuple[str, ...]], k: int, seed: int) -> np
 
 
 def fit_linear(
-    x: torch.Tensor, y: torch.Tensor, *, multilabel: bool, weight_decay: float, max_iter: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    multilabel: bool,
+    weight_decay: float,
+    max_iter: int,
+    num_classes: int | None = None,
 ) -> torch.nn.Linear:
     """Fit ``Linear(D, K)`` full-batch with L-BFGS.
 
@@ -141,8 +148,15 @@ def fit_linear(
         x: ``[N, D]`` (already standardised) float64 features.
         y: ``[N]`` class indices (single-label) or ``[N, K]`` 0/1 floats (multi-label).
         multilabel: sigmoid + binary cross-entropy instead of softmax cross-entropy.
+        num_classes: ``K`` for single-label data: the size of the whole label set, which a
+            training fold may not fully contain (default: the largest index in ``y`` plus one).
     """
-    num_classes = y.shape[1] if multilabel else int(y.max()) + 1
+    if multilabel:
+        num_classes = y.shape[1]
+    elif num_classes is None:
+        num_classes = int(y.max()) + 1
+    elif int(y.max()) >= num_classes:
+        raise ValueError(f"class index {int(y.max())} is out of range for num_classes={num_classes}")
     layer = torch.nn.Linear(x.shape[1], num_classes, dtype=x.dtype)
     torch.nn.init.zeros_(layer.weight)  # convex problem: a fixed start makes the fit deterministic
     torch.nn.init.zeros_(layer.bias)
@@ -218,7 +232,12 @@ def cross_validate(
         std = x_all[train].std(0).clamp_min(1e-6)
         x_train, x_test = (x_all[train] - mean) / std, (x_all[test] - mean) / std
         layer = fit_linear(
-            x_train, y_t[train], multilabel=multilabel, weight_decay=cfg.weight_decay, max_iter=cfg.max_iter
+            x_train,
+            y_t[train],
+            multilabel=multilabel,
+            weight_decay=cfg.weight_decay,
+            max_iter=cfg.max_iter,
+            num_classes=len(classes),  # a class absent from this training part keeps its column
         )
         logits = layer(x_test).numpy()
         y_test = y_all[test.numpy()]
@@ -247,6 +266,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _file_stamp(path: str) -> tuple[int, int] | tuple[None, None]:
+    """``(size, mtime_ns)`` of a file; ``(None, None)`` when it cannot be read (it is skipped later)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
 def cached_embeddings(
     encoder_path: str | os.PathLike,
     manifest: str | os.PathLike,
@@ -261,13 +289,14 @@ def cached_embeddings(
 ) -> tuple[Embeddings, Path]:
     """Clip embeddings of ``manifest`` by the encoder, computed once and cached in ``cache_dir``.
 
-    The cache key covers the encoder file's SHA-256, the manifest's entries (paths and labels),
+    The cache key covers the encoder file's SHA-256, the manifest's entries (paths, labels, and
+    each audio file's size and modification time in ns, so rewritten audio is embedded again),
     ``random_init`` / ``seed`` and ``pool``; anything else changing gives a new file.
     """
     entries = load_manifest(manifest)
     key = {
         "encoder": file_sha256(encoder_path),
-        "entries": [[e.path, list(e.labels)] for e in entries],
+        "entries": [[e.path, list(e.labels), *_file_stamp(e.path)] for e in entries],
         "random_init": random_init,
         "seed": seed if random_init else None,
         "pool": pool,

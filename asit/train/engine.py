@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
-from asit.atomic_io import atomic_path, atomic_write_text
+from asit.atomic_io import atomic_write_text
 from asit.config import Config, config_to_dict, save_config
 from asit.data.fbank import fbank_views
 from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs, ring_bytes, shared_memory_free
@@ -1184,23 +1184,14 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ export / cleanup
     def export_teacher_encoder(self) -> Path:
-        """Write the teacher backbone alone (timm parameter names) as safetensors, atomically."""
-        from safetensors.torch import save_file
+        """Write the teacher backbone alone (timm parameter names) as safetensors, atomically
+        (:func:`asit.eval.encoder.export_encoder`: the format ``load_encoder`` reads)."""
+        from asit.eval.encoder import export_encoder
 
-        backbone = self.teacher.backbone
-        tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-        m, d = self.cfg.model, self.cfg.data
-        meta = {"format": "asit-encoder-v1", "arch": m.arch, "patch_size": str(m.patch_size),
-                "img_size": json.dumps([d.target_frames, d.num_mel_bins]), "sample_rate": str(d.sample_rate),
-                "num_mel_bins": str(d.num_mel_bins), "mean": str(d.mean), "std": str(d.std),
-                "config": json.dumps(config_to_dict(self.cfg)), "step": str(self.step),
-                # the resolved width/depth/heads (the arch name alone is wrong when they are overridden)
-                "embed_dim": str(backbone.embed_dim), "depth": str(len(backbone.blocks)),
-                "num_heads": str(backbone.blocks[0].attn.num_heads)}
-        path = self.run_dir / "teacher_encoder.safetensors"
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        d = self.cfg.data
+        return export_encoder(self.teacher.backbone, self.run_dir / "teacher_encoder.safetensors",
+                              sample_rate=d.sample_rate, mean=d.mean, std=d.std, arch=self.cfg.model.arch,
+                              config=config_to_dict(self.cfg), step=self.step)
 
     def cleanup(self) -> None:
         loader = getattr(self, "loader", None)
