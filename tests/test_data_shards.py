@@ -219,6 +219,28 @@ def test_engine_trains_on_shards(tmp_path):
     assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
 
 
+def test_resume_on_shards_with_another_worker_count_is_warned_about(tmp_path, caplog):
+    # with shards the worker count sets the clip order, so it is not a free setting on resume (it is for manifests)
+    from asit.train import Pretrainer
+
+    trainer, _ = _shard_trainer(tmp_path)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    for workers, warned in ((0, False), (2, True)):
+        caplog.clear()
+        resumed = Pretrainer(_shard_trainer(tmp_path, f"data.num_workers={workers}")[0].cfg, resume=True)
+        try:
+            with caplog.at_level("WARNING", logger="asit.train.engine"):
+                resumed.setup()
+        finally:
+            resumed.cleanup()
+        messages = [r.getMessage() for r in caplog.records if "setting(s) changed" in r.getMessage()]
+        assert bool(messages) == warned and all("data.num_workers: 0 there, 2 here" in m for m in messages)
+
+
 def test_engine_counts_an_unreadable_shards_clips_as_skipped(tmp_path):
     trainer, folder = _shard_trainer(tmp_path, "train.max_steps_per_epoch=null", "data.max_bad_fraction=0.5")
     open(folder / "d-000002.tar", "wb").close()  # its 4 clips are lost

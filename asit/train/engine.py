@@ -717,8 +717,15 @@ class Pretrainer:
         if not (self.dist.is_main and isinstance(state["config"], dict)):
             return
         saved, now = _flatten(state["config"]), _flatten(config_to_dict(self.cfg))
+        from asit.data.shards import ShardPretrainDataset
+
+        free = RESUME_FREE_KEYS
+        if isinstance(self.dataset, ShardPretrainDataset):
+            # shards: each loader worker reads its own run of batches through its own shuffle buffer, so the
+            # worker count sets the order of the clips (and which ones a mid-epoch skip covers)
+            free = free - {"data.num_workers"}
         changed = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in now.items()
-                   if k in saved and saved[k] != v and k not in RESUME_FREE_KEYS]
+                   if k in saved and saved[k] != v and k not in free]
         if changed:
             log.warning("resuming from %s with %d setting(s) changed: %s. The run continues with the new values "
                         "(data order, schedules or the objective may differ from the run that wrote the checkpoint); "
