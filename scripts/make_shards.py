@@ -5,9 +5,11 @@
     python scripts/make_shards.py /data/wavs --out shards/demo-%06d.tar --shard-size 256MB
 
 Each clip becomes one sample: its audio bytes with the original extension (flac, wav, ...) and a
-JSON member with its labels, manifest index and source path. ``index.json`` in the output folder
-lists the shards and their clip counts; the reader splits each epoch's clips between ranks and loader
-workers by these counts, and reports a shard that delivers fewer (cut short, unreadable) as skipped
+JSON member with its labels, manifest index and source path. The clips are packed in a shuffled
+order (``--seed``; ``--keep-order`` keeps the manifest's), so that no shard holds one class of a
+sorted manifest. ``index.json`` in the output folder lists the shards and their clip counts; the
+reader splits each epoch's clips between ranks and loader workers by these counts, and reports a
+shard that delivers fewer (cut short, unreadable) as skipped
 clips, so keep the index with the shards and rewrite both together. Train on them with
 ``data.train_manifest=shards:/data/as2m_shards`` (the folder) or a brace pattern such as
 ``shards:/data/as2m_shards/as2m-{000000..000099}.tar``.
@@ -31,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", default="1000",
                         help="clips per shard (1000) or bytes per shard (256MB, 2GB); default 1000 clips")
     parser.add_argument("--index", default=None, help="index file (default: index.json next to the shards)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the packing order: clips are packed shuffled, so that a shard (and so a "
+                             "batch) does not hold one class of a class-sorted manifest (default 0)")
+    parser.add_argument("--keep-order", action="store_true", help="pack in the manifest's order instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -40,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ManifestError) as err:
         parser.error(str(err))
     try:
-        index = write_shards(entries, args.out, max_count=max_count, max_bytes=max_bytes, index_path=args.index)
+        index = write_shards(entries, args.out, max_count=max_count, max_bytes=max_bytes, index_path=args.index,
+                             shuffle_seed=None if args.keep_order else args.seed, progress=True)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -101,6 +101,23 @@ def test_round_trip_manifest_to_shards_to_samples(corpus, tmp_path):
     assert batch["views"].shape == (4, 2, 1, 48, 32) and batch["num_skipped"] == 0
 
 
+def _packed_order(index):
+    """Manifest indices in the order they were packed (shard by shard, member by member)."""
+    shards = open_shard_source(index.parent)
+    return [int(name.split(".", 1)[0]) for url in shards.urls for name in _members(url) if name.endswith(".json")]
+
+
+def test_clips_are_packed_in_a_seeded_shuffled_order(corpus, tmp_path):
+    # a class-sorted manifest must not give one-class shards: the packing order is shuffled by the seed
+    order = _packed_order(_pack(corpus, tmp_path / "a"))
+    assert sorted(order) == list(range(11)) and order != list(range(11))
+    assert _packed_order(_pack(corpus, tmp_path / "b")) == order  # deterministic
+    other = write_shards(corpus, tmp_path / "c" / "x-%06d.tar", max_count=3, shuffle_seed=1)
+    assert _packed_order(other) != order
+    kept = write_shards(corpus, tmp_path / "d" / "x-%06d.tar", max_count=3, shuffle_seed=None)
+    assert _packed_order(kept) == list(range(11))
+
+
 def test_brace_pattern_source_and_counts_without_index(corpus, tmp_path):
     index = _pack(corpus, tmp_path, size=4)
     pattern = f"shards:{index.parent}/demo-{{000000..000002}}.tar"

@@ -39,6 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from asit.atomic_io import atomic_write_text
 
 from .audio import AudioDecodeError, decode_audio_bytes
 from .dataset import ClipViews
@@ -111,13 +114,20 @@ def write_shards(
     max_count: int | None = 1000,
     max_bytes: int | None = None,
     index_path: str | os.PathLike | None = None,
+    shuffle_seed: int | None = 0,
+    progress: bool = False,
 ) -> Path:
     """Pack ``entries`` into WebDataset shards named by ``pattern`` (``dir/prefix-%06d.tar``).
 
     A new shard starts after ``max_count`` clips or once it holds ``max_bytes`` bytes (whichever
     comes first; ``None`` lifts a limit). The audio bytes are stored unchanged (no decoding, so an
     unreadable file is packed as it is and skipped at read time). Writes the index (default
-    ``dir/index.json``) and returns its path. Keys are the clips' manifest indices.
+    ``dir/index.json``, atomically) and returns its path. Keys are the clips' manifest indices.
+
+    The clips are packed in an order shuffled by ``shuffle_seed`` (``None`` keeps the manifest's
+    order): the reader shuffles shards and clips within a bounded buffer, so a manifest sorted by
+    class (a scanned folder of class folders) would otherwise give batches of one class.
+    ``progress`` shows a tqdm bar.
     """
     if not entries:
         raise ValueError("entries is empty: nothing to pack")
@@ -135,9 +145,15 @@ def write_shards(
     out_dir = Path(pattern).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     index = Path(index_path) if index_path is not None else out_dir / INDEX_NAME
+    order = list(range(len(entries)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
     counts: dict[str, int] = {}
+    bar = tqdm(total=len(entries), unit="clip", desc="packing", disable=not progress)
     with wds.ShardWriter(pattern, maxcount=max_count or 2**62, maxsize=max_bytes or float("inf"), verbose=0) as writer:
-        for i, entry in enumerate(entries):
+        for i in order:
+            entry = entries[i]
+            bar.update()
             with open(entry.path, "rb") as fh:
                 audio = fh.read()
             meta = {"index": i, "labels": list(entry.labels), "path": entry.path}
@@ -145,9 +161,8 @@ def write_shards(
             counts[writer.fname] = counts.get(writer.fname, 0) + 1
     shards = [{"path": os.path.relpath(name, index.parent), "count": n} for name, n in counts.items()]
     doc = {"format": INDEX_FORMAT, "total": len(entries), "labels": label_vocabulary(entries), "shards": shards}
-    tmp = index.with_name(index.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    tmp.replace(index)
+    bar.close()
+    atomic_write_text(index, json.dumps(doc, indent=1))
     logger.info("packed %d clips into %d shards; index %s", len(entries), len(shards), index)
     return index
 
