@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from asit.atomic_io import atomic_write_text
+
 __all__ = ["DEMO_CLASSES", "default_demo_root", "ensure_demo_dataset", "synthesize_clip"]
 
 logger = logging.getLogger(__name__)
@@ -207,9 +209,7 @@ def ensure_demo_dataset(
             rows.append(f"{rel.as_posix()},{kind}\n")
 
         params_file.write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
-        tmp = manifest.with_suffix(".csv.tmp")
-        tmp.write_text("path,label\n" + "".join(rows), encoding="utf-8")
-        os.replace(tmp, manifest)
+        atomic_write_text(manifest, "path,label\n" + "".join(rows))
     return manifest
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from asit.atomic_io import atomic_write
 from asit.data import AudioDecodeError, AudioEntry, load_audio
 
 from .encoder import AudioEncoder
@@ -130,9 +131,7 @@ def save_embeddings(emb: Embeddings, path: str | os.PathLike) -> Path:
         arrays.update(
             frames=emb.frames.astype(np.float32), num_frames=emb.num_frames, timestamps_s=emb.timestamps_s
         )
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
     return path
 
 

@@ -98,6 +98,7 @@ import torchaudio.transforms as TT
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
 
+from asit.atomic_io import atomic_write_text
 from asit.config import ConfigError, _build, load_tree
 from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest
 from asit.data.fbank import batched_kaldi_fbank
@@ -1235,9 +1236,7 @@ def _write_json(path: Path, obj: Any) -> None:
             return [clean(x) for x in v]
         return v
 
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(clean(obj), indent=2) + "\n")
 
 
 def _is_multilabel(cfg: FTDataConfig, entries: Sequence[AudioEntry]) -> bool:
