@@ -616,6 +616,8 @@ def test_resume_warns_about_changed_settings(tmp_path, caplog) -> None:
         return [r.getMessage() for r in caplog.records if "setting(s) changed" in r.getMessage()]
 
     assert resume_warnings("train.log_every=2", "train.checkpoint_every_steps=5", "train.keep_last=4") == []
+    (message,) = resume_warnings("train.sync_free=true")  # other GMML masks from the same generator
+    assert "train.sync_free: None there, True here" in message
     (message,) = resume_warnings("train.seed=1", "optim.lr=2e-3", "loss.weight_recon=1.0", "train.epochs=3",
                                  "train.log_every=2")
     assert "with 4 setting(s) changed" in message

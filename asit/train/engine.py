@@ -63,12 +63,14 @@ log = logging.getLogger(__name__)
 # Config keys that may differ on resume without changing what is trained: where output goes, how often it is
 # logged and checkpointed, guard thresholds, and speed settings that keep the batches and the maths (up to float
 # rounding). A change of any other key is listed in a warning (data order, schedules, objective or numerics).
+# Not free: train.sync_free (its GMML sampler draws blocks with a fixed candidate budget, so other masks from
+# the same generator) and train.compile / compile_mode (Inductor draws drop-path's random numbers its own way).
 RESUME_FREE_KEYS = frozenset({
     "name", "train.output_dir", "train.log_every", "train.progress", "train.checkpoint_every_steps",
     "train.keep_last", "train.keep_every_steps", "train.keep_every_epochs", "train.auto_resume",
-    "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite", "train.compile",
-    "train.compile_mode", "train.sync_free", "data.max_bad_fraction", "data.num_workers", "data.batch_ring",
-    "data.fbank_on", "data.cache_dir", "model.attn_backend",
+    "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite",
+    "data.max_bad_fraction", "data.num_workers", "data.batch_ring", "data.fbank_on", "data.cache_dir",
+    "model.attn_backend",
 })
 
 
