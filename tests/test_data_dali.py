@@ -3,6 +3,7 @@ sharding, and a short engine run with ``data.backend=dali``."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -494,12 +495,31 @@ def test_a_damaged_tar_counts_its_missing_clips(demo, tmp_path):
     write_shards(demo, tmp_path / "s-%06d.tar", max_count=6)
     cut = tmp_path / "s-000001.tar"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])  # an interrupted copy
-    loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
-    lost = loader.excluded["unreadable"]
-    assert 3 <= lost < 6 and sum(loader.excluded.values()) == lost
-    batches = list(loader)
-    assert len({i for b in batches for i in b["index"].tolist()}) == 2 * len(loader) and len(loader) >= 3
-    assert sum(b["skip_reasons"].count("unreadable") for b in batches) == lost
+    for check_files in (True, False):  # the tar members are checked either way (no crash building the index)
+        loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, check_files=check_files,
+                                    **SMALL)
+        lost = loader.excluded["truncated-shard"]  # the torch shard reader's reason for the same clips
+        assert 3 <= lost < 6 and sum(loader.excluded.values()) == lost
+        batches = list(loader)
+        assert len({i for b in batches for i in b["index"].tolist()}) == 2 * len(loader) and len(loader) >= 3
+        assert sum(b["skip_reasons"].count("truncated-shard") for b in batches) == lost
+        loader.close()
+
+
+def test_a_stale_index_is_read_as_it_lists_like_the_torch_reader(demo, tmp_path, caplog):
+    # the tars hold more clips than index.json says: only the listed ones are read, with a warning
+    from asit.data.shards import INDEX_NAME, open_shard_source, write_shards
+
+    index = write_shards(demo, tmp_path / "s-%06d.tar", max_count=6)
+    doc = json.loads(index.read_text())
+    for shard in doc["shards"]:
+        shard["count"] = min(shard["count"], 4)
+    doc["total"] = sum(shard["count"] for shard in doc["shards"])
+    (tmp_path / INDEX_NAME).write_text(json.dumps(doc))
+    with caplog.at_level("WARNING"):
+        loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
+    assert len(loader._clips) == doc["total"] and "more than the 4 its index lists" in caplog.text
+    assert len({i for b in loader for i in b["index"].tolist()}) == 2 * len(loader)
     loader.close()
 
 

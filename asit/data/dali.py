@@ -17,8 +17,8 @@ rolled with probability ``roll_prob`` (:func:`~asit.data.transforms.random_roll`
 
 :class:`DaliPretrainLoader` runs the pipeline (on the CPU with ``device_id=None``) and yields
 batches in :func:`~asit.data.dataset.collate_pretrain`'s layout. Each epoch it permutes the list
-with ``(seed, epoch)`` (the same on every rank), deals the clips out to the ranks
-(``shard_id::num_shards``) and builds a pipeline over this rank's share alone, so each epoch every
+with ``(seed, epoch)`` (the same on every rank), gives each rank a contiguous share of it
+and builds a pipeline over this rank's share alone, so each epoch every
 clip is read once across ranks, ranks never read each other's clips, and a resumed run places the
 stream without replaying earlier epochs. Bad files are handled in three places, and every clip left
 out is reported in ``num_skipped``/``skip_reasons``/``skipped_indices`` like the torch backend's
@@ -435,14 +435,20 @@ class _ShardClips:
         self._position = {label: k for k, label in enumerate(vocab)}
         self.members: list[_Member] = []
         self.short: dict[int, str] = {}  # clips the index lists but the tar lacks (damaged tar): reason per clip
+        self.short_reason: dict[int, str] = {}  # "truncated-shard" / "unreadable-shard", as the torch reader says
         for t, url in enumerate(shards.urls):
             found = self._scan(t, url)
+            if len(found) > shards.counts[t]:  # a stale index: read what it lists, as the torch reader does
+                logger.warning("DALI loader: shard %s holds %d clips, more than the %d its index lists; the rest are "
+                               "not read (rewrite the index with the shards)", url, len(found), shards.counts[t])
+                found = found[: shards.counts[t]]
             missing = shards.counts[t] - len(found)
             if missing > 0:
                 logger.warning("DALI loader: %s holds %d readable clips, its index lists %d; the missing ones are "
-                               "counted as unreadable", url, len(found), shards.counts[t])
+                               "counted as skipped", url, len(found), shards.counts[t])
             self.members.extend(found)
             for _ in range(max(missing, 0)):
+                self.short_reason[len(self.members)] = "truncated-shard" if found else "unreadable-shard"
                 self.short[len(self.members)] = f"{url} (damaged: {len(found)} of {shards.counts[t]} clips)"
                 self.members.append(_Member(key="?", tar=t))
         self._tmp = tempfile.TemporaryDirectory(prefix="asit-dali-index-", dir=index_dir)
@@ -482,14 +488,16 @@ class _ShardClips:
     def __len__(self) -> int:
         return len(self.members)
 
-    def check(self, sample_rate: int) -> tuple[list[int], dict[int, str]]:
-        """Clips with an audio member in a format DALI decodes, and a ``json`` member; reasons for the others."""
+    def check(self, sample_rate: int, formats: bool = True) -> tuple[list[int], dict[int, str]]:
+        """Clips with an audio member in a format DALI decodes, and a ``json`` member; reasons for the others.
+        ``formats=False`` skips the format test (the members are checked whatever ``check_files`` says: a clip
+        without them cannot enter a DALI index file)."""
         good, reasons = [], {}
         handles: dict[int, Any] = {}
         try:
             for i, m in enumerate(self.members):
                 if i in self.short:
-                    reasons[i] = "unreadable"
+                    reasons[i] = self.short_reason[i]
                 elif m.json is None:
                     reasons[i] = "bad-metadata"
                 elif m.audio is None:
@@ -498,7 +506,7 @@ class _ShardClips:
                     reasons[i] = "empty"
                 else:
                     ext = m.audio[2].rsplit(".", 1)[-1].lower()
-                    if ext not in _DALI_EXTENSIONS:
+                    if formats and ext not in _DALI_EXTENSIONS:
                         if m.tar not in handles:
                             handles[m.tar] = open(self.shards.urls[m.tar], "rb")  # noqa: SIM115 (closed below)
                         handles[m.tar].seek(m.audio[0])
@@ -649,7 +657,12 @@ class DaliPretrainLoader:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
         clips = self._clips
-        keep, self._left_out = clips.check(sample_rate) if check_files else (list(range(len(clips))), {})
+        if check_files:
+            keep, self._left_out = clips.check(sample_rate)
+        elif isinstance(clips, _ShardClips):  # the tar members still (read from the headers already)
+            keep, self._left_out = clips.check(sample_rate, formats=False)
+        else:
+            keep, self._left_out = list(range(len(clips))), {}
         self.excluded: Counter[str] = Counter(self._left_out.values())
         if self.excluded:
             logger.warning("DALI loader: left out %d clips that cannot be decoded: %s (e.g. %s)",
