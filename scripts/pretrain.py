@@ -19,6 +19,7 @@ import sys
 
 from asit.config import ConfigError, available_recipes, load_config
 from asit.data import ManifestError
+from asit.eval.encoder import EncoderError
 from asit.train import BadDataError, NonFiniteLossError, Pretrainer, ReplicaMismatchError
 from asit.train.checkpoint import CheckpointError
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         try:
             summary = trainer.train()
-        except (BadDataError, CheckpointError, ManifestError, NonFiniteLossError, ReplicaMismatchError) as err:
+        except (BadDataError, CheckpointError, EncoderError, ManifestError, NonFiniteLossError,
+                ReplicaMismatchError) as err:  # EncoderError: the teacher's export at the end
             log.error("%s", err)
             return 1
         if rank == 0:

@@ -102,6 +102,8 @@ def test_config_overrides_and_errors(tmp_path):
         load_finetune_config("nope")
     with pytest.raises(ConfigError, match="average_start"):
         load_finetune_config("scv2", ["train.report=averaged"])
+    with pytest.raises(ConfigError, match="train.seed"):
+        load_finetune_config("scv2", ["train.seed=-1"])
 
 
 # --------------------------------------------------------------------------- augmentation

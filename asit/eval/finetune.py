@@ -296,6 +296,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         (0 <= o.min_lr <= o.lr, "optim.min_lr must be in [0, optim.lr]"),
         (o.clip_grad >= 0, "optim.clip_grad must be >= 0"),
         (t.epochs > 0, "train.epochs must be > 0"),
+        (t.seed >= 0, f"train.seed must be >= 0 (it seeds NumPy's generators), got {t.seed}"),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.eval_batch_size is None or t.eval_batch_size > 0, "train.eval_batch_size must be > 0"),
         (t.max_steps_per_epoch is None or t.max_steps_per_epoch > 0, "train.max_steps_per_epoch must be > 0"),
