@@ -56,11 +56,11 @@ and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
 * **Outputs** under ``train.output_dir`` (per fold in ``fold_<k>/`` for CV): ``config.yaml``,
   ``log.jsonl`` (training loss and lr every ``log_every`` steps, a ``val_<metric>`` record per
   epoch), TensorBoard scalars, ``best.pt``, ``averaged.pt`` and ``results.json``.
-* **Resume** (``train.resume``, ``--resume``): after every epoch ``last.pt`` (model, AdamW, best and
-  averaged weights, history) and one ``rng_epoch<E>_rank<r>.pt`` per process are written
-  atomically with SHA-256 sidecars; a resumed run continues after the last finished epoch and ends
-  bitwise equal to an uninterrupted one (same world size and hardware). Finished folds of a
-  cross-validation are not rerun.
+* **Resume** (``train.resume``, ``--resume``): after every epoch ``last.pt`` (model, AdamW, the best
+  epoch's scores, the running weight average, history; the best weights are in ``best.pt``) and one
+  ``rng_epoch<E>_rank<r>.pt`` per process are written atomically with SHA-256 sidecars; a resumed
+  run continues after the last finished epoch and ends bitwise equal to an uninterrupted one (same
+  world size and hardware). Finished folds of a cross-validation are not rerun.
 
 * **Long clips** (``train.eval_windows=all``): evaluation cuts each clip into ``ceil(length /
   window)`` windows of ``target_frames`` and averages their scores with equal weights: consecutive
