@@ -804,3 +804,43 @@ def test_test_manifest_scores_the_reported_model(demo_encoder, tmp_path):
 
     with pytest.raises(ConfigError, match="test_manifest"):
         load_finetune_config("esc50", ["data.test_manifest=t.json"])
+
+
+def test_corpus_statistics_are_computed_once_and_cached(demo_encoder, tmp_path, monkeypatch):
+    """data.stats=corpus: the fbank mean/std of the training clips at the encoder's rate and mel bins, computed
+    by rank 0 before training and cached in the run folder (a resumed run reuses them; other clips recompute)."""
+    import asit.data.stats as stats_module
+    from asit.data import ensure_demo_dataset
+    from asit.data.stats import compute_fbank_stats
+
+    encoder, _ = demo_encoder
+    entries = load_manifest(ensure_demo_dataset(tmp_path / "clips", num_clips=7, sample_rate=8000, seconds=0.5,
+                                                seed=3))
+    names = sorted({x for e in entries for x in e.labels})
+    labels = LabelSpace(tuple(names), {n: i for i, n in enumerate(names)})
+    cfg = load_finetune_config("demo", [f"encoder={encoder}", "data.stats=corpus", "data.num_workers=0",
+                                        "train.progress=false"])
+    want = compute_fbank_stats(entries, sample_rate=8000, num_mel_bins=32, progress=False)
+    assert want.clips == 7 and want.mean != pytest.approx(-4.2677393, abs=0.1)  # not the AudioSet value
+
+    def setup(train):
+        runner = Finetuner(cfg, train, entries[:2], labels, False, tmp_path / "run")
+        try:
+            runner.setup()
+            return runner.mean, runner.std
+        finally:
+            runner.cleanup()
+
+    assert setup(entries) == (pytest.approx(want.mean), pytest.approx(want.std))
+    assert json.loads((tmp_path / "run" / "fbank_stats.json").read_text())["clips"] == 7
+    calls = []
+    real = stats_module.compute_fbank_stats
+    monkeypatch.setattr(stats_module, "compute_fbank_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert setup(entries) == (pytest.approx(want.mean), pytest.approx(want.std)) and calls == []  # cached
+    other = compute_fbank_stats(entries[:4], sample_rate=8000, num_mel_bins=32, progress=False)
+    assert setup(entries[:4]) == (pytest.approx(other.mean), pytest.approx(other.std)) and calls == [1]
+
+    with pytest.raises(ConfigError, match="data.stats=corpus"):
+        load_finetune_config("demo", ["data.stats=corpus", "data.mean=-5", "data.std=4"])
+    with pytest.raises(ConfigError, match="set together"):
+        load_finetune_config("demo", ["data.mean=-5"])

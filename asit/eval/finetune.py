@@ -8,13 +8,14 @@ and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
   data tokens (``model.pool=tokens``, SSAST's choice for patch models and our default), the [CLS]
   token (``cls``), or the average of the two (``both``).
 * **Input**: the pretraining front end (Kaldi fbank, ``(x - mean) / (2 std)``, the encoder's
-  statistics unless ``data.mean/std`` say otherwise) over ``data.target_frames`` frames (default:
-  the encoder's window). Other lengths resample the positional embedding over the new token grid
-  (``model.pos_embed_fit=resample``, timm's way), or, with ``crop`` (the ESC-50 and Speech Commands
-  presets), keep the centre positions of an axis shorter than in pretraining, as SSAST cuts them
-  (1 s of a 6 s window: time positions 14–21 of 37); the choice is stored in ``best.pt`` /
-  ``averaged.pt`` and :func:`load_finetuned_model` rebuilds the model with it. Training takes a
-  random window of longer clips, evaluation the first; shorter clips are zero-padded as in pretraining.
+  statistics, or the training clips' with ``data.stats=corpus``, unless ``data.mean/std`` are set)
+  over ``data.target_frames`` frames (default: the encoder's window). Other lengths resample the
+  positional embedding over the new token grid (``model.pos_embed_fit=resample``, timm's way), or,
+  with ``crop`` (the ESC-50 and Speech Commands presets), keep the centre positions of an axis
+  shorter than in pretraining, as SSAST cuts them (1 s of a 6 s window: time positions 14–21 of 37);
+  the choice is stored in ``best.pt`` / ``averaged.pt`` and :func:`load_finetuned_model` rebuilds
+  the model with it. Training takes a random window of longer clips, evaluation the first; shorter
+  clips are zero-padded as in pretraining.
 * **Augmentation** (training only, on the device, per batch): mixup of the *waveforms* before the
   fbank (as AST does) with ``λ ~ Beta(α, α)`` (AST: α = 10) applied to each clip with probability
   ``augment.mixup_prob``, the partner being another clip of the batch, and the targets mixed with
@@ -78,6 +79,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -150,8 +152,11 @@ class FTDataConfig:
     label_csv: str | None = None  # class_labels_indices.csv (index,mid,display_name); None: manifest labels
     task: Literal["auto", "single_label", "multi_label"] = "auto"  # auto: single-label iff 1 label per clip
     target_frames: int | None = None  # fbank frames per example; None: the encoder's window
-    mean: float | None = None  # fbank statistics; None: the encoder's (pretraining) ones
+    mean: float | None = None  # fbank statistics; None: as data.stats says
     std: float | None = None
+    # where unset mean/std come from: "encoder" (its pretraining statistics) or "corpus" (computed over the
+    # training clips before training, cached in the run folder; AST/SSAST normalise each task with its own)
+    stats: Literal["encoder", "corpus"] = "encoder"
     balanced_sampling: bool = False  # AudioSet-style WeightedRandomSampler
     cv_folds: int = 0  # > 0: k-fold cross-validation over train_manifest
     fold_source: Literal["auto", "metadata", "path", "stratified"] = "auto"
@@ -282,6 +287,9 @@ def _validate(cfg: FinetuneConfig) -> None:
          "data.test_manifest with train.report=best needs train.save_best (the best model is read from best.pt)"),
         (d.target_frames is None or d.target_frames > 0, "data.target_frames must be > 0"),
         (d.std is None or d.std > 0, "data.std must be > 0"),
+        ((d.mean is None) == (d.std is None), "data.mean and data.std are set together (or both left unset)"),
+        (d.stats == "encoder" or d.mean is None,
+         "data.stats=corpus computes data.mean/std: leave them unset, or set data.stats=encoder"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.demo_clips > 0 and d.demo_seconds > 0, "data.demo_clips and data.demo_seconds must be > 0"),
         (0 <= a.mixup_prob <= 1, "augment.mixup_prob must be in [0, 1]"),
@@ -854,8 +862,12 @@ class Finetuner:
         encoder = load_encoder(cfg.encoder, random_init=cfg.model.random_init, seed=cfg.train.seed)
         self.encoder_meta = dict(encoder.metadata)
         self.sample_rate, self.num_mel_bins = encoder.sample_rate, encoder.num_mel_bins
-        self.mean = d.mean if d.mean is not None else encoder.mean
-        self.std = d.std if d.std is not None else encoder.std
+        if d.mean is not None:
+            self.mean, self.std = d.mean, d.std
+        elif d.stats == "corpus":
+            self.mean, self.std = self._corpus_stats()
+        else:
+            self.mean, self.std = encoder.mean, encoder.std
         self.frames = d.target_frames or encoder.target_frames
         if self.frames % encoder.patch_size:
             raise ConfigError(f"data.target_frames={self.frames} is not a multiple of the patch size "
@@ -1167,6 +1179,40 @@ class Finetuner:
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
+
+    def _corpus_stats(self) -> tuple[float, float]:
+        """``data.stats=corpus``: fbank mean and std of the training clips at the encoder's sample rate and
+        mel bins (:func:`~asit.data.stats.compute_fbank_stats`). Rank 0 computes them once and caches them
+        in ``fbank_stats.json`` in the run folder, keyed by the clips and settings, so a resumed run and
+        every rank use the same values."""
+        from asit.data.stats import compute_fbank_stats
+
+        key = {"sample_rate": self.sample_rate, "num_mel_bins": self.num_mel_bins,
+               "clips": hashlib.sha256("\n".join(e.path for e in self.train_entries).encode()).hexdigest()}
+        path = self.run_dir / "fbank_stats.json"
+
+        def cached() -> dict[str, Any] | None:
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return doc if isinstance(doc, dict) and doc.get("key") == key else None
+
+        if self.dist.is_main and cached() is None:
+            log.info("data.stats=corpus: fbank statistics of %d training clips", len(self.train_entries))
+            stats = compute_fbank_stats(self.train_entries, sample_rate=self.sample_rate,
+                                        num_mel_bins=self.num_mel_bins, num_workers=self.cfg.data.num_workers,
+                                        progress=self.cfg.train.progress)
+            atomic_write_text(path, json.dumps({"key": key, "mean": stats.mean, "std": stats.std,
+                                                "clips": stats.clips, "skipped": stats.skipped}, indent=1))
+        if self.dist.distributed:
+            dist.barrier()
+        doc = cached()
+        if doc is None:
+            raise RuntimeError(f"{path}: the corpus statistics could not be read back")
+        if self.dist.is_main:
+            log.info("fbank statistics of the training clips: mean %.4f, std %.4f (%s)", doc["mean"], doc["std"], path)
+        return float(doc["mean"]), float(doc["std"])
 
     def _save_resume_point(self, progress: dict[str, Any]) -> None:
         """After an epoch: every rank writes its RNG states, then rank 0 writes ``last.pt``, which
