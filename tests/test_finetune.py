@@ -380,14 +380,16 @@ def test_ddp_two_ranks_gather_the_whole_validation_set(demo_encoder, tmp_path):
 @pytest.mark.slow
 def test_ddp_resume_after_a_crash_is_exact(demo_encoder, tmp_path):
     """Two torchrun ranks (mixup on: each rank has its own RNG streams) die after epoch 1; --resume ends
-    with the same weights and results as an uninterrupted run."""
+    with the same weights and results as an uninterrupted run. With data.stats=corpus: rank 0 computes the
+    statistics and broadcasts them, the resumed run reads them back from its cache."""
     from asit.eval.finetune import FAULT_EPOCH_ENV
 
     encoder, cache = demo_encoder
 
     def run(out, *extra_args, fault=None):
         overrides = _demo_overrides(encoder, cache, out, "train.epochs=2", "train.max_steps_per_epoch=2",
-                                    "augment.mixup_prob=0.5", "train.average_start=null", "train.average_end=null")
+                                    "augment.mixup_prob=0.5", "train.average_start=null", "train.average_end=null",
+                                    "data.stats=corpus")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "scripts" / "finetune.py"),
                "--preset", "demo", *extra_args, *overrides]
@@ -405,6 +407,10 @@ def test_ddp_resume_after_a_crash_is_exact(demo_encoder, tmp_path):
         "rng_epoch0001_rank0.pt", "rng_epoch0001_rank1.pt"]
     resumed = run(tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "fbank statistics of 120 training clips" in full.stderr
+    assert "fbank statistics of 120 training clips" not in resumed.stderr  # read back from the cache
+    stats = json.loads((tmp_path / "full" / "fbank_stats.json").read_text())
+    assert stats["clips"] == 120 and stats == json.loads((tmp_path / "cut" / "fbank_stats.json").read_text())
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "cut"))
     assert a["history"] == b["history"] and a["steps"] == b["steps"] == 4
     wa, wb = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("full", "cut"))

@@ -1182,37 +1182,41 @@ class Finetuner:
 
     def _corpus_stats(self) -> tuple[float, float]:
         """``data.stats=corpus``: fbank mean and std of the training clips at the encoder's sample rate and
-        mel bins (:func:`~asit.data.stats.compute_fbank_stats`). Rank 0 computes them once and caches them
-        in ``fbank_stats.json`` in the run folder, keyed by the clips and settings, so a resumed run and
-        every rank use the same values."""
+        mel bins (:func:`~asit.data.stats.compute_fbank_stats`). Rank 0 computes them once, caches them in
+        ``fbank_stats.json`` in its run folder (keyed by the clips and settings, so a resumed run reuses
+        them) and broadcasts them, so every rank uses the same values without reading that file, and an
+        error on rank 0 stops every rank instead of leaving them waiting."""
         from asit.data.stats import compute_fbank_stats
 
         key = {"sample_rate": self.sample_rate, "num_mel_bins": self.num_mel_bins,
                "clips": hashlib.sha256("\n".join(e.path for e in self.train_entries).encode()).hexdigest()}
         path = self.run_dir / "fbank_stats.json"
-
-        def cached() -> dict[str, Any] | None:
-            try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-            return doc if isinstance(doc, dict) and doc.get("key") == key else None
-
-        if self.dist.is_main and cached() is None:
-            log.info("data.stats=corpus: fbank statistics of %d training clips", len(self.train_entries))
-            stats = compute_fbank_stats(self.train_entries, sample_rate=self.sample_rate,
-                                        num_mel_bins=self.num_mel_bins, num_workers=self.cfg.data.num_workers,
-                                        progress=self.cfg.train.progress)
-            atomic_write_text(path, json.dumps({"key": key, "mean": stats.mean, "std": stats.std,
-                                                "clips": stats.clips, "skipped": stats.skipped}, indent=1))
-        if self.dist.distributed:
-            dist.barrier()
-        doc = cached()
-        if doc is None:
-            raise RuntimeError(f"{path}: the corpus statistics could not be read back")
+        holder: list[Any] = [None]
         if self.dist.is_main:
-            log.info("fbank statistics of the training clips: mean %.4f, std %.4f (%s)", doc["mean"], doc["std"], path)
-        return float(doc["mean"]), float(doc["std"])
+            try:
+                try:
+                    doc = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    doc = None
+                if not (isinstance(doc, dict) and doc.get("key") == key):
+                    log.info("data.stats=corpus: fbank statistics of %d training clips", len(self.train_entries))
+                    stats = compute_fbank_stats(self.train_entries, sample_rate=self.sample_rate,
+                                                num_mel_bins=self.num_mel_bins, num_workers=self.cfg.data.num_workers,
+                                                progress=self.cfg.train.progress)
+                    doc = {"key": key, "mean": stats.mean, "std": stats.std, "clips": stats.clips,
+                           "skipped": stats.skipped}
+                    atomic_write_text(path, json.dumps(doc, indent=1))
+                holder = [(float(doc["mean"]), float(doc["std"]))]
+                log.info("fbank statistics of the training clips: mean %.4f, std %.4f (%s)", *holder[0], path)
+            except Exception as err:  # every rank must hear of it
+                holder = [f"{type(err).__name__}: {err}"]
+                if not self.dist.distributed:
+                    raise
+        if self.dist.distributed:
+            dist.broadcast_object_list(holder, src=0)
+        if isinstance(holder[0], str):
+            raise RuntimeError(f"data.stats=corpus: computing the fbank statistics failed on rank 0: {holder[0]}")
+        return holder[0]
 
     def _save_resume_point(self, progress: dict[str, Any]) -> None:
         """After an epoch: every rank writes its RNG states, then rank 0 writes ``last.pt``, which
