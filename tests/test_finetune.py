@@ -319,6 +319,10 @@ def test_end_to_end_demo_finetune(demo_encoder, tmp_path):
     assert ckpt["epoch"] == saved["best"]["epoch"] and ckpt["classes"] == saved["classes"]
     assert ckpt["value"] == pytest.approx(saved["best"]["accuracy"])
     assert "head.1.weight" in ckpt["model"] and "backbone.cls_token" in ckpt["model"]
+    # the input normalisation travels with the model and the results (the encoder's statistics here)
+    enc_meta = ckpt["encoder_metadata"]
+    assert ckpt["normalization"] == {"mean": float(enc_meta["mean"]), "std": float(enc_meta["std"])}
+    assert saved["normalization"] == {**ckpt["normalization"], "source": "encoder"}
     assert (out / "averaged.pt").is_file() and (out / "config.yaml").is_file()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("loss" in r and "lr" in r for r in records)
@@ -846,7 +850,9 @@ def test_corpus_statistics_are_computed_once_and_cached(demo_encoder, tmp_path, 
     other = compute_fbank_stats(entries[:4], sample_rate=8000, num_mel_bins=32, progress=False)
     assert setup(entries[:4]) == (pytest.approx(other.mean), pytest.approx(other.std)) and calls == [1]
 
-    with pytest.raises(ConfigError, match="data.stats=corpus"):
-        load_finetune_config("demo", ["data.stats=corpus", "data.mean=-5", "data.std=4"])
+    assert load_finetune_config("esc50", ["data.mean=-5", "data.std=4"]).data.mean == -5  # hand-set values win
+    os.utime(entries[0].path, ns=(1, 1))  # audio rewritten at the same path: recomputed
+    calls.clear()
+    assert setup(entries) == (pytest.approx(want.mean), pytest.approx(want.std)) and calls == [1]
     with pytest.raises(ConfigError, match="set together"):
         load_finetune_config("demo", ["data.mean=-5"])

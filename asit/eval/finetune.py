@@ -154,8 +154,9 @@ class FTDataConfig:
     target_frames: int | None = None  # fbank frames per example; None: the encoder's window
     mean: float | None = None  # fbank statistics; None: as data.stats says
     std: float | None = None
-    # where unset mean/std come from: "encoder" (its pretraining statistics) or "corpus" (computed over the
-    # training clips before training, cached in the run folder; AST/SSAST normalise each task with its own)
+    # where mean/std come from when they are not set: "encoder" (its pretraining statistics) or "corpus"
+    # (computed over the training clips before training, cached in the run folder; AST/SSAST normalise each
+    # task with its own); a hand-set data.mean/std always wins
     stats: Literal["encoder", "corpus"] = "encoder"
     balanced_sampling: bool = False  # AudioSet-style WeightedRandomSampler
     cv_folds: int = 0  # > 0: k-fold cross-validation over train_manifest
@@ -288,8 +289,6 @@ def _validate(cfg: FinetuneConfig) -> None:
         (d.target_frames is None or d.target_frames > 0, "data.target_frames must be > 0"),
         (d.std is None or d.std > 0, "data.std must be > 0"),
         ((d.mean is None) == (d.std is None), "data.mean and data.std are set together (or both left unset)"),
-        (d.stats == "encoder" or d.mean is None,
-         "data.stats=corpus computes data.mean/std: leave them unset, or set data.stats=encoder"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.demo_clips > 0 and d.demo_seconds > 0, "data.demo_clips and data.demo_seconds must be > 0"),
         (0 <= a.mixup_prob <= 1, "augment.mixup_prob must be in [0, 1]"),
@@ -795,7 +794,8 @@ def load_finetuned_model(path: str | os.PathLike, device: str | torch.device = "
 
     The architecture comes from the stored encoder metadata, the pooling and the positional-embedding
     fit from the checkpoint (files written before ``pos_embed_fit`` existed were trained with
-    ``resample``); the class names are the checkpoint's ``classes``.
+    ``resample``); the class names are the checkpoint's ``classes``. The fbank statistics its input was
+    normalised with are the checkpoint's ``normalization`` (``{"mean", "std"}``).
     """
     from asit.train.checkpoint import load_checkpoint
 
@@ -863,11 +863,11 @@ class Finetuner:
         self.encoder_meta = dict(encoder.metadata)
         self.sample_rate, self.num_mel_bins = encoder.sample_rate, encoder.num_mel_bins
         if d.mean is not None:
-            self.mean, self.std = d.mean, d.std
+            self.mean, self.std, self._stats_source = d.mean, d.std, "config"
         elif d.stats == "corpus":
-            self.mean, self.std = self._corpus_stats()
+            (self.mean, self.std), self._stats_source = self._corpus_stats(), "corpus"
         else:
-            self.mean, self.std = encoder.mean, encoder.std
+            self.mean, self.std, self._stats_source = encoder.mean, encoder.std, "encoder"
         self.frames = d.target_frames or encoder.target_frames
         if self.frames % encoder.patch_size:
             raise ConfigError(f"data.target_frames={self.frames} is not a multiple of the patch size "
@@ -1109,7 +1109,8 @@ class Finetuner:
         assert ev is not None  # train.epochs > 0 is validated, and a resume point holds its last evaluation
         last = {"epoch": t.epochs, **ev}
         result: dict[str, Any] = {"metric": self.metric, "best": best, "last": last, "history": history,
-                                  "steps": step, "wall_time_s": time.time() - started}
+                                  "steps": step, "wall_time_s": time.time() - started,
+                                  "normalization": {"mean": self.mean, "std": self.std, "source": self._stats_source}}
         if averaged is not None:
             with self._weights(averaged):
                 ev_avg = self.evaluate()
@@ -1166,6 +1167,7 @@ class Finetuner:
             "epoch": epoch, "metric": self.metric, "value": value,
             "classes": list(self.labels.names), "pool": self.cfg.model.pool,
             "pos_embed_fit": self.cfg.model.pos_embed_fit,
+            "normalization": {"mean": self.mean, "std": self.std},  # the fbank statistics the model was trained on
             "config": finetune_config_to_dict(self.cfg), "encoder_metadata": self.encoder_meta,
         }, self.run_dir / name)
 
@@ -1188,12 +1190,19 @@ class Finetuner:
         error on rank 0 stops every rank instead of leaving them waiting."""
         from asit.data.stats import compute_fbank_stats
 
-        key = {"sample_rate": self.sample_rate, "num_mel_bins": self.num_mel_bins,
-               "clips": hashlib.sha256("\n".join(e.path for e in self.train_entries).encode()).hexdigest()}
         path = self.run_dir / "fbank_stats.json"
         holder: list[Any] = [None]
         if self.dist.is_main:
             try:
+                digest = hashlib.sha256()
+                for e in self.train_entries:  # audio rewritten at the same paths invalidates the cache too
+                    try:
+                        st = os.stat(e.path)
+                        digest.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                    except OSError:  # counted as skipped by compute_fbank_stats
+                        digest.update(f"{e.path}\0missing\n".encode())
+                key = {"sample_rate": self.sample_rate, "num_mel_bins": self.num_mel_bins,
+                       "clips": digest.hexdigest()}
                 try:
                     doc = json.loads(path.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
@@ -1215,7 +1224,7 @@ class Finetuner:
         if self.dist.distributed:
             dist.broadcast_object_list(holder, src=0)
         if isinstance(holder[0], str):
-            raise RuntimeError(f"data.stats=corpus: computing the fbank statistics failed on rank 0: {holder[0]}")
+            raise ValueError(f"data.stats=corpus: computing the fbank statistics failed on rank 0: {holder[0]}")
         return holder[0]
 
     def _save_resume_point(self, progress: dict[str, Any]) -> None:
