@@ -1032,13 +1032,8 @@ class Pretrainer:
                 "event": "nonfinite_skip", "nonfinite": result.nonfinite, "nonfinite_params": bad_parts,
                 "nonfinite_consecutive": self.nonfinite_consecutive, "nonfinite_total": self.nonfinite_total,
                 **{k: float(v) for k, v in result.terms.items()}})
-        limit = self.cfg.train.max_consecutive_nonfinite
-        if self.nonfinite_consecutive >= limit:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_consecutive} consecutive steps had a non-finite loss or gradient norm "
-                f"(train.max_consecutive_nonfinite={limit}); the last, step {self.step + 1}, had non-finite "
-                f"{what}. Stopping. Try a lower optim.lr, train.precision=bf16/fp32, or check the data; "
-                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
+        self._stop_after_too_many("had a non-finite loss or gradient norm", f"had non-finite {what}",
+                                  "Try a lower optim.lr, train.precision=bf16/fp32, or check the data")
 
     def _count_overflow(self) -> None:
         """After an fp16 loss-scale overflow: routine while the scaler finds its scale (an INFO line), but a long
@@ -1050,14 +1045,20 @@ class Pretrainer:
         if self.dist.is_main:
             log.info("step %d: fp16 loss-scale overflow; optimiser step skipped, loss scale lowered to %g "
                      "(%d in a row)", self.step + 1, scale, self.nonfinite_consecutive)
+        self._stop_after_too_many(
+            "without an optimiser update",
+            f"overflowed the fp16 loss scale (each overflow halves it; now {scale:g}): the gradients stay non-finite",
+            "Try a lower optim.lr or train.precision=bf16/fp32")
+
+    def _stop_after_too_many(self, steps_were: str, last_was: str, advice: str) -> None:
+        """Raise :class:`NonFiniteLossError` once ``nonfinite_consecutive`` reaches
+        ``train.max_consecutive_nonfinite`` (host-checked steps: skipped ones and fp16 overflows)."""
         limit = self.cfg.train.max_consecutive_nonfinite
         if self.nonfinite_consecutive >= limit:
             raise NonFiniteLossError(
-                f"{self.nonfinite_consecutive} consecutive steps without an optimiser update "
-                f"(train.max_consecutive_nonfinite={limit}); the last, step {self.step + 1}, overflowed the fp16 "
-                f"loss scale (each overflow halves it; now {scale:g}): the gradients stay non-finite. Stopping. Try "
-                f"a lower optim.lr or train.precision=bf16/fp32; the last good checkpoint is in "
-                f"{self.run_dir / 'checkpoints'}")
+                f"{self.nonfinite_consecutive} consecutive steps {steps_were} (train.max_consecutive_nonfinite="
+                f"{limit}); the last, step {self.step + 1}, {last_was}. Stopping. {advice}; the last good "
+                f"checkpoint is in {self.run_dir / 'checkpoints'}")
 
     def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Collapse monitors: teacher entropy per head (max log K), with the step's centres; 0-d device
