@@ -107,7 +107,7 @@ from asit.data.fbank import batched_kaldi_fbank
 from asit.models import POS_EMBED_FITS, build_backbone, encode
 
 from .encoder import FRAME_LENGTH_S, FRAME_SHIFT_S, backbone_spec, load_encoder
-from .linear_probe import average_precision, stratified_folds
+from .linear_probe import _file_stamp, average_precision, stratified_folds
 
 __all__ = [
     "FINETUNE_PRESET_DIR",
@@ -1196,11 +1196,8 @@ class Finetuner:
             try:
                 digest = hashlib.sha256()
                 for e in self.train_entries:  # audio rewritten at the same paths invalidates the cache too
-                    try:
-                        st = os.stat(e.path)
-                        digest.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                    except OSError:  # counted as skipped by compute_fbank_stats
-                        digest.update(f"{e.path}\0missing\n".encode())
+                    size, mtime = _file_stamp(e.path)  # (None, None) when unreadable: skipped by the stats
+                    digest.update(f"{e.path}\0{size}\0{mtime}\n".encode())
                 key = {"sample_rate": self.sample_rate, "num_mel_bins": self.num_mel_bins,
                        "clips": digest.hexdigest()}
                 try:
