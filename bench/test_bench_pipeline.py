@@ -10,7 +10,8 @@ computed on the GPU (:func:`asit.data.fbank.fbank_views`) before GMML. ``torch-r
 with the batches passed through :class:`asit.data.ring.BatchRing` (the trainer's default on CUDA,
 ``data.batch_ring``; ``torch-device-fbank`` uses it too). ``dali``:
 :class:`asit.data.dali.DaliPretrainLoader` (decode and crops on DALI's CPU threads, one per core; the
-crops then move to the GPU when there is one, where the fbank runs), then the same GMML.
+crops then move to the GPU when there is one, where our batched fbank runs), then the same GMML;
+``dali-fbank-dali`` the same with the fbank from DALI's own operators (``fbank="dali"``).
 
 Issue 4's target: at least 2,000 clips/s on a 16-core machine with an H100. On a machine without a
 GPU this runs a smaller batch and GMML on the CPU (in the main process, beside the workers), and
@@ -113,23 +114,23 @@ def _torch_batches(entries, device: torch.device, fbank_on: str = "loader", ring
     return iter(loader), batch_ring
 
 
-def _dali_batches(entries, device: torch.device):
+def _dali_batches(entries, device: torch.device, fbank: str = "torch"):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'asit[dali]')")
     from asit.data.dali import DaliPretrainLoader
 
     loader = DaliPretrainLoader(entries, batch_size=BATCH, sample_rate=SR, num_views=2, num_mel_bins=128,
-                                target_frames=592, fbank="torch", num_threads=WORKERS, seed=0,
+                                target_frames=592, fbank=fbank, num_threads=WORKERS, seed=0,
                                 device_id=(device.index or 0) if device.type == "cuda" else None)
     return _cycle(loader)
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch-ring", "torch-device-fbank", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "torch-ring", "torch-device-fbank", "dali", "dali-fbank-dali"])
 def test_pipeline_end_to_end(benchmark, corpus, device, backend):
     if backend == "torch-device-fbank" and device.type != "cuda":
         pytest.skip("without a GPU the fbank belongs in the loader workers (data.fbank_on=auto picks them)")
     batch_ring = None
-    if backend == "dali":
-        batches = _dali_batches(corpus, device)
+    if backend.startswith("dali"):
+        batches = _dali_batches(corpus, device, fbank="dali" if backend == "dali-fbank-dali" else "torch")
     else:
         on_device = backend == "torch-device-fbank"
         batches, batch_ring = _torch_batches(corpus, device, "device" if on_device else "loader",
@@ -153,7 +154,7 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
         loader_wait_ms_per_batch=round(wait_ms, 2),
         consumer_ms_per_batch=round(1e3 * benchmark.stats.stats.mean / BATCHES_PER_ROUND - wait_ms, 2),
         target_clips_per_s=TARGET_CLIPS_PER_S if device.type == "cuda" else None,
-        backend=backend, batch=BATCH, cores=CORES, loader_workers=0 if backend == "dali" else WORKERS,
+        backend=backend, batch=BATCH, cores=CORES, loader_workers=0 if backend.startswith("dali") else WORKERS,
         batch_ring=backend in ("torch-ring", "torch-device-fbank"),
         gmml_on=device.type, clip_seconds=SECONDS, sample_rate=SR, format="wav pcm16",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -539,10 +539,12 @@ def test_engine_trains_from_shards_with_dali(demo_shards, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI's GPU stages)")
-def test_gpu_pipeline_matches_the_cpu_pipeline(demo):
-    """With ``device_id`` the crops move to the GPU and the fbank runs there: the same draws, so the same
-    views as on the CPU up to the FFT's rounding (the cross-device tolerance of the fbank tests)."""
-    kwargs = dict(batch_size=4, num_views=2, seed=3, **SMALL)
+@pytest.mark.parametrize("fbank", ["torch", "dali"])
+def test_gpu_pipeline_matches_the_cpu_pipeline(demo, fbank):
+    """With ``device_id`` the crops move to the GPU and the fbank runs there (ours or DALI's operators):
+    the same draws, so the same views as on the CPU up to the FFT's rounding (the cross-device tolerance
+    of the fbank tests)."""
+    kwargs = dict(batch_size=4, num_views=2, seed=3, fbank=fbank, **SMALL)
     cpu = next(iter(DaliPretrainLoader(demo, device_id=None, **kwargs)))
     gpu = next(iter(DaliPretrainLoader(demo, device_id=0, **kwargs)))
     assert gpu["views"].is_cuda and gpu["views"].shape == cpu["views"].shape
