@@ -119,7 +119,7 @@ def _dali_batches(entries, device: torch.device, fbank: str = "torch"):
     from asit.data.dali import DaliPretrainLoader
 
     loader = DaliPretrainLoader(entries, batch_size=BATCH, sample_rate=SR, num_views=2, num_mel_bins=128,
-                                target_frames=592, fbank=fbank, num_threads=WORKERS, seed=0,
+                                target_frames=592, fbank=fbank, num_threads=WORKERS, seed=0, steps_per_epoch=10_000,
                                 device_id=(device.index or 0) if device.type == "cuda" else None)
     return _cycle(loader)
 
