@@ -119,7 +119,10 @@ def test_normalize_in_place_is_bit_identical_to_normalize_fbank():
     plain = batched_kaldi_fbank(waves, sr, 64, 530)
     out = batched_kaldi_fbank(waves, sr, 64, 530, normalize=(mean, std))
     assert torch.equal(out, normalize_fbank(plain, mean, std))  # padded frames included
-    assert torch.equal(KaldiFbank(sr, 64, 530)(waves[1], normalize=(mean, std)), out[1])
+    # One clip alone against the batch: bit-identical with few threads, but a many-core CPU splits the
+    # FFT of a batch of 3 and of 1 differently (1.4e-6 on a 16-core machine, 2026-11-27).
+    one = KaldiFbank(sr, 64, 530)(waves[1], normalize=(mean, std))
+    assert (one - out[1]).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="std must be positive"):
         batched_kaldi_fbank(waves, sr, 64, 530, normalize=(mean, 0.0))
 
@@ -206,19 +209,24 @@ def test_float64_fbank_shows_the_float32_rounding_floor():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_torchaudio_on_cuda_and_cpu():
-    """On the GPU our batched fbank follows torchaudio's own fbank on the GPU (same FFT library) within
-    TOL, and the CPU results within the cross-device tolerance."""
+def test_cuda_stays_within_the_float32_floor_of_torchaudio_on_cuda():
+    """On the GPU, float32 rounding alone puts torchaudio's own fbank up to 1.2e-3 (32 kHz) and 3.7e-3
+    (16 kHz) from the exact (float64) fbank on a pure tone, and ours 1.9e-3 from torchaudio's (measured
+    on an H200, 2026-11-27: ``bench/device_runs/2026-11-27-h200-s7/call6_fbank_diag.txt``), so the CPU's
+    1e-3 parity cannot hold there. What must hold: ours is no further from the exact fbank than
+    torchaudio on the GPU is, plus TOL, and within the cross-device tolerance of the CPU results."""
     sr = 32000
     g = torch.Generator().manual_seed(3)
     named = _inputs(sr, 6.0, g)
     waves = torch.stack(list(named.values()))
     cpu = batched_kaldi_fbank(waves, sr)
+    exact = batched_kaldi_fbank(waves.double(), sr).float()
     cuda = batched_kaldi_fbank(waves.cuda(), sr)
     assert cuda.device.type == "cuda"
     for row, (name, wave) in enumerate(named.items()):
-        same_device = (cuda[row] - _reference(wave.cuda(), sr, 128, 592)).abs().max().item()
-        assert same_device <= TOL, f"{name}: {same_device:.2e} from torchaudio on CUDA"
+        theirs = (_reference(wave.cuda(), sr, 128, 592).cpu() - exact[row]).abs().max().item()
+        ours = (cuda[row].cpu() - exact[row]).abs().max().item()
+        assert ours <= theirs + TOL, f"{name}: {ours:.2e} from the exact fbank, torchaudio on CUDA {theirs:.2e}"
     assert (cuda.cpu() - cpu).abs().max().item() <= CROSS_DEVICE_TOL
 
 
