@@ -14,7 +14,7 @@ import torch
 from asit.data import AudioEntry, PretrainDataset, ensure_demo_dataset, load_manifest
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'asit[dali]')")
-from asit.data.dali import DaliPretrainLoader, build_dali_pipeline  # noqa: E402
+from asit.data.dali import DaliPretrainLoader, _crop, build_dali_pipeline, clip_check  # noqa: E402
 
 SR = 16000
 SMALL = dict(sample_rate=SR, crop_seconds=1.0, num_mel_bins=32, target_frames=96)
@@ -307,9 +307,62 @@ def test_pipeline_resamples_and_pads_short_clips(tmp_path):
     label, stats, waves = pipe.run()
     waves = np.array(waves.as_tensor())[0]  # [V, 8000]
     assert waves.shape == (2, 8000) and np.array(label.as_tensor()).item() == 0
-    peak, nans = np.array(stats.as_tensor())[0]
-    assert 0.45 < peak <= 0.51 and nans == 0  # the whole decoded clip's peak, no NaN
+    low, high, total, samples = np.array(stats.as_tensor())[0]  # of the whole decoded clip
+    assert -0.51 <= low < -0.45 and 0.45 < high <= 0.51 and np.isfinite(total) and 1590 <= samples <= 1610
+    assert clip_check(low, high, total, samples) is None
     assert np.abs(waves[:, :1500]).max() > 0.1 and np.all(waves[:, 1700:] == 0)  # ≈1600 samples, then zeros
+
+
+@pytest.mark.parametrize(
+    ("stats", "reason"),
+    [
+        ((-0.5, 0.5, 1.0, 100), None),
+        ((-0.5, 0.5, float("nan"), 100), "non-finite"),  # a NaN sample: min and max skip it, the sum does not
+        ((float(np.finfo(np.float32).max), -float(np.finfo(np.float32).max), float("nan"), 100), "non-finite"),
+        ((-float("inf"), 0.5, -float("inf"), 100), "non-finite"),
+        ((-0.5, float("inf"), float("nan"), 100), "non-finite"),
+        ((-2e6, 0.5, -2e6, 100), "out-of-range"),
+        ((-3e6, 2e6, float("nan"), 100), "non-finite"),  # NaN too: the sum cannot overflow at 3e6 × 100
+        ((-3e36, 3e36, float("nan"), 1e3), "out-of-range"),  # the partial sums may have overflowed both ways
+    ],
+)
+def test_clip_check_follows_load_audio(stats, reason):
+    why = clip_check(*stats)
+    assert (why and why[0]) == reason
+
+
+@pytest.mark.parametrize("length", [1, 5, 12, 40])
+def test_rolled_crops_are_rotations_of_a_zero_padded_window(length):
+    """Every crop is ``torch.roll`` of the clip's window ``[start, start + L)`` (zeros past the end),
+    over clips longer and shorter than the crop, with and without a roll."""
+    import nvidia.dali as dali
+    from nvidia.dali import fn, pipeline_def, types
+
+    crop = 12
+    clips = [np.arange(1, length + 1, dtype=np.float32) + 1000 * k for k in range(16)]
+
+    @pipeline_def(batch_size=len(clips), num_threads=1, device_id=None, seed=11)
+    def pipe():
+        x = fn.external_source(source=lambda: clips, batch=True, dtype=types.FLOAT)
+        return tuple(_crop(fn, types, dali, x, crop, 0.5) for _ in range(4))
+
+    p = pipe()
+    p.build()
+    shifts = set()
+    for out in p.run():
+        for clip, row in zip(clips, (np.array(t) for t in out), strict=True):
+            matches = []
+            for shift in range(crop):
+                window = np.roll(row, -shift)
+                start = int(window[0] - clip[0])
+                expected = np.zeros(crop, np.float32)
+                part = clip[start : start + crop]
+                expected[: len(part)] = part
+                if 0 <= start <= max(length - crop, 0) and np.array_equal(window, expected):
+                    matches.append(shift)
+            assert matches, f"{row} is no rotation of a window of {clip}"
+            shifts.update(matches)
+    assert 0 in shifts and len(shifts) > 2  # unrolled crops and several rolls were drawn
 
 
 def test_pipeline_shards_stay_in_their_part(demo):

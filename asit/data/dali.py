@@ -111,19 +111,40 @@ def _import_dali():
     return dali, fn, types
 
 
+def clip_check(low: float, high: float, total: float, samples: float) -> tuple[str, str] | None:
+    """:func:`~asit.data.audio.load_audio`'s verdict on a decoded clip from its min, max and sum (DALI's
+    reductions: min and max skip NaN, the sum does not) and its length: ``(reason, detail)``, or None.
+
+    The sum is NaN when a sample is, or when partial sums overflow to both infinities, which needs a
+    peak of at least ``FLT_MAX / samples``: below that a NaN sum means NaN samples. Above it (samples
+    beyond 1e31 in a 10-minute clip) the clip is out of range either way, and is reported so."""
+    if not (np.isfinite(low) and np.isfinite(high)) or low > high:  # an infinity, or NaN only (min > max)
+        return ("non-finite", "NaN or Inf samples")
+    peak = max(abs(float(low)), abs(float(high)))
+    if np.isnan(total) and peak * samples < np.finfo(np.float32).max:
+        return ("non-finite", "NaN or Inf samples")
+    if peak > MAX_ABS_SAMPLE:
+        return ("out-of-range", f"peak sample {peak:.3g}")
+    return None
+
+
 def _crop(fn, types, dali, audio, length: int, roll_prob: float):
     """One random window of ``length`` samples (zero-padded past the end), rolled with prob. ``roll_prob``."""
     total = fn.cast(audio.shape()[0], dtype=types.FLOAT)
     start = fn.cast(dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * dali.math.max(total - length, 0.0)),
                     dtype=types.INT32)
-    crop = fn.slice(audio, start=start, shape=[length], axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
     if roll_prob <= 0:
-        return crop
-    # torch.roll(x, s)[i] = x[(i - s) mod L]: the window of [x, x] starting at (L - s) mod L.
+        return fn.slice(audio, start=start, shape=[length], axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
     shift = fn.cast(dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * length), dtype=types.INT32)
     shift = shift * fn.cast(fn.random.coin_flip(probability=roll_prob), dtype=types.INT32)
-    doubled = fn.cat(crop, crop, axis=0)
-    return fn.slice(doubled, start=(length - shift) % length, shape=[length], axes=[0])
+    # torch.roll(crop, s) = [crop[L - s:], crop[:L - s]]: both parts sliced from the clip itself (zero past
+    # its end, as the crop is), one copy of the samples fewer than rolling a cut crop (the crops are the
+    # costliest part of the pipeline after the clip-wide checks)
+    def part(offset, size):
+        return fn.slice(audio, start=fn.reshape(offset, shape=[1]), shape=fn.reshape(size, shape=[1]), axes=[0],
+                        out_of_bounds_policy="pad", fill_values=0.0)
+
+    return fn.cat(part(start + (length - shift), shift), part(start, length - shift), axis=0)
 
 
 def _dali_fbank(fn, dali, crop, sample_rate: int, num_mel_bins: int, frames: int, mean: float, std: float):
@@ -157,9 +178,9 @@ def build_dali_pipeline(
     """A built DALI pipeline over ``files`` (see the module docstring).
 
     ``labels`` are per-file integers passed through (the loader uses the manifest index).
-    Outputs, per sample: ``label`` int32 ``(1,)``; ``stats`` float32 ``(2,)`` on the CPU: the peak
-    ``|x|`` of the whole decoded clip (NaN ignored) and its number of NaN samples, which
-    :class:`DaliPretrainLoader` checks like :func:`~asit.data.audio.load_audio` does; with
+    Outputs, per sample: ``label`` int32 ``(1,)``; ``stats`` float32 ``(4,)`` on the CPU: the min,
+    max (both NaN ignored), sum and length of the whole decoded clip, which :class:`DaliPretrainLoader`
+    checks like :func:`~asit.data.audio.load_audio` does (:func:`clip_check`); with
     ``fbank="torch"``: ``waves`` float32 ``(V, crop)`` and, when ``local_views > 0``, ``local_waves``
     ``(L, local_crop)``; with ``fbank="dali"``: ``views`` float32 ``(V, T, F)`` normalised, and
     ``local_views`` ``(L, T_local, F)``. ``device_id=None`` runs everything on the CPU; with a GPU
@@ -281,11 +302,11 @@ def _build_pipeline(
     def pipeline():
         encoded, first = read(fn)
         audio, _ = fn.decoders.audio(encoded, downmix=True, sample_rate=float(sample_rate), dtype=types.FLOAT)
-        # what load_audio checks, on the whole clip: reductions.max skips NaN, so NaNs are counted apart
-        peak = fn.reshape(fn.reductions.max(dali.math.abs(audio)), shape=[1])
-        nans = fn.reshape(fn.cast(fn.reductions.sum(fn.cast(audio != audio, dtype=types.INT32)), dtype=types.FLOAT),
-                          shape=[1])
-        stats = fn.cat(peak, nans, axis=0)
+        # what load_audio checks, on the whole clip, in three reductions and no copy of the samples (an
+        # abs() and a NaN mask cost three times the decoding): min and max skip NaN, the sum does not
+        stats = fn.cat(*(fn.reshape(r(audio), shape=[1]) for r in (fn.reductions.min, fn.reductions.max,
+                                                                   fn.reductions.sum)),
+                       fn.cast(audio.shape(), dtype=types.FLOAT), axis=0)
         views = [_crop(fn, types, dali, audio, crop, roll_prob) for _ in range(num_views)]
         local = [_crop(fn, types, dali, audio, local_crop, 0.0) for _ in range(local_views)]
         if device_id is not None:
@@ -857,17 +878,15 @@ class DaliPretrainLoader:
         """
         outputs, clips = run
         index, labels, reasons = self._clips.rows(outputs[0], clips)  # [B], [B, K], {row: (reason, detail)}
-        stats = np.array(outputs[1].as_tensor()).reshape(-1, 2)  # [B, 2]: peak |x|, NaN count
+        stats = np.array(outputs[1].as_tensor()).reshape(-1, 4)  # [B, 4]: min, max, sum, samples
         rows = {"views": self._tensor(outputs[2])}
         if self.local_views > 0:
             rows["local_views"] = self._tensor(outputs[3])
-        for row, (peak, nans) in enumerate(stats):
-            if row in reasons:
-                continue
-            if nans > 0 or not np.isfinite(peak):
-                reasons[row] = ("non-finite", "NaN or Inf samples")
-            elif peak > MAX_ABS_SAMPLE:
-                reasons[row] = ("out-of-range", f"peak sample {peak:.3g}")
+        for row, clip_stats in enumerate(stats):
+            if row not in reasons:
+                why = clip_check(*clip_stats)
+                if why is not None:
+                    reasons[row] = why
         dropped = {}  # clip -> (reason, detail)
         if reasons:  # rows picked by a host index: no wait for the device
             keep = torch.tensor([r for r in range(len(index)) if r not in reasons], dtype=torch.int64)
