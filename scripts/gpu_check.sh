@@ -56,12 +56,16 @@ status=0
 # scarce, so one failure must not hide the rest. (The CPU-only rest runs in CI.)
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
-timeout 160 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 "${parallel[@]}" \
+timeout 100 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 "${parallel[@]}" \
     tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py tests/test_kernels_gmml.py \
-    tests/test_kernels_registration.py tests/test_data_fbank_batched.py tests/test_data_ring.py \
-    tests/test_data_dali.py \
-    tests/test_train_sync_free.py \
-    tests/test_train_modes.py 2>&1 | tee "$OUT/tests.log" | grep -vE "PASSED|^$" | tail -n 60
+    tests/test_kernels_registration.py 2>&1 | tee "$OUT/tests.log" | grep -vE "PASSED|^$" | tail -n 40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# The data and training tests start DataLoader workers and DALI threads: under xdist they stopped
+# making progress on the H200 machine (2026-11-27), and alone they take about 2 minutes.
+timeout 130 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 \
+    tests/test_data_fbank_batched.py tests/test_data_ring.py tests/test_data_dali.py \
+    tests/test_train_sync_free.py tests/test_train_modes.py 2>&1 | tee -a "$OUT/tests.log" \
+    | grep -vE "PASSED|^$" | tail -n 40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # The main job on the GPU: the built-in demo, compiled, bf16, sync-free, fbank on the device.
 echo "== demo: torchrun scripts/pretrain.py train.epochs=2"
@@ -71,7 +75,7 @@ grep -E "data:|student:|done:|Error" "$OUT/demo.log" | tail -n 6
 timeout 120 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py bench/test_bench_pipeline.py \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 200 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
+timeout 140 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
     2>&1 | tee -a "$OUT/bench.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo
