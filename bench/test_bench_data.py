@@ -179,8 +179,8 @@ def test_data_dali_cpu(benchmark, one_thread, dali_corpus, fbank):
     from asit.data.dali import DaliPretrainLoader
 
     loader = DaliPretrainLoader(dali_corpus, batch_size=BATCH, sample_rate=SR, num_views=VIEWS, num_mel_bins=BINS,
-                                target_frames=FRAMES, fbank=fbank, num_threads=1, seed=0)
-    batches = iter(_cycle(loader))
+                                target_frames=FRAMES, fbank=fbank, num_threads=1, seed=0, steps_per_epoch=10_000)
+    batches = iter(_cycle(loader))  # one long epoch: no pipeline built inside the timed rounds
     out = benchmark.pedantic(lambda: next(batches), rounds=5, iterations=1, warmup_rounds=1)
     assert out["views"].shape == (BATCH, VIEWS, 1, FRAMES, BINS) and torch.isfinite(out["views"]).all()
     _record(benchmark, f"dali_cpu_{fbank}")
