@@ -69,13 +69,13 @@ timeout 130 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # The main job on the GPU: the built-in demo, compiled, bf16, sync-free, fbank on the device.
 echo "== demo: torchrun scripts/pretrain.py train.epochs=2"
-timeout 75 torchrun --nproc_per_node=1 scripts/pretrain.py train.epochs=2 train.progress=false \
+timeout 70 torchrun --nproc_per_node=1 scripts/pretrain.py train.epochs=2 train.progress=false \
     train.output_dir="$(mktemp -d)" >"$OUT/demo.log" 2>&1 || status=1
 grep -E "data:|student:|done:|Error" "$OUT/demo.log" | tail -n 6
-timeout 120 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py bench/test_bench_pipeline.py \
+timeout 140 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py bench/test_bench_pipeline.py \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 140 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
+timeout 130 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
     2>&1 | tee -a "$OUT/bench.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo

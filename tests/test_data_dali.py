@@ -317,6 +317,7 @@ def test_pipeline_resamples_and_pads_short_clips(tmp_path):
     ("stats", "reason"),
     [
         ((-0.5, 0.5, 1.0, 100), None),
+        ((float(np.finfo(np.float32).max), -float(np.finfo(np.float32).max), 0.0, 0), "empty"),  # no samples
         ((-0.5, 0.5, float("nan"), 100), "non-finite"),  # a NaN sample: min and max skip it, the sum does not
         ((float(np.finfo(np.float32).max), -float(np.finfo(np.float32).max), float("nan"), 100), "non-finite"),
         ((-float("inf"), 0.5, -float("inf"), 100), "non-finite"),

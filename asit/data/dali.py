@@ -118,10 +118,12 @@ def clip_check(low: float, high: float, total: float, samples: float) -> tuple[s
     The sum is NaN when a sample is, or when partial sums overflow to both infinities, which needs a
     peak of at least ``FLT_MAX / samples``: below that a NaN sum means NaN samples. Above it (samples
     beyond 1e31 in a 10-minute clip) the clip is out of range either way, and is reported so."""
+    if samples == 0:  # a header and no frames (min and max of nothing: +FLT_MAX, -FLT_MAX)
+        return ("empty", "no audio samples")
     if not (np.isfinite(low) and np.isfinite(high)) or low > high:  # an infinity, or NaN only (min > max)
         return ("non-finite", "NaN or Inf samples")
     peak = max(abs(float(low)), abs(float(high)))
-    if np.isnan(total) and peak * samples < np.finfo(np.float32).max:
+    if np.isnan(total) and peak * float(samples) < float(np.finfo(np.float32).max):
         return ("non-finite", "NaN or Inf samples")
     if peak > MAX_ABS_SAMPLE:
         return ("out-of-range", f"peak sample {peak:.3g}")
