@@ -560,6 +560,51 @@ def test_a_damaged_tar_counts_its_missing_clips(demo, tmp_path):
         loader.close()
 
 
+def test_member_tables_are_cached_per_version_of_each_tar(demo, tmp_path, monkeypatch, caplog):
+    """The tars' headers are read once: a second loader takes the member tables from the cache (and says
+    again what stopped a damaged tar), a changed tar is scanned anew, and an unwritable cache only costs
+    the scan."""
+    from asit.data import dali as dali_module
+    from asit.data.shards import open_shard_source, write_shards
+
+    monkeypatch.setenv("ASIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "shards"
+    write_shards(demo, folder / "s-%06d.tar", max_count=5)  # 3 tars
+    scanned = []
+    scan = dali_module._ShardClips._scan
+    monkeypatch.setattr(dali_module._ShardClips, "_scan",
+                        lambda self, t, url: scanned.append(os.path.basename(url)) or scan(self, t, url))
+
+    def load():
+        loader = DaliPretrainLoader(open_shard_source(folder), batch_size=2, seed=0, **SMALL)
+        members = [(m.key, m.audio, m.json, m.tar) for m in loader._clips.members]
+        first = next(iter(loader))
+        loader.close()
+        return members, first, dict(loader.excluded)
+
+    members, first, _ = load()
+    assert sorted(scanned) == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
+    assert len(list((tmp_path / "cache" / "dali-members").glob("*.json"))) == 3
+    scanned.clear()
+    again, first_again, _ = load()
+    assert scanned == [] and again == members
+    assert torch.equal(first_again["views"], first["views"]) and torch.equal(first_again["index"], first["index"])
+
+    cut = folder / "s-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])  # changed: its size and mtime
+    _, _, excluded = load()
+    assert scanned == ["s-000001.tar"] and excluded["truncated-shard"] >= 3
+    scanned.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        _, _, excluded_again = load()
+    assert scanned == [] and excluded_again == excluded and "s-000001.tar: cannot read past" in caplog.text
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("ASIT_CACHE", str(tmp_path / "a-file"))  # no folder can be made there
+    assert load()[0][:5] == members[:5] and len(scanned) == 3
+
+
 def test_a_stale_index_is_read_as_it_lists_like_the_torch_reader(demo, tmp_path, caplog):
     # the tars hold more clips than index.json says: only the listed ones are read, with a warning
     from asit.data.shards import INDEX_NAME, open_shard_source, write_shards
