@@ -148,6 +148,63 @@ def test_ranks_read_disjoint_clips_and_report_left_out_clips_once(demo, tmp_path
         assert sorted(reported) == [(i, "unreadable") for i in range(12, 16)]
 
 
+def test_ranks_split_the_header_check_and_agree_on_its_verdicts(demo, tmp_path, monkeypatch):
+    """With ``all_gather`` each of 3 ranks reads a third of the headers; all end with the verdicts,
+    steps and batches of a loader that read them all."""
+    import threading
+
+    from asit.data import dali as dali_module
+
+    entries = [*demo, *_junk(tmp_path, 5)]  # 12 good + 5 unreadable
+    checked: dict[int, list[int]] = {}
+    check = dali_module._check_files
+
+    def counting(entries, sample_rate, part=(0, 1)):
+        good, reasons = check(entries, sample_rate, part)
+        checked[part[0]] = sorted([*good, *reasons])
+        return good, reasons
+
+    monkeypatch.setattr(dali_module, "_check_files", counting)
+    ranks, barrier, posted = 3, threading.Barrier(3), [None] * 3
+    loaders: list = [None] * ranks
+    errors = []
+
+    def all_gather_for(rank):
+        def all_gather(obj):
+            posted[rank] = obj
+            barrier.wait(timeout=30)
+            out = list(posted)
+            barrier.wait(timeout=30)
+            return out
+        return all_gather
+
+    def build(rank):
+        try:
+            loaders[rank] = DaliPretrainLoader(entries, batch_size=2, shard_id=rank, num_shards=ranks, seed=3,
+                                               all_gather=all_gather_for(rank), **SMALL)
+        except Exception as exc:  # noqa: BLE001 (re-raised below)
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(checked) == [0, 1, 2] and sorted(i for v in checked.values() for i in v) == list(range(17))
+    assert all(len(v) <= 6 for v in checked.values())  # a third each
+    shares = {rank: len(v) for rank, v in checked.items()}
+    for rank, loader in enumerate(loaders):
+        alone = DaliPretrainLoader(entries, batch_size=2, shard_id=rank, num_shards=ranks, seed=3, **SMALL)
+        assert loader._left_out == alone._left_out and list(loader._left_out) == list(range(12, 17))
+        assert loader.excluded == {"unreadable": 5} and len(loader) == len(alone) == 2
+        assert loader.headers_checked == shares[rank] and alone.headers_checked == 17
+        for a, b in zip(loader, alone, strict=True):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["views"], b["views"])
+            assert a["skipped_indices"] == b["skipped_indices"]
+
+
 def test_steps_count_only_the_kept_clips(demo, tmp_path):
     entries = [*demo[:6], *_junk(tmp_path, 10)]
     assert len(DaliPretrainLoader(entries, batch_size=3, **SMALL)) == 2

@@ -175,3 +175,28 @@ def test_bad_clips_on_one_rank_stop_every_rank_together(tmp_path) -> None:
                      wrapper=wrapper, returncode=1)
     text = proc.stdout + proc.stderr
     assert text.count("epoch 1: 2 clips (of 18 loaded so far, all processes) could not be used") == 2, text[-4000:]
+
+
+@pytest.mark.slow
+def test_ddp_with_dali_splits_the_header_check_and_reports_left_out_files(tmp_path) -> None:
+    """Two ranks with ``data.backend=dali`` over a manifest with two unreadable files: the ranks split the
+    header check (exchanging verdicts through the engine's ``_gather``), agree on what to leave out, and
+    train with the kept clips."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'asit[dali]')")
+    from asit.data import ensure_demo_dataset
+
+    demo = ensure_demo_dataset(tmp_path / "data", num_clips=48, sample_rate=16000, seconds=2.0, seed=0)
+    rows = demo.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    for k in range(2):
+        junk = tmp_path / f"junk{k}.wav"
+        junk.write_bytes(b"not audio at all")
+        rows.append(f"{junk},{rows[-1].rsplit(',', 1)[1]}")
+    manifest = demo.with_name("with_junk.csv")  # beside the demo's: its paths are relative to it
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    proc = _torchrun(tmp_path / "run", tmp_path / "cache", "train.epochs=1", "data.backend=dali",
+                     f"data.train_manifest={manifest}", "data.sample_rate=16000")
+    text = proc.stdout + proc.stderr
+    # rank 0 read every other header (25 of 50), not all of them
+    assert "data: DALI, 50 clips" in text and "(2 left out before training; 25 file headers" in text, text[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == STEPS_PER_EPOCH

@@ -67,7 +67,7 @@ import re
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -338,13 +338,16 @@ def _build_pipeline(
 DALI_UNSUPPORTED_FORMATS = frozenset({"MP3", "SD2"})
 
 
-def _check_files(entries: list[AudioEntry], sample_rate: int) -> tuple[list[int], dict[int, str]]:
+def _check_files(entries: list[AudioEntry], sample_rate: int,
+                 part: tuple[int, int] = (0, 1)) -> tuple[list[int], dict[int, str]]:
     """Indices of the entries whose header soundfile reads in a format DALI decodes, and the reason of
-    each other one (load_audio's reasons, or ``"unsupported-by-dali"``)."""
+    each other one (load_audio's reasons, or ``"unsupported-by-dali"``). ``part=(k, n)`` checks only the
+    entries ``k, k + n, k + 2n, ...``."""
     import soundfile as sf
 
     good, reasons = [], {}
-    for i, entry in enumerate(entries):
+    for i in range(part[0], len(entries), part[1]):
+        entry = entries[i]
         try:
             info = sf.info(entry.path)
             if info.frames <= 0:
@@ -400,8 +403,8 @@ class _FileClips:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def check(self, sample_rate: int) -> tuple[list[int], dict[int, str]]:
-        return _check_files(self.entries, sample_rate)
+    def check(self, sample_rate: int, part: tuple[int, int] = (0, 1)) -> tuple[list[int], dict[int, str]]:
+        return _check_files(self.entries, sample_rate, part)
 
     def name(self, i: int) -> str:
         return self.entries[i].path
@@ -697,7 +700,10 @@ class DaliPretrainLoader:
     Clips that fail the check up front are left out and counted in :attr:`excluded`; they are also
     reported as skipped clips in the batch where the epoch's order places them (each on one rank),
     so the trainer's per-epoch summary and ``data.max_bad_fraction`` see them like the torch
-    backend's. Other keyword arguments go to :func:`build_dali_pipeline`.
+    backend's. With a manifest, ``all_gather`` (``obj -> [obj of rank 0, obj of rank 1, ...]``, such
+    as ``torch.distributed.all_gather_object``, called once by every rank) splits the header check:
+    each rank reads every ``num_shards``-th header and the verdicts are exchanged; without it every
+    rank reads them all. Other keyword arguments go to :func:`build_dali_pipeline`.
     """
 
     def __init__(
@@ -721,6 +727,7 @@ class DaliPretrainLoader:
         label_vocab: list[str] | None = None,
         check_files: bool = True,
         index_dir: str | None = None,
+        all_gather: Callable[[Any], list[Any]] | None = None,
         **pipeline_options: Any,
     ) -> None:
         if isinstance(source, ShardSet):
@@ -737,8 +744,18 @@ class DaliPretrainLoader:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
         clips = self._clips
-        if check_files:
+        self.headers_checked = 0  # audio headers this process read with soundfile (a manifest's files)
+        if check_files and all_gather is not None and num_shards > 1 and isinstance(clips, _FileClips):
+            # each process checks every num_shards-th header (at AudioSet scale a minute per process
+            # warm, far more from cold storage), then the verdicts are exchanged: all ranks keep the same
+            good, mine = clips.check(sample_rate, part=(shard_id, num_shards))
+            self.headers_checked = len(good) + len(mine)
+            self._left_out = dict(sorted(kv for part in all_gather(mine) for kv in part.items()))
+            keep = [i for i in range(len(clips)) if i not in self._left_out]
+        elif check_files:
             keep, self._left_out = clips.check(sample_rate)
+            if isinstance(clips, _FileClips):
+                self.headers_checked = len(clips)
         elif isinstance(clips, _ShardClips):  # the tar members still (read from the headers already)
             keep, self._left_out = clips.check(sample_rate, formats=False)
         else:

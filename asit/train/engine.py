@@ -387,12 +387,14 @@ class Pretrainer:
                 shard_id=self.dist.rank, num_shards=self.dist.world_size,
                 max_steps_per_epoch=self.cfg.train.max_steps_per_epoch or None,
                 fbank=d.dali_fbank, device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
-                num_threads=max(1, d.num_workers), **views)
+                num_threads=max(1, d.num_workers), all_gather=self._gather if self.dist.distributed else None,
+                **views)
             self.iters_per_epoch = self.loader.steps_per_epoch
             self.dataset, self.sampler = None, self.loader  # the loader takes set_epoch(epoch, skip)
             if self.dist.is_main:
-                log.info("data: DALI, %d clips from %s (%d left out before training), %d steps/epoch of %d per "
-                         "process", total, source, sum(self.loader.excluded.values()), self.iters_per_epoch,
+                log.info("data: DALI, %d clips from %s (%d left out before training; %d file headers read by this "
+                         "process), %d steps/epoch of %d per process", total, source,
+                         sum(self.loader.excluded.values()), self.loader.headers_checked, self.iters_per_epoch,
                          self.cfg.train.batch_size)
             return
         views["fbank_on"] = self.fbank_on
