@@ -24,6 +24,15 @@ SMALL = dict(sample_rate=SR, crop_seconds=1.0, num_mel_bins=32, target_frames=96
 DALI_FBANK_MEAN_TOL = 0.05
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The shards' member tables (and anything else cached) go to a folder of this module's own, not
+    to ``~/.cache/asit``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASIT_CACHE", str(tmp_path_factory.mktemp("asit-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Clips exactly one crop long at the target rate: the crop is the whole clip, whatever the draw."""
@@ -148,26 +157,14 @@ def test_ranks_read_disjoint_clips_and_report_left_out_clips_once(demo, tmp_path
         assert sorted(reported) == [(i, "unreadable") for i in range(12, 16)]
 
 
-def test_ranks_split_the_header_check_and_agree_on_its_verdicts(demo, tmp_path, monkeypatch):
-    """With ``all_gather`` each of 3 ranks reads a third of the headers; all end with the verdicts,
-    steps and batches of a loader that read them all."""
+def _loaders_in_threads(entries, ranks: int, **kwargs) -> tuple[list, list]:
+    """``DaliPretrainLoader``s of ``ranks`` ranks built at once in threads that exchange through an
+    in-process ``all_gather``: the loaders (None where one raised) and the exceptions raised."""
     import threading
 
-    from asit.data import dali as dali_module
-
-    entries = [*demo, *_junk(tmp_path, 5)]  # 12 good + 5 unreadable
-    checked: dict[int, list[int]] = {}
-    check = dali_module._check_files
-
-    def counting(entries, sample_rate, part=(0, 1)):
-        good, reasons = check(entries, sample_rate, part)
-        checked[part[0]] = sorted([*good, *reasons])
-        return good, reasons
-
-    monkeypatch.setattr(dali_module, "_check_files", counting)
-    ranks, barrier, posted = 3, threading.Barrier(3), [None] * 3
+    barrier, posted = threading.Barrier(ranks), [None] * ranks
     loaders: list = [None] * ranks
-    errors = []
+    errors: list = []
 
     def all_gather_for(rank):
         def all_gather(obj):
@@ -180,17 +177,37 @@ def test_ranks_split_the_header_check_and_agree_on_its_verdicts(demo, tmp_path, 
 
     def build(rank):
         try:
-            loaders[rank] = DaliPretrainLoader(entries, batch_size=2, shard_id=rank, num_shards=ranks, seed=3,
-                                               all_gather=all_gather_for(rank), **SMALL)
-        except Exception as exc:  # noqa: BLE001 (re-raised below)
+            loaders[rank] = DaliPretrainLoader(entries, shard_id=rank, num_shards=ranks,
+                                               all_gather=all_gather_for(rank), **kwargs)
+        except Exception as exc:  # noqa: BLE001 (returned to the test)
             errors.append(exc)
-            barrier.abort()
 
     threads = [threading.Thread(target=build, args=(r,)) for r in range(ranks)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a rank is stuck in the exchange"
+    return loaders, errors
+
+
+def test_ranks_split_the_header_check_and_agree_on_its_verdicts(demo, tmp_path, monkeypatch):
+    """With ``all_gather`` each of 3 ranks reads a third of the headers; all end with the verdicts,
+    steps and batches of a loader that read them all."""
+    from asit.data import dali as dali_module
+
+    entries = [*demo, *_junk(tmp_path, 5)]  # 12 good + 5 unreadable
+    checked: dict[int, list[int]] = {}
+    check = dali_module._check_files
+
+    def counting(entries, sample_rate, part=(0, 1)):
+        good, reasons = check(entries, sample_rate, part)
+        checked[part[0]] = sorted([*good, *reasons])
+        return good, reasons
+
+    monkeypatch.setattr(dali_module, "_check_files", counting)
+    ranks = 3
+    loaders, errors = _loaders_in_threads(entries, ranks, batch_size=2, seed=3, **SMALL)
     assert not errors, errors
     assert sorted(checked) == [0, 1, 2] and sorted(i for v in checked.values() for i in v) == list(range(17))
     assert all(len(v) <= 6 for v in checked.values())  # a third each
@@ -203,6 +220,24 @@ def test_ranks_split_the_header_check_and_agree_on_its_verdicts(demo, tmp_path, 
         for a, b in zip(loader, alone, strict=True):
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["views"], b["views"])
             assert a["skipped_indices"] == b["skipped_indices"]
+
+
+def test_a_header_check_failing_on_one_rank_is_raised_on_every_rank(demo, monkeypatch):
+    """An unexpected error in one rank's part of the check reaches every rank after the exchange, so no
+    rank waits in it for one that has given up."""
+    from asit.data import dali as dali_module
+
+    check = dali_module._check_files
+
+    def failing_on_rank_1(entries, sample_rate, part=(0, 1)):
+        if part[0] == 1:
+            raise MemoryError("while decoding a file to find its reason")
+        return check(entries, sample_rate, part)
+
+    monkeypatch.setattr(dali_module, "_check_files", failing_on_rank_1)
+    loaders, errors = _loaders_in_threads(demo, 3, batch_size=2, seed=0, **SMALL)
+    assert loaders == [None] * 3 and len(errors) == 3
+    assert all("failed on rank 1: MemoryError: while decoding" in str(e) for e in errors)
 
 
 def test_steps_count_only_the_kept_clips(demo, tmp_path):
@@ -660,6 +695,31 @@ def test_member_tables_are_cached_per_version_of_each_tar(demo, tmp_path, monkey
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("ASIT_CACHE", str(tmp_path / "a-file"))  # no folder can be made there
     assert load()[0][:5] == members[:5] and len(scanned) == 3
+
+
+def test_a_tar_unreadable_for_a_moment_is_not_remembered_as_damaged(demo, tmp_path, monkeypatch):
+    """An I/O error while reading a tar's headers leaves its clips out of this run only: the member-table
+    cache keeps clean scans and damaged tars, not read errors that may pass."""
+    import tarfile
+
+    from asit.data.shards import open_shard_source, write_shards
+
+    write_shards(demo, tmp_path / "s-%06d.tar", max_count=6)  # 2 tars of 6 clips
+    real_open = tarfile.open
+
+    def flaky(name, *args, **kwargs):
+        if str(name).endswith("s-000001.tar"):
+            raise OSError(5, "Input/output error")
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "open", flaky)
+    loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
+    assert loader.excluded == {"unreadable-shard": 6}
+    loader.close()
+    monkeypatch.setattr(tarfile, "open", real_open)
+    loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
+    assert loader.excluded == {} and len(loader) == 6
+    loader.close()
 
 
 def test_a_stale_index_is_read_as_it_lists_like_the_torch_reader(demo, tmp_path, caplog):

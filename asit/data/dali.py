@@ -510,7 +510,7 @@ class _ShardClips:
         modification time and inode (reading the headers costs about 0.04 ms per clip from the page cache, minutes
         per process at AudioSet scale, far more from cold or network storage), else scanned and cached."""
         stat = os.stat(url)
-        path = os.path.join(_member_cache_dir(), hashlib.sha1(os.path.abspath(url).encode()).hexdigest() + ".json")
+        path = os.path.join(_member_cache_dir(), hashlib.sha1(os.fsencode(os.path.abspath(url))).hexdigest() + ".json")
         try:
             # many small objects without cycles: paused, the collector would rescan the ones kept so far
             # again and again (9x slower over a few tars)
@@ -525,7 +525,9 @@ class _ShardClips:
                             for k, a, j in cached["members"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no cache, or one from another version of the file: scan it
-        members, damage = self._scan(t, url)
+        members, damage, lasting = self._scan(t, url)
+        if not lasting:  # an I/O error may pass (storage, permissions): scan again next time
+            return members
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_text(path, json.dumps({
@@ -536,12 +538,13 @@ class _ShardClips:
             logger.debug("DALI loader: member table of %s not cached: %s", url, exc)
         return members
 
-    def _scan(self, t: int, url: str) -> tuple[list[_Member], str | None]:
-        """The clips of one tar from its headers, and what stopped the scan early (None if nothing): a
-        damaged tar gives the clips before the damage."""
+    def _scan(self, t: int, url: str) -> tuple[list[_Member], str | None, bool]:
+        """The clips of one tar from its headers, what stopped the scan early (None if nothing: a damaged
+        tar gives the clips before the damage), and whether that lasts as long as the file is unchanged
+        (not after an I/O error)."""
         size = os.path.getsize(url)
         members: list[_Member] = []
-        damage = None
+        damage, lasting = None, True
         try:
             with tarfile.open(url) as tar:
                 for info in tar:
@@ -564,9 +567,9 @@ class _ShardClips:
         except (OSError, tarfile.TarError) as exc:
             if members and (members[-1].audio is None or members[-1].json is None):
                 members.pop()  # the clip the damage cut through (counted with the ones the index lists in vain)
-            damage = str(exc)
+            damage, lasting = str(exc), not isinstance(exc, OSError)
             logger.warning("DALI loader: %s: cannot read past %d clips: %s", url, len(members), exc)
-        return members, damage
+        return members, damage, lasting
 
     def __len__(self) -> int:
         return len(self.members)
@@ -748,9 +751,18 @@ class DaliPretrainLoader:
         if check_files and all_gather is not None and num_shards > 1 and isinstance(clips, _FileClips):
             # each process checks every num_shards-th header (at AudioSet scale a minute per process
             # warm, far more from cold storage), then the verdicts are exchanged: all ranks keep the same
-            good, mine = clips.check(sample_rate, part=(shard_id, num_shards))
+            try:
+                good, mine = clips.check(sample_rate, part=(shard_id, num_shards))
+                error = None
+            except Exception as exc:  # noqa: BLE001 (raised below on every rank, not here alone: no deadlock)
+                good, mine, error = [], {}, f"{type(exc).__name__}: {exc}"
             self.headers_checked = len(good) + len(mine)
-            self._left_out = dict(sorted(kv for part in all_gather(mine) for kv in part.items()))
+            parts = all_gather((mine, error))
+            failed = [(rank, why) for rank, (_, why) in enumerate(parts) if why]
+            if failed:
+                raise RuntimeError("DALI loader: the header check failed on rank "
+                                   + "; on rank ".join(f"{rank}: {why}" for rank, why in failed))
+            self._left_out = dict(sorted(kv for part, _ in parts for kv in part.items()))
             keep = [i for i in range(len(clips)) if i not in self._left_out]
         elif check_files:
             keep, self._left_out = clips.check(sample_rate)
