@@ -240,6 +240,18 @@ def test_a_header_check_failing_on_one_rank_is_raised_on_every_rank(demo, monkey
     assert all("failed on rank 1: MemoryError: while decoding" in str(e) for e in errors)
 
 
+def test_files_past_load_audios_duration_cap_are_left_out(demo, tmp_path, monkeypatch):
+    """A file longer than MAX_SECONDS (load_audio's cap: an hour) is left out as ``too-long`` from its
+    header, as the torch backend skips it, instead of being decoded whole by every DALI thread."""
+    from asit.data import dali as dali_module
+
+    monkeypatch.setattr(dali_module, "MAX_SECONDS", 1.5)  # the demo clips last 1 s
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(2 * SR, np.float32), SR)
+    loader = DaliPretrainLoader([*demo, AudioEntry(str(long), ("tone",))], batch_size=4, seed=0, **SMALL)
+    assert loader.excluded == {"too-long": 1} and loader._left_out == {len(demo): "too-long"}
+
+
 def test_steps_count_only_the_kept_clips(demo, tmp_path):
     entries = [*demo[:6], *_junk(tmp_path, 10)]
     assert len(DaliPretrainLoader(entries, batch_size=3, **SMALL)) == 2

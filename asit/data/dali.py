@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from ..atomic_io import atomic_write_text
-from .audio import MAX_ABS_SAMPLE, AudioDecodeError, load_audio
+from .audio import MAX_ABS_SAMPLE, MAX_SECONDS, AudioDecodeError, load_audio
 from .fbank import KaldiFbank, fbank_views
 from .features import AUDIOSET_MEAN, AUDIOSET_STD
 from .manifest import AudioEntry
@@ -352,6 +352,8 @@ def _check_files(entries: list[AudioEntry], sample_rate: int,
             info = sf.info(entry.path)
             if info.frames <= 0:
                 raise AudioDecodeError(entry.path, "empty", "no audio samples")
+            if info.frames > MAX_SECONDS * info.samplerate:  # load_audio's cap: DALI would decode it whole
+                raise AudioDecodeError(entry.path, "too-long", f"{info.frames / info.samplerate:.0f} s")
             if info.format in DALI_UNSUPPORTED_FORMATS:
                 raise AudioDecodeError(entry.path, "unsupported-by-dali", f"{info.format} audio")
         except AudioDecodeError as err:
