@@ -610,6 +610,40 @@ def _tar(path, members: dict[str, bytes]) -> str:
     return str(path)
 
 
+def test_shard_audio_headers_get_the_manifest_checks_also_from_the_cache(demo, tmp_path, monkeypatch):
+    """Members whose audio header says no samples, or longer than MAX_SECONDS, are left out up front with
+    the manifest check's reasons; a second loader reads the same verdicts from the member-table cache."""
+    import io
+    import json as jsonlib
+
+    from asit.data import dali as dali_module
+    from asit.data.shards import ShardSet
+
+    monkeypatch.setattr(dali_module, "MAX_SECONDS", 1.5)  # the demo clips last 1 s
+
+    def wav(samples: int) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(samples, np.float32), SR, format="WAV", subtype="PCM_16")
+        return buf.getvalue()
+
+    members = {}
+    for k, entry in enumerate(demo[:6]):
+        members[f"{k}.wav"] = open(entry.path, "rb").read()
+        members[f"{k}.json"] = jsonlib.dumps({"index": k, "labels": []}).encode()
+    members.update({"7.json": b'{"index": 7}', "7.wav": wav(0),  # a header, no samples
+                    "8.json": b'{"index": 8}', "8.wav": wav(2 * SR)})  # 2 s
+    shards = ShardSet([_tar(tmp_path / "t.tar", members)], [8], ["tone", "chirp"])
+    scans = []
+    scan = dali_module._ShardClips._scan
+    monkeypatch.setattr(dali_module._ShardClips, "_scan", lambda self, t, url: scans.append(url) or scan(self, t, url))
+    for _ in range(2):
+        loader = DaliPretrainLoader(shards, batch_size=2, seed=0, **SMALL)
+        assert loader.excluded == {"empty": 1, "too-long": 1} and len(loader) == 3
+        assert {i for b in loader for i in b["index"].tolist()} == set(range(6))
+        loader.close()
+    assert len(scans) == 1  # the second time from the cache
+
+
 def test_bad_shard_members_are_skipped_and_counted(demo, tmp_path, caplog):
     """Members DALI cannot use never stop the run: an MP3 and incomplete samples are left out up front,
     undecodable audio is traced by DALI's error and left out mid-run, a malformed json drops its row;
@@ -627,22 +661,34 @@ def test_bad_shard_members_are_skipped_and_counted(demo, tmp_path, caplog):
         "a.wav": wav,  # no json: bad-metadata
         "b.json": jsonlib.dumps({"index": 20, "labels": []}).encode(),  # no audio: missing
         "c.json": b"{not json", "c.wav": wav,  # malformed json: dropped from its batch
+        "d.json": jsonlib.dumps({"index": 21, "labels": []}).encode(), "d.wav": wav,  # fine
     })
-    shards = ShardSet([*(str(tmp_path / f"s-00000{k}.tar") for k in range(3)), extra], [5, 5, 2, 3],
+    shards = ShardSet([*(str(tmp_path / f"s-00000{k}.tar") for k in range(3)), extra], [5, 5, 2, 4],
                       ["tone", "chirp"])
     loader = DaliPretrainLoader(shards, batch_size=3, seed=0, **SMALL)
-    assert loader.excluded == {"unsupported-by-dali": 1, "bad-metadata": 1, "missing": 1}
-    assert len(loader) == 4  # 12 clips kept: 9 good, the flac, the junk, the malformed json (found when read)
+    # the audio headers are read with the tar headers: the junk is left out up front, as from a manifest
+    assert loader.excluded == {"unsupported-by-dali": 1, "bad-metadata": 1, "missing": 1, "unreadable": 1}
+    assert len(loader) == 4  # 12 clips kept: 10 good, the flac, the malformed json (found when read)
     with caplog.at_level("WARNING", logger="asit.data.dali"):
         batches = list(loader)
     assert all(torch.isfinite(b["views"]).all() for b in batches)
-    assert {i for b in batches for i in b["index"].tolist()} == set(range(9))
+    assert {i for b in batches for i in b["index"].tolist()} == {*range(9), 21}
     reported = sorted((r, i) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"]))
     assert reported == [("bad-metadata", -1), ("bad-metadata", -1), ("missing", 20), ("undecodable", 9),
-                        ("undecodable", 11), ("unsupported-by-dali", 10)]
+                        ("unreadable", 11), ("unsupported-by-dali", 10)]
     assert sum(b["num_skipped"] for b in batches) == 6
-    # the flac's error names its member; the junk's ("Format not recognised") names none and is traced
-    assert "000000009.flac" in caplog.text and "named in DALI's error" in caplog.text
+    assert "000000009.flac" in caplog.text and "named in DALI's error" in caplog.text  # the flac's error names it
+    loader.close()
+
+    # without the header check the MP3 and the junk reach DALI: their errors ("Format not recognised")
+    # name no member, and the loader traces them by decoding the clips one at a time
+    caplog.clear()
+    loader = DaliPretrainLoader(shards, batch_size=3, seed=0, check_files=False, **SMALL)
+    with caplog.at_level("WARNING", logger="asit.data.dali"):
+        batches = list(loader)
+    assert all(torch.isfinite(b["views"]).all() for b in batches)
+    reported = [(r, i) for b in batches for i, r in zip(b["skipped_indices"], b["skip_reasons"])]
+    assert ("undecodable", 11) in reported and ("undecodable", 10) in reported
     assert "s-000002.tar:000000011" in caplog.text and "found by decoding the clips one at a time" in caplog.text
     loader.close()
 

@@ -350,15 +350,10 @@ def _check_files(entries: list[AudioEntry], sample_rate: int,
         entry = entries[i]
         try:
             info = sf.info(entry.path)
-            if info.frames <= 0:
-                raise AudioDecodeError(entry.path, "empty", "no audio samples")
-            if info.frames > MAX_SECONDS * info.samplerate:  # load_audio's cap: DALI would decode it whole
-                raise AudioDecodeError(entry.path, "too-long", f"{info.frames / info.samplerate:.0f} s")
-            if info.format in DALI_UNSUPPORTED_FORMATS:
-                raise AudioDecodeError(entry.path, "unsupported-by-dali", f"{info.format} audio")
-        except AudioDecodeError as err:
-            reasons[i] = err.reason
-            continue
+            why = _header_reason((info.frames, info.samplerate, info.format))
+            if why is not None:
+                reasons[i] = why
+                continue
         except Exception:  # libsndfile raises several types; all mean "cannot decode"
             try:  # load_audio gives the reason ("missing", "unreadable", ...)
                 load_audio(entry.path, sample_rate)
@@ -431,15 +426,33 @@ class _FileClips:
         pass
 
 
-# Audio member extensions DALI's decoder takes (tested, see DALI_UNSUPPORTED_FORMATS); others are sniffed.
-_DALI_EXTENSIONS = frozenset({"wav", "wave", "flac", "ogg", "oga", "opus", "aif", "aiff", "aifc", "au", "snd", "w64",
-                              "rf64", "caf"})
-_UNSUPPORTED_EXTENSIONS = frozenset({"mp3", "mp2", "mpga", "sd2"})
+def _header_reason(sound: tuple[int, int, str] | str) -> str | None:
+    """Why a clip with this audio header is left out, by load_audio's rules and DALI's formats (None: kept).
+    ``sound`` is ``(frames, sample rate, soundfile format)``, or the reason the header could not be read."""
+    if isinstance(sound, str):
+        return sound
+    frames, rate, fmt = sound
+    if frames <= 0:
+        return "empty"
+    if frames > MAX_SECONDS * rate:  # load_audio's cap: DALI would decode it whole
+        return "too-long"
+    if fmt in DALI_UNSUPPORTED_FORMATS:
+        return "unsupported-by-dali"
+    return None
 
 
-def _sniff_unsupported(head: bytes) -> bool:
-    """Whether the first bytes of an audio member say MPEG audio (ID3 tag or an MPEG frame sync)."""
-    return head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+def _member_header(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[int, int, str] | str:
+    """The audio header of a tar member, read by soundfile through tarfile (a few kB, not the clip)."""
+    import soundfile as sf
+
+    if info.size == 0:
+        return "empty"
+    try:
+        with tar.extractfile(info) as fh:
+            header = sf.info(fh)
+    except Exception:  # libsndfile raises several types; all mean "cannot decode"
+        return "unreadable"
+    return (int(header.frames), int(header.samplerate), str(header.format))
 
 
 @contextlib.contextmanager
@@ -452,6 +465,9 @@ def _no_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+_MEMBER_CACHE_VERSION = 2  # of the cached member tables' layout (2: with the audio headers)
 
 
 def _member_cache_dir() -> str:
@@ -467,6 +483,7 @@ class _Member:
     audio: tuple[int, int, str] | None = None  # data offset, size, member name
     json: tuple[int, int, str] | None = None
     tar: int = 0
+    sound: tuple[int, int, str] | str = "missing"  # the audio member's header (_member_header)
 
 
 class _ShardClips:
@@ -518,13 +535,14 @@ class _ShardClips:
             # again and again (9x slower over a few tars)
             with open(path, encoding="utf-8") as fh, _no_gc():
                 cached = json.load(fh)
-                if [cached["path"], cached["size"], cached["mtime_ns"], cached["inode"]] == [
-                        os.path.abspath(url), stat.st_size, stat.st_mtime_ns, stat.st_ino]:
+                if [cached["version"], cached["path"], cached["size"], cached["mtime_ns"], cached["inode"]] == [
+                        _MEMBER_CACHE_VERSION, os.path.abspath(url), stat.st_size, stat.st_mtime_ns, stat.st_ino]:
                     if cached["damage"]:
                         logger.warning("DALI loader: %s: cannot read past %d clips: %s", url,
                                        len(cached["members"]), cached["damage"])
-                    return [_Member(key=k, audio=tuple(a) if a else None, json=tuple(j) if j else None, tar=t)
-                            for k, a, j in cached["members"]]
+                    return [_Member(key=k, audio=tuple(a) if a else None, json=tuple(j) if j else None, tar=t,
+                                    sound=h if isinstance(h, str) else tuple(h))
+                            for k, a, j, h in cached["members"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no cache, or one from another version of the file: scan it
         members, damage, lasting = self._scan(t, url)
@@ -533,9 +551,9 @@ class _ShardClips:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_text(path, json.dumps({
-                "path": os.path.abspath(url), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
-                "damage": damage,
-                "members": [(m.key, m.audio, m.json) for m in members]}))
+                "version": _MEMBER_CACHE_VERSION, "path": os.path.abspath(url), "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "damage": damage,
+                "members": [(m.key, m.audio, m.json, m.sound) for m in members]}))
         except OSError as exc:  # a read-only cache costs the scan next time, nothing else
             logger.debug("DALI loader: member table of %s not cached: %s", url, exc)
         return members
@@ -566,6 +584,7 @@ class _ShardClips:
                         members[-1].json = where
                     elif members[-1].audio is None:
                         members[-1].audio = where
+                        members[-1].sound = _member_header(tar, info)
         except (OSError, tarfile.TarError) as exc:
             if members and (members[-1].audio is None or members[-1].json is None):
                 members.pop()  # the clip the damage cut through (counted with the ones the index lists in vain)
@@ -577,34 +596,24 @@ class _ShardClips:
         return len(self.members)
 
     def check(self, sample_rate: int, formats: bool = True) -> tuple[list[int], dict[int, str]]:
-        """Clips with an audio member in a format DALI decodes, and a ``json`` member; reasons for the others.
-        ``formats=False`` skips the format test (the members are checked whatever ``check_files`` says: a clip
-        without them cannot enter a DALI index file)."""
+        """Clips with a ``json`` member and an audio member whose header passes the manifest check's rules
+        (:func:`_header_reason`: readable, not empty, at most ``MAX_SECONDS``, a format DALI decodes);
+        reasons for the others. ``formats=False`` skips the header rules (the members are checked whatever
+        ``check_files`` says: a clip without them cannot enter a DALI index file)."""
         good, reasons = [], {}
-        handles: dict[int, Any] = {}
-        try:
-            for i, m in enumerate(self.members):
-                if i in self.short:
-                    reasons[i] = self.short_reason[i]
-                elif m.json is None:
-                    reasons[i] = "bad-metadata"
-                elif m.audio is None:
-                    reasons[i] = "missing"
-                elif m.audio[1] == 0:
-                    reasons[i] = "empty"
-                else:
-                    ext = m.audio[2].rsplit(".", 1)[-1].lower()
-                    if formats and ext not in _DALI_EXTENSIONS:
-                        if m.tar not in handles:
-                            handles[m.tar] = open(self.shards.urls[m.tar], "rb")  # noqa: SIM115 (closed below)
-                        handles[m.tar].seek(m.audio[0])
-                        if ext in _UNSUPPORTED_EXTENSIONS or _sniff_unsupported(handles[m.tar].read(4)):
-                            reasons[i] = "unsupported-by-dali"
-                            continue
-                    good.append(i)
-        finally:
-            for fh in handles.values():
-                fh.close()
+        for i, m in enumerate(self.members):
+            if i in self.short:
+                reasons[i] = self.short_reason[i]
+            elif m.json is None:
+                reasons[i] = "bad-metadata"
+            elif m.audio is None:
+                reasons[i] = "missing"
+            elif m.audio[1] == 0:
+                reasons[i] = "empty"
+            elif formats and (why := _header_reason(m.sound)) is not None:
+                reasons[i] = why
+            else:
+                good.append(i)
         return good, reasons
 
     def name(self, i: int) -> str:
