@@ -489,8 +489,9 @@ class _Member:
 class _ShardClips:
     """The clips of WebDataset shards (``scripts/make_shards.py``) for :class:`DaliPretrainLoader`.
 
-    The tars' member tables are read once (tar headers only) to find each clip's audio and ``json``
-    members; a clip is one key. Each pipeline gets DALI index files (:func:`write_dali_index`, in a
+    The tars' member tables are read once (the tar headers, and each clip's audio header for
+    :meth:`check`), and cached per tar, to find each clip's audio and ``json`` members; a clip is
+    one key. Each pipeline gets DALI index files (:func:`write_dali_index`, in a
     temporary folder) listing exactly the clips it is to read, in order, one file per run of
     consecutive clips from the same tar. A clip's manifest index and labels come from its ``json``
     member, as in :class:`~asit.data.shards.ShardPretrainDataset`.
