@@ -611,8 +611,9 @@ def _tar(path, members: dict[str, bytes]) -> str:
 
 
 def test_shard_audio_headers_get_the_manifest_checks_also_from_the_cache(demo, tmp_path, monkeypatch):
-    """Members whose audio header says no samples, or longer than MAX_SECONDS, are left out up front with
-    the manifest check's reasons; a second loader reads the same verdicts from the member-table cache."""
+    """Members whose audio header cannot be read, says no samples, a rate load_audio refuses, more than
+    MAX_SECONDS, or MP3 (named .wav) are left out up front with the manifest check's reasons; a second
+    loader reads the same verdicts from the member-table cache."""
     import io
     import json as jsonlib
 
@@ -630,18 +631,58 @@ def test_shard_audio_headers_get_the_manifest_checks_also_from_the_cache(demo, t
     for k, entry in enumerate(demo[:6]):
         members[f"{k}.wav"] = open(entry.path, "rb").read()
         members[f"{k}.json"] = jsonlib.dumps({"index": k, "labels": []}).encode()
+    low = io.BytesIO()
+    sf.write(low, np.zeros(100, np.float32), 500, format="WAV", subtype="PCM_16")  # under MIN_FILE_RATE
     members.update({"7.json": b'{"index": 7}', "7.wav": wav(0),  # a header, no samples
-                    "8.json": b'{"index": 8}', "8.wav": wav(2 * SR)})  # 2 s
-    shards = ShardSet([_tar(tmp_path / "t.tar", members)], [8], ["tone", "chirp"])
+                    "8.json": b'{"index": 8}', "8.wav": wav(2 * SR),  # 2 s
+                    "9.json": b'{"index": 9}', "9.wav": b"not audio at all",
+                    "10.json": b'{"index": 10}', "10.wav": open(_mp3(tmp_path / "song.mp3"), "rb").read(),
+                    "11.json": b'{"index": 11}', "11.wav": low.getvalue()})
+    shards = ShardSet([_tar(tmp_path / "t.tar", members)], [11], ["tone", "chirp"])
     scans = []
     scan = dali_module._ShardClips._scan
     monkeypatch.setattr(dali_module._ShardClips, "_scan", lambda self, t, url: scans.append(url) or scan(self, t, url))
     for _ in range(2):
         loader = DaliPretrainLoader(shards, batch_size=2, seed=0, **SMALL)
-        assert loader.excluded == {"empty": 1, "too-long": 1} and len(loader) == 3
+        assert loader.excluded == {"empty": 1, "too-long": 1, "unreadable": 1, "unsupported-by-dali": 1,
+                                   "bad-sample-rate": 1} and len(loader) == 3
         assert {i for b in loader for i in b["index"].tolist()} == set(range(6))
         loader.close()
     assert len(scans) == 1  # the second time from the cache
+
+
+def test_an_io_error_reading_an_audio_header_is_not_cached_as_a_bad_clip(demo, tmp_path, monkeypatch):
+    """soundfile turns read errors into "cannot decode"; one that may pass must not be cached as an
+    unreadable clip: the next run reads the header again."""
+    import tarfile
+
+    from asit.data.shards import open_shard_source, write_shards
+
+    write_shards(demo, tmp_path / "s-%06d.tar", max_count=6)  # 2 tars of 6 clips
+    extract = tarfile.TarFile.extractfile
+
+    class Failing:
+        def read(self, size=-1):
+            raise OSError(5, "Input/output error")
+
+        def seek(self, offset, whence=0):
+            return 0
+
+        def tell(self):
+            return 0
+
+    def flaky(self, member):
+        return Failing() if member.name.startswith("000000008.") else extract(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", flaky)
+    loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
+    lost = sum(loader.excluded.values())
+    assert 1 <= lost <= 4 and set(loader.excluded) <= {"unreadable", "truncated-shard"}  # clips 8.. of tar 2
+    loader.close()
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", extract)
+    loader = DaliPretrainLoader(open_shard_source(tmp_path), batch_size=2, seed=0, **SMALL)
+    assert loader.excluded == {} and len(loader) == 6
+    loader.close()
 
 
 def test_bad_shard_members_are_skipped_and_counted(demo, tmp_path, caplog):

@@ -41,15 +41,17 @@ collate reports them, so the trainer's per-epoch summary and ``data.max_bad_frac
   dropped from their batch and reported in it (``"non-finite"``, ``"out-of-range"``).
 
 WebDataset shards (``scripts/make_shards.py``, ``data.train_manifest=shards:...``) are read with
-``fn.readers.webdataset``: the tars' headers are read once to find each clip's audio and ``json``
-members (about 0.1 ms per clip from the page cache, so a few minutes per process at AudioSet-2M
-scale), and each pipeline gets DALI index files listing exactly the clips it is to read, in the
-epoch's order (the tars permuted, each tar's clips permuted), so ranks, left-out clips and
-rebuilds work as for files. Up front, clips without an audio member (``"missing"``), without a
-``json`` member (``"bad-metadata"``), with MP3 audio (by extension, or by the first bytes of an
-unknown one: ``"unsupported-by-dali"``) and clips an index lists but a damaged tar lacks
-(``"unreadable"``) are left out; the audio itself is not opened before training (that would read
-every shard), so damaged audio is found mid-run, and a malformed ``json`` drops its row.
+``fn.readers.webdataset``: the tars' headers and each clip's audio header are read once to find
+each clip's audio and ``json`` members (about 0.1 ms per clip from the page cache, a few minutes
+per process at AudioSet-2M scale) and cached per tar (``$ASIT_CACHE/dali-members``: about 2 µs per
+clip in later runs), and each pipeline gets DALI index files listing exactly the clips it is to
+read, in the epoch's order (the tars permuted, each tar's clips permuted), so ranks, left-out
+clips and rebuilds work as for files. Up front, clips without an audio member (``"missing"``),
+without a ``json`` member (``"bad-metadata"``), whose audio header fails the manifest check
+(:func:`_header_reason`: ``"unreadable"``, ``"empty"``, ``"bad-sample-rate"``, ``"too-long"``,
+``"unsupported-by-dali"``) and clips an index lists but a damaged tar lacks (``"truncated-shard"``,
+``"unreadable-shard"``) are left out; audio whose header is fine but whose data is damaged is found
+mid-run, and a malformed ``json`` drops its row.
 
 The crops come from DALI's random generators, so the views differ from the torch backend's
 (same distribution, different draws).
@@ -75,7 +77,7 @@ import numpy as np
 import torch
 
 from ..atomic_io import atomic_write_text
-from .audio import MAX_ABS_SAMPLE, MAX_SECONDS, AudioDecodeError, load_audio
+from .audio import MAX_ABS_SAMPLE, MAX_FILE_RATE, MAX_SECONDS, MIN_FILE_RATE, AudioDecodeError, load_audio
 from .fbank import KaldiFbank, fbank_views
 from .features import AUDIOSET_MEAN, AUDIOSET_STD
 from .manifest import AudioEntry
@@ -350,7 +352,7 @@ def _check_files(entries: list[AudioEntry], sample_rate: int,
         entry = entries[i]
         try:
             info = sf.info(entry.path)
-            why = _header_reason((info.frames, info.samplerate, info.format))
+            why = _header_reason((info.frames, info.samplerate, info.channels, info.format))
             if why is not None:
                 reasons[i] = why
                 continue
@@ -426,33 +428,69 @@ class _FileClips:
         pass
 
 
-def _header_reason(sound: tuple[int, int, str] | str) -> str | None:
+def _header_reason(sound: tuple[int, int, int, str] | str) -> str | None:
     """Why a clip with this audio header is left out, by load_audio's rules and DALI's formats (None: kept).
-    ``sound`` is ``(frames, sample rate, soundfile format)``, or the reason the header could not be read."""
+    ``sound`` is ``(frames, sample rate, channels, soundfile format)``, or the reason the header could
+    not be read."""
     if isinstance(sound, str):
         return sound
-    frames, rate, fmt = sound
-    if frames <= 0:
-        return "empty"
+    frames, rate, channels, fmt = sound
+    if not MIN_FILE_RATE <= rate <= MAX_FILE_RATE:
+        return "bad-sample-rate"
+    if channels < 1:
+        return "unreadable"
     if frames > MAX_SECONDS * rate:  # load_audio's cap: DALI would decode it whole
         return "too-long"
+    if frames <= 0:
+        return "empty"
     if fmt in DALI_UNSUPPORTED_FORMATS:
         return "unsupported-by-dali"
     return None
 
 
-def _member_header(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[int, int, str] | str:
-    """The audio header of a tar member, read by soundfile through tarfile (a few kB, not the clip)."""
+class _ReadWatch:
+    """A file's ``read``/``seek``/``tell`` for soundfile, remembering an ``OSError`` that soundfile's
+    callbacks would turn into "cannot decode"."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.error = fh, None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.fh.read(size)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self.fh.seek(offset, whence)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
+def _member_header(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[int, int, int, str] | str:
+    """The audio header of a tar member, read by soundfile through tarfile (not the clip's samples:
+    a few kB for WAV or FLAC, more for OGG, whose length libsndfile reads at the end). An ``OSError``
+    reading it is raised (it may pass: the verdict must not be cached), not taken as a bad file."""
     import soundfile as sf
 
     if info.size == 0:
-        return "empty"
+        return "unreadable"  # what load_audio says of an empty file
+    watch = _ReadWatch(tar.extractfile(info))
     try:
-        with tar.extractfile(info) as fh:
-            header = sf.info(fh)
+        header = sf.info(watch)
     except Exception:  # libsndfile raises several types; all mean "cannot decode"
+        header = None
+    if watch.error is not None:
+        raise watch.error
+    if header is None:
         return "unreadable"
-    return (int(header.frames), int(header.samplerate), str(header.format))
+    return (int(header.frames), int(header.samplerate), int(header.channels), str(header.format))
 
 
 @contextlib.contextmanager
@@ -467,7 +505,14 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-_MEMBER_CACHE_VERSION = 2  # of the cached member tables' layout (2: with the audio headers)
+_MEMBER_CACHE_VERSION = 3  # of the cached member tables' layout (3: audio headers with channels)
+
+
+def _libsndfile_version() -> str:
+    """The audio headers' verdicts depend on it (e.g. MP3 support came with libsndfile 1.1)."""
+    import soundfile as sf
+
+    return str(sf.__libsndfile_version__)
 
 
 def _member_cache_dir() -> str:
@@ -483,7 +528,7 @@ class _Member:
     audio: tuple[int, int, str] | None = None  # data offset, size, member name
     json: tuple[int, int, str] | None = None
     tar: int = 0
-    sound: tuple[int, int, str] | str = "missing"  # the audio member's header (_member_header)
+    sound: tuple[int, int, int, str] | str = "missing"  # the audio member's header (_member_header)
 
 
 class _ShardClips:
@@ -527,7 +572,7 @@ class _ShardClips:
 
     def _members(self, t: int, url: str) -> list[_Member]:
         """The clips of one tar: from the member-table cache when it was scanned before at this size,
-        modification time and inode (reading the headers costs about 0.04 ms per clip from the page cache, minutes
+        modification time and inode (reading the headers costs about 0.1 ms per clip from the page cache, minutes
         per process at AudioSet scale, far more from cold or network storage), else scanned and cached."""
         stat = os.stat(url)
         path = os.path.join(_member_cache_dir(), hashlib.sha1(os.fsencode(os.path.abspath(url))).hexdigest() + ".json")
@@ -536,8 +581,9 @@ class _ShardClips:
             # again and again (9x slower over a few tars)
             with open(path, encoding="utf-8") as fh, _no_gc():
                 cached = json.load(fh)
-                if [cached["version"], cached["path"], cached["size"], cached["mtime_ns"], cached["inode"]] == [
-                        _MEMBER_CACHE_VERSION, os.path.abspath(url), stat.st_size, stat.st_mtime_ns, stat.st_ino]:
+                if [cached["version"], cached["libsndfile"], cached["path"], cached["size"], cached["mtime_ns"],
+                        cached["inode"]] == [_MEMBER_CACHE_VERSION, _libsndfile_version(), os.path.abspath(url),
+                                             stat.st_size, stat.st_mtime_ns, stat.st_ino]:
                     if cached["damage"]:
                         logger.warning("DALI loader: %s: cannot read past %d clips: %s", url,
                                        len(cached["members"]), cached["damage"])
@@ -552,7 +598,8 @@ class _ShardClips:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_text(path, json.dumps({
-                "version": _MEMBER_CACHE_VERSION, "path": os.path.abspath(url), "size": stat.st_size,
+                "version": _MEMBER_CACHE_VERSION, "libsndfile": _libsndfile_version(), "path": os.path.abspath(url),
+                "size": stat.st_size,
                 "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "damage": damage,
                 "members": [(m.key, m.audio, m.json, m.sound) for m in members]}))
         except OSError as exc:  # a read-only cache costs the scan next time, nothing else
@@ -585,6 +632,7 @@ class _ShardClips:
                         members[-1].json = where
                     elif members[-1].audio is None:
                         members[-1].audio = where
+                        members[-1].sound = "unreadable"  # (for this run, should an OSError stop the scan here)
                         members[-1].sound = _member_header(tar, info)
         except (OSError, tarfile.TarError) as exc:
             if members and (members[-1].audio is None or members[-1].json is None):
@@ -610,7 +658,7 @@ class _ShardClips:
             elif m.audio is None:
                 reasons[i] = "missing"
             elif m.audio[1] == 0:
-                reasons[i] = "empty"
+                reasons[i] = "unreadable"  # what load_audio says of an empty file
             elif formats and (why := _header_reason(m.sound)) is not None:
                 reasons[i] = why
             else:
