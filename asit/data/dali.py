@@ -352,7 +352,7 @@ def _check_files(entries: list[AudioEntry], sample_rate: int,
         entry = entries[i]
         try:
             info = sf.info(entry.path)
-            why = _header_reason((info.frames, info.samplerate, info.channels, info.format))
+            why = _header_reason(_sound(info))
             if why is not None:
                 reasons[i] = why
                 continue
@@ -488,9 +488,13 @@ def _member_header(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[int, in
         header = None
     if watch.error is not None:
         raise watch.error
-    if header is None:
-        return "unreadable"
-    return (int(header.frames), int(header.samplerate), int(header.channels), str(header.format))
+    return "unreadable" if header is None else _sound(header)
+
+
+def _sound(info: Any) -> tuple[int, int, int, str]:
+    """``(frames, sample rate, channels, format)`` of a ``soundfile.info`` result, as :func:`_header_reason`
+    takes it (and the member-table cache stores it)."""
+    return (int(info.frames), int(info.samplerate), int(info.channels), str(info.format))
 
 
 @contextlib.contextmanager
@@ -528,7 +532,8 @@ class _Member:
     audio: tuple[int, int, str] | None = None  # data offset, size, member name
     json: tuple[int, int, str] | None = None
     tar: int = 0
-    sound: tuple[int, int, int, str] | str = "missing"  # the audio member's header (_member_header)
+    # the audio member's header (_member_header); "unreadable" until read, which an OSError may stop
+    sound: tuple[int, int, int, str] | str = "unreadable"
 
 
 class _ShardClips:
@@ -548,8 +553,8 @@ class _ShardClips:
         self.label_vocab = vocab
         self._position = {label: k for k, label in enumerate(vocab)}
         self.members: list[_Member] = []
-        self.short: dict[int, str] = {}  # clips the index lists but the tar lacks (damaged tar): reason per clip
-        self.short_reason: dict[int, str] = {}  # "truncated-shard" / "unreadable-shard", as the torch reader says
+        # clips the index lists but a damaged tar lacks: (reason, as the torch reader says it; name)
+        self.short: dict[int, tuple[str, str]] = {}
         for t, url in enumerate(shards.urls):
             found = self._members(t, url)
             if len(found) > shards.counts[t]:  # a stale index: read what it lists, as the torch reader does
@@ -562,8 +567,8 @@ class _ShardClips:
                                "counted as skipped", url, len(found), shards.counts[t])
             self.members.extend(found)
             for _ in range(max(missing, 0)):
-                self.short_reason[len(self.members)] = "truncated-shard" if found else "unreadable-shard"
-                self.short[len(self.members)] = f"{url} (damaged: {len(found)} of {shards.counts[t]} clips)"
+                self.short[len(self.members)] = ("truncated-shard" if found else "unreadable-shard",
+                                                 f"{url} (damaged: {len(found)} of {shards.counts[t]} clips)")
                 self.members.append(_Member(key="?", tar=t))
         self._tmp = tempfile.TemporaryDirectory(prefix="asit-dali-index-", dir=index_dir)
         self._written: list[str] = []
@@ -574,16 +579,16 @@ class _ShardClips:
         """The clips of one tar: from the member-table cache when it was scanned before at this size,
         modification time and inode (reading the headers costs about 0.1 ms per clip from the page cache, minutes
         per process at AudioSet scale, far more from cold or network storage), else scanned and cached."""
-        stat = os.stat(url)
-        path = os.path.join(_member_cache_dir(), hashlib.sha1(os.fsencode(os.path.abspath(url))).hexdigest() + ".json")
+        stat, where = os.stat(url), os.path.abspath(url)
+        key = {"version": _MEMBER_CACHE_VERSION, "libsndfile": _libsndfile_version(), "path": where,
+               "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+        path = os.path.join(_member_cache_dir(), hashlib.sha1(os.fsencode(where)).hexdigest() + ".json")
         try:
             # many small objects without cycles: paused, the collector would rescan the ones kept so far
             # again and again (9x slower over a few tars)
             with open(path, encoding="utf-8") as fh, _no_gc():
                 cached = json.load(fh)
-                if [cached["version"], cached["libsndfile"], cached["path"], cached["size"], cached["mtime_ns"],
-                        cached["inode"]] == [_MEMBER_CACHE_VERSION, _libsndfile_version(), os.path.abspath(url),
-                                             stat.st_size, stat.st_mtime_ns, stat.st_ino]:
+                if all(cached[k] == v for k, v in key.items()):
                     if cached["damage"]:
                         logger.warning("DALI loader: %s: cannot read past %d clips: %s", url,
                                        len(cached["members"]), cached["damage"])
@@ -597,11 +602,8 @@ class _ShardClips:
             return members
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_write_text(path, json.dumps({
-                "version": _MEMBER_CACHE_VERSION, "libsndfile": _libsndfile_version(), "path": os.path.abspath(url),
-                "size": stat.st_size,
-                "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "damage": damage,
-                "members": [(m.key, m.audio, m.json, m.sound) for m in members]}))
+            atomic_write_text(path, json.dumps({**key, "damage": damage,
+                                                "members": [(m.key, m.audio, m.json, m.sound) for m in members]}))
         except OSError as exc:  # a read-only cache costs the scan next time, nothing else
             logger.debug("DALI loader: member table of %s not cached: %s", url, exc)
         return members
@@ -632,7 +634,6 @@ class _ShardClips:
                         members[-1].json = where
                     elif members[-1].audio is None:
                         members[-1].audio = where
-                        members[-1].sound = "unreadable"  # (for this run, should an OSError stop the scan here)
                         members[-1].sound = _member_header(tar, info)
         except (OSError, tarfile.TarError) as exc:
             if members and (members[-1].audio is None or members[-1].json is None):
@@ -652,7 +653,7 @@ class _ShardClips:
         good, reasons = [], {}
         for i, m in enumerate(self.members):
             if i in self.short:
-                reasons[i] = self.short_reason[i]
+                reasons[i] = self.short[i][0]
             elif m.json is None:
                 reasons[i] = "bad-metadata"
             elif m.audio is None:
@@ -667,7 +668,7 @@ class _ShardClips:
 
     def name(self, i: int) -> str:
         m = self.members[i]
-        return self.short.get(i) or f"{self.shards.urls[m.tar]}:{m.key}"
+        return self.short[i][1] if i in self.short else f"{self.shards.urls[m.tar]}:{m.key}"
 
     def source(self, i: int) -> str:
         m = self.members[i]

@@ -387,7 +387,7 @@ class Pretrainer:
                 shard_id=self.dist.rank, num_shards=self.dist.world_size,
                 max_steps_per_epoch=self.cfg.train.max_steps_per_epoch or None,
                 fbank=d.dali_fbank, device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
-                num_threads=max(1, d.num_workers), all_gather=self._gather if self.dist.distributed else None,
+                num_threads=max(1, d.num_workers), all_gather=self._gather,
                 **views)
             self.iters_per_epoch = self.loader.steps_per_epoch
             self.dataset, self.sampler = None, self.loader  # the loader takes set_epoch(epoch, skip)
