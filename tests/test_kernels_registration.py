@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import asit.ops as ops
-from asit.ops import triton_dispatch  # noqa: F401  (registers the asit:: ops)
+from asit.ops import _triton  # registers the asit:: ops
 
 
 def _blocks(b, h, w, device):
@@ -80,13 +80,13 @@ def test_compile_fullgraph_three_ops(device):
 def spies(monkeypatch):
     called = []
     for name in ("masked_l1_loss_triton", "centered_softmax_cross_entropy_triton", "gmml_corrupt_triton"):
-        real = getattr(triton_dispatch, name)
+        real = getattr(_triton, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             called.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(triton_dispatch, name, spy)
+        monkeypatch.setattr(_triton, name, spy)
     return called
 
 

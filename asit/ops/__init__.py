@@ -1,19 +1,16 @@
 """Fused ops for masked spectrogram modelling, usable without the rest of asit.
 
-Each op validates its arguments, then dispatches: CUDA tensors go to the Triton kernels in
-``asit_kernels``, everything else to the pure-PyTorch reference (``backend=`` or the
-``ASIT_OPS_BACKEND`` environment variable force either).
+Each op lives in its own file beside its ``*_reference`` twin. It validates its arguments, then
+settles the backend: CUDA tensors go to the Triton kernels in ``asit_kernels`` (through
+``_triton.py``), everything else to the pure-PyTorch reference; ``backend=`` or the
+``ASIT_OPS_BACKEND`` environment variable force either, and fp64 inputs of the ops whose kernels
+accumulate in fp32 always use the reference. Shared result types live in ``_types.py``.
 """
 
+from ._types import DistillCEOutput, GMMLBlocks, GMMLOutput
 from .center import update_center_
-from .distill_ce import (
-    DistillCEOutput,
-    centered_softmax_cross_entropy,
-    centered_softmax_cross_entropy_reference,
-)
+from .distill_ce import centered_softmax_cross_entropy, centered_softmax_cross_entropy_reference
 from .gmml import (
-    GMMLBlocks,
-    GMMLOutput,
     expected_gmml_blocks,
     gmml_corrupt,
     gmml_corrupt_reference,

@@ -7,32 +7,14 @@ sums of the raw teacher logits, which is what the centre EMA needs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ._checks import check_positive_finite, check_same_device, check_tensor, resolve_backend
+from ._types import DistillCEOutput, reduce_rows
 
-__all__ = ["DistillCEOutput", "centered_softmax_cross_entropy", "centered_softmax_cross_entropy_reference"]
+__all__ = ["centered_softmax_cross_entropy", "centered_softmax_cross_entropy_reference"]
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-class DistillCEOutput(NamedTuple):
-    """loss: scalar (``reduction="mean"``) or per-row ``[N]`` (``"none"``), fp32 (fp64 for fp64).
-    teacher_sum: ``[K]`` fp32 column sums of the raw teacher logits (no gradient)."""
-
-    loss: torch.Tensor
-    teacher_sum: torch.Tensor
-
-
-def _reduce(rows: torch.Tensor, weights: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return rows if weights is None else rows * weights.to(rows.dtype)
-    if weights is None:
-        return rows.mean()
-    w = weights.to(rows.dtype)
-    return (rows * w).sum() / w.sum().clamp_min(torch.finfo(rows.dtype).tiny)
 
 
 def centered_softmax_cross_entropy_reference(
@@ -46,7 +28,7 @@ def centered_softmax_cross_entropy_reference(
     p = torch.softmax((t - center.detach().to(acc)) / teacher_temp, dim=-1)
     log_q = torch.log_softmax(student.to(acc) / student_temp, dim=-1)
     rows = -(p * log_q).sum(-1)
-    return DistillCEOutput(_reduce(rows, weights, reduction), t.sum(0).float())
+    return DistillCEOutput(reduce_rows(rows, weights, reduction), t.sum(0).float())
 
 
 def centered_softmax_cross_entropy(
@@ -71,7 +53,8 @@ def centered_softmax_cross_entropy(
         weights: optional ``[N]`` row weights (e.g. the per-token corrupted fraction for the
             paper's Eq. 6); the mean becomes ``Σ w_i l_i / Σ w_i`` (0 when all weights are 0).
         reduction: ``"mean"`` (scalar) or ``"none"`` (per-row losses, times the weight if given).
-        backend: ``"reference"``, ``"triton"`` or ``"auto"``/None (CUDA → Triton).
+        backend: ``"reference"``, ``"triton"`` or ``"auto"``/None (CUDA → Triton); fp64 logits
+            always use the reference.
 
     Returns:
         :class:`DistillCEOutput` ``(loss, teacher_sum)``.
@@ -96,10 +79,11 @@ def centered_softmax_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     check_same_device(student=student, teacher=teacher, center=center, weights=weights)
     center = center.reshape(-1)
-    if resolve_backend(backend, student.device) == "triton":
-        from .triton_dispatch import centered_softmax_cross_entropy_triton
+    # the kernel accumulates in fp32, so fp64 logits keep their precision on the reference
+    if resolve_backend(backend, student.device) == "triton" and student.dtype != torch.float64:
+        from . import _triton
 
-        return centered_softmax_cross_entropy_triton(student, teacher, center, student_temp, teacher_temp,
-                                                     weights, reduction)
+        return _triton.centered_softmax_cross_entropy_triton(student, teacher, center, student_temp, teacher_temp,
+                                                             weights, reduction)
     return centered_softmax_cross_entropy_reference(student, teacher, center, student_temp, teacher_temp,
                                                     weights, reduction)

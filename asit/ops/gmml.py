@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, resolve_backend
+from ._types import GMMLBlocks, GMMLOutput
 
-__all__ = ["GMMLBlocks", "GMMLOutput", "sample_gmml_blocks", "gmml_corrupt", "gmml_corrupt_reference",
+__all__ = ["sample_gmml_blocks", "gmml_corrupt", "gmml_corrupt_reference",
            "paint_block_mask", "gmml_shortfall", "expected_gmml_blocks"]
 
 logger = logging.getLogger(__name__)
@@ -31,30 +31,6 @@ _CHUNK = 64
 # size), so boxes changed in any way, or other boxes, are painted afresh. The next sampler call on the
 # thread replaces it.
 _HANDOVER = threading.local()
-
-
-class GMMLBlocks(NamedTuple):
-    """Sampled corruption for a batch.
-
-    boxes:  int32 ``[B, M, 4]`` rows ``(top, left, height, width)``; unused slots have height 0.
-    alien:  bool ``[B]``, True = fill from ``source``, False = fill with zeros.
-    source: int64 ``[B]``, the batch index whose pixels fill an alien sample (ignored otherwise).
-    target: float32 ``[B]``, the coverage fraction each sample was drawn for.
-    """
-
-    boxes: torch.Tensor
-    alien: torch.Tensor
-    source: torch.Tensor
-    target: torch.Tensor
-
-
-class GMMLOutput(NamedTuple):
-    """corrupted ``[B, C, H, W]`` (input dtype), mask bool ``[B, 1, H, W]`` (True = corrupted),
-    token_fraction float32 ``[B, (H // p) * (W // p)]`` (row-major token order, like patch_embed)."""
-
-    corrupted: torch.Tensor
-    mask: torch.Tensor
-    token_fraction: torch.Tensor
 
 
 def _randint(low: int, high: int, shape: tuple[int, ...], generator: torch.Generator | None,
@@ -437,8 +413,9 @@ def gmml_corrupt(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 16, *,
     if not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     _check_blocks(x, blocks)
+    # the kernel only moves bits, so it takes every float dtype (fp64 included)
     if resolve_backend(backend, x.device) == "triton":
-        from .triton_dispatch import gmml_corrupt_triton
+        from . import _triton
 
-        return gmml_corrupt_triton(x, blocks, patch_size)
+        return _triton.gmml_corrupt_triton(x, blocks, patch_size)
     return gmml_corrupt_reference(x, blocks, patch_size)

@@ -30,7 +30,8 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
         mask: broadcastable to ``pred`` (e.g. ``[B, 1, H, W]``); bool or float weights
             (True / 1 = corrupted pixel). The denominator is the mask's sum over the broadcast
             shape, clamped to at least 1, so an empty mask gives 0, not NaN.
-        backend: ``"reference"``, ``"triton"`` or ``"auto"``/None (CUDA → Triton).
+        backend: ``"reference"``, ``"triton"`` or ``"auto"``/None (CUDA → Triton); fp64 inputs
+            always use the reference.
         deterministic: ask the Triton kernel for a run-to-run identical reduction.
     """
     check_tensor("pred", pred, dtypes=_IN_DTYPES)
@@ -48,8 +49,9 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     if not fits:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to pred shape {tuple(pred.shape)}")
     check_same_device(pred=pred, target=target, mask=mask)
-    if resolve_backend(backend, pred.device) == "triton":
-        from .triton_dispatch import masked_l1_loss_triton
+    # the kernel accumulates in fp32, so fp64 inputs keep their precision on the reference
+    if resolve_backend(backend, pred.device) == "triton" and pred.dtype != torch.float64:
+        from . import _triton
 
-        return masked_l1_loss_triton(pred, target, mask, deterministic=deterministic)
+        return _triton.masked_l1_loss_triton(pred, target, mask, deterministic=deterministic)
     return masked_l1_loss_reference(pred, target, mask)

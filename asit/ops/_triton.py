@@ -3,11 +3,13 @@
 The ops are registered with ``torch.library.custom_op`` + ``register_fake`` (+ ``register_autograd``)
 rather than ``triton_op``/``wrap_triton``: that form also runs under ``TRITON_INTERPRET=1`` on CPU
 tensors, passes ``torch.library.opcheck`` and compiles with ``fullgraph=True`` (Inductor treats
-each op as opaque). Arguments are validated by the public functions in ``asit.ops`` before they
-reach this module.
+each op as opaque).
 
-fp64 inputs fall back to the reference: the kernels accumulate in fp32. GMML is the exception
-(it only moves bits), so it runs for every float dtype.
+The public op in each ``asit/ops/<op>.py`` validates its arguments and settles the backend before it
+calls a wrapper here, so the wrappers never fall back to a reference: they receive only inputs the
+kernels take. The kernels accumulate in fp32, so the ops send fp64 inputs to their references; GMML
+only moves bits and takes every float dtype. This module imports ``_types`` and ``asit_kernels``,
+never an op file.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ from asit_kernels import (
     masked_l1_forward,
 )
 
-from .distill_ce import DistillCEOutput, _reduce, centered_softmax_cross_entropy_reference
-from .gmml import GMMLBlocks, GMMLOutput
-from .masked_l1 import masked_l1_loss_reference
+from ._types import DistillCEOutput, GMMLBlocks, GMMLOutput, reduce_rows
 
 __all__ = ["centered_softmax_cross_entropy_triton", "gmml_corrupt_triton", "masked_l1_loss_triton"]
 
@@ -97,10 +97,8 @@ _masked_l1_op.register_autograd(_masked_l1_grad, setup_context=_masked_l1_setup)
 
 def masked_l1_loss_triton(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                           deterministic: bool = False) -> torch.Tensor:
-    """Fused masked L1 (0-d fp32). ``deterministic=True`` sums per-program partials in a fixed order
-    instead of with atomics. fp64 inputs use the reference."""
-    if pred.dtype == torch.float64:
-        return masked_l1_loss_reference(pred, target, mask)
+    """Fused masked L1 (0-d fp32) for fp32/bf16/fp16 inputs. ``deterministic=True`` sums per-program
+    partials in a fixed order instead of with atomics."""
     loss, _ = _masked_l1_op(pred, target, mask, deterministic)
     return loss
 
@@ -160,18 +158,14 @@ def centered_softmax_cross_entropy_triton(
     student_temp: float | torch.Tensor, teacher_temp: float | torch.Tensor,
     weights: torch.Tensor | None = None, reduction: str = "mean",
 ) -> DistillCEOutput:
-    """Fused centred softmax cross-entropy; same contract as the reference.
+    """Fused centred softmax cross-entropy for fp32/bf16/fp16 logits; same contract as the reference.
 
     The kernel returns per-row losses, the teacher column sums and the student gradient
     ``(q - p)/τs``; the weighting and the mean over rows are PyTorch on the ``[N]`` vector, so
     the backward is one pass that scales the stored gradient by the upstream per-row gradient.
-    fp64 inputs use the reference.
     """
-    if student.dtype == torch.float64:
-        return centered_softmax_cross_entropy_reference(student, teacher, center, student_temp, teacher_temp,
-                                                        weights, reduction)
     need_grad = torch.is_grad_enabled() and student.requires_grad
     rows, teacher_sum, _ = _distill_ce_op(student, teacher.detach(), center.detach().reshape(-1),
                                           _as_temp(student_temp, student), _as_temp(teacher_temp, student),
                                           need_grad)
-    return DistillCEOutput(_reduce(rows, weights, reduction), teacher_sum.detach())
+    return DistillCEOutput(reduce_rows(rows, weights, reduction), teacher_sum.detach())
