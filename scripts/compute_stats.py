@@ -24,11 +24,13 @@ import logging
 import sys
 from pathlib import Path
 
+from asit import cli
 from asit.config import ConfigError, available_recipes, load_config
 from asit.data import ManifestError, load_manifest
 from asit.data.stats import compute_fbank_stats
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,23 +50,18 @@ def main(argv: list[str] | None = None) -> int:
                              ("--max-clips", args.max_clips, 1), ("--num-workers", args.num_workers, 0)):
         if value is not None and value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     logging.getLogger("asit.data.stats").setLevel(logging.ERROR)  # skips are summarised at the end
 
-    try:
+    with cli.usage_errors(parser, ConfigError, ManifestError):
         data = load_config(args.config).data
         entries = load_manifest(args.manifest)
-    except (ConfigError, ManifestError) as err:
-        parser.error(str(err))
     sample_rate = args.sample_rate if args.sample_rate is not None else data.sample_rate
     num_mel_bins = args.num_mel_bins if args.num_mel_bins is not None else data.num_mel_bins
-    try:
+    with cli.user_errors(ValueError):
         stats = compute_fbank_stats(entries, sample_rate=sample_rate, num_mel_bins=num_mel_bins,
                                     max_clips=args.max_clips, num_workers=args.num_workers,
                                     progress=not args.no_progress)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
 
     snippet = stats.yaml_snippet(sample_rate, num_mel_bins)
     print(f"# {sample_rate} Hz, {num_mel_bins} mel bins, {args.manifest}")

@@ -12,14 +12,15 @@ are skipped, counted and reported; the exit status is 0 unless nothing could be 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from asit import cli
 from asit.data import ManifestError, load_manifest
 from asit.eval import EncoderError, load_encoder
 from asit.eval.extract import extract_embeddings, save_embeddings
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,13 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    cli.setup_logging()
+    with cli.usage_errors(parser, ManifestError, EncoderError, ValueError):
         entries = load_manifest(args.manifest)
         encoder = load_encoder(args.encoder, device=args.device, hop_frames=args.hop_frames, pool=args.pool)
-    except (ManifestError, EncoderError, ValueError) as err:
-        parser.error(str(err))
-    try:
+    with cli.user_errors(ValueError):
         emb = extract_embeddings(
             encoder,
             entries,
@@ -58,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             with_frames=args.frames,
             progress=not args.no_progress,
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     path = save_embeddings(emb, args.out)
     skipped = f"; skipped {len(emb.skipped)} undecodable: {emb.skipped_counts()}" if emb.skipped else ""
     print(f"wrote {len(emb.paths)} embeddings of dim {emb.clip.shape[1]} to {path}{skipped}")

@@ -15,16 +15,16 @@ asit/eval/finetune.py for every key). Results: ``<train.output_dir>/results.json
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
+from asit import cli
 from asit.config import ConfigError
 from asit.data import ManifestError
 from asit.eval import EncoderError
 from asit.eval.finetune import available_presets, load_finetune_config, run_finetune
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo",
@@ -35,19 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resume:
         args.overrides.append("train.resume=true")
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    cli.setup_logging(rank_zero_only=True)
+    with cli.usage_errors(parser, ConfigError):
         cfg = load_finetune_config(args.preset, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
-    try:
+    with cli.user_errors(ManifestError, EncoderError, ConfigError, ValueError):
         result = run_finetune(cfg)
-    except (ManifestError, EncoderError, ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if rank == 0:
+    if cli.rank() == 0:
         spread = f" ± {result['std']:.4f} over {len(result['folds'])} folds" if "folds" in result else ""
         print(f"{result['metric']} ({result['report']} model, {result['value_split']}): {result['value']:.4f}{spread} "
               f"-> {cfg.train.output_dir}/results.json")

@@ -15,14 +15,15 @@ a 592 x 128 input, the heads of the checkpoint's args.arch or of the preset with
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from asit import cli
 from asit.data import AUDIOSET_MEAN, AUDIOSET_STD
 from asit.eval import EncoderError, load_encoder
 from asit.eval.interop import export_authors_checkpoint
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="the authors' checkpoint (.pth) with student/teacher dicts")
@@ -39,17 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mean", type=float, default=AUDIOSET_MEAN, help="fbank mean (default AudioSet's)")
     parser.add_argument("--std", type=float, default=AUDIOSET_STD, help="fbank std (default AudioSet's)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    cli.setup_logging()
+    with cli.user_errors(EncoderError, ValueError):
         path = export_authors_checkpoint(
             args.checkpoint, args.out, which=args.which, version=args.version,
             transpose_patches=args.transpose_patches, img_size=tuple(args.img_size), num_heads=args.num_heads,
             sample_rate=args.sample_rate, mean=args.mean, std=args.std,
         )
         encoder = load_encoder(path)  # what every downstream tool will do with it
-    except (EncoderError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     blocks = encoder.backbone.blocks
     print(f"wrote {path}: {args.which} of {args.checkpoint}, width {encoder.embed_dim}, {len(blocks)} blocks, "
           f"{blocks[0].attn.num_heads} heads, {encoder.target_frames} x {encoder.num_mel_bins} input, "

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
+from asit import cli
 from asit.data import ManifestError
 from asit.eval import EncoderError
 from asit.eval.linear_probe import ProbeConfig, probe_encoder
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     out = Path(args.out)
     cfg = ProbeConfig(
         folds=args.folds, seed=args.seed, weight_decay=args.weight_decay, max_iter=args.max_iter
     )
-    try:
+    with cli.user_errors(ManifestError, EncoderError, ValueError):
         result = probe_encoder(
             args.encoder,
             args.manifest,
@@ -64,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=not args.no_progress,
         )
-    except (ManifestError, EncoderError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(

@@ -18,13 +18,14 @@ clips, so keep the index with the shards and rewrite both together. Train on the
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from asit import cli
 from asit.data import ManifestError, load_manifest
 from asit.data.shards import parse_shard_size, write_shards
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("manifest", help="JSON/CSV manifest or folder of audio files")
@@ -38,19 +39,14 @@ def main(argv: list[str] | None = None) -> int:
                              "batch) does not hold one class of a class-sorted manifest (default 0)")
     parser.add_argument("--keep-order", action="store_true", help="pack in the manifest's order instead")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
 
-    try:
+    with cli.usage_errors(parser, ValueError, ManifestError):
         max_count, max_bytes = parse_shard_size(args.shard_size)
         entries = load_manifest(args.manifest)
-    except (ValueError, ManifestError) as err:
-        parser.error(str(err))
-    try:
+    with cli.user_errors(OSError, ValueError):
         index = write_shards(entries, args.out, max_count=max_count, max_bytes=max_bytes, index_path=args.index,
                              shuffle_seed=None if args.keep_order else args.seed, progress=True)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     print(index)
     return 0
 

@@ -15,9 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from asit import cli
 from asit.eval.plots import plot_results, plot_training_log
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="log.jsonl (training curves) or results .json (per-class bars)")
@@ -27,14 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     src = Path(args.input)
     out = Path(args.out) if args.out else src.with_suffix(".png")
-    try:
+    with cli.user_errors(OSError, ValueError):
         if src.suffix == ".jsonl":
             plot_training_log(src, out, title=args.title)
         else:
             plot_results(src, out, top=args.top)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     print(out)
     return 0
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from asit import cli
 from asit.config import ConfigError, available_recipes, load_config
 from asit.data import ManifestError
 from asit.eval.encoder import EncoderError
@@ -28,6 +28,7 @@ def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,29 +40,20 @@ def main(argv: list[str] | None = None) -> int:
                              "there is none); after a torchrun restart this happens anyway (train.auto_resume)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    cli.setup_logging(rank_zero_only=True)
+    with cli.usage_errors(parser, ConfigError):
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
     log = logging.getLogger("asit")
     trainer = Pretrainer(cfg, resume=args.resume)
     try:
-        try:
+        # settings or input that cannot work (ValueError includes ManifestError)
+        with cli.user_errors(CheckpointError, ValueError, log=log):
             trainer.setup()
-        except (CheckpointError, ValueError) as err:  # settings or input that cannot work (incl. ManifestError)
-            log.error("%s", err)
-            log.debug("raised here:", exc_info=err)
-            return 1
-        try:
+        # EncoderError: the teacher's export at the end
+        with cli.user_errors(BadDataError, CheckpointError, EncoderError, ManifestError, NonFiniteLossError,
+                             ReplicaMismatchError, log=log):
             summary = trainer.train()
-        except (BadDataError, CheckpointError, EncoderError, ManifestError, NonFiniteLossError,
-                ReplicaMismatchError) as err:  # EncoderError: the teacher's export at the end
-            log.error("%s", err)
-            return 1
-        if rank == 0:
+        if cli.rank() == 0:
             log.info(
                 "done: %d steps in %.0f s, loss %.4f -> %.4f; encoder at %s", summary["steps"],
                 summary["wall_time_s"], _or_nan(summary["first_loss"]), _or_nan(summary["last_loss"]),

@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 ASIT_CACHE="${ASIT_CACHE:-$(mktemp -d)}"
 
 # Packages the machine lacks (soundfile, cffi, pycparser, webdataset, braceexpand on the lent GPU
 # machines) may come along as wheels in .whl/ (python3 -m pip download --no-deps ... -d .whl NAME).
-# Wheels too large for one call (DALI) may come in pieces from scripts/split_for_carry.sh, carried
+# Wheels too large for one call (DALI) may come in pieces from tools/split_for_carry.sh, carried
 # call after call into .carry/<k>/: joined here when all are present and the SHA-256 matches.
 wheels=()
 : >"$OUT/install.log"

@@ -2,9 +2,9 @@
 # Split files too large for one device call (the lent GPU machines take 64 MiB per call, repository
 # included) into numbered pieces, one folder per call: .carry/1, .carry/2, ... Name one folder in each
 # call's `carry`, in calls that follow each other while the machine stays warm (earlier pieces stay
-# there); scripts/gpu_check.sh then joins the pieces, checks the SHA-256 and installs the wheels inside.
+# there); tools/gpu_check.sh then joins the pieces, checks the SHA-256 and installs the wheels inside.
 #
-#   scripts/split_for_carry.sh [--mib N] FILE...      (default N = 56)
+#   tools/split_for_carry.sh [--mib N] FILE...      (default N = 56)
 #
 # Example, DALI for the GPU machine (Python 3.12; DALI's audio path needs none of its image or
 # compression libraries):
@@ -12,7 +12,7 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d /tmp/dali nvidia-dali-cuda130==2.4.0 astunparse==1.6.3 gast==0.7.0 six==1.17.0 optree==0.20.0 \
 #       nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0
-#   scripts/split_for_carry.sh /tmp/dali/*.whl      # 195 MiB -> 4 folders
+#   tools/split_for_carry.sh /tmp/dali/*.whl      # 195 MiB -> 4 folders
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=56
@@ -40,4 +40,4 @@ done
 echo "$(du -sh "$work/bundle.tar" | cut -f1) in ${#parts[@]} pieces of at most $mib MiB:"
 for i in "${!parts[@]}"; do echo "  call $((i + 1)): carry [\".carry/$((i + 1))\"]"; done
 echo "The calls must follow each other within the machine's idle release (status: idle_release_s)."
-echo "The last one runs scripts/gpu_check.sh, which joins and installs them."
+echo "The last one runs tools/gpu_check.sh, which joins and installs them."
