@@ -42,3 +42,13 @@ def copy_gbps(device) -> float:
             times.append(time.perf_counter() - t0)
     times.sort()
     return 2 * src.numel() * 4 / times[len(times) // 2] / 1e9
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """With `--benchmark-json` and `ASIT_BENCH_ROWS=<file.csv>`, also append the figures as rows (bench/results.py)."""
+    if os.environ.get("ASIT_BENCH_ROWS"):
+        from results import append_rows, rows_from_pytest_benchmark
+
+        rows = rows_from_pytest_benchmark(output_json, machine=os.environ.get("ASIT_BENCH_MACHINE", ""),
+                                          command="pytest " + " ".join(config.invocation_params.args))
+        append_rows(rows, os.environ["ASIT_BENCH_ROWS"])
