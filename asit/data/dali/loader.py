@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from ..audio import AudioDecodeError
-from ..fbank import fbank_views
-from ..features import AUDIOSET_MEAN, AUDIOSET_STD
+from ..fbank import AUDIOSET_MEAN, AUDIOSET_STD, fbank_views
 from ..manifest import AudioEntry
 from ..samplers import check_skip, contiguous_share
 from ..shards import ShardSet

@@ -27,8 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..fbank import KaldiFbank
-from ..features import AUDIOSET_MEAN, AUDIOSET_STD
+from ..fbank import AUDIOSET_MEAN, AUDIOSET_STD, KaldiFbank
 
 __all__ = ["build_dali_pipeline", "build_dali_webdataset_pipeline", "dali_available"]
 
@@ -73,7 +72,7 @@ def _crop(fn, types, dali, audio, length: int, roll_prob: float):
 
 
 def _dali_fbank(fn, dali, crop, sample_rate: int, num_mel_bins: int, frames: int, mean: float, std: float):
-    """DALI log-mel ``(frames, F)`` of one crop, normalised like :func:`~asit.data.features.normalize_fbank`."""
+    """DALI log-mel ``(frames, F)`` of one crop, normalised like :func:`~asit.data.fbank.normalize_fbank`."""
     kaldi = KaldiFbank(sample_rate, num_mel_bins, None)  # window sizes and Kaldi's window, nothing else
     wave = crop - fn.reductions.mean(crop)
     wave = fn.preemphasis_filter(wave, preemph_coeff=0.97, border="clamp")
