@@ -107,7 +107,7 @@ class EpochSampler(RankSampler):
         self.size, self.num_samples = size, num_samples
 
     @property
-    def per_rank(self) -> int:  # type: ignore[override]
+    def per_rank(self) -> int:
         return self.num_samples
 
     def epoch_indices(self) -> list[int]:
