@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import asit.ops as ops
-from asit.data import kaldi_fbank, normalize_fbank
+from asit.data import AUDIOSET_MEAN, AUDIOSET_STD, kaldi_fbank, normalize_fbank
 from asit.data.fbank import batched_kaldi_fbank
 
 SR = 32000
@@ -39,7 +39,7 @@ BATCH = 16  # clips
 VIEWS = 2
 SAMPLES = 6 * SR
 FRAMES, BINS = 592, 128
-MEAN, STD = -4.2677393, 4.5689974
+MEAN, STD = AUDIOSET_MEAN, AUDIOSET_STD
 _RESULTS: dict[str, float] = {}
 
 

@@ -14,7 +14,8 @@ import torch
 from asit.data import AudioEntry, PretrainDataset, ensure_demo_dataset, load_manifest
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'asit[dali]')")
-from asit.data.dali import DaliPretrainLoader, _crop, build_dali_pipeline, clip_check  # noqa: E402
+from asit.data.dali import DaliPretrainLoader, build_dali_pipeline, clip_check  # noqa: E402
+from asit.data.dali.pipeline import _crop  # noqa: E402
 
 SR = 16000
 SMALL = dict(sample_rate=SR, crop_seconds=1.0, num_mel_bins=32, target_frames=96)
@@ -107,7 +108,7 @@ def test_resume_position_replays_the_stream(demo, monkeypatch):
 
 
 def test_shards_split_one_permutation_but_not_the_crop_seed(demo, monkeypatch):
-    import asit.data.dali as dali_module
+    import asit.data.dali.clips as dali_module
 
     built = []
     real = dali_module.build_dali_pipeline
@@ -194,7 +195,7 @@ def _loaders_in_threads(entries, ranks: int, **kwargs) -> tuple[list, list]:
 def test_ranks_split_the_header_check_and_agree_on_its_verdicts(demo, tmp_path, monkeypatch):
     """With ``all_gather`` each of 3 ranks reads a third of the headers; all end with the verdicts,
     steps and batches of a loader that read them all."""
-    from asit.data import dali as dali_module
+    from asit.data.dali import clips as dali_module
 
     entries = [*demo, *_junk(tmp_path, 5)]  # 12 good + 5 unreadable
     checked: dict[int, list[int]] = {}
@@ -225,7 +226,7 @@ def test_ranks_split_the_header_check_and_agree_on_its_verdicts(demo, tmp_path, 
 def test_a_header_check_failing_on_one_rank_is_raised_on_every_rank(demo, monkeypatch):
     """An unexpected error in one rank's part of the check reaches every rank after the exchange, so no
     rank waits in it for one that has given up."""
-    from asit.data import dali as dali_module
+    from asit.data.dali import clips as dali_module
 
     check = dali_module._check_files
 
@@ -243,7 +244,7 @@ def test_a_header_check_failing_on_one_rank_is_raised_on_every_rank(demo, monkey
 def test_files_past_load_audios_duration_cap_are_left_out(demo, tmp_path, monkeypatch):
     """A file longer than MAX_SECONDS (load_audio's cap: an hour) is left out as ``too-long`` from its
     header, as the torch backend skips it, instead of being decoded whole by every DALI thread."""
-    from asit.data import dali as dali_module
+    from asit.data.dali import clips as dali_module
 
     monkeypatch.setattr(dali_module, "MAX_SECONDS", 1.5)  # the demo clips last 1 s
     long = tmp_path / "long.wav"
@@ -617,7 +618,7 @@ def test_shard_audio_headers_get_the_manifest_checks_also_from_the_cache(demo, t
     import io
     import json as jsonlib
 
-    from asit.data import dali as dali_module
+    from asit.data.dali import clips as dali_module
     from asit.data.shards import ShardSet
 
     monkeypatch.setattr(dali_module, "MAX_SECONDS", 1.5)  # the demo clips last 1 s
@@ -755,7 +756,7 @@ def test_member_tables_are_cached_per_version_of_each_tar(demo, tmp_path, monkey
     """The tars' headers are read once: a second loader takes the member tables from the cache (and says
     again what stopped a damaged tar), a changed tar is scanned anew, and an unwritable cache only costs
     the scan."""
-    from asit.data import dali as dali_module
+    from asit.data.dali import clips as dali_module
     from asit.data.shards import open_shard_source, write_shards
 
     monkeypatch.setenv("ASIT_CACHE", str(tmp_path / "cache"))

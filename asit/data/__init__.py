@@ -3,7 +3,7 @@
 from .audio import AudioDecodeError, load_audio
 from .dataset import PretrainDataset, collate_pretrain, item_generator
 from .demo import DEMO_CLASSES, ensure_demo_dataset, synthesize_clip
-from .features import AUDIOSET_MEAN, AUDIOSET_STD, kaldi_fbank, normalize_fbank
+from .fbank import AUDIOSET_MEAN, AUDIOSET_STD, kaldi_fbank, normalize_fbank
 from .manifest import AudioEntry, ManifestError, label_vocabulary, load_manifest
 from .transforms import pad_or_crop_random, random_roll
 

@@ -10,8 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .audio import AudioDecodeError, load_audio
-from .fbank import batched_kaldi_fbank
-from .features import AUDIOSET_MEAN, AUDIOSET_STD
+from .fbank import AUDIOSET_MEAN, AUDIOSET_STD, batched_kaldi_fbank
 from .manifest import AudioEntry
 from .transforms import pad_or_crop_random, random_roll
 

@@ -1,10 +1,16 @@
-"""Batched Kaldi-compatible log-mel filter banks, on any device.
+"""Kaldi-compatible log-mel filter banks (the AST/ASiT input), their AudioSet statistics and normalisation.
 
-A vectorised re-implementation of ``torchaudio.compliance.kaldi.fbank`` with the settings the
+:func:`kaldi_fbank` is the per-clip reference: ``torchaudio.compliance.kaldi.fbank`` of the
+mean-removed waveform, cut or zero-padded to a fixed number of frames. :func:`normalize_fbank` maps
+a filter bank to ``(fbank - mean) / (2 std)``; :data:`AUDIOSET_MEAN` and :data:`AUDIOSET_STD` (the
+AST statistics of AudioSet's fbank values) are the package's defaults for ``mean`` and ``std``.
+
+:class:`KaldiFbank` and :func:`batched_kaldi_fbank` are a batched version on any device,
+a vectorised re-implementation of ``torchaudio.compliance.kaldi.fbank`` with the settings the
 ASiT/AST pipeline uses (DESIGN §1): 25 ms Hanning window, 10 ms shift, ``snip_edges``, FFT size
 rounded up to a power of two, per-frame DC removal, pre-emphasis 0.97, no dither, power spectrum,
 Kaldi mel banks (20 Hz to Nyquist), log with a floor at float32 epsilon, no energy column
-(``htk_compat`` then changes nothing). As in :func:`asit.data.kaldi_fbank`, the mean of the
+(``htk_compat`` then changes nothing). As in :func:`kaldi_fbank`, the mean of the
 whole waveform is removed first and the result is cut or zero-padded to ``target_frames``.
 
 The time-domain steps (frame mean, pre-emphasis, window) are the same tensor operations in the
@@ -28,7 +34,23 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
-__all__ = ["KaldiFbank", "batched_kaldi_fbank", "fbank_views", "num_fbank_frames"]
+__all__ = [
+    "AUDIOSET_MEAN",
+    "AUDIOSET_STD",
+    "KaldiFbank",
+    "batched_kaldi_fbank",
+    "fbank_views",
+    "kaldi_fbank",
+    "normalize_fbank",
+    "num_fbank_frames",
+]
+
+# Mean and standard deviation of the AudioSet fbank values (the AST statistics).
+AUDIOSET_MEAN = -4.2677393
+AUDIOSET_STD = 4.5689974
+
+_FRAME_LENGTH_MS = 25.0
+_FRAME_SHIFT_MS = 10.0
 
 _EPS = torch.finfo(torch.float32).eps  # Kaldi's floor before the log, whatever the dtype
 # On the CPU the batch is processed in chunks of about this many frames so that the frame
@@ -59,6 +81,61 @@ def num_fbank_frames(num_samples: int, window_size: int, window_shift: int) -> i
     return 1 + (num_samples - window_size) // window_shift
 
 
+def kaldi_fbank(
+    wave: torch.Tensor, sample_rate: int, num_mel_bins: int = 128, target_frames: int = 592
+) -> torch.Tensor:
+    """Log-mel filter bank of a mono waveform, cut or zero-padded to a fixed number of frames.
+
+    Args:
+        wave: ``(T,)`` waveform.
+        sample_rate: its sample rate in Hz.
+        num_mel_bins: number of mel bands ``F``.
+        target_frames: number of 10 ms frames ``T'`` in the output.
+
+    Returns:
+        float32 tensor ``(target_frames, num_mel_bins)``: the waveform's mean is removed, then
+        ``torchaudio.compliance.kaldi.fbank`` (25 ms Hanning window, 10 ms shift,
+        ``htk_compat``, no energy, no dither); frames past ``target_frames`` are dropped and
+        missing ones are zeros at the end.
+    """
+    if wave.dim() != 1:
+        raise ValueError(f"wave must be 1-D (T,), got shape {tuple(wave.shape)}")
+    if target_frames <= 0 or num_mel_bins <= 0:
+        raise ValueError(
+            f"target_frames and num_mel_bins must be positive, got {target_frames}, {num_mel_bins}"
+        )
+    wave = wave.to(torch.float32)
+    wave = wave - wave.mean() if wave.numel() > 0 else wave
+    # kaldi.fbank needs at least one full window; shorter input is padded to one frame.
+    window = int(sample_rate * _FRAME_LENGTH_MS / 1000)
+    if wave.numel() < window:
+        wave = F.pad(wave, (0, window - wave.numel()))
+    fbank = kaldi.fbank(
+        wave.unsqueeze(0),
+        htk_compat=True,
+        sample_frequency=float(sample_rate),
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=num_mel_bins,
+        dither=0.0,
+        frame_shift=_FRAME_SHIFT_MS,
+        frame_length=_FRAME_LENGTH_MS,
+    )  # [frames, F]
+    frames = fbank.shape[0]
+    if frames > target_frames:
+        fbank = fbank[:target_frames]
+    elif frames < target_frames:
+        fbank = F.pad(fbank, (0, 0, 0, target_frames - frames))
+    return fbank.contiguous()
+
+
+def normalize_fbank(fbank: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Return ``(fbank - mean) / (2 * std)``, the AST/ASiT input normalisation."""
+    if std <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+    return (fbank - mean) / (2.0 * std)
+
+
 class KaldiFbank(nn.Module):
     """Log-mel filter banks of a batch of mono waveforms, Kaldi-compatible.
 
@@ -86,8 +163,8 @@ class KaldiFbank(nn.Module):
         num_mel_bins: int = 128,
         target_frames: int | None = 592,
         *,
-        frame_length_ms: float = 25.0,
-        frame_shift_ms: float = 10.0,
+        frame_length_ms: float = _FRAME_LENGTH_MS,
+        frame_shift_ms: float = _FRAME_SHIFT_MS,
         preemphasis: float = 0.97,
         low_freq: float = 20.0,
         high_freq: float = 0.0,
@@ -148,7 +225,7 @@ class KaldiFbank(nn.Module):
     def forward(self, waves: torch.Tensor, normalize: tuple[float, float] | None = None) -> torch.Tensor:
         """Fbank of ``waves``; with ``normalize=(mean, std)`` also ``(fbank - mean) / (2 std)``, in place.
 
-        The normalised result is bit-identical to :func:`~asit.data.features.normalize_fbank` of
+        The normalised result is bit-identical to :func:`normalize_fbank` of
         the plain one (the same two float32 operations), without a second pass over the batch.
         """
         if not isinstance(waves, torch.Tensor) or not waves.is_floating_point():
@@ -272,13 +349,13 @@ def batched_kaldi_fbank(
 ) -> torch.Tensor:
     """Kaldi fbank of each row of ``waves`` ``(B, T)`` → ``(B, target_frames, num_mel_bins)``.
 
-    Row ``i`` equals :func:`asit.data.kaldi_fbank` of ``waves[i]`` (within float32 rounding):
+    Row ``i`` equals :func:`kaldi_fbank` of ``waves[i]`` (within float32 rounding):
     mean removed, ``torchaudio.compliance.kaldi.fbank`` with the ASiT settings, cut or
     zero-padded to ``target_frames`` (``None`` keeps all frames). Works on any device; the
     window and mel matrix are built once per (settings, device) and cached. ``options`` are
     :class:`KaldiFbank`'s keyword arguments. A ``(T,)`` input gives ``(T', F)``.
     ``normalize=(mean, std)`` returns ``(fbank - mean) / (2 std)`` instead (bit-identical to
-    :func:`~asit.data.features.normalize_fbank` of the plain result, without its extra pass).
+    :func:`normalize_fbank` of the plain result, without its extra pass).
     """
     module = _cached_module(
         int(sample_rate), int(num_mel_bins), target_frames, waves.device, tuple(sorted(options.items()))
@@ -291,7 +368,7 @@ def fbank_views(waves: torch.Tensor, sample_rate: int, num_mel_bins: int, frames
     """Waveform crops ``(B, V, L)`` → normalised fbank views ``(B, V, 1, frames, num_mel_bins)``.
 
     One :func:`batched_kaldi_fbank` call for all ``B·V`` crops on their device, then
-    ``(fbank - mean) / (2 std)`` (:func:`~asit.data.features.normalize_fbank`). This is what the
+    ``(fbank - mean) / (2 std)`` (:func:`normalize_fbank`). This is what the
     loader workers compute per clip with ``data.fbank_on=loader``; with ``data.fbank_on=device`` the
     trainer calls it on the GPU for the whole batch (and the DALI loader does with
     ``data.dali_fbank=torch``).

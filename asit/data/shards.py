@@ -46,6 +46,7 @@ from asit.atomic_io import atomic_write_text
 from .audio import AudioDecodeError, decode_audio_bytes
 from .dataset import ClipViews
 from .manifest import AudioEntry, ManifestError, label_vocabulary
+from .samplers import check_skip, contiguous_share, epoch_permutation
 
 __all__ = [
     "INDEX_NAME",
@@ -386,9 +387,7 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
         resuming mid-epoch). Needs ``samples_per_rank``."""
         if samples and self.samples_per_rank is None:
             raise ValueError("set_skip needs samples_per_rank (a fixed epoch length)")
-        if samples % self.batch_size:
-            raise ValueError(f"skip of {samples} samples is not a multiple of batch_size={self.batch_size}")
-        self.skip = int(samples)
+        self.skip = check_skip(samples, self.batch_size)
 
     def epoch_control(self) -> _EpochControl:
         """An object whose ``set_epoch(epoch, skip)`` sets the epoch and the skip (the engine's sampler slot)."""
@@ -400,13 +399,12 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
     # clips, not by shards: a shard at a boundary is read by both sides, each keeping its own clips.
 
     def _shard_order(self, cycle: int) -> list[int]:
-        return np.random.default_rng([self.seed, self.epoch, cycle]).permutation(len(self.shards.urls)).tolist()
+        return epoch_permutation(len(self.shards.urls), self.seed, self.epoch, cycle)
 
     def _rank_span(self) -> tuple[int, int]:
         """[start, stop) of this rank's positions in the epoch's stream."""
         if self.samples_per_rank is None:
-            total = self.shards.total
-            return total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+            return contiguous_share(self.shards.total, self.rank, self.world_size)
         length = self.samples_per_rank // self.batch_size * self.batch_size
         return self.rank * length, (self.rank + 1) * length
 
@@ -526,7 +524,8 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
 
 
 class _EpochControl:
-    """Fills the engine's sampler slot: ``set_epoch(epoch, skip)`` for a :class:`ShardPretrainDataset`."""
+    """The :class:`~asit.data.samplers.EpochControl` of a :class:`ShardPretrainDataset` (the engine's sampler
+    slot): ``set_epoch(epoch, skip)`` sets the dataset's epoch and its skip."""
 
     def __init__(self, dataset: ShardPretrainDataset) -> None:
         self.dataset = dataset

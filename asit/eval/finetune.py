@@ -98,12 +98,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio.transforms as TT
 import yaml
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from asit.atomic_io import atomic_write_text
 from asit.config import ConfigError, _build, load_tree
 from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest
 from asit.data.fbank import batched_kaldi_fbank
+from asit.data.samplers import WeightedDistributedSampler
 from asit.models import POS_EMBED_FITS, build_backbone, encode
 
 from .encoder import FRAME_LENGTH_S, FRAME_SHIFT_S, backbone_spec, load_encoder
@@ -719,42 +720,6 @@ def collate_clips(items: list[dict[str, Any] | None]) -> dict[str, torch.Tensor]
     else:
         batch["wave"] = torch.stack([x["wave"] for x in items])
     return batch
-
-
-class WeightedDistributedSampler(WeightedRandomSampler):
-    """:class:`WeightedRandomSampler` (with replacement) split across DDP ranks.
-
-    Every rank draws the same ``num_samples`` indices from a generator seeded by ``(seed, epoch)``
-    and keeps every ``world_size``-th one, so the ranks see disjoint parts of one weighted draw.
-    With ``tag_repeats`` it yields ``(index, r)`` pairs instead, ``r`` counting the earlier draws of
-    that index in the whole draw (0 the first time): :class:`LabelledClips` crops a repeat differently.
-    """
-
-    def __init__(self, weights: Sequence[float], num_samples: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, tag_repeats: bool = False) -> None:
-        super().__init__(weights, num_samples, replacement=True)
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
-        self.per_rank = math.ceil(num_samples / world_size)
-        self.tag_repeats = tag_repeats
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        draw = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=g)
-        mine = draw[self.rank :: self.world_size].tolist()
-        if not self.tag_repeats:
-            return iter(mine)
-        seen: dict[int, int] = {}
-        repeats = []
-        for i in draw.tolist():
-            repeats.append(seen.get(i, 0))
-            seen[i] = repeats[-1] + 1
-        return iter(list(zip(mine, repeats[self.rank :: self.world_size])))
-
-    def __len__(self) -> int:
-        return self.per_rank
 
 
 # =========================================================================== model

@@ -1,11 +1,11 @@
 """Pretraining engine: schedules, losses, checkpoints, logging and the :class:`Pretrainer` recipe."""
 
-from .engine import BadDataError, EpochSampler, NonFiniteLossError, Pretrainer, ReplicaMismatchError, StepResult
+from .engine import BadDataError, NonFiniteLossError, Pretrainer, ReplicaMismatchError, StepResult
 from .losses import ASiTLoss, CenterStats
 from .schedules import cosine_schedule, teacher_temp_schedule
 
 __all__ = [
-    "ASiTLoss", "BadDataError", "CenterStats", "EpochSampler", "NonFiniteLossError", "Pretrainer",
+    "ASiTLoss", "BadDataError", "CenterStats", "NonFiniteLossError", "Pretrainer",
     "ReplicaMismatchError",
     "StepResult",
     "cosine_schedule", "teacher_temp_schedule",

@@ -19,12 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from asit.atomic_io import atomic_write_text
 from asit.config import Config, config_to_dict, save_config
 from asit.data.fbank import fbank_views
 from asit.data.ring import BatchRing, RingCollate, resolve_ring_refs, ring_bytes, shared_memory_free
+from asit.data.samplers import EpochSampler
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
 from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
@@ -47,7 +48,7 @@ from .metrics import MetricWriter, softmax_entropy, trim_log
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
-__all__ = ["BadDataError", "EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult",
+__all__ = ["BadDataError", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult",
            "bad_fraction_error"]
 
 _CHECKED_TERMS = ("global", "local", "recon")
@@ -72,27 +73,6 @@ RESUME_FREE_KEYS = frozenset({
     "data.max_bad_fraction", "data.num_workers", "data.batch_ring", "data.fbank_on", "data.cache_dir",
     "model.attn_backend",
 })
-
-
-class EpochSampler(Sampler[int]):
-    """Deterministic shuffled indices for one rank: a permutation seeded by ``(seed, epoch)``,
-    split across ranks, with the first ``skip`` indices dropped (used to resume mid-epoch)."""
-
-    def __init__(self, size: int, *, rank: int, world_size: int, seed: int, num_samples: int) -> None:
-        self.size, self.rank, self.world = size, rank, world_size
-        self.seed, self.num_samples = seed, num_samples
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.size, generator=g)[self.rank :: self.world][: self.num_samples]
-        return iter(perm[self.skip :].tolist())
-
-    def __len__(self) -> int:
-        return max(self.num_samples - self.skip, 0)
 
 
 class BadDataError(RuntimeError):
