@@ -19,8 +19,8 @@ import logging
 import sys
 
 from asit.data import AUDIOSET_MEAN, AUDIOSET_STD
-from asit.eval import EncoderError, load_encoder
-from asit.eval.interop import export_authors_checkpoint
+from asit.encoder import EncoderError, load_encoder
+from asit.encoder.interop import export_authors_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
