@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["load_encoder"]
 
 if TYPE_CHECKING:
-    from asit.eval.encoder import load_encoder
+    from asit.encoder import load_encoder
 
 
 def __getattr__(name: str) -> Any:
     if name == "load_encoder":
-        from asit.eval.encoder import load_encoder
+        from asit.encoder import load_encoder
 
         return load_encoder
     raise AttributeError(f"module 'asit' has no attribute {name!r}")

@@ -9,7 +9,7 @@
 [CLS] over windows (the last window of a long clip ends at the clip's end: all windows are real
 audio); timestamp embeddings are the data tokens averaged over frequency, one per time patch (16
 fbank frames = 160 ms) of the clip, stamped at the patch centre (patches only the final window
-reaches take its nearest patch: :meth:`asit.eval.AudioEncoder.embed`). HEAR recommends a hop of at most
+reaches take its nearest patch: :meth:`asit.encoder.AudioEncoder.embed`). HEAR recommends a hop of at most
 50 ms, so by default (``timestamp_hop_ms=40``) the clip is also embedded advanced by 40, 80 and
 120 ms and the four patch grids are interleaved: a 40 ms hop of real model outputs (not
 interpolated) for four forward passes. ``timestamp_hop_ms=160`` gives the native grid alone.
@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn as nn
 
-from asit.eval.encoder import FRAME_SHIFT_S, AudioEncoder, load_encoder
+from asit.encoder import FRAME_SHIFT_S, AudioEncoder, load_encoder
 
 __all__ = ["HearModel", "get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
 

@@ -16,7 +16,7 @@ import sys
 
 from asit import cli
 from asit.data import ManifestError, load_manifest
-from asit.eval import EncoderError, load_encoder
+from asit.encoder import EncoderError, load_encoder
 from asit.eval.extract import extract_embeddings, save_embeddings
 
 

@@ -9,7 +9,7 @@
         data.fold_csv=/data/ESC-50/meta/esc50.csv train.output_dir=runs/esc50
 
 Presets: asit/configs/finetune/*.yaml; any ``section.key=value`` argument overrides one (see
-asit/eval/finetune.py for every key). Results: ``<train.output_dir>/results.json``.
+asit/finetune/config.py for every key). Results: ``<train.output_dir>/results.json``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 from asit import cli
 from asit.config import ConfigError
 from asit.data import ManifestError
-from asit.eval import EncoderError
-from asit.eval.finetune import available_presets, load_finetune_config, run_finetune
+from asit.encoder import EncoderError
+from asit.finetune import available_presets, load_finetune_config, run_finetune
 
 
 @cli.command

@@ -19,8 +19,8 @@ import sys
 
 from asit import cli
 from asit.data import AUDIOSET_MEAN, AUDIOSET_STD
-from asit.eval import EncoderError, load_encoder
-from asit.eval.interop import export_authors_checkpoint
+from asit.encoder import EncoderError, load_encoder
+from asit.encoder.interop import export_authors_checkpoint
 
 
 @cli.command

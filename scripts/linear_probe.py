@@ -19,7 +19,7 @@ from pathlib import Path
 
 from asit import cli
 from asit.data import ManifestError
-from asit.eval import EncoderError
+from asit.encoder import EncoderError
 from asit.eval.linear_probe import ProbeConfig, probe_encoder
 
 

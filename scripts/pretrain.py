@@ -19,7 +19,7 @@ import sys
 from asit import cli
 from asit.config import ConfigError, available_recipes, load_config
 from asit.data import ManifestError
-from asit.eval.encoder import EncoderError
+from asit.encoder import EncoderError
 from asit.train import BadDataError, NonFiniteLossError, Pretrainer, ReplicaMismatchError
 from asit.train.checkpoint import CheckpointError
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_eval_encoder import SR, write_encoder  # tests/ is on sys.path under pytest
+from test_encoder import SR, write_encoder  # tests/ is on sys.path under pytest
 
 from asit.eval.extract import extract_embeddings, load_embeddings, save_embeddings
 from asit.eval.linear_probe import (
@@ -149,7 +149,7 @@ def _mini_corpus(root: Path, n: int = 12) -> Path:
 
 def test_extract_skips_broken_and_roundtrips(tmp_path):
     from asit.data import load_manifest
-    from asit.eval import load_encoder
+    from asit.encoder import load_encoder
 
     enc = load_encoder(write_encoder(tmp_path / "e.safetensors"))
     entries = load_manifest(_mini_corpus(tmp_path))

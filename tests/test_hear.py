@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_eval_encoder import SR, write_encoder  # tests/ is on sys.path under pytest
+from test_encoder import SR, write_encoder  # tests/ is on sys.path under pytest
 
 import asit.hear as hear
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-from test_eval_encoder import write_encoder  # tests/ is on sys.path under pytest
+from test_encoder import write_encoder  # tests/ is on sys.path under pytest
 from test_train_engine import TINY
 
 from asit.config import load_config
-from asit.eval.finetune import load_finetune_config, run_finetune
 from asit.eval.plots import loss_terms, plot_results, plot_training_log, read_log
+from asit.finetune import load_finetune_config, run_finetune
 from asit.train import Pretrainer
 
 ROOT = Path(__file__).resolve().parents[1]

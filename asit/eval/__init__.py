@@ -1,21 +1,7 @@
-"""Downstream evaluation: load a frozen encoder, extract embeddings, linear probes, checkpoint interop."""
+"""Downstream evaluation of a frozen encoder: embedding extraction, linear probes and plots.
 
-from .encoder import (
-    AudioEncoder,
-    EncoderError,
-    EncoderOutput,
-    backbone_spec,
-    export_encoder,
-    load_encoder,
-    read_encoder_metadata,
-)
-
-__all__ = [
-    "AudioEncoder",
-    "EncoderError",
-    "EncoderOutput",
-    "backbone_spec",
-    "export_encoder",
-    "load_encoder",
-    "read_encoder_metadata",
-]
+:mod:`~asit.eval.extract` embeds the clips of a manifest with an :class:`asit.encoder.AudioEncoder`,
+:mod:`~asit.eval.linear_probe` trains and scores linear classifiers on those embeddings, and
+:mod:`~asit.eval.plots` draws training curves and per-class results. Loading encoders lives in
+:mod:`asit.encoder`, fine-tuning in :mod:`asit.finetune`.
+"""

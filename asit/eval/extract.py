@@ -17,8 +17,7 @@ import numpy as np
 
 from asit.atomic_io import atomic_write
 from asit.data import AudioDecodeError, AudioEntry, load_audio
-
-from .encoder import AudioEncoder
+from asit.encoder import AudioEncoder
 
 __all__ = ["Embeddings", "extract_embeddings", "load_embeddings", "save_embeddings"]
 

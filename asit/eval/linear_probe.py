@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from asit.data import load_manifest
+from asit.encoder import load_encoder
 
-from .encoder import load_encoder
 from .extract import Embeddings, extract_embeddings, load_embeddings, save_embeddings
 
 __all__ = [

@@ -1178,7 +1178,7 @@ class Pretrainer:
     def export_teacher_encoder(self) -> Path:
         """Write the teacher backbone alone (timm parameter names) as safetensors, atomically
         (:func:`asit.eval.encoder.export_encoder`: the format ``load_encoder`` reads)."""
-        from asit.eval.encoder import export_encoder
+        from asit.encoder import export_encoder
 
         d = self.cfg.data
         return export_encoder(self.teacher.backbone, self.run_dir / "teacher_encoder.safetensors",

@@ -1,4 +1,4 @@
-"""asit.eval.interop: export to plain timm, import of the authors' (DINO-layout) checkpoints."""
+"""asit.encoder.interop: export to plain timm, import of the authors' (DINO-layout) checkpoints."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_eval_encoder import FRAMES, MELS, PATCH, SR, write_encoder  # tests/ is on sys.path under pytest
+from test_encoder import FRAMES, MELS, PATCH, SR, write_encoder  # tests/ is on sys.path under pytest
 
 import asit.hear as hear
-from asit.eval import EncoderError, backbone_spec, load_encoder
-from asit.eval.interop import export_authors_checkpoint, import_authors_checkpoint, to_timm, transpose_patch_layout
+from asit.encoder import EncoderError, backbone_spec, load_encoder
+from asit.encoder.interop import export_authors_checkpoint, import_authors_checkpoint, to_timm, transpose_patch_layout
 from asit.models import build_backbone, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,8 +178,8 @@ def test_authors_checkpoint_end_to_end_through_the_script(tmp_path, capsys):
     that loading, HEAR, the linear probe and a (two-step) fine-tune all accept."""
     from test_eval_linear_probe import _mini_corpus
 
-    from asit.eval.finetune import load_finetune_config, run_finetune
     from asit.eval.linear_probe import ProbeConfig, probe_encoder
+    from asit.finetune import load_finetune_config, run_finetune
 
     ours = _backbone(7)
     ckpt = _authors_file(tmp_path / "checkpoint.pth", ours.state_dict())

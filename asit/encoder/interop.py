@@ -7,7 +7,7 @@ dicts whose keys carry a ``module.`` prefix (DDP; not always) and then ``backbon
 prefixes and keeps the backbone. Their ``main_ASiT.py`` also saves its ``argparse.Namespace`` under
 ``args``: the file is read with ``torch.load(weights_only=True)`` allowing that one class.
 :func:`export_authors_checkpoint` (and ``scripts/import_authors.py``) turns such a checkpoint into
-an encoder file (:func:`asit.eval.encoder.export_encoder`) that ``load_encoder``, fine-tuning,
+an encoder file (:func:`asit.encoder.export_encoder`) that ``load_encoder``, fine-tuning,
 probing and HEAR read.
 
 The v2 checkpoint is used at 16 kHz and at least one wrapper feeds it frequency-first input
@@ -32,7 +32,8 @@ from timm.models.vision_transformer import VisionTransformer
 from asit.data import AUDIOSET_MEAN, AUDIOSET_STD
 from asit.models import VIT_PRESETS, build_backbone
 
-from .encoder import AudioEncoder, EncoderError, export_encoder, load_encoder
+from .audio_encoder import AudioEncoder, load_encoder
+from .format import EncoderError, export_encoder
 
 __all__ = [
     "AUTHORS_SAMPLE_RATE",
@@ -165,7 +166,7 @@ def export_authors_checkpoint(
     """Turn an authors' checkpoint into an asit encoder file (what ``scripts/import_authors.py`` does).
 
     The backbone comes from :func:`import_authors_checkpoint` and is written by
-    :func:`asit.eval.encoder.export_encoder`, so :func:`load_encoder`, ``scripts/finetune.py``,
+    :func:`asit.encoder.export_encoder`, so :func:`load_encoder`, ``scripts/finetune.py``,
     ``scripts/linear_probe.py``, ``scripts/extract.py`` and :mod:`asit.hear` accept the result.
 
     Args:

@@ -1,4 +1,4 @@
-"""asit.eval.encoder: loading exported encoders and embedding audio of any length."""
+"""asit.encoder: the file format, loading exported encoders and embedding audio of any length."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import asit
 from asit.data import kaldi_fbank, normalize_fbank
 from asit.data.fbank import batched_kaldi_fbank
 from asit.data.transforms import pad_or_crop_random
-from asit.eval import AudioEncoder, EncoderError, export_encoder, load_encoder
+from asit.encoder import AudioEncoder, EncoderError, export_encoder, load_encoder
 from asit.models import build_backbone, encode
 
 SR = 8000
