@@ -3,7 +3,8 @@
 :class:`LabelledClips` serves a random window of a training clip (keyed on seed, epoch, clip and repeat,
 so a resumed run crops the same) and the first window, or every window, of an evaluation clip; clips that
 cannot be decoded are dropped by :func:`collate_clips`. :func:`balanced_sample_weights` gives AudioSet-style
-weights for :class:`asit.data.samplers.WeightedDistributedSampler`, a weighted draw with replacement split across DDP ranks.
+weights for :class:`asit.data.samplers.WeightedDistributedSampler`, a weighted draw with replacement split
+across DDP ranks.
 """
 
 from __future__ import annotations
