@@ -1,7 +1,7 @@
 """Host (Python) work per call of the fused ops, without the kernels: ``python bench/host_overhead.py``.
 
 On a GPU a call's host work (checks, ``torch.library`` dispatch, autograd, block arithmetic,
-output allocation) adds to each launch, and at DESIGN §3's sizes it is most of a call's time. This
+output allocation) adds to each launch, and at docs/design.md §3's sizes it is most of a call's time. This
 script measures it on any machine. The Triton kernel launches are replaced with no-ops, so the
 Triton path runs on tiny CPU tensors without a GPU or the interpreter. It prints µs per forward +
 backward (GMML: forward) for the Triton path and the eager reference, one thread.

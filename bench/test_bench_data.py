@@ -1,6 +1,6 @@
 """Data pipeline throughput per CPU core: the authors' per-clip path against ours, batched.
 
-Both turn a batch of waveforms (2 views × 6 s at 32 kHz each, DESIGN §1) into normalised fbanks
+Both turn a batch of waveforms (2 views × 6 s at 32 kHz each, docs/design.md §1) into normalised fbanks
 and a GMML-corrupted copy with its mask:
 
 * ``authors``: per clip and view, ``torchaudio.compliance.kaldi.fbank`` (through

@@ -3,12 +3,12 @@
 
 Each case reports GB/s of the op's minimal traffic next to the session's copy bandwidth, and
 peak memory on CUDA (pytest-benchmark ``extra_info``). The timed call includes the host's work
-(checks, dispatch, launches) and a device sync, which is what one call costs. At DESIGN §3's sizes
+(checks, dispatch, launches) and a device sync, which is what one call costs. At docs/design.md §3's sizes
 that is mostly host time on a fast GPU. So on CUDA each case also replays fwd + bwd from a CUDA graph
 (``triton.testing.do_bench_cudagraph``) to time the device alone: ``device_ms`` and ``device_gbps``,
 for the compiled reference and Triton (the eager GMML reference reads back a count, which a capture
-cannot hold). A case whose capture fails records why in ``device_error`` instead. Shapes are DESIGN §3's on CUDA and
-smaller ones on CPU, where only ``ref`` runs. Run with ``pytest bench/``.
+cannot hold). A case whose capture fails records why in ``device_error`` instead. Shapes are
+docs/design.md §3's on CUDA and smaller ones on CPU, where only ``ref`` runs. Run with ``pytest bench/``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton
 import asit.ops as ops
 
 CUDA = torch.cuda.is_available()
-# (op, shape): DESIGN §3 on CUDA; reduced sizes on CPU so `pytest bench/` stays quick.
+# (op, shape): docs/design.md §3 on CUDA; reduced sizes on CPU so `pytest bench/` stays quick.
 CASES = [
     ("gmml", (64, 1, 592, 128) if CUDA else (8, 1, 592, 128)),
     ("masked_l1", (64, 1, 592, 128) if CUDA else (8, 1, 592, 128)),

@@ -7,7 +7,7 @@ AST statistics of AudioSet's fbank values) are the package's defaults for ``mean
 
 :class:`KaldiFbank` and :func:`batched_kaldi_fbank` are a batched version on any device,
 a vectorised re-implementation of ``torchaudio.compliance.kaldi.fbank`` with the settings the
-ASiT/AST pipeline uses (DESIGN §1): 25 ms Hanning window, 10 ms shift, ``snip_edges``, FFT size
+ASiT/AST pipeline uses (docs/design.md §1): 25 ms Hanning window, 10 ms shift, ``snip_edges``, FFT size
 rounded up to a power of two, per-frame DC removal, pre-emphasis 0.97, no dither, power spectrum,
 Kaldi mel banks (20 Hz to Nyquist), log with a floor at float32 epsilon, no energy column
 (``htk_compat`` then changes nothing). As in :func:`kaldi_fbank`, the mean of the
@@ -34,6 +34,9 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
+# AudioSet's fbank statistics live in the config module (the recipes' defaults need them without torch)
+from asit.config import AUDIOSET_MEAN, AUDIOSET_STD
+
 __all__ = [
     "AUDIOSET_MEAN",
     "AUDIOSET_STD",
@@ -45,9 +48,6 @@ __all__ = [
     "num_fbank_frames",
 ]
 
-# Mean and standard deviation of the AudioSet fbank values (the AST statistics).
-AUDIOSET_MEAN = -4.2677393
-AUDIOSET_STD = 4.5689974
 
 _FRAME_LENGTH_MS = 25.0
 _FRAME_SHIFT_MS = 10.0

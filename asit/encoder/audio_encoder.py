@@ -11,7 +11,7 @@ architecture, input size, sample rate, fbank statistics) and rebuilds the backbo
 * **frame embeddings** ``[B, N, D]``: one vector per time patch (16 fbank frames = 160 ms), the
   data tokens averaged over the frequency patches, with the time of each patch centre.
 
-The input pipeline is exactly the pretraining one (DESIGN §1): mean removal, Kaldi fbank,
+The input pipeline is exactly the pretraining one (docs/design.md §1): mean removal, Kaldi fbank,
 ``(fbank - mean) / (2 * std)``. A clip shorter than one window (``target_frames`` frames) is
 zero-padded *as a waveform* before the fbank, as pretraining pads short crops (the padded frames
 hit Kaldi's log floor). A longer clip is cut into windows every ``hop_frames`` frames, and the last

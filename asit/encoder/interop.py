@@ -46,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Sample rate each version of the authors' models was trained at (DESIGN §1, v1 → v2 table).
+# Sample rate each version of the authors' models was trained at (docs/design.md §1, v1 → v2 table).
 AUTHORS_SAMPLE_RATE = {"v1": 32000, "v2": 16000}
 
 _HEAD_PREFIXES = ("head.", "head_cls.", "head_recons.", "head_rec.", "recons_head.")

@@ -2,7 +2,7 @@
 
 ``run_finetune(load_finetune_config("esc50", ["encoder=runs/asit/teacher_encoder.safetensors"]))``
 rebuilds the exported teacher backbone (``teacher_encoder.safetensors``), puts a fresh head on it
-and trains both (DESIGN §1 "Downstream", the paper's Table I protocol):
+and trains both (docs/design.md §1 "Downstream", the paper's Table I protocol):
 
 * **Head**: ``LayerNorm(D) → Linear(D, K)`` (AST's ``mlp_head``) on a pooled vector: the mean of the
   data tokens (``model.pool=tokens``, SSAST's choice for patch models and our default), the [CLS]
