@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 RECIPE_DIR = Path(__file__).parent / "configs"
+# Mean and standard deviation of AudioSet's fbank values (the AST statistics); asit.data re-exports them.
 AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974
 
@@ -63,6 +64,9 @@ class DataConfig:
     mean: float = AUDIOSET_MEAN
     std: float = AUDIOSET_STD
     roll_prob: float = 0.5  # v1 random circular time shift
+    roll_mode: Literal["clip", "view"] = "clip"  # the authors roll the whole clip once; "view": each crop
+    # v2 cuts its local views from the clip zero-padded to crop_seconds; "clip": from the clip as it is
+    local_crop_from: Literal["padded", "clip"] = "padded"
     num_workers: int = 4
     demo_clips: int = 240
     demo_seconds: float = 3.0
@@ -71,7 +75,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """ViT backbone and heads (DESIGN §1 'Model')."""
+    """ViT backbone and heads (docs/design.md §1 'Model')."""
 
     arch: Literal["tiny", "small", "base"] = "base"
     embed_dim: int | None = None  # overrides of the arch preset (for small demo models)
@@ -87,11 +91,18 @@ class ModelConfig:
     recon_hidden: int = 768
     recon_out: int = 128
     attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"
+    # None: random weights. Otherwise an ImageNet ViT to start the backbone from (a timm model name, fetched
+    # when online, or a checkpoint file), converted as the authors' v2 does (RGB kernels summed, grid resized)
+    init: str | None = None
+    cls_token_std: float = 0.02  # the authors' (DINO's) [CLS] initialisation; timm's is 1e-6
+    # how shorter (local) views meet the positional embedding: "bicubic" as the authors (no antialiasing),
+    # "resample" as timm's dynamic_img_size (antialiased)
+    local_pos_embed: Literal["bicubic", "resample"] = "bicubic"
 
 
 @dataclass
 class GMMLConfig:
-    """Group-masked corruption of the student input (DESIGN §1 'GMML corruption')."""
+    """Group-masked corruption of the student input (docs/design.md §1 'GMML corruption')."""
 
     zero_ratio: tuple[float, float] = (0.5, 0.7)
     alien_ratio: float = 0.3
@@ -122,7 +133,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedules (DESIGN §1 'Optimisation')."""
+    """AdamW and its schedules (docs/design.md §1 'Optimisation')."""
 
     lr: float = 5e-4  # per 256 samples of global batch
     min_lr: float = 1e-6
@@ -131,7 +142,7 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0  # 0 disables
-    clip_mode: Literal["global", "per_param"] = "global"  # per_param = authors' DINO-style clipping
+    clip_mode: Literal["global", "per_param"] = "per_param"  # the authors' (DINO's) per-tensor clip; global: one norm
     freeze_last_layer_epochs: int = 1
     momentum_teacher: float = 0.996
 
@@ -369,6 +380,8 @@ def _validate_ranges(cfg: Config) -> None:
     checks = [
         (all(0 <= b < 1 for b in o.betas), f"optim.betas must both be in [0, 1), got {list(o.betas)}"),
         (0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}"),
+        (m.cls_token_std > 0, f"model.cls_token_std must be > 0, got {m.cls_token_std}"),
+        (m.init is None or m.init.strip() != "", "model.init must be a timm model name, a file or null"),
         (0 <= d.roll_prob <= 1, f"data.roll_prob must be in [0, 1], got {d.roll_prob}"),
         (d.local_views == 0 or d.local_crop_seconds > 0,
          f"data.local_crop_seconds must be > 0 when data.local_views > 0, got {d.local_crop_seconds}"),

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from .heads import ProjectionHead, ReconstructionHead
-from .vit import VIT_PRESETS, build_backbone, encode, token_grid
+from .pretrained import load_imagenet_init
+from .vit import POS_EMBED_FITS, VIT_PRESETS, build_backbone, encode, token_grid
 
 __all__ = ["ASiTModel", "StudentTeacher", "build_asit", "unwrap_model"]
 
@@ -26,7 +27,9 @@ class ASiTModel(nn.Module):
     """ViT encoder whose output tokens feed a projection head and (optionally) a reconstruction head.
 
     State-dict prefixes are ``backbone.``, ``head.`` and ``recon_head.`` (the authors' checkpoints
-    use ``backbone.``, ``head.`` and ``head_recons.``).
+    use ``backbone.``, ``head.`` and ``head_recons.``). ``pos_embed_fit`` says how the positional
+    embedding meets inputs of another length than the pretraining views, e.g. v2's local views
+    (:func:`asit.models.fit_pos_embed`).
     """
 
     def __init__(
@@ -34,11 +37,16 @@ class ASiTModel(nn.Module):
         backbone: nn.Module,
         head: ProjectionHead,
         recon_head: ReconstructionHead | None = None,
+        *,
+        pos_embed_fit: str = "bicubic",
     ) -> None:
         super().__init__()
+        if pos_embed_fit not in POS_EMBED_FITS:
+            raise ValueError(f"pos_embed_fit must be one of {POS_EMBED_FITS}, got {pos_embed_fit!r}")
         self.backbone = backbone
         self.head = head
         self.recon_head = recon_head
+        self.pos_embed_fit = pos_embed_fit
 
     def forward(self, x: torch.Tensor, *, with_recon: bool = True) -> dict[str, torch.Tensor | None]:
         """Args:
@@ -51,7 +59,7 @@ class ASiTModel(nn.Module):
         ``recon [B, 1, T', F']`` (None without a reconstruction head or with ``with_recon=False``)
         and ``tokens [B, 1+N, D]`` (encoder output, [CLS] first).
         """
-        tokens = encode(self.backbone, x)  # [B, 1+N, D]
+        tokens = encode(self.backbone, x, pos_embed_fit=self.pos_embed_fit)  # [B, 1+N, D]
         cls_logits, token_logits = self.head(tokens)  # [B, Kc], [B, N, Kt]
         recon = None
         if with_recon and self.recon_head is not None:
@@ -161,6 +169,8 @@ def _build_model(
     in_chans: int,
     drop_path_rate: float,
     attn_backend: str,
+    cls_token_std: float,
+    pos_embed_fit: str,
     head_kwargs: dict,
     recon_kwargs: dict | None,
 ) -> ASiTModel:
@@ -170,6 +180,7 @@ def _build_model(
         in_chans=in_chans,
         drop_path_rate=drop_path_rate,
         attn_backend=attn_backend,
+        cls_token_std=cls_token_std,
         **vit_kwargs,
     )
     dim = backbone.embed_dim
@@ -177,7 +188,7 @@ def _build_model(
     recon = None
     if recon_kwargs is not None:
         recon = ReconstructionHead(dim, patch_size=patch_size, in_chans=in_chans, **recon_kwargs)
-    return ASiTModel(backbone, head, recon)
+    return ASiTModel(backbone, head, recon, pos_embed_fit=pos_embed_fit)
 
 
 def build_asit(
@@ -195,6 +206,9 @@ def build_asit(
     recon_hidden: int = 768,
     recon_out: int = 128,
     attn_backend: str = "sdpa",
+    cls_token_std: float = 0.02,
+    pos_embed_fit: str = "bicubic",
+    init: str | None = None,
 ) -> StudentTeacher:
     """Build the student (drop path as given, with reconstruction head) and its teacher
     (drop path 0, no reconstruction head), initialised to the same weights.
@@ -203,6 +217,12 @@ def build_asit(
         preset: a key of ``VIT_PRESETS`` (``"tiny" | "small" | "base"``) or a dict of
             ``build_backbone`` keyword arguments (``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``).
         out_tokens: ``None`` shares the [CLS] output layer with the data tokens (v2).
+        cls_token_std: the [CLS] token's initial std (0.02: the authors'; 1e-6: timm's).
+        pos_embed_fit: how the positional embedding meets shorter (local) views, see
+            :func:`asit.models.fit_pos_embed` (``"bicubic"``: the authors' plain bicubic resize).
+        init: ``None`` (random initialisation) or an ImageNet ViT to start the backbone from, as a
+            timm model name or a checkpoint file (:func:`asit.models.load_imagenet_init`); the
+            teacher starts from the same weights.
     """
     if isinstance(preset, str):
         if preset not in VIT_PRESETS:
@@ -222,6 +242,8 @@ def build_asit(
         patch_size=patch_size,
         in_chans=in_chans,
         attn_backend=attn_backend,
+        cls_token_std=cls_token_std,
+        pos_embed_fit=pos_embed_fit,
         head_kwargs=head_kwargs,
     )
     student = _build_model(
@@ -230,5 +252,7 @@ def build_asit(
         recon_kwargs=dict(hidden_dim=recon_hidden, out_dim=recon_out),
         **common,
     )
+    if init is not None:
+        load_imagenet_init(student.backbone, init)
     teacher = _build_model(vit_kwargs, drop_path_rate=0.0, recon_kwargs=None, **common)
-    return StudentTeacher(student, teacher)
+    return StudentTeacher(student, teacher)  # copies the student's weights into the teacher

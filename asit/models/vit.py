@@ -42,7 +42,7 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
 
-POS_EMBED_FITS = ("resample", "crop")
+POS_EMBED_FITS = ("resample", "crop", "bicubic")
 
 
 def flash_attn_available() -> bool:
@@ -125,6 +125,7 @@ def build_backbone(
     mlp_ratio: float = 4.0,
     drop_path_rate: float = 0.0,
     attn_backend: str = "sdpa",
+    cls_token_std: float = 0.02,
 ) -> VisionTransformer:
     """Build the ViT encoder (timm ``VisionTransformer``, no classifier, no pooling).
 
@@ -135,7 +136,11 @@ def build_backbone(
     Args:
         attn_backend: ``"sdpa"`` (PyTorch SDPA), ``"flash_attn"`` (the flash-attn package;
             ImportError if missing) or ``"auto"`` (flash-attn when importable, else SDPA).
+        cls_token_std: std of the truncated normal the [CLS] token starts from: 0.02 as the
+            authors' (DINO's) ViT, 1e-6 as timm's.
     """
+    if not cls_token_std > 0:
+        raise ValueError(f"cls_token_std must be > 0, got {cls_token_std}")
     backend = resolve_attn_backend(attn_backend)
     model = VisionTransformer(
         img_size=tuple(img_size),
@@ -153,6 +158,8 @@ def build_backbone(
         dynamic_img_size=True,
         drop_path_rate=drop_path_rate,
     )
+    if cls_token_std != 1e-6:  # timm draws it from N(0, 1e-6); the authors' ViT from a truncated N(0, 0.02)
+        nn.init.trunc_normal_(model.cls_token, std=cls_token_std)
     for block in model.blocks:
         attn = block.attn
         # timm reads TIMM_FUSED_ATTN from the environment; we always want the SDPA path.
@@ -178,8 +185,10 @@ def fit_pos_embed(
 ) -> torch.Tensor:
     """Fit a learned positional embedding ``[1, 1 + Gh·Gw, D]`` ([CLS] first) to a token grid ``(gh, gw)``.
 
-    ``"resample"``: bicubic resampling of the whole grid (timm's ``dynamic_img_size``), so a shorter
-    input sees every pretraining position, squeezed. ``"crop"``: along each axis with fewer tokens than
+    ``"resample"``: bicubic resampling of the whole grid with antialiasing (timm's ``dynamic_img_size``),
+    so a shorter input sees every pretraining position, squeezed. ``"bicubic"``: the same without
+    antialiasing (plain ``F.interpolate(mode="bicubic")``, as the authors' v2 code resizes its local
+    views). ``"crop"``: along each axis with fewer tokens than
     the pretraining grid, keep the centre ``g`` positions, ``[G // 2 - g // 2, G // 2 - g // 2 + g)``
     (SSAST's and AST's "cut" for fine-tuning inputs shorter than pretraining); an axis with more tokens
     is still resampled. The [CLS] position is kept as it is.
@@ -197,7 +206,8 @@ def fit_pos_embed(
         pos = pos[:, h0 : h0 + min(gh, Gh), w0 : w0 + min(gw, Gw)]
         Gh, Gw = pos.shape[1:3]
         pos_embed = torch.cat([cls_pos, pos.reshape(1, Gh * Gw, -1)], dim=1)
-    return resample_abs_pos_embed(pos_embed, new_size=(gh, gw), old_size=(Gh, Gw), num_prefix_tokens=1)
+    return resample_abs_pos_embed(pos_embed, new_size=(gh, gw), old_size=(Gh, Gw), num_prefix_tokens=1,
+                                  antialias=mode != "bicubic")
 
 
 def encode(backbone: VisionTransformer, x: torch.Tensor, *, pos_embed_fit: str = "resample") -> torch.Tensor:

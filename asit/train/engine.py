@@ -342,7 +342,8 @@ class Pretrainer:
         views = dict(sample_rate=d.sample_rate, crop_seconds=d.crop_seconds, num_views=d.num_views,
                      local_views=d.local_views, local_crop_seconds=d.local_crop_seconds, num_mel_bins=d.num_mel_bins,
                      target_frames=d.target_frames, local_target_frames=d.local_target_frames, mean=d.mean,
-                     std=d.std, roll_prob=d.roll_prob, seed=self.cfg.train.seed)
+                     std=d.std, roll_prob=d.roll_prob, roll_mode=d.roll_mode, local_crop_from=d.local_crop_from,
+                     seed=self.cfg.train.seed)
         self.fbank_on = d.fbank_on
         if self.fbank_on == "auto":
             fast_cuda = self.device.type == "cuda" and self.cfg.train.mode == "fast"
@@ -454,6 +455,7 @@ class Pretrainer:
             drop_path_rate=m.drop_path_rate, out_cls=m.head_out_cls, out_tokens=m.head_out_tokens,
             head_hidden=m.head_hidden, head_bottleneck=m.head_bottleneck, trainable_g=m.trainable_g,
             recon_hidden=m.recon_hidden, recon_out=m.recon_out, attn_backend=m.attn_backend,
+            cls_token_std=m.cls_token_std, pos_embed_fit=m.local_pos_embed, init=m.init,
         ).to(self.device)
         torch.manual_seed(self.cfg.train.seed + self.dist.rank)
         self.student = self.pair.student
