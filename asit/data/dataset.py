@@ -35,11 +35,15 @@ class ClipViews:
 
     Shared by the map-style :class:`PretrainDataset` and the sharded
     :class:`~asit.data.shards.ShardPretrainDataset`, so both give identical views for the same
-    ``(seed, epoch, index)``. Each global view is an independent random crop of ``crop_seconds``
-    (zero-padded if the clip is shorter), circularly rolled with probability ``roll_prob``, then
-    the Kaldi fbank (:func:`~asit.data.fbank.batched_kaldi_fbank`, all views of a clip in one
-    call) cut or padded to ``target_frames`` and normalised with ``mean``/``std``. Local views
-    are random crops of ``local_crop_seconds`` (no roll) cut or padded to ``local_target_frames``.
+    ``(seed, epoch, index)``. With probability ``roll_prob`` the whole clip is first rolled
+    circularly once (``roll_mode="clip"``, the authors' way; ``"view"`` rolls each global crop
+    separately instead). Each global view is then an independent random crop of ``crop_seconds``
+    (zero-padded if the clip is shorter), turned into the Kaldi fbank
+    (:func:`~asit.data.fbank.batched_kaldi_fbank`, all views of a clip in one call) cut or padded to
+    ``target_frames`` and normalised with ``mean``/``std``. Local views are random crops of
+    ``local_crop_seconds`` cut or padded to ``local_target_frames``, taken from the clip after it is
+    zero-padded to ``crop_seconds`` (``local_crop_from="padded"``, as the authors' v2) or from the
+    clip as it is (``"clip"``).
 
     With ``fbank_on="device"`` the sample holds the waveform crops instead (``"waves"`` ``(V, L)``
     and ``"local_waves"``), the same crops from the same generator draws, and the consumer turns a
@@ -60,6 +64,8 @@ class ClipViews:
         mean: float = AUDIOSET_MEAN,
         std: float = AUDIOSET_STD,
         roll_prob: float = 0.5,
+        roll_mode: Literal["clip", "view"] = "clip",
+        local_crop_from: Literal["padded", "clip"] = "padded",
         seed: int = 0,
         label_vocab: list[str] | None = None,
         fbank_on: Literal["loader", "device"] = "loader",
@@ -76,6 +82,12 @@ class ClipViews:
             raise ValueError(f"std must be positive, got {std}")
         if fbank_on not in ("loader", "device"):
             raise ValueError(f"fbank_on must be 'loader' or 'device', got {fbank_on!r}")
+        if roll_mode not in ("clip", "view"):
+            raise ValueError(f"roll_mode must be 'clip' or 'view', got {roll_mode!r}")
+        if local_crop_from not in ("padded", "clip"):
+            raise ValueError(f"local_crop_from must be 'padded' or 'clip', got {local_crop_from!r}")
+        self.roll_mode = roll_mode
+        self.local_crop_from = local_crop_from
         self.fbank_on = fbank_on
         self.sample_rate = sample_rate
         self.crop_samples = round(crop_seconds * sample_rate)
@@ -130,9 +142,16 @@ class ClipViews:
             return self._skip(sample, index, wave)
         g = item_generator(self.seed, self.epoch, index)
         key, local_key = self._keys()
+        view_roll = self.roll_prob
+        if self.roll_mode == "clip":
+            view_roll = 0.0
+            if self.roll_prob > 0:
+                wave = random_roll(wave, self.roll_prob, g)  # once, before any view is cut from it
         # [V, 1, T, F] views (or [V, L] crops)
-        sample[key] = self._views(wave, self.num_views, self.crop_samples, self.target_frames, self.roll_prob, g)
+        sample[key] = self._views(wave, self.num_views, self.crop_samples, self.target_frames, view_roll, g)
         if self.local_views > 0:
+            if self.local_crop_from == "padded" and wave.shape[0] < self.crop_samples:
+                wave = torch.nn.functional.pad(wave, (0, self.crop_samples - wave.shape[0]))
             sample[local_key] = self._views(
                 wave, self.local_views, self.local_crop_samples, self.local_target_frames, 0.0, g
             )  # [L, 1, T_local, F] (or [L, L_local])

@@ -5,9 +5,11 @@
 DALI index files (sharded by ``shard_id`` / ``num_shards``, each reader kept in its own shard). Both
 decode with ``fn.decoders.audio`` (mono, resampled to ``sample_rate``), reduce the whole decoded clip
 to its min, max, sum and length (what :func:`~asit.data.dali.clips.clip_check` judges) and cut the
-views: a random window of ``crop_seconds`` (zero-padded when the clip is shorter, as in
-:func:`~asit.data.transforms.pad_or_crop_random`), circularly rolled with probability ``roll_prob``
-(:func:`~asit.data.transforms.random_roll`). Then either
+views as :class:`~asit.data.dataset.ClipViews` does: with probability ``roll_prob`` the clip is rolled
+circularly once (``roll_mode="clip"``; ``"view"`` rolls each global crop instead), then each view is a
+random window of ``crop_seconds`` (zero-padded when the clip is shorter, as in
+:func:`~asit.data.transforms.pad_or_crop_random`); local views are windows of the clip zero-padded to
+``crop_seconds`` (``local_crop_from="padded"``) or of the clip itself. Then either
 
 * ``fbank="torch"`` (default): the pipeline returns the waveform crops and the loader computes the
   Kaldi-exact fbank with :func:`~asit.data.fbank.batched_kaldi_fbank` on the target device, or
@@ -69,6 +71,31 @@ def _crop(fn, types, dali, audio, length: int, roll_prob: float):
                         out_of_bounds_policy="pad", fill_values=0.0)
 
     return fn.cat(part(start + (length - shift), shift), part(start, length - shift), axis=0)
+
+
+def _window_of_rolled(fn, types, dali, audio, length: int, shift, span: int | None):
+    """One random window of ``length`` samples of the clip rolled by ``shift`` (a per-clip INT32), the
+    rolled clip followed by zeros; the start is uniform over ``max(clip length, span) - length`` (a
+    ``span`` longer than the clip: windows of the clip zero-padded to ``span``).
+
+    Built from two slices of the clip itself and a run of zeros, no copy of the rolled clip: window
+    position ``i`` holds ``clip[(i - shift) mod T]`` while ``i < T``, then zeros."""
+    whole = audio.shape()[0]
+    total = fn.cast(whole, dtype=types.FLOAT)
+    reach = total if span is None else dali.math.max(total, float(span))
+    start = fn.cast(dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * dali.math.max(reach - length, 0.0)),
+                    dtype=types.INT32)
+    size = fn.cast(whole, dtype=types.INT32)
+    valid = dali.math.clamp(size - start, 0, length)  # samples of the rolled clip in the window
+    first = start - shift + size * fn.cast(start < shift, dtype=types.INT32)  # (start - shift) mod T
+    head = dali.math.min(valid, dali.math.max(size - first, 0))  # from `first` to the clip's end
+
+    def part(offset, count):
+        return fn.slice(audio, start=fn.reshape(offset, shape=[1]), shape=fn.reshape(count, shape=[1]), axes=[0],
+                        out_of_bounds_policy="pad", fill_values=0.0)
+
+    # zeros: a slice starting at the clip's end, padded
+    return fn.cat(part(first, head), part(start * 0, valid - head), part(size, length - valid), axis=0)
 
 
 def _dali_fbank(fn, dali, crop, sample_rate: int, num_mel_bins: int, frames: int, mean: float, std: float):
@@ -196,6 +223,8 @@ def _build_pipeline(
     seed: int = 0,
     device_id: int | None = None,
     roll_prob: float = 0.5,
+    roll_mode: Literal["clip", "view"] = "clip",
+    local_crop_from: Literal["padded", "clip"] = "padded",
     local_views: int = 0,
     local_crop_seconds: float = 2.0,
     local_target_frames: int = 192,
@@ -217,6 +246,9 @@ def _build_pipeline(
         raise ValueError(f"need num_views >= 1 and local_views >= 0, got {num_views}, {local_views}")
     if not 0.0 <= roll_prob <= 1.0:
         raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
+    if roll_mode not in ("clip", "view") or local_crop_from not in ("padded", "clip"):
+        raise ValueError(f"roll_mode must be 'clip' or 'view' and local_crop_from 'padded' or 'clip', got "
+                         f"{roll_mode!r}, {local_crop_from!r}")
     crop = round(crop_seconds * sample_rate)
     local_crop = round(local_crop_seconds * sample_rate)
     timing = dict(exec_pipelined=False, exec_async=False, prefetch_queue_depth=1) if synchronous else dict(
@@ -231,8 +263,17 @@ def _build_pipeline(
         stats = fn.cat(*(fn.reshape(r(audio), shape=[1]) for r in (fn.reductions.min, fn.reductions.max,
                                                                    fn.reductions.sum)),
                        fn.cast(audio.shape(), dtype=types.FLOAT), axis=0)
-        views = [_crop(fn, types, dali, audio, crop, roll_prob) for _ in range(num_views)]
-        local = [_crop(fn, types, dali, audio, local_crop, 0.0) for _ in range(local_views)]
+        span = crop if local_crop_from == "padded" else None
+        if roll_mode == "clip" and (roll_prob > 0 or span is not None):
+            shift = fn.cast(dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(
+                audio.shape()[0], dtype=types.FLOAT)), dtype=types.INT32)  # one roll for the whole clip
+            shift = shift * fn.cast(fn.random.coin_flip(probability=roll_prob), dtype=types.INT32)
+            views = [_window_of_rolled(fn, types, dali, audio, crop, shift, None) for _ in range(num_views)]
+            local = [_window_of_rolled(fn, types, dali, audio, local_crop, shift, span) for _ in range(local_views)]
+        else:
+            views = [_crop(fn, types, dali, audio, crop, roll_prob if roll_mode == "view" else 0.0)
+                     for _ in range(num_views)]
+            local = [_crop(fn, types, dali, audio, local_crop, 0.0) for _ in range(local_views)]
         if device_id is not None:
             views, local = [v.gpu() for v in views], [v.gpu() for v in local]
         if fbank == "dali":
