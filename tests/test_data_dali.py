@@ -15,7 +15,7 @@ from asit.data import AudioEntry, PretrainDataset, ensure_demo_dataset, load_man
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'asit[dali]')")
 from asit.data.dali import DaliPretrainLoader, build_dali_pipeline, clip_check  # noqa: E402
-from asit.data.dali.pipeline import _crop  # noqa: E402
+from asit.data.dali.pipeline import _crop, _window_of_rolled  # noqa: E402
 
 SR = 16000
 SMALL = dict(sample_rate=SR, crop_seconds=1.0, num_mel_bins=32, target_frames=96)
@@ -469,6 +469,43 @@ def test_rolled_crops_are_rotations_of_a_zero_padded_window(length):
             assert matches, f"{row} is no rotation of a window of {clip}"
             shifts.update(matches)
     assert 0 in shifts and len(shifts) > 2  # unrolled crops and several rolls were drawn
+
+
+@pytest.mark.parametrize("length", [1, 5, 12, 40])
+def test_views_of_one_rolled_clip(length):
+    """roll_mode=clip: every view of a clip, local ones too, is a window of the same rolled clip followed
+    by zeros; the local windows may start anywhere in the clip padded to the global crop (span 20)."""
+    import nvidia.dali as dali
+    from nvidia.dali import fn, pipeline_def, types
+
+    from test_data_views import _rolled_window_shift
+
+    crop, local, span = 12, 4, 20
+    clips = [np.arange(1, length + 1, dtype=np.float32) + 1000 * k for k in range(16)]
+
+    @pipeline_def(batch_size=len(clips), num_threads=1, device_id=None, seed=5)
+    def pipe():
+        x = fn.external_source(source=lambda: clips, batch=True, dtype=types.FLOAT)
+        shift = fn.cast(dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(x.shape()[0], dtype=types.FLOAT)),
+                        dtype=types.INT32) * fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.INT32)
+        return (*(_window_of_rolled(fn, types, dali, x, crop, shift, None) for _ in range(2)),
+                *(_window_of_rolled(fn, types, dali, x, local, shift, span) for _ in range(3)))
+
+    p = pipe()
+    p.build()
+    rolled = past_end = 0
+    for _ in range(3):
+        outs = [[np.array(t) for t in out] for out in p.run()]
+        for k, clip in enumerate(clips):
+            rows = [out[k] for out in outs]
+            assert all(len(r) == crop for r in rows[:2]) and all(len(r) == local for r in rows[2:])
+            common = set.intersection(*(_rolled_window_shift(clip, r) for r in rows))
+            assert common, f"views {rows} of {clip} are not windows of one rolled clip"
+            rolled += 0 not in common
+            past_end += sum(not r.any() for r in rows[2:])
+    assert rolled > 0 or length == 1  # (a one-sample clip rolls onto itself)
+    if length < span - local:
+        assert past_end > 0  # local windows wholly inside the padding occur
 
 
 def test_pipeline_shards_stay_in_their_part(demo):
