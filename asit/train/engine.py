@@ -11,7 +11,6 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,15 @@ from .checkpoint import (
     tensor_digest,
 )
 from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .guard import NonFiniteGuard, StepResult
 from .losses import ASiTLoss
 from .metrics import MetricWriter, softmax_entropy, trim_log
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
-__all__ = ["BadDataError", "EpochSampler", "NonFiniteLossError", "Pretrainer", "ReplicaMismatchError", "StepResult",
+__all__ = ["BadDataError", "EpochSampler", "Pretrainer", "ReplicaMismatchError",
            "bad_fraction_error"]
 
-_CHECKED_TERMS = ("global", "local", "recon")
-_FLAG_NAMES = (*_CHECKED_TERMS, "grad_norm")  # what the non-finite guard checks, in this order
 # Test hook (fault injection): ASIT_FAULT_AT_STEP=N makes rank ASIT_FAULT_RANK (default: the last rank)
 # exit abruptly with os._exit(1) right after step N, once per run directory (a marker file there records
 # that it fired, so the restarted workers run on). Used by the elastic-restart tests; unset in real runs.
@@ -125,49 +123,8 @@ def bad_fraction_error(skipped: Counter[str] | dict[str, int], seen: int, planne
             f"data.max_bad_fraction={limit} of the epoch's {planned} clips; reasons: {counts}")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive training steps had a non-finite loss term or gradient norm."""
-
-
 class ReplicaMismatchError(RuntimeError):
     """The ranks' weights or centres differ at a checkpoint: the DDP replicas drifted apart."""
-
-
-@dataclass
-class StepResult:
-    """What one call of :meth:`Pretrainer.train_step` did.
-
-    ``terms``: detached ``loss``, ``global``, ``local``, ``recon`` and ``grad_norm`` (device tensors,
-    no host sync). ``flags``: per name in ``global``/``local``/``recon``/``grad_norm``, 1 where it was
-    NaN/Inf on some rank (a device tensor). ``nonfinite`` reads them (a host sync, done at once unless
-    the step runs sync-free): the names that were non-finite; non-empty means the step was skipped: no
-    optimiser, teacher or centre update, except on an fp16 loss-scale overflow (``scaler_overflow``: with
-    loss scaling on, only the gradient norm was non-finite), where the scaler skips the optimiser step
-    and the teacher and centres update as in the authors' loop. ``monitors``: collapse monitors as 0-d
-    device tensors (only when asked for). ``scaling``: the step ran with fp16 loss scaling.
-    """
-
-    terms: dict[str, torch.Tensor]
-    flags: torch.Tensor | None = None
-    monitors: dict[str, torch.Tensor] = field(default_factory=dict)
-    scaling: bool = False
-    _nonfinite: list[str] | None = field(default=None, repr=False)
-
-    @property
-    def nonfinite(self) -> list[str]:
-        if self._nonfinite is None:
-            bad = self.flags.tolist() if self.flags is not None else [0] * len(_FLAG_NAMES)
-            self._nonfinite = [k for k, f in zip(_FLAG_NAMES, bad, strict=True) if f]
-        return self._nonfinite
-
-    @property
-    def skipped(self) -> bool:
-        return bool(self.nonfinite)
-
-    @property
-    def scaler_overflow(self) -> bool:
-        """The loss scaler's overflow: finite loss terms, a non-finite gradient norm, fp16 loss scaling on."""
-        return self.scaling and self.nonfinite == ["grad_norm"]
 
 
 class _StudentStep(nn.Module):
@@ -265,10 +222,6 @@ class Pretrainer:
         self.epoch_seen = 0
         self._pending_bad: Counter[str] = Counter()
         self._pending_seen = 0
-        self.nonfinite_total = 0  # steps skipped for a NaN/Inf loss or gradient norm
-        self.nonfinite_consecutive = 0  # steps in a row without an optimiser update (fp16 overflows included)
-        self.scaler_overflows = 0  # fp16 steps whose scaled gradients overflowed (optimiser step skipped)
-        self.gmml_shortfall_total = 0  # sync-free GMML samples left below their target (budget too small)
         # the epoch's last step: its StepResult and a few (clean, corrupted, recon, mask) samples
         self._preview: tuple | None = None
 
@@ -317,10 +270,10 @@ class Pretrainer:
                              "flag on the host")
         self.sync_free = (t.mode == "fast" and self.device.type == "cuda" and prec != "fp16"
                           if t.sync_free is None else bool(t.sync_free))
-        # sync-free bookkeeping on the device: [skipped total, skipped in a row now, longest run since the
-        # last read, then per name in _FLAG_NAMES how often it was non-finite since the last read]
-        self._nf_counts = torch.zeros(3 + len(_FLAG_NAMES), dtype=torch.int64, device=self.device)
-        self._shortfall = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.guard = NonFiniteGuard(
+            self.device, sync_free=self.sync_free, max_consecutive=t.max_consecutive_nonfinite,
+            distributed=self.dist.distributed, is_main=self.dist.is_main, checkpoints=self.run_dir / "checkpoints",
+            candidate_budget=self.cfg.gmml.candidate_budget, events=lambda step, rec: self.writer.write(step, rec))
         g, d = self.cfg.gmml, self.cfg.data
         need = expected_gmml_blocks(d.target_frames, d.num_mel_bins, max(g.zero_ratio[1], g.alien_ratio),
                                     max_block_frac=g.max_block_frac, align=g.align) if self.sync_free else 0.0
@@ -544,9 +497,7 @@ class Pretrainer:
             # the current epoch's counts so far (all ranks; reduced by save_checkpoint), for a mid-epoch resume
             "epoch_bad_inputs": dict(self.epoch_bad),
             "epoch_seen": self.epoch_seen,
-            "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
-            "scaler_overflows": self.scaler_overflows,
-            "gmml_shortfall": self.gmml_shortfall_total,
+            **self.guard.state_dict(),  # nonfinite, scaler_overflows, gmml_shortfall
             "config": config_to_dict(self.cfg),
         }
 
@@ -559,7 +510,7 @@ class Pretrainer:
         checksum, atomically: the commit point, so a checkpoint on disk always has all its RNG files; then
         it prunes; (5) barrier. A crash at any point leaves the previous checkpoint usable.
         """
-        self._sync_nonfinite()
+        self.guard.sync(self.step)
         self._reduce_bad_counts()
         step = self.step
         digests = self._replica_digests() if self.cfg.train.verify_replicas else None
@@ -754,14 +705,7 @@ class Pretrainer:
         self.bad_inputs.update(state.get("bad_inputs", {}))
         self.epoch_bad = Counter(state.get("epoch_bad_inputs", {}))
         self.epoch_seen = int(state.get("epoch_seen", 0))
-        nonfinite = state.get("nonfinite", {})
-        self.nonfinite_total = int(nonfinite.get("total", 0))
-        self.nonfinite_consecutive = int(nonfinite.get("consecutive", 0))
-        self.scaler_overflows = int(state.get("scaler_overflows", 0))
-        self._nf_counts.zero_()
-        self._nf_counts[0], self._nf_counts[1] = self.nonfinite_total, self.nonfinite_consecutive
-        self.gmml_shortfall_total = int(state.get("gmml_shortfall", 0))
-        self._shortfall.fill_(self.gmml_shortfall_total)
+        self.guard.load_state_dict(state)
         self.step = int(state["step"])
         self.start_epoch = self.step // self.iters_per_epoch
         self.skip_batches = self.step % self.iters_per_epoch
@@ -792,7 +736,7 @@ class Pretrainer:
                                         budget=g.candidate_budget if self.sync_free else None)
             out = gmml_corrupt(x, blocks, self.cfg.model.patch_size)
             if self.sync_free:
-                self._shortfall += gmml_shortfall(out.mask, blocks.target).sum()
+                self.guard.shortfall += gmml_shortfall(out.mask, blocks.target).sum()
             clean.append(x)
             corrupted.append(out.corrupted)
             masks.append(out.mask)
@@ -822,14 +766,6 @@ class Pretrainer:
         scales = [torch.clamp(o.clip_grad / (n + 1e-6), max=1.0) for n in norms]
         torch._foreach_mul_([p.grad for p in params], scales)
         return total
-
-    def _any_rank(self, flags: torch.Tensor) -> torch.Tensor:
-        """OR of boolean ``flags`` over all ranks, as float32 0/1 on the device (an all-reduce under DDP,
-        queued like any other kernel: no host sync)."""
-        flags = flags.to(torch.float32)
-        if self.dist.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return flags
 
     def batch_views(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A loader batch with its fbank views: with ``data.fbank_on=device`` the loader sends waveform
@@ -875,7 +811,7 @@ class Pretrainer:
         step counts towards ``train.max_consecutive_nonfinite`` only while overflows follow each other. Checking
         costs one host sync per step (plus a tiny all-reduce under DDP), unless the trainer runs
         sync-free (``train.sync_free``): then the skip is applied on the device and reported at the next
-        log interval, checkpoint or epoch end (:meth:`_sync_nonfinite`), and the result's ``nonfinite``
+        log interval, checkpoint or epoch end (:meth:`NonFiniteGuard.sync`), and the result's ``nonfinite``
         is read only when asked for.
 
         Args:
@@ -911,156 +847,19 @@ class Pretrainer:
         terms = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
             terms["grad_norm"] = grad_norm.detach()
-        result = StepResult(terms, flags=self._nonfinite_flags(terms), scaling=self.scaler.is_enabled())
+        result = StepResult(terms, flags=self.guard.flags(terms), scaling=self.scaler.is_enabled())
         if monitors:
             result.monitors = self._monitors(hp, teacher_out)  # with the centres this step used
         if preview:  # a skipped step's picture is dropped at the epoch end (_end_epoch reads the flags)
             n = min(4, clean.shape[0])
             recon = student_out["recon"]
             self._preview = (result, *(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask)))
-        if self.sync_free:
-            self._step_or_skip_on_device(result.flags, hp, center_stats)
-        elif result.skipped and not result.scaler_overflow:
-            self._skip_step(result)
-        else:
-            # an fp16 loss-scale overflow: the scaler skips the optimiser step and lowers the scale, and the teacher
-            # and centres update from the finite outputs, as every step of the authors' (DINO) loop
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.loss_fn.update_centers_(center_stats)
-            self.pair.update_teacher(hp["momentum"])
-            if result.scaler_overflow:
-                self._count_overflow()
-            else:
-                self.nonfinite_consecutive = 0
+        self.guard.step_or_skip(result, step=self.step + 1, optimizer=self.optimizer, scaler=self.scaler,
+                                loss_fn=self.loss_fn, pair=self.pair, momentum=hp["momentum"],
+                                center_stats=center_stats)
         self.step += 1
         self._hp = hp
         return result
-
-    def _nonfinite_flags(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per name in ``_FLAG_NAMES``, 1.0 where that loss term / the gradient norm is NaN or Inf on any
-        rank (0 for an absent one): float32 on the device."""
-        zero = torch.zeros((), dtype=torch.bool, device=self.device)
-        flags = torch.stack([~torch.isfinite(terms[k].float()) if k in terms else zero for k in _FLAG_NAMES])
-        return self._any_rank(flags)
-
-    @torch.no_grad()
-    def _step_or_skip_on_device(self, flags: torch.Tensor, hp: dict[str, float], center_stats) -> None:
-        """The optimiser, centre and teacher updates, each a no-op where ``flags`` say the step is bad,
-        decided on the device: fused AdamW skips on its ``found_inf`` flag (its step count is restored),
-        the centres keep their old values through ``torch.where`` and the teacher's EMA momentum becomes 1.
-        The skip counters stay on the device until :meth:`_sync_nonfinite` reads them."""
-        bad = flags.amax() > 0
-        self.optimizer.found_inf = bad.to(torch.float32)
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.found_inf = None
-        lf = self.loss_fn
-        old = (lf.center_global.clone(), lf.center_local.clone())
-        lf.update_centers_(center_stats)
-        for center, before in zip((lf.center_global, lf.center_local), old, strict=True):
-            center.copy_(torch.where(bad, before, center))
-        self.pair.update_teacher(torch.where(bad, 1.0, hp["momentum"]))
-        c, b = self._nf_counts, bad.to(torch.int64)
-        run = (c[1] + 1) * b
-        c[:3] = torch.stack([c[0] + b, run, torch.maximum(c[2], run)])
-        c[3:] += flags.to(torch.int64)
-
-    def _sync_nonfinite(self) -> None:
-        """Sync-free mode: read the device-side skip counters (one host sync), report the steps skipped
-        since the last read, and stop (:class:`NonFiniteLossError`) if a run of skipped steps reached
-        ``train.max_consecutive_nonfinite``. Called at log intervals, epoch ends and checkpoints (so the last
-        epoch's checkpoint leaves the host counters final)."""
-        if not self.sync_free:
-            return
-        total, consecutive, longest, *per_name, shortfall = torch.cat([self._nf_counts, self._shortfall[None]]).tolist()
-        if shortfall > self.gmml_shortfall_total and self.dist.is_main:
-            log.warning("GMML: %d sample(s) so far stayed below their corruption target: "
-                        "gmml.candidate_budget=%d candidate blocks did not cover it; raise the budget",
-                        shortfall, self.cfg.gmml.candidate_budget)
-        self.gmml_shortfall_total = shortfall
-        new = total - self.nonfinite_total
-        self.nonfinite_total, self.nonfinite_consecutive = total, consecutive
-        if new <= 0:
-            return
-        self._nf_counts[2:] = 0
-        names = [k for k, n in zip(_FLAG_NAMES, per_name, strict=True) if n]
-        what = ", ".join(f"{k} ({n} step{'s' if n > 1 else ''})" for k, n in zip(_FLAG_NAMES, per_name,
-                                                                                 strict=True) if n)
-        if self.dist.is_main:
-            log.warning("up to step %d: %d step(s) skipped for a non-finite %s (no optimiser, teacher or centre "
-                        "update); longest run %d, %d in a row now, %d in total", self.step, new, what, longest,
-                        consecutive, total)
-            self.writer.write(self.step, {
-                "event": "nonfinite_skip", "skipped_steps": new, "nonfinite": names, "longest_run": longest,
-                "nonfinite_consecutive": consecutive, "nonfinite_total": total})
-        limit = self.cfg.train.max_consecutive_nonfinite
-        if longest >= limit:
-            raise NonFiniteLossError(
-                f"{longest} consecutive steps had a non-finite loss or gradient norm "
-                f"(train.max_consecutive_nonfinite={limit}; checked sync-free, so noticed at step {self.step}); "
-                f"non-finite: {what}. Stopping. Try a lower optim.lr, train.precision=fp32, or check the data; "
-                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
-
-    def _nonfinite_params(self) -> list[str]:
-        """Which parts of the student (e.g. ``backbone.blocks.3``, ``head``) hold a NaN/Inf gradient.
-
-        Only called on the skip path, so its per-parameter host syncs cost nothing in normal steps.
-        """
-        parts: list[str] = []
-        for name, p in self.student.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                pieces = name.split(".")
-                part = ".".join(pieces[:3] if pieces[1:2] == ["blocks"] else pieces[:1])
-                if part not in parts:
-                    parts.append(part)
-        return parts
-
-    def _skip_step(self, result: StepResult) -> None:
-        bad_parts = self._nonfinite_params() if "grad_norm" in result.nonfinite else []
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.update()  # fp16: an overflow lowers the loss scale; a no-op otherwise
-        self.nonfinite_total += 1
-        self.nonfinite_consecutive += 1
-        what = ", ".join(result.nonfinite)
-        if bad_parts:
-            what += f" (gradients in {', '.join(bad_parts[:8])}{' ...' if len(bad_parts) > 8 else ''})"
-        if self.dist.is_main:
-            log.warning("step %d: non-finite %s; step skipped (no optimiser, teacher or centre update), "
-                        "%d in a row, %d in total", self.step + 1, what, self.nonfinite_consecutive,
-                        self.nonfinite_total)
-            self.writer.write(self.step + 1, {
-                "event": "nonfinite_skip", "nonfinite": result.nonfinite, "nonfinite_params": bad_parts,
-                "nonfinite_consecutive": self.nonfinite_consecutive, "nonfinite_total": self.nonfinite_total,
-                **{k: float(v) for k, v in result.terms.items()}})
-        self._stop_after_too_many("had a non-finite loss or gradient norm", f"had non-finite {what}",
-                                  "Try a lower optim.lr, train.precision=bf16/fp32, or check the data")
-
-    def _count_overflow(self) -> None:
-        """After an fp16 loss-scale overflow: routine while the scaler finds its scale (an INFO line), but a long
-        run of them means the gradients are non-finite at any scale, so they count towards
-        ``train.max_consecutive_nonfinite`` (not towards the non-finite skips' total)."""
-        self.scaler_overflows += 1
-        self.nonfinite_consecutive += 1
-        scale = self.scaler.get_scale()
-        if self.dist.is_main:
-            log.info("step %d: fp16 loss-scale overflow; optimiser step skipped, loss scale lowered to %g "
-                     "(%d in a row)", self.step + 1, scale, self.nonfinite_consecutive)
-        self._stop_after_too_many(
-            "without an optimiser update",
-            f"overflowed the fp16 loss scale (each overflow halves it; now {scale:g}): the gradients stay non-finite",
-            "Try a lower optim.lr or train.precision=bf16/fp32")
-
-    def _stop_after_too_many(self, steps_were: str, last_was: str, advice: str) -> None:
-        """Raise :class:`NonFiniteLossError` once ``nonfinite_consecutive`` reaches
-        ``train.max_consecutive_nonfinite`` (host-checked steps: skipped ones and fp16 overflows)."""
-        limit = self.cfg.train.max_consecutive_nonfinite
-        if self.nonfinite_consecutive >= limit:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_consecutive} consecutive steps {steps_were} (train.max_consecutive_nonfinite="
-                f"{limit}); the last, step {self.step + 1}, {last_was}. Stopping. {advice}; the last good "
-                f"checkpoint is in {self.run_dir / 'checkpoints'}")
 
     def _monitors(self, hp: dict[str, float], teacher_out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Collapse monitors: teacher entropy per head (max log K), with the step's centres; 0-d device
@@ -1111,7 +910,7 @@ class Pretrainer:
                     self.step += 1
                 bar.update(1)
                 if log_now:
-                    self._sync_nonfinite()
+                    self.guard.sync(self.step)
                     self._reduce_bad_counts()  # every rank: the same step, the same totals, the same verdict
                     self._check_bad_fraction(epoch, epoch_done=False)
                 if log_now and result is not None and not result.skipped:
@@ -1131,10 +930,10 @@ class Pretrainer:
                 if every and self.step % every == 0 and self.step % self.iters_per_epoch != 0:
                     self.save_checkpoint()
             bar.close()
-            self._sync_nonfinite()
+            self.guard.sync(self.step)
             self._end_epoch(epoch)
         summary.update(steps=self.step, wall_time_s=time.time() - started,
-                       nonfinite_skipped=self.nonfinite_total)
+                       nonfinite_skipped=self.guard.nonfinite_total)
         if self.dist.is_main:
             summary["encoder"] = str(self.export_teacher_encoder())
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -1148,12 +947,12 @@ class Pretrainer:
         values.update({k: float(v) for k, v in result.monitors.items()})
         values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
         values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
-        values["nonfinite_total"] = self.nonfinite_total
+        values["nonfinite_total"] = self.guard.nonfinite_total
         if self.scaler.is_enabled():  # fp16
             values["loss_scale"] = self.scaler.get_scale()
-            values["scaler_overflows"] = self.scaler_overflows
+            values["scaler_overflows"] = self.guard.scaler_overflows
         if self.sync_free:
-            values["gmml_shortfall"] = self.gmml_shortfall_total  # read by _sync_nonfinite just before
+            values["gmml_shortfall"] = self.guard.gmml_shortfall_total  # read by guard.sync just before
         return values
 
     def _reduce_bad_counts(self) -> None:
