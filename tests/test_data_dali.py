@@ -526,7 +526,7 @@ def test_engine_counts_left_out_files_and_stops_past_max_bad_fraction(demo, tmp_
     import csv
 
     from asit.train import Pretrainer
-    from asit.train.engine import BadDataError
+    from asit.train.bad_data import BadDataError
 
     manifest = tmp_path / "train.csv"
     with open(manifest, "w", newline="") as fh:

@@ -487,7 +487,8 @@ def test_batch_ring_auto_falls_back_when_shared_memory_is_short(tmp_path, monkey
     import types
 
     import asit.data.ring as ring_module
-    import asit.train.engine as engine_module
+    import asit.train.loaders as loaders_module
+    from asit.train.loaders import make_batch_ring
 
     trainer = Pretrainer(tiny_config(tmp_path, "data.num_workers=2", "train.image_every_epochs=0"))
     trainer.setup()
@@ -496,24 +497,24 @@ def test_batch_ring_auto_falls_back_when_shared_memory_is_short(tmp_path, monkey
         trainer.device = types.SimpleNamespace(type="cuda")  # what auto looks at
         need = ring_module.ring_bytes({"views": (8, 2, 1, *IMG)}, 2, 4)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-        monkeypatch.setattr(engine_module, "shared_memory_free", lambda: 3 * need)  # 1 ring fits, 4 do not
+        monkeypatch.setattr(loaders_module, "shared_memory_free", lambda: 3 * need)  # 1 ring fits, 4 do not
         with caplog.at_level("WARNING", logger="asit.train.engine"):
-            assert trainer._make_batch_ring(2, 4, from_manifest=True) is None
+            assert make_batch_ring(trainer.cfg, trainer.dataset, trainer.device, 2, 4, from_manifest=True) is None
         assert "4 process(es) on this node" in caplog.text
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
 
         def full(*args, **kwargs):
             raise RuntimeError("unable to allocate shared memory")
 
-        monkeypatch.setattr(engine_module, "BatchRing", full)
+        monkeypatch.setattr(loaders_module, "BatchRing", full)
         with caplog.at_level("WARNING", logger="asit.train.engine"):
-            assert trainer._make_batch_ring(2, 4, from_manifest=True) is None
+            assert make_batch_ring(trainer.cfg, trainer.dataset, trainer.device, 2, 4, from_manifest=True) is None
         assert "unable to allocate" in caplog.text
         monkeypatch.undo()
         monkeypatch.setattr(ring_module, "shared_memory_free", lambda path="/dev/shm": need // 2)
         trainer.cfg.data.batch_ring = "enabled"
         with pytest.raises(MemoryError, match="/dev/shm"):
-            trainer._make_batch_ring(2, 4, from_manifest=True)
+            make_batch_ring(trainer.cfg, trainer.dataset, trainer.device, 2, 4, from_manifest=True)
     finally:
         trainer.cleanup()
 
