@@ -87,7 +87,7 @@ def _round(batches, device: torch.device, generator: torch.Generator, waits: lis
         start = time.perf_counter()
         batch = resolve_ring_refs(next(batches))  # (on CUDA the loader's pin thread has copied them out)
         waited += time.perf_counter() - start
-        if "waves" in batch:  # fbank on the device, as Pretrainer.batch_views computes it
+        if "waves" in batch:  # fbank on the device, as asit.train.loaders.batch_views computes it
             waves = batch["waves"].to(device, non_blocking=True)
             views = fbank_views(waves, SR, 128, 592, AUDIOSET_MEAN, AUDIOSET_STD)
         else:

@@ -477,7 +477,6 @@ def test_views_of_one_rolled_clip(length):
     by zeros; the local windows may start anywhere in the clip padded to the global crop (span 20)."""
     import nvidia.dali as dali
     from nvidia.dali import fn, pipeline_def, types
-
     from test_data_views import _rolled_window_shift
 
     crop, local, span = 12, 4, 20
@@ -564,7 +563,7 @@ def test_engine_counts_left_out_files_and_stops_past_max_bad_fraction(demo, tmp_
     import csv
 
     from asit.train import Pretrainer
-    from asit.train.engine import BadDataError
+    from asit.train.bad_data import BadDataError
 
     manifest = tmp_path / "train.csv"
     with open(manifest, "w", newline="") as fh:

@@ -31,7 +31,8 @@ from asit.train.checkpoint import (
     rng_path,
     tensor_digest,
 )
-from asit.train.engine import _fault_step, _inject_fault
+from asit.train.faults import fault_step as _fault_step
+from asit.train.faults import inject_fault as _inject_fault
 from asit.train.metrics import trim_log
 
 TINY = [

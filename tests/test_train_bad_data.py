@@ -10,8 +10,8 @@ from test_train_engine import TINY, _env, read_log  # noqa: F401  (module fixtur
 
 from asit.config import load_config
 from asit.train import BadDataError, Pretrainer
+from asit.train.bad_data import bad_fraction_error
 from asit.train.checkpoint import checkpoint_path, load_checkpoint
-from asit.train.engine import bad_fraction_error
 
 
 def _corpus(root, good: int, bad: int):

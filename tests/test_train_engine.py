@@ -316,7 +316,7 @@ def test_nonfinite_loss_skips_the_step(trainer, monkeypatch, mode: str, expected
     bad = trainer.train_step(next(trainer.batches), epoch=0)
     assert bad.skipped and bad.nonfinite == expected
     assert trainer.step == 2  # the batch is consumed, the schedules move on
-    assert trainer.nonfinite_total == 1 and trainer.nonfinite_consecutive == 1
+    assert trainer.guard.nonfinite_total == 1 and trainer.guard.nonfinite_consecutive == 1
     assert_states_equal(_frozen_state(trainer), before)  # student, teacher and centres untouched
     assert [s["step"] for s in trainer.optimizer.state.values()] == adam_steps
     assert all(p.grad is None for p in trainer.student.parameters())
@@ -325,7 +325,7 @@ def test_nonfinite_loss_skips_the_step(trainer, monkeypatch, mode: str, expected
     assert event["local"] is None and event["nonfinite_total"] == 1 and event["step"] == 2
     good = trainer.train_step(next(trainer.batches), epoch=0)
     assert not good.skipped
-    assert trainer.nonfinite_consecutive == 0 and trainer.nonfinite_total == 1
+    assert trainer.guard.nonfinite_consecutive == 0 and trainer.guard.nonfinite_total == 1
     after = _frozen_state(trainer)
     assert not torch.equal(after["s.backbone.cls_token"], before["s.backbone.cls_token"])
     assert not torch.equal(after["c.global"], before["c.global"])
@@ -342,7 +342,7 @@ def test_nonfinite_gradient_norm_alone_skips(trainer) -> None:
     assert result.nonfinite == ["grad_norm"]
     assert math.isfinite(float(result.terms["loss"]))
     assert_states_equal(_frozen_state(trainer), before)
-    assert trainer.nonfinite_total == 1
+    assert trainer.guard.nonfinite_total == 1
     trainer.writer.flush()
     event = [r for r in read_log(trainer.run_dir) if r.get("event") == "nonfinite_skip"][-1]
     assert event["nonfinite_params"] == ["backbone"]  # only cls_token's gradient was poisoned
@@ -357,7 +357,7 @@ def test_fp16_scaler_overflow_skips_the_optimiser_only(trainer, caplog) -> None:
     assert not trainer.train_step(next(trainer.batches), epoch=0).skipped  # teacher and student now differ
     trainer.scaler.update(new_scale=2.0**127)  # loss x 2^127 overflows float32: every gradient is inf/NaN
     before = _frozen_state(trainer)
-    with caplog.at_level("INFO", logger="asit.train.engine"):
+    with caplog.at_level("INFO", logger="asit.train.guard"):
         result = trainer.train_step(next(trainer.batches), epoch=0)
     assert result.scaler_overflow and result.nonfinite == ["grad_norm"]
     assert math.isfinite(float(result.terms["loss"]))
@@ -370,11 +370,12 @@ def test_fp16_scaler_overflow_skips_the_optimiser_only(trainer, caplog) -> None:
     assert not torch.equal(after["t.backbone.cls_token"], before["t.backbone.cls_token"])
     assert not torch.equal(after["c.global"], before["c.global"])  # the centres moved
     assert trainer.scaler.get_scale() == 2.0**126
-    assert trainer.nonfinite_total == 0 and trainer.scaler_overflows == 1 and trainer.nonfinite_consecutive == 1
+    assert (trainer.guard.nonfinite_total, trainer.guard.scaler_overflows,
+            trainer.guard.nonfinite_consecutive) == (0, 1, 1)
     assert "loss-scale overflow" in caplog.text and "WARNING" not in caplog.text
     state = trainer.state_dict()
     assert state["nonfinite"] == {"total": 0, "consecutive": 1} and state["scaler_overflows"] == 1
-    trainer.cfg.train.max_consecutive_nonfinite = 2
+    trainer.guard.max_consecutive = 2
     with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps without an optimiser update.*loss scale"):
         trainer.train_step(next(trainer.batches), epoch=0)  # 2^126 overflows too
 
@@ -390,7 +391,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch) -> None
     finally:
         trainer.cleanup()
     assert calls[0] == 4 and trainer.step == 3  # the 4th bad step raised before its counter moved
-    assert trainer.nonfinite_total == 4
+    assert trainer.guard.nonfinite_total == 4
     assert_states_equal(_frozen_state(trainer), start)
     events = [r for r in read_log(tmp_path) if r.get("event") == "nonfinite_skip"]
     assert [e["nonfinite_consecutive"] for e in events] == [1, 2, 3, 4]
@@ -433,7 +434,7 @@ def test_batch_with_fewer_than_two_clips_is_skipped_but_counted(tmp_path) -> Non
     assert summary["steps"] == STEPS_PER_EPOCH
     assert [r["step"] for r in read_log(tmp_path)] == [1, 3]
     assert (tmp_path / "checkpoints" / f"checkpoint_{2:09d}.pt").is_file()
-    assert trainer.nonfinite_total == 0
+    assert trainer.guard.nonfinite_total == 0
 
 
 def test_fbank_on_the_device_trains_like_fbank_in_the_loader(reference, tmp_path) -> None:
@@ -486,7 +487,8 @@ def test_batch_ring_auto_falls_back_when_shared_memory_is_short(tmp_path, monkey
     import types
 
     import asit.data.ring as ring_module
-    import asit.train.engine as engine_module
+    import asit.train.loaders as loaders_module
+    from asit.train.loaders import make_batch_ring
 
     trainer = Pretrainer(tiny_config(tmp_path, "data.num_workers=2", "train.image_every_epochs=0"))
     trainer.setup()
@@ -495,24 +497,24 @@ def test_batch_ring_auto_falls_back_when_shared_memory_is_short(tmp_path, monkey
         trainer.device = types.SimpleNamespace(type="cuda")  # what auto looks at
         need = ring_module.ring_bytes({"views": (8, 2, 1, *IMG)}, 2, 4)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-        monkeypatch.setattr(engine_module, "shared_memory_free", lambda: 3 * need)  # 1 ring fits, 4 do not
+        monkeypatch.setattr(loaders_module, "shared_memory_free", lambda: 3 * need)  # 1 ring fits, 4 do not
         with caplog.at_level("WARNING", logger="asit.train.engine"):
-            assert trainer._make_batch_ring(2, 4, from_manifest=True) is None
+            assert make_batch_ring(trainer.cfg, trainer.dataset, trainer.device, 2, 4, from_manifest=True) is None
         assert "4 process(es) on this node" in caplog.text
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
 
         def full(*args, **kwargs):
             raise RuntimeError("unable to allocate shared memory")
 
-        monkeypatch.setattr(engine_module, "BatchRing", full)
+        monkeypatch.setattr(loaders_module, "BatchRing", full)
         with caplog.at_level("WARNING", logger="asit.train.engine"):
-            assert trainer._make_batch_ring(2, 4, from_manifest=True) is None
+            assert make_batch_ring(trainer.cfg, trainer.dataset, trainer.device, 2, 4, from_manifest=True) is None
         assert "unable to allocate" in caplog.text
         monkeypatch.undo()
         monkeypatch.setattr(ring_module, "shared_memory_free", lambda path="/dev/shm": need // 2)
         trainer.cfg.data.batch_ring = "enabled"
         with pytest.raises(MemoryError, match="/dev/shm"):
-            trainer._make_batch_ring(2, 4, from_manifest=True)
+            make_batch_ring(trainer.cfg, trainer.dataset, trainer.device, 2, 4, from_manifest=True)
     finally:
         trainer.cleanup()
 

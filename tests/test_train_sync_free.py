@@ -152,21 +152,21 @@ def test_sync_free_skip_is_exact_and_reported_later(trainer, monkeypatch, mode, 
     before = _frozen_state(trainer)
     adam = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()}
     bad = trainer.train_step(next(trainer.batches), epoch=0)
-    assert trainer.nonfinite_total == 0  # not read back yet
+    assert trainer.guard.nonfinite_total == 0  # not read back yet
     assert bad.skipped and bad.nonfinite == expected
     assert trainer.step == 2
     assert_states_equal(_frozen_state(trainer), before)  # student, teacher and centres untouched
     for p, state in trainer.optimizer.state.items():  # moments and step counts too
         assert_states_equal(state, adam[id(p)])
-    trainer._sync_nonfinite()
-    assert (trainer.nonfinite_total, trainer.nonfinite_consecutive) == (1, 1)
+    trainer.guard.sync(trainer.step)
+    assert (trainer.guard.nonfinite_total, trainer.guard.nonfinite_consecutive) == (1, 1)
     trainer.writer.flush()
     event = read_log(trainer.run_dir)[-1]
     assert event["event"] == "nonfinite_skip" and event["nonfinite"] == expected
     assert event["skipped_steps"] == 1 and event["step"] == 2
     assert not trainer.train_step(next(trainer.batches), epoch=0).skipped
-    trainer._sync_nonfinite()
-    assert (trainer.nonfinite_total, trainer.nonfinite_consecutive) == (1, 0)
+    trainer.guard.sync(trainer.step)
+    assert (trainer.guard.nonfinite_total, trainer.guard.nonfinite_consecutive) == (1, 0)
     after = _frozen_state(trainer)
     assert not torch.equal(after["s.backbone.cls_token"], before["s.backbone.cls_token"])
     assert not torch.equal(after["t.backbone.cls_token"], before["t.backbone.cls_token"])
@@ -188,7 +188,7 @@ def test_sync_free_stop_after_consecutive_skips(tmp_path, monkeypatch, log_every
             trainer.train()
     finally:
         trainer.cleanup()
-    assert trainer.step == noticed and trainer.nonfinite_total == noticed
+    assert trainer.step == noticed and trainer.guard.nonfinite_total == noticed
     assert_states_equal(_frozen_state(trainer), start)
     events = [r for r in read_log(tmp_path) if r.get("event") == "nonfinite_skip"]
     assert sum(e["skipped_steps"] for e in events) == noticed
@@ -211,7 +211,7 @@ def test_sync_free_run_resumes_exactly(tmp_path, monkeypatch) -> None:
     resumed = Pretrainer(cfg["split"], resume=True)
     resumed.setup()
     try:
-        assert resumed.nonfinite_total == 1
+        assert resumed.guard.nonfinite_total == 1
         resumed.train()
     finally:
         resumed.cleanup()

@@ -1,6 +1,10 @@
-"""Pretraining engine: schedules, losses, checkpoints, logging and the :class:`Pretrainer` recipe."""
+"""Pretraining: the :class:`Pretrainer` recipe and the components it calls (losses, schedules, the
+non-finite guard, checkpoints, resume, loaders)."""
 
-from .engine import BadDataError, NonFiniteLossError, Pretrainer, ReplicaMismatchError, StepResult
+from .bad_data import BadDataError
+from .checkpoint import ReplicaMismatchError
+from .engine import Pretrainer
+from .guard import NonFiniteLossError, StepResult
 from .losses import ASiTLoss, CenterStats
 from .schedules import cosine_schedule, teacher_temp_schedule
 

@@ -5,7 +5,11 @@
 * Checked on load: a SHA-256 sidecar (``<file>.sha256``, ``sha256sum -c`` format) written atomically
   after the file, then ``torch.load(weights_only=True)`` (no arbitrary pickles) and the required keys.
   Any failure there raises :class:`CorruptCheckpointError`; a resume then falls back to an older file.
-* Pruned: the newest ``keep_last`` files, plus any the caller marks as permanent, are kept.
+* Pruned: the newest ``keep_last`` files, plus any the caller marks as permanent (:func:`permanent_rule`),
+  are kept.
+* Compared across ranks before writing (:func:`replica_digests`): DDP replicas that drifted apart raise
+  :class:`ReplicaMismatchError` instead of saving one rank's view.
+* RNG side files, one per rank, are named by :func:`rng_file` for every recipe.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import torch
 from asit.atomic_io import atomic_write, fsync_dir
 
 __all__ = [
-    "CheckpointError", "CorruptCheckpointError", "REQUIRED_KEYS", "atomic_save", "checkpoint_path",
-    "checkpoint_step", "file_sha256", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
-    "prune_checkpoints", "quarantine", "rng_path", "tensor_digest",
+    "CheckpointError", "CorruptCheckpointError", "REQUIRED_KEYS", "ReplicaMismatchError", "atomic_save",
+    "checkpoint_path", "checkpoint_step", "file_sha256", "find_latest_checkpoint", "list_checkpoints",
+    "load_checkpoint", "permanent_rule", "prune_checkpoints", "quarantine", "replica_digests", "rng_file",
+    "rng_path", "tensor_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,10 @@ REQUIRED_KEYS = ("student", "teacher", "optimizer", "loss", "step", "epoch", "co
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used for this run; the message names the file."""
+
+
+class ReplicaMismatchError(RuntimeError):
+    """The ranks' weights or centres differ at a checkpoint: the DDP replicas drifted apart."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -153,6 +162,26 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return sha.hexdigest()
 
 
+def replica_digests(parts: Mapping[str, Any], gather: Callable[[Any], list[Any]], *, step: int,
+                    folder: Path) -> list[str]:
+    """SHA-256 of every ``parts`` module's state dict (keys prefixed ``<part>.``) on every rank, in rank
+    order (``gather``: an all-gather of Python objects).
+
+    Raises:
+        ReplicaMismatchError: some rank differs from rank 0 (the message names them, ``step`` and the
+            ``folder`` of the last good checkpoint).
+    """
+    tensors = {f"{part}.{k}": v for part, module in parts.items() for k, v in module.state_dict().items()}
+    digests = gather(tensor_digest(tensors))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ReplicaMismatchError(
+            f"step {step}: the weights/centres of rank(s) {differ} differ from rank 0's "
+            f"(SHA-256 {[d[:12] for d in digests]}); the DDP replicas drifted apart, so no checkpoint "
+            f"was written. The last good one is in {folder}")
+    return digests
+
+
 # --------------------------------------------------------------------------- layout and pruning
 
 
@@ -161,9 +190,16 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint_{step:09d}.pt"
 
 
+def rng_file(folder: str | Path, tag: int | str, rank: int) -> Path:
+    """``<folder>/rng_<tag>_rank<rank>.pt``: one rank's RNG states at a resume point; an integer ``tag`` is a
+    global step, written ``<step:09d>`` (the one RNG-file naming of every recipe)."""
+    name = f"{tag:09d}" if isinstance(tag, int) else tag
+    return Path(folder) / f"rng_{name}_rank{rank}.pt"
+
+
 def rng_path(run_dir: str | Path, step: int, rank: int) -> Path:
     """``<run_dir>/checkpoints/rng_<step:09d>_rank<rank>.pt``: one rank's RNG states at ``step``."""
-    return Path(run_dir) / "checkpoints" / f"rng_{step:09d}_rank{rank}.pt"
+    return rng_file(Path(run_dir) / "checkpoints", step, rank)
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -191,6 +227,18 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
 def _unlink_with_checksum(path: Path) -> None:
     path.unlink(missing_ok=True)
     _checksum_path(path).unlink(missing_ok=True)
+
+
+def permanent_rule(keep_every_steps: int, keep_every_epochs: int, iters_per_epoch: int) -> Callable[[int], bool]:
+    """Which checkpoints are never pruned (``keep`` of :func:`prune_checkpoints`): every ``keep_every_steps``
+    steps and every ``keep_every_epochs`` epochs (0: none)."""
+    def permanent(step: int) -> bool:
+        if keep_every_steps and step % keep_every_steps == 0:
+            return True
+        it = iters_per_epoch
+        return bool(keep_every_epochs and step % it == 0 and (step // it) % keep_every_epochs == 0)
+
+    return permanent
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Callable[[int], bool] | None = None) -> list[Path]:

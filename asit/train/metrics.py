@@ -13,7 +13,7 @@ import torch
 
 from asit.atomic_io import atomic_write_text
 
-__all__ = ["MetricWriter", "softmax_entropy", "trim_log"]
+__all__ = ["MetricWriter", "Throughput", "collapse_monitors", "softmax_entropy", "trim_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,32 @@ def softmax_entropy(logits: torch.Tensor, center: torch.Tensor, temp: float) -> 
     collapsing to one class drives it to 0, a uniform teacher to ``log K``."""
     p = torch.softmax((logits.detach().float().reshape(-1, logits.shape[-1]) - center) / temp, dim=-1)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+
+
+def collapse_monitors(teacher_out: dict[str, torch.Tensor], center_global: torch.Tensor, center_local: torch.Tensor,
+                      temp: float) -> dict[str, torch.Tensor]:
+    """Collapse monitors: the teacher's entropy per head (max log K) with the step's centres and
+    temperature; 0-d device tensors, read when the step is logged."""
+    return {
+        "teacher_entropy_cls": softmax_entropy(teacher_out["cls_logits"], center_global, temp),
+        "teacher_entropy_tokens": softmax_entropy(teacher_out["token_logits"], center_local, temp),
+    }
+
+
+class Throughput:
+    """Samples per second over a window that :meth:`reset` restarts."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.samples = time.time(), 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def rate(self) -> float:
+        return self.samples / max(time.time() - self.start, 1e-9)
 
 
 def _json_value(value: Any) -> Any:
