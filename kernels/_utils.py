@@ -1,8 +1,17 @@
-"""Host-side helpers shared by the kernels: every block size comes from here."""
+"""Host-side helpers shared by the kernels: every block size comes from here.
+
+A launcher is split in two: a ``*_launches`` function that allocates the outputs and returns them
+with the list of :class:`Launch` records it would run (kernel, grid, arguments, constexprs,
+``num_warps``), and the launcher proper, which runs that list. The kernel report
+(``bench/kernel_report.py``) calls the same ``*_launches`` functions on meta tensors and compiles
+each record for a GPU target, so what it judges is exactly what the ops launch.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -17,6 +26,25 @@ MAX_TILE = 8192
 # Elementwise kernels: elements per block, and roughly how many programs a launch should have.
 ELEMENTWISE_BLOCK = 1024
 TARGET_PROGRAMS = 1024
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **kwargs)``; constexprs and ``num_warps`` sit in ``kwargs``."""
+
+    kernel: Any  # a @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def run_launches(launches: list[Launch]) -> None:
+    """Run launches in order (on the current stream)."""
+    for launch in launches:
+        launch()
 
 
 def cdiv(a: int, b: int) -> int:

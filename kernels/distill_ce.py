@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, load_scalar_f32, new_output, num_warps_for, pow2_block, row_blocks
+from ._utils import Launch, cdiv, load_scalar_f32, new_output, num_warps_for, pow2_block, row_blocks, run_launches
 
 
 # Per row i, with a_k = s_ik / τs and b_k = (t_ik - c_k) / τt:
@@ -147,15 +147,10 @@ def _unit_col_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
-def distill_ce_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                       student_temp: torch.Tensor, teacher_temp: torch.Tensor,
-                       need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(row_loss [N] fp32, teacher_sum [K] fp32, grad [N, K] student dtype)``.
-
-    ``grad`` is ``(softmax(s/τs) - p)/τs`` (not yet scaled by any upstream gradient), or an empty
-    tensor when ``need_grad`` is False. Temperatures are one-element tensors (no recompilation and
-    no host sync when they change).
-    """
+def distill_ce_forward_launches(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                                student_temp: torch.Tensor, teacher_temp: torch.Tensor, need_grad: bool = True,
+                                ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[Launch]]:
+    """Outputs ``(row_loss, teacher_sum, grad)`` of :func:`distill_ce_forward` and the launches that fill them."""
     n, k = student.shape
     s = _unit_col_stride(student)
     t = _unit_col_stride(teacher)
@@ -167,27 +162,49 @@ def distill_ce_forward(student: torch.Tensor, teacher: torch.Tensor, center: tor
     grad = new_output((n, k) if need_grad else (0,), student.dtype, dev)
     part = new_output((programs, k), torch.float32, dev)
     teacher_sum = new_output((k,), torch.float32, dev)
+    launches = []
     if n > 0:
-        _distill_ce_forward_kernel[(programs,)](
+        launches.append(Launch(_distill_ce_forward_kernel, (programs,), (
             s, t, c, student_temp.reshape(1), teacher_temp.reshape(1), loss, grad, part, n, k,
-            s.stride(0), t.stride(0), ROWS=rows, BLOCK_K=block_k, WRITE_GRAD=need_grad,
-            num_warps=num_warps_for(rows * block_k))
+            s.stride(0), t.stride(0)), dict(ROWS=rows, BLOCK_K=block_k, WRITE_GRAD=need_grad,
+                                            num_warps=num_warps_for(rows * block_k))))
     if k > 0:
         red_rows, red_k = row_blocks(programs, min(k, 256))
-        _column_sum_kernel[(cdiv(k, red_k),)](
-            part, teacher_sum, programs, k, ROWS=red_rows, BLOCK_K=red_k,
-            num_warps=num_warps_for(red_rows * red_k))
-    return loss, teacher_sum, grad
+        launches.append(Launch(_column_sum_kernel, (cdiv(k, red_k),), (part, teacher_sum, programs, k),
+                               dict(ROWS=red_rows, BLOCK_K=red_k, num_warps=num_warps_for(red_rows * red_k))))
+    return (loss, teacher_sum, grad), launches
 
 
-def distill_ce_backward(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
-    """``grad · grad_rows[:, None]`` computed in fp32, stored in ``grad``'s dtype."""
+def distill_ce_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                       student_temp: torch.Tensor, teacher_temp: torch.Tensor,
+                       need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(row_loss [N] fp32, teacher_sum [K] fp32, grad [N, K] student dtype)``.
+
+    ``grad`` is ``(softmax(s/τs) - p)/τs`` (not yet scaled by any upstream gradient), or an empty
+    tensor when ``need_grad`` is False. Temperatures are one-element tensors (no recompilation and
+    no host sync when they change).
+    """
+    outputs, launches = distill_ce_forward_launches(student, teacher, center, student_temp, teacher_temp, need_grad)
+    run_launches(launches)
+    return outputs
+
+
+def distill_ce_backward_launches(grad: torch.Tensor, grad_rows: torch.Tensor,
+                                 ) -> tuple[torch.Tensor, list[Launch]]:
+    """Output of :func:`distill_ce_backward` and the launches that fill it."""
     n, k = grad.shape
     out = new_output(grad.shape, grad.dtype, grad.device)
     g = grad_rows.reshape(-1).to(torch.float32).contiguous()
     rows, block_k = row_blocks(n, pow2_block(k, max_block=1024))
-    grid = (cdiv(n, rows), cdiv(k, block_k))
+    launches = []
     if n > 0 and k > 0:
-        _scale_rows_kernel[grid](grad, g, out, n, k, ROWS=rows, BLOCK_K=block_k,
-                                 num_warps=num_warps_for(rows * block_k))
+        launches.append(Launch(_scale_rows_kernel, (cdiv(n, rows), cdiv(k, block_k)), (grad, g, out, n, k),
+                               dict(ROWS=rows, BLOCK_K=block_k, num_warps=num_warps_for(rows * block_k))))
+    return out, launches
+
+
+def distill_ce_backward(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """``grad · grad_rows[:, None]`` computed in fp32, stored in ``grad``'s dtype."""
+    out, launches = distill_ce_backward_launches(grad, grad_rows)
+    run_launches(launches)
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, gmml_blocks, new_output, next_power_of_2, num_warps_for
+from ._utils import Launch, cdiv, gmml_blocks, new_output, next_power_of_2, num_warps_for, run_launches
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -96,9 +96,9 @@ def _gmml_corrupt_kernel(
     tl.store(frac_ptr + b * tokens_h * tokens_w + band * tokens_w + tok_x, frac, mask=tok_ok)
 
 
-def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, source: torch.Tensor,
-                 patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(corrupted [B, C, H, W], mask bool [B, 1, H, W], token_fraction fp32 [B, HT·WT])``."""
+def gmml_forward_launches(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, source: torch.Tensor,
+                          patch_size: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[Launch]]:
+    """Outputs ``(corrupted, mask, token_fraction)`` of :func:`gmml_forward` and the launch that fills them."""
     b, c, h, w = x.shape
     xc = x.contiguous()
     bits = _BITS[xc.element_size()]
@@ -108,6 +108,7 @@ def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, sour
     frac = new_output((b, tokens_h * tokens_w), torch.float32, x.device)
     block_p, tokens, block_w = gmml_blocks(patch_size)
     grid = (b, cdiv(h, patch_size), cdiv(w, tokens * patch_size))
+    launches = []
     if b * h * w > 0:
         # per sample, 1 + the index of its last non-empty box: the painter loops only that far (the
         # sampler blanks the slots after each sample's prefix, up to its budget), computed on the device
@@ -115,10 +116,18 @@ def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, sour
         nonempty = (boxes[..., 2] > 0) & (boxes[..., 3] > 0)  # [B, M]
         order = torch.arange(1, m + 1, dtype=torch.int32, device=boxes.device)
         n_used = (nonempty.to(torch.int32) * order).amax(dim=1) if m else boxes.new_zeros(b, dtype=torch.int32)
-        _gmml_corrupt_kernel[grid](
+        launches.append(Launch(_gmml_corrupt_kernel, grid, (
             xc.view(bits), boxes.contiguous(), n_used.contiguous(), alien.contiguous().view(torch.uint8),
             source.contiguous(),
-            corrupted.view(bits), mask.view(torch.uint8), frac, c, h, w, boxes.shape[1], tokens_h, tokens_w,
-            PATCH=patch_size, BLOCK_P=block_p, TOKENS=tokens, BLOCK_T=next_power_of_2(tokens),
-            BLOCK_W=block_w, num_warps=num_warps_for(block_p * block_w))
-    return corrupted, mask, frac
+            corrupted.view(bits), mask.view(torch.uint8), frac, c, h, w, boxes.shape[1], tokens_h, tokens_w),
+            dict(PATCH=patch_size, BLOCK_P=block_p, TOKENS=tokens, BLOCK_T=next_power_of_2(tokens),
+                 BLOCK_W=block_w, num_warps=num_warps_for(block_p * block_w))))
+    return (corrupted, mask, frac), launches
+
+
+def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, source: torch.Tensor,
+                 patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(corrupted [B, C, H, W], mask bool [B, 1, H, W], token_fraction fp32 [B, HT·WT])``."""
+    outputs, launches = gmml_forward_launches(x, boxes, alien, source, patch_size)
+    run_launches(launches)
+    return outputs
