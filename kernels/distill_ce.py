@@ -18,7 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import Launch, cdiv, load_scalar_f32, new_output, num_warps_for, pow2_block, row_blocks, run_launches
+from ._utils import (
+    ONE_PASS_MAX_K,
+    Launch,
+    cdiv,
+    column_sum_blocks,
+    load_scalar_f32,
+    new_output,
+    num_warps_for,
+    one_pass_blocks,
+    pow2_block,
+    row_blocks,
+    run_launches,
+)
 
 
 # Per row i, with a_k = s_ik / τs and b_k = (t_ik - c_k) / τt:
@@ -98,6 +110,60 @@ def _distill_ce_forward_kernel(
                      mask=ok)
 
 
+# K fits one tile: the same quantities without the online rescaling, from one read of each input.
+#   loss_i = log Z_s - U / Z_t,  U = Σ_k exp(b_k - m_t) (a_k - m_s);  grad_ik = (q_ik - p_ik) / τs
+# Program q walks row tiles [q·T, (q+1)·T) and writes P_q,k = Σ_{i in its tiles} t_ik.
+@triton.jit
+def _distill_ce_one_pass_kernel(
+    student_ptr,  # [N, K] student logits (row stride stride_s, unit column stride)
+    teacher_ptr,  # [N, K] teacher logits (row stride stride_t, unit column stride)
+    center_ptr,  # [K] centre, fp32/fp64
+    student_temp_ptr,  # [1] τs
+    teacher_temp_ptr,  # [1] τt
+    loss_ptr,  # [N] fp32 output: per-row loss
+    grad_ptr,  # [N, K] output (student dtype, contiguous): (q - p) / τs; unused unless WRITE_GRAD
+    part_ptr,  # [programs, K] fp32 output: per-program teacher column sums
+    n_rows,
+    n_cols,
+    stride_s,
+    stride_t,
+    tiles_per_program,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    inv_ts = 1.0 / load_scalar_f32(student_temp_ptr)
+    inv_tt = 1.0 / load_scalar_f32(teacher_temp_ptr)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < n_cols
+    c = tl.load(center_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    col_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for tile in range(0, tiles_per_program):
+        rows = (pid * tiles_per_program + tile) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & col_ok[None, :]
+        s = tl.load(student_ptr + rows[:, None] * stride_s + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        t = tl.load(teacher_ptr + rows[:, None] * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        col_sum += tl.sum(t, axis=0)
+        a_raw = s * inv_ts  # finite everywhere (0 in masked lanes)
+        a = tl.where(col_ok[None, :], a_raw, float("-inf"))
+        b = tl.where(col_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
+        m_s = tl.max(a, axis=1)
+        m_t = tl.max(b, axis=1)
+        e_a = tl.exp(a - m_s[:, None])
+        e_b = tl.exp(b - m_t[:, None])  # 0 in masked columns
+        z_s = tl.sum(e_a, axis=1)
+        z_t = tl.sum(e_b, axis=1)
+        u = tl.sum(e_b * (a_raw - m_s[:, None]), axis=1)
+        tl.store(loss_ptr + rows, tl.log(z_s) - u / z_t, mask=row_ok)
+        if WRITE_GRAD:
+            grad = (e_a * (1.0 / z_s)[:, None] - e_b * (1.0 / z_t)[:, None]) * inv_ts
+            tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                     mask=ok)
+    tl.store(part_ptr + pid * n_cols + cols, col_sum, mask=col_ok)
+
+
 # teacher_sum_k = Σ_q P_q,k, summed in a fixed order (deterministic).
 @triton.jit
 def _column_sum_kernel(
@@ -156,22 +222,29 @@ def distill_ce_forward_launches(student: torch.Tensor, teacher: torch.Tensor, ce
     t = _unit_col_stride(teacher)
     c = center.reshape(-1).contiguous()
     dev = student.device
-    rows, block_k = row_blocks(n, k)
-    programs = cdiv(n, rows)
+    temps = (student_temp.reshape(1), teacher_temp.reshape(1))
+    launches = []
+    if k <= ONE_PASS_MAX_K:
+        rows, block_k, per_program, programs, warps = one_pass_blocks(n, k)
+    else:
+        rows, block_k = row_blocks(n, k)
+        programs, warps = cdiv(n, rows), num_warps_for(rows * block_k)
     loss = new_output((n,), torch.float32, dev)
     grad = new_output((n, k) if need_grad else (0,), student.dtype, dev)
     part = new_output((programs, k), torch.float32, dev)
     teacher_sum = new_output((k,), torch.float32, dev)
-    launches = []
-    if n > 0:
+    if n > 0 and k <= ONE_PASS_MAX_K:
+        launches.append(Launch(_distill_ce_one_pass_kernel, (programs,), (
+            s, t, c, *temps, loss, grad, part, n, k, s.stride(0), t.stride(0), per_program),
+            dict(ROWS=rows, BLOCK_K=block_k, WRITE_GRAD=need_grad, num_warps=warps)))
+    elif n > 0:
         launches.append(Launch(_distill_ce_forward_kernel, (programs,), (
-            s, t, c, student_temp.reshape(1), teacher_temp.reshape(1), loss, grad, part, n, k,
-            s.stride(0), t.stride(0)), dict(ROWS=rows, BLOCK_K=block_k, WRITE_GRAD=need_grad,
-                                            num_warps=num_warps_for(rows * block_k))))
+            s, t, c, *temps, loss, grad, part, n, k, s.stride(0), t.stride(0)),
+            dict(ROWS=rows, BLOCK_K=block_k, WRITE_GRAD=need_grad, num_warps=warps)))
     if k > 0:
-        red_rows, red_k = row_blocks(programs, min(k, 256))
+        red_rows, red_k, red_warps = column_sum_blocks(programs, k)
         launches.append(Launch(_column_sum_kernel, (cdiv(k, red_k),), (part, teacher_sum, programs, k),
-                               dict(ROWS=red_rows, BLOCK_K=red_k, num_warps=num_warps_for(red_rows * red_k))))
+                               dict(ROWS=red_rows, BLOCK_K=red_k, num_warps=red_warps)))
     return (loss, teacher_sum, grad), launches
 
 

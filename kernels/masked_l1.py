@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import Launch, elementwise_blocks, new_output, num_warps_for, pow2_block, run_launches
+from ._utils import Launch, elementwise_blocks, new_output, pow2_block, run_launches
 
 
 # Per program q over its span S_q of the flat arrays:
@@ -33,7 +33,7 @@ def _masked_l1_partial_kernel(
     start = pid * (BLOCK * TILES)
     num = tl.zeros([BLOCK], dtype=tl.float32)
     den = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(TILES):
+    for i in range(0, TILES):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_elements
         p = tl.load(pred_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -101,7 +101,7 @@ def _masked_l1_backward_kernel(
     den = tl.sum(tl.load(den_ptr + zero, mask=zero < 1, other=0.0), axis=0)
     scale = g / tl.maximum(den, 1.0)
     start = pid * (BLOCK * TILES)
-    for i in tl.static_range(TILES):
+    for i in range(0, TILES):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_elements
         p = tl.load(pred_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -129,7 +129,7 @@ def masked_l1_forward_launches(pred: torch.Tensor, target: torch.Tensor, mask: t
     """Outputs ``(loss, den)`` of :func:`masked_l1_forward` and the launches that fill them."""
     p, t, m = _flat_inputs(pred, target, mask)
     n = p.numel()
-    block, tiles, programs = elementwise_blocks(n)
+    block, tiles, programs, warps = elementwise_blocks(n)
     dev = pred.device
     part = new_output((programs, 2) if deterministic else (1, 2), torch.float32, dev)
     acc = torch.zeros(2 if not deterministic else 1, dtype=torch.float32, device=dev)
@@ -137,7 +137,7 @@ def masked_l1_forward_launches(pred: torch.Tensor, target: torch.Tensor, mask: t
     den = new_output((), torch.float32, dev)
     launches = [
         Launch(_masked_l1_partial_kernel, (programs,), (p, t, m, part, acc, n),
-               dict(BLOCK=block, TILES=tiles, DETERMINISTIC=deterministic, num_warps=num_warps_for(block))),
+               dict(BLOCK=block, TILES=tiles, DETERMINISTIC=deterministic, num_warps=warps)),
         Launch(_masked_l1_finalize_kernel, (1,), (part, acc, loss, den, programs),
                dict(BLOCK=pow2_block(programs, max_block=1024), DETERMINISTIC=deterministic)),
     ]
@@ -157,11 +157,11 @@ def masked_l1_backward_launches(pred: torch.Tensor, target: torch.Tensor, mask: 
     """Output of :func:`masked_l1_backward` and the launch that fills it."""
     p, t, m = _flat_inputs(pred, target, mask)
     n = p.numel()
-    block, tiles, programs = elementwise_blocks(n)
+    block, tiles, programs, warps = elementwise_blocks(n)
     grad = new_output(pred.shape, pred.dtype, pred.device)
     g = grad_out.reshape(1).to(torch.float32)
     return grad, [Launch(_masked_l1_backward_kernel, (programs,), (p, t, m, g, den.reshape(1), grad, n),
-                         dict(BLOCK=block, TILES=tiles, num_warps=num_warps_for(block)))]
+                         dict(BLOCK=block, TILES=tiles, num_warps=warps))]
 
 
 def masked_l1_backward(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

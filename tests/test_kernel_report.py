@@ -27,21 +27,19 @@ RULES = ("no_spills", "two_blocks_per_sm", "fills_gpu")
 
 # (op, shape prefix, dtype or None for both, kernel, rule) -> why the launch cannot meet the rule yet.
 KNOWN: dict[tuple[str, str, str | None, str, str], str] = {
-    ("distill_ce fwd+grad", "", None, "distill_ce_forward_kernel", "two_blocks_per_sm"):
-        "8 warps over an 8 x 1,024 (local) or 2 x 4,096 (global) fp32 tile with two online softmaxes need "
-        "169-224 registers a thread: one 256-thread block per SM",
+    ("distill_ce fwd+grad", "global", None, "distill_ce_forward_kernel", "two_blocks_per_sm"):
+        "K > 2,048 takes the two-pass online-softmax kernel: a 2 x 4,096 tile on 8 warps needs 169-176 "
+        "registers a thread, one 256-thread block per SM",
     ("distill_ce fwd+grad", "global", None, "distill_ce_forward_kernel", "fills_gpu"):
-        "one program per 2 rows and no split of K: 128 rows make 64 programs for 132 SMs",
-    ("distill_ce fwd+grad", "", None, "column_sum_kernel", "fills_gpu"):
-        "one program per 256 columns walks every partial row: K / 256 programs (4 to 256)",
+        "K is not split across programs yet: 128 rows, 2 a program, make 64 programs for 132 SMs",
+    ("distill_ce fwd+grad", "local", None, "column_sum_kernel", "fills_gpu"):
+        "the deterministic sum of the forward's per-program partial rows takes 32 columns a program: "
+        "K / 32 = 32 programs; filling 132 SMs needs a second reduction launch",
+    ("distill_ce fwd+grad", "global 128x8192", None, "column_sum_kernel", "fills_gpu"):
+        "the deterministic sum of the forward's per-program partial rows takes 32 columns a program: "
+        "K / 32 = 256 programs for 132 SMs x 12 resident",
     ("distill_ce bwd", "global 128x8192", None, "scale_rows_kernel", "fills_gpu"):
         "8 x 1,024 tiles: 128 x 8,192 makes 128 programs for 132 x 4-6 resident slots",
-    ("masked_l1 fwd", "", "fp32", "masked_l1_partial_kernel", "no_spills"):
-        "16 unrolled 1,024-element fp32 tiles on 2 warps: 255 registers and a 424-byte stack frame",
-    ("masked_l1 fwd", "", "bf16", "masked_l1_partial_kernel", "fills_gpu"):
-        "592 programs of 2 warps, 12 resident per SM: a third of one wave",
-    ("masked_l1 bwd", "", None, "masked_l1_backward_kernel", "fills_gpu"):
-        "592 programs of 2 warps, 18-21 resident per SM: a quarter of one wave",
 }
 
 
