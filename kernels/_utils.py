@@ -109,6 +109,25 @@ def one_pass_blocks(n_rows: int, n_cols: int) -> tuple[int, int, int, int, int]:
     return rows, block_k, per_program, cdiv(n_tiles, per_program), max(1, min(8, rows * block_k // 512))
 
 
+# Split-K row kernels: row tiles × splits should reach this many programs (a full wave of 6-8 blocks on 132 SMs).
+SPLIT_TARGET_PROGRAMS = 1024
+
+
+def split_k_blocks(n_rows: int, n_cols: int) -> tuple[int, int, int, int, int]:
+    """``(ROWS, BLOCK_K, splits, split_cols, num_warps)`` for a row kernel whose rows do not fit one tile.
+
+    Tiles of ``ROWS × BLOCK_K`` = 4,096 elements on 8 warps (16 a thread); K is cut into ``splits``
+    ranges of ``split_cols`` columns (whole chunks) when the row tiles alone are fewer than
+    ``SPLIT_TARGET_PROGRAMS``.
+    """
+    block_k = pow2_block(n_cols, max_block=ONE_PASS_MAX_K)
+    rows = max(1, min(ONE_PASS_TILE // block_k, next_power_of_2(max(n_rows, 1))))
+    chunks = cdiv(max(n_cols, 1), block_k)
+    splits = min(chunks, next_power_of_2(cdiv(SPLIT_TARGET_PROGRAMS, cdiv(max(n_rows, 1), rows))))
+    split_cols = cdiv(chunks, splits) * block_k
+    return rows, block_k, cdiv(max(n_cols, 1), split_cols), split_cols, max(1, min(8, rows * block_k // 512))
+
+
 def column_sum_blocks(n_parts: int, n_cols: int) -> tuple[int, int, int]:
     """``(ROWS, BLOCK_K, num_warps)`` for summing ``n_parts`` partial rows: narrow column strips
     (32 columns, one 128-byte line a row) so that more programs share the reduction."""

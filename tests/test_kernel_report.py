@@ -27,11 +27,11 @@ RULES = ("no_spills", "two_blocks_per_sm", "fills_gpu")
 
 # (op, shape prefix, dtype or None for both, kernel, rule) -> why the launch cannot meet the rule yet.
 KNOWN: dict[tuple[str, str, str | None, str, str], str] = {
-    ("distill_ce fwd+grad", "global", None, "distill_ce_forward_kernel", "two_blocks_per_sm"):
-        "K > 2,048 takes the two-pass online-softmax kernel: a 2 x 4,096 tile on 8 warps needs 169-176 "
-        "registers a thread, one 256-thread block per SM",
-    ("distill_ce fwd+grad", "global", None, "distill_ce_forward_kernel", "fills_gpu"):
-        "K is not split across programs yet: 128 rows, 2 a program, make 64 programs for 132 SMs",
+    ("distill_ce fwd+grad", "global 128x8192", None, "distill_ce_split_stats_kernel", "fills_gpu"):
+        "128 x 8,192 is 256 tiles of 4,096 elements (16 a thread on 8 warps); a full wave at 3 blocks "
+        "per SM needs 396 programs, i.e. 8 elements a thread",
+    ("distill_ce fwd+grad", "global 128x8192", None, "distill_ce_split_finish_kernel", "fills_gpu"):
+        "the same 256 tiles as the stats kernel; at 40-48 registers 5-6 blocks fit an SM",
     ("distill_ce fwd+grad", "local", None, "column_sum_kernel", "fills_gpu"):
         "the deterministic sum of the forward's per-program partial rows takes 32 columns a program: "
         "K / 32 = 32 programs; filling 132 SMs needs a second reduction launch",
