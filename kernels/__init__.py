@@ -1,7 +1,9 @@
 """Triton kernels behind ``asit.ops`` (imported as ``asit_kernels``; never imports ``asit``).
 
 Each module holds the ``@triton.jit`` kernels of one fused op and plain host launchers
-(``*_forward`` / ``*_backward``) that pick block sizes, allocate outputs and launch. Validation,
+(``*_forward`` / ``*_backward``). Each launcher runs the launch list of its ``*_launches`` twin, which
+picks block sizes (from ``_utils``), allocates outputs and returns them with the launches;
+``bench/kernel_report.py`` compiles those same launches for sm_90/sm_80 on a CPU machine. Validation,
 autograd and ``torch.library`` registration live in ``asit.ops.triton_dispatch``.
 """
 

@@ -1,8 +1,17 @@
-"""Host-side helpers shared by the kernels: every block size comes from here."""
+"""Host-side helpers shared by the kernels: every block size comes from here.
+
+A launcher is split in two: a ``*_launches`` function that allocates the outputs and returns them
+with the list of :class:`Launch` records it would run (kernel, grid, arguments, constexprs,
+``num_warps``), and the launcher proper, which runs that list. The kernel report
+(``bench/kernel_report.py``) calls the same ``*_launches`` functions on meta tensors and compiles
+each record for a GPU target, so what it judges is exactly what the ops launch.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -14,9 +23,29 @@ POISON_ENV = "ASIT_KERNELS_POISON"
 
 # Largest tile (elements per tensor) one program holds at once; keeps register use moderate.
 MAX_TILE = 8192
-# Elementwise kernels: elements per block, and roughly how many programs a launch should have.
-ELEMENTWISE_BLOCK = 1024
-TARGET_PROGRAMS = 1024
+# Elementwise kernels: elements per block (8 warps, 8 elements a thread), and the fewest programs a
+# launch should have: 1,056 resident blocks of 256 threads fill the 132 SMs of an H100 once.
+ELEMENTWISE_BLOCK = 2048
+TARGET_PROGRAMS = 2048
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **kwargs)``; constexprs and ``num_warps`` sit in ``kwargs``."""
+
+    kernel: Any  # a @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def run_launches(launches: list[Launch]) -> None:
+    """Run launches in order (on the current stream)."""
+    for launch in launches:
+        launch()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -37,16 +66,18 @@ def pow2_block(n: int, *, max_block: int = MAX_TILE, min_block: int = 16) -> int
     return max(min_block, min(max_block, next_power_of_2(max(int(n), 1))))
 
 
-def elementwise_blocks(n: int) -> tuple[int, int, int]:
-    """``(BLOCK, TILES, programs)`` for a flat reduction over ``n`` elements.
+def elementwise_blocks(n: int) -> tuple[int, int, int, int]:
+    """``(BLOCK, TILES, programs, num_warps)`` for a flat pass over ``n`` elements.
 
-    Each program walks ``TILES`` consecutive blocks of ``BLOCK`` elements; ``TILES`` is a power of
-    two so that few kernel variants are ever compiled.
+    Each program walks ``TILES`` consecutive blocks of ``BLOCK`` elements in a loop (one block of
+    loads in flight at a time keeps registers low; many resident programs keep the bytes in
+    flight). ``TILES`` is a power of two so that few kernel variants are ever compiled, and small
+    enough that the grid keeps at least about ``TARGET_PROGRAMS / 2`` programs.
     """
     block = min(ELEMENTWISE_BLOCK, pow2_block(n))
     n_blocks = cdiv(max(n, 1), block)
     tiles = min(64, next_power_of_2(cdiv(n_blocks, TARGET_PROGRAMS)))
-    return block, tiles, cdiv(n_blocks, tiles)
+    return block, tiles, cdiv(n_blocks, tiles), max(1, min(8, block // 256))
 
 
 def row_blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -56,15 +87,68 @@ def row_blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
     return rows, block_k
 
 
+# Row kernels whose whole row fits one tile (one pass over the data): widest row, elements per
+# program tile, and how many programs the row tiles are dealt to (each program walks a contiguous
+# run of tiles and keeps one per-column partial sum, so the partials stay few).
+ONE_PASS_MAX_K = 2048
+ONE_PASS_TILE = 4096
+ROW_PROGRAMS = 1024
+
+
+def one_pass_blocks(n_rows: int, n_cols: int) -> tuple[int, int, int, int, int]:
+    """``(ROWS, BLOCK_K, TILES_PER_PROGRAM, programs, num_warps)`` for a one-pass row kernel.
+
+    A program holds ``ROWS × BLOCK_K`` elements of each input (16 a thread at 8 warps, so the
+    kernel fits in 128 registers and two blocks share an SM) and walks ``TILES_PER_PROGRAM``
+    consecutive row tiles; the tiles are dealt evenly to at most ``ROW_PROGRAMS`` programs.
+    """
+    block_k = pow2_block(n_cols, max_block=ONE_PASS_MAX_K)
+    rows = max(1, min(ONE_PASS_TILE // block_k, next_power_of_2(max(n_rows, 1))))
+    n_tiles = cdiv(max(n_rows, 1), rows)
+    per_program = cdiv(n_tiles, ROW_PROGRAMS)
+    return rows, block_k, per_program, cdiv(n_tiles, per_program), max(1, min(8, rows * block_k // 512))
+
+
+# Split-K row kernels: row tiles × splits should reach this many programs (a full wave of 6-8 blocks on 132 SMs).
+SPLIT_TARGET_PROGRAMS = 1024
+
+
+def split_k_blocks(n_rows: int, n_cols: int) -> tuple[int, int, int, int, int]:
+    """``(ROWS, BLOCK_K, splits, split_cols, num_warps)`` for a row kernel whose rows do not fit one tile.
+
+    Tiles of ``ROWS × BLOCK_K`` = 4,096 elements on 8 warps (16 a thread); K is cut into ``splits``
+    ranges of ``split_cols`` columns (whole chunks) when the row tiles alone are fewer than
+    ``SPLIT_TARGET_PROGRAMS``.
+    """
+    block_k = pow2_block(n_cols, max_block=ONE_PASS_MAX_K)
+    rows = max(1, min(ONE_PASS_TILE // block_k, next_power_of_2(max(n_rows, 1))))
+    chunks = cdiv(max(n_cols, 1), block_k)
+    splits = min(chunks, next_power_of_2(cdiv(SPLIT_TARGET_PROGRAMS, cdiv(max(n_rows, 1), rows))))
+    split_cols = cdiv(chunks, splits) * block_k
+    return rows, block_k, cdiv(max(n_cols, 1), split_cols), split_cols, max(1, min(8, rows * block_k // 512))
+
+
+def column_sum_blocks(n_parts: int, n_cols: int) -> tuple[int, int, int]:
+    """``(ROWS, BLOCK_K, num_warps)`` for summing ``n_parts`` partial rows: narrow column strips
+    (32 columns, one 128-byte line a row) so that more programs share the reduction."""
+    block_k = pow2_block(n_cols, max_block=32)
+    rows = max(1, min(2048 // block_k, next_power_of_2(max(n_parts, 1))))
+    return rows, block_k, num_warps_for(rows * block_k)
+
+
+# GMML painter: boxes per chunk (the inner dimension of its int8 matrix product; 32 at least).
+GMML_BOX_CHUNK = 32
+
+
 def gmml_blocks(patch: int) -> tuple[int, int, int]:
     """``(BLOCK_P, TOKENS, BLOCK_W)`` for the GMML painter.
 
-    A program covers one band of ``patch`` rows (padded to ``BLOCK_P``) and ``TOKENS`` whole
-    patches along the width (``TOKENS · patch`` columns, padded to ``BLOCK_W``), so no patch is
-    split between programs.
+    A program covers one band of ``patch`` rows (padded to ``BLOCK_P``, at least 16 for the
+    matrix product) and ``TOKENS`` whole patches along the width (``TOKENS · patch`` columns,
+    padded to ``BLOCK_W``), so no patch is split between programs.
     """
     tokens = max(1, 128 // patch)
-    return next_power_of_2(patch), tokens, next_power_of_2(tokens * patch)
+    return max(16, next_power_of_2(patch)), tokens, max(16, next_power_of_2(tokens * patch))
 
 
 def num_warps_for(tile: int) -> int:

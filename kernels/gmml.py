@@ -1,8 +1,9 @@
 """GMML corruption painter: apply sampled rectangular blocks to a batch of spectrograms.
 
 One program owns one band of ``p`` rows (one row of tokens) and ``TOKENS`` whole patches along
-the width of one sample. It tests each pixel against the boxes of that sample up to its last
-non-empty one (the sync-free sampler leaves long blank tails), writes the
+the width of one sample. It loads the boxes of that sample up to its last non-empty one (the
+sync-free sampler leaves long blank tails) in chunks, counts the boxes covering each pixel as a
+small integer matrix product (row membership × column membership), writes the
 corrupted pixels of all channels (0, or the pixel of ``x[source]`` at the same position), the
 bool mask, and the corrupted fraction of each of its patches — counted exactly in integers, then
 divided once with round-to-nearest, which is what ``avg_pool2d`` of a 0/1 mask produces.
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, gmml_blocks, new_output, next_power_of_2, num_warps_for
+from ._utils import GMML_BOX_CHUNK, Launch, cdiv, gmml_blocks, new_output, next_power_of_2, num_warps_for, run_launches
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -47,6 +48,7 @@ def _gmml_corrupt_kernel(
     TOKENS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     band = tl.program_id(1).to(tl.int64)
@@ -59,19 +61,26 @@ def _gmml_corrupt_kernel(
     col_ok = (c_idx < TOKENS * PATCH) & (cols < width)
     ok = row_ok[:, None] & col_ok[None, :]
 
-    hit = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.int1)
-    four = tl.arange(0, 4)
+    # Boxes in chunks of BLOCK_M, each loaded once: R[y, m] = row y inside box m, C[m, x] = column x
+    # inside box m, so (R @ C)[y, x] counts the boxes covering a pixel exactly (int8 products, int32
+    # sums). Boxes that miss this band's rows have zero rows in R and add nothing.
     one = tl.arange(0, 1)
     n_used = tl.sum(tl.load(nbox_ptr + b + one, mask=one < 1, other=0), axis=0)
-    for m in range(0, n_used):
-        box = tl.load(boxes_ptr + (b * n_boxes + m) * 4 + four, mask=four < 4, other=0).to(tl.int64)
-        top = tl.sum(tl.where(four == 0, box, 0), axis=0)
-        left = tl.sum(tl.where(four == 1, box, 0), axis=0)
-        bh = tl.sum(tl.where(four == 2, box, 0), axis=0)
-        bw = tl.sum(tl.where(four == 3, box, 0), axis=0)
-        in_r = (rows >= top) & (rows < top + bh)
-        in_c = (cols >= left) & (cols < left + bw)
-        hit = hit | (in_r[:, None] & in_c[None, :])
+    m_idx = tl.arange(0, BLOCK_M)
+    py = rows.to(tl.int32)  # pixel coordinates fit in int32 (the offsets below stay int64)
+    px = cols.to(tl.int32)
+    count = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.int32)
+    for m0 in range(0, n_used, BLOCK_M):
+        box = boxes_ptr + (b * n_boxes + m0 + m_idx) * 4
+        m_ok = m0 + m_idx < n_used
+        top = tl.load(box, mask=m_ok, other=0).to(tl.int32)
+        left = tl.load(box + 1, mask=m_ok, other=0).to(tl.int32)
+        bh = tl.load(box + 2, mask=m_ok, other=0).to(tl.int32)
+        bw = tl.load(box + 3, mask=m_ok, other=0).to(tl.int32)
+        in_r = (py[:, None] >= top[None, :]) & (py[:, None] < (top + bh)[None, :])  # [BLOCK_P, BLOCK_M]
+        in_c = (px[None, :] >= left[:, None]) & (px[None, :] < (left + bw)[:, None])  # [BLOCK_M, BLOCK_W]
+        count = tl.dot(in_r.to(tl.int8), in_c.to(tl.int8), count)
+    hit = count > 0
     hit = hit & ok
 
     alien = tl.sum(tl.load(alien_ptr + b + one, mask=one < 1, other=0).to(tl.int32), axis=0) != 0
@@ -96,9 +105,9 @@ def _gmml_corrupt_kernel(
     tl.store(frac_ptr + b * tokens_h * tokens_w + band * tokens_w + tok_x, frac, mask=tok_ok)
 
 
-def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, source: torch.Tensor,
-                 patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(corrupted [B, C, H, W], mask bool [B, 1, H, W], token_fraction fp32 [B, HT·WT])``."""
+def gmml_forward_launches(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, source: torch.Tensor,
+                          patch_size: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[Launch]]:
+    """Outputs ``(corrupted, mask, token_fraction)`` of :func:`gmml_forward` and the launch that fills them."""
     b, c, h, w = x.shape
     xc = x.contiguous()
     bits = _BITS[xc.element_size()]
@@ -108,6 +117,7 @@ def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, sour
     frac = new_output((b, tokens_h * tokens_w), torch.float32, x.device)
     block_p, tokens, block_w = gmml_blocks(patch_size)
     grid = (b, cdiv(h, patch_size), cdiv(w, tokens * patch_size))
+    launches = []
     if b * h * w > 0:
         # per sample, 1 + the index of its last non-empty box: the painter loops only that far (the
         # sampler blanks the slots after each sample's prefix, up to its budget), computed on the device
@@ -115,10 +125,18 @@ def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, sour
         nonempty = (boxes[..., 2] > 0) & (boxes[..., 3] > 0)  # [B, M]
         order = torch.arange(1, m + 1, dtype=torch.int32, device=boxes.device)
         n_used = (nonempty.to(torch.int32) * order).amax(dim=1) if m else boxes.new_zeros(b, dtype=torch.int32)
-        _gmml_corrupt_kernel[grid](
+        launches.append(Launch(_gmml_corrupt_kernel, grid, (
             xc.view(bits), boxes.contiguous(), n_used.contiguous(), alien.contiguous().view(torch.uint8),
             source.contiguous(),
-            corrupted.view(bits), mask.view(torch.uint8), frac, c, h, w, boxes.shape[1], tokens_h, tokens_w,
-            PATCH=patch_size, BLOCK_P=block_p, TOKENS=tokens, BLOCK_T=next_power_of_2(tokens),
-            BLOCK_W=block_w, num_warps=num_warps_for(block_p * block_w))
-    return corrupted, mask, frac
+            corrupted.view(bits), mask.view(torch.uint8), frac, c, h, w, boxes.shape[1], tokens_h, tokens_w),
+            dict(PATCH=patch_size, BLOCK_P=block_p, TOKENS=tokens, BLOCK_T=next_power_of_2(tokens),
+                 BLOCK_W=block_w, BLOCK_M=GMML_BOX_CHUNK, num_warps=num_warps_for(block_p * block_w))))
+    return (corrupted, mask, frac), launches
+
+
+def gmml_forward(x: torch.Tensor, boxes: torch.Tensor, alien: torch.Tensor, source: torch.Tensor,
+                 patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(corrupted [B, C, H, W], mask bool [B, 1, H, W], token_fraction fp32 [B, HT·WT])``."""
+    outputs, launches = gmml_forward_launches(x, boxes, alien, source, patch_size)
+    run_launches(launches)
+    return outputs

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import elementwise_blocks, new_output, num_warps_for, pow2_block
+from ._utils import Launch, elementwise_blocks, new_output, pow2_block, run_launches
 
 
 # Per program q over its span S_q of the flat arrays:
@@ -33,7 +33,7 @@ def _masked_l1_partial_kernel(
     start = pid * (BLOCK * TILES)
     num = tl.zeros([BLOCK], dtype=tl.float32)
     den = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(TILES):
+    for i in range(0, TILES):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_elements
         p = tl.load(pred_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -101,7 +101,7 @@ def _masked_l1_backward_kernel(
     den = tl.sum(tl.load(den_ptr + zero, mask=zero < 1, other=0.0), axis=0)
     scale = g / tl.maximum(den, 1.0)
     start = pid * (BLOCK * TILES)
-    for i in tl.static_range(TILES):
+    for i in range(0, TILES):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_elements
         p = tl.load(pred_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -123,32 +123,50 @@ def _flat_inputs(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     return p, t, m
 
 
-def masked_l1_forward(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                      deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(loss, den)``: 0-d fp32 loss and the 0-d fp32 mask sum (needed by the backward)."""
+def masked_l1_forward_launches(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                               deterministic: bool = False,
+                               ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[Launch]]:
+    """Outputs ``(loss, den)`` of :func:`masked_l1_forward` and the launches that fill them."""
     p, t, m = _flat_inputs(pred, target, mask)
     n = p.numel()
-    block, tiles, programs = elementwise_blocks(n)
+    block, tiles, programs, warps = elementwise_blocks(n)
     dev = pred.device
     part = new_output((programs, 2) if deterministic else (1, 2), torch.float32, dev)
     acc = torch.zeros(2 if not deterministic else 1, dtype=torch.float32, device=dev)
     loss = new_output((), torch.float32, dev)
     den = new_output((), torch.float32, dev)
-    _masked_l1_partial_kernel[(programs,)](p, t, m, part, acc, n, BLOCK=block, TILES=tiles,
-                                           DETERMINISTIC=deterministic, num_warps=num_warps_for(block))
-    _masked_l1_finalize_kernel[(1,)](part, acc, loss, den, programs,
-                                     BLOCK=pow2_block(programs, max_block=1024), DETERMINISTIC=deterministic)
-    return loss, den
+    launches = [
+        Launch(_masked_l1_partial_kernel, (programs,), (p, t, m, part, acc, n),
+               dict(BLOCK=block, TILES=tiles, DETERMINISTIC=deterministic, num_warps=warps)),
+        Launch(_masked_l1_finalize_kernel, (1,), (part, acc, loss, den, programs),
+               dict(BLOCK=pow2_block(programs, max_block=1024), DETERMINISTIC=deterministic)),
+    ]
+    return (loss, den), launches
+
+
+def masked_l1_forward(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                      deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(loss, den)``: 0-d fp32 loss and the 0-d fp32 mask sum (needed by the backward)."""
+    outputs, launches = masked_l1_forward_launches(pred, target, mask, deterministic)
+    run_launches(launches)
+    return outputs
+
+
+def masked_l1_backward_launches(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                                grad_out: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, list[Launch]]:
+    """Output of :func:`masked_l1_backward` and the launch that fills it."""
+    p, t, m = _flat_inputs(pred, target, mask)
+    n = p.numel()
+    block, tiles, programs, warps = elementwise_blocks(n)
+    grad = new_output(pred.shape, pred.dtype, pred.device)
+    g = grad_out.reshape(1).to(torch.float32)
+    return grad, [Launch(_masked_l1_backward_kernel, (programs,), (p, t, m, g, den.reshape(1), grad, n),
+                         dict(BLOCK=block, TILES=tiles, num_warps=warps))]
 
 
 def masked_l1_backward(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                        grad_out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``grad_pred`` (pred's dtype and shape, contiguous) for upstream gradient ``grad_out`` (0-d)."""
-    p, t, m = _flat_inputs(pred, target, mask)
-    n = p.numel()
-    block, tiles, programs = elementwise_blocks(n)
-    grad = new_output(pred.shape, pred.dtype, pred.device)
-    g = grad_out.reshape(1).to(torch.float32)
-    _masked_l1_backward_kernel[(programs,)](p, t, m, g, den.reshape(1), grad, n, BLOCK=block, TILES=tiles,
-                                            num_warps=num_warps_for(block))
+    grad, launches = masked_l1_backward_launches(pred, target, mask, grad_out, den)
+    run_launches(launches)
     return grad
