@@ -4,7 +4,7 @@ Each module holds the ``@triton.jit`` kernels of one fused op and plain host lau
 (``*_forward`` / ``*_backward``). Each launcher runs the launch list of its ``*_launches`` twin, which
 picks block sizes (from ``_utils``), allocates outputs and returns them with the launches;
 ``bench/kernel_report.py`` compiles those same launches for sm_90/sm_80 on a CPU machine. Validation,
-autograd and ``torch.library`` registration live in ``asit.ops.triton_dispatch``.
+autograd and ``torch.library`` registration live in ``asit.ops._triton``.
 """
 
 from .distill_ce import distill_ce_backward, distill_ce_forward

@@ -212,7 +212,7 @@ def test_float64_fbank_shows_the_float32_rounding_floor():
 def test_cuda_stays_within_the_float32_floor_of_torchaudio_on_cuda():
     """On the GPU, float32 rounding alone puts torchaudio's own fbank up to 1.2e-3 (32 kHz) and 3.7e-3
     (16 kHz) from the exact (float64) fbank on a pure tone, and ours 1.9e-3 from torchaudio's (measured
-    on an H200, 2026-11-27: ``bench/device_runs/2026-11-27-h200-s7/call6_fbank_diag.txt``), so the CPU's
+    on an H200, 2026-11-27: the ``fbank_accuracy`` rows of ``bench/results/results.csv``), so the CPU's
     1e-3 parity cannot hold there. What must hold: ours is no further from the exact fbank than
     torchaudio on the GPU is, plus TOL, and within the cross-device tolerance of the CPU results."""
     sr = 32000
