@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,9 @@ from asit.data.samplers import WeightedDistributedSampler
 from asit.encoder import FRAME_LENGTH_S, FRAME_SHIFT_S, backbone_spec, load_encoder
 from asit.eval.linear_probe import _file_stamp, average_precision
 from asit.models import build_backbone
+from asit.train.faults import FaultHook
+from asit.train.precision import autocast
+from asit.train.resume import load_rng, rng_state, save_rng, set_rng_state
 
 from .augment import SpecAugment, add_noise_and_shift, apply_mixup, sample_mixup
 from .config import FinetuneConfig, FTOptimConfig, finetune_config_to_dict
@@ -125,6 +127,8 @@ class Finetuner:
         self.run_dir = Path(run_dir)
         self.dist = init_distributed(cfg.train.device)
         self.device = self.dist.device
+        self.fault = FaultHook(self.run_dir, self.dist.rank, self.dist.world_size, env=FAULT_EPOCH_ENV,
+                               every_rank=True)
         loss = cfg.optim.loss if cfg.optim.loss != "auto" else ("bce" if multilabel else "ce")
         self.loss_kind = loss
         self.metric = "mAP" if multilabel else "accuracy"
@@ -225,11 +229,6 @@ class Finetuner:
                                     normalize=(self.mean, self.std))  # [B, T, F]
         return fbank.unsqueeze(1)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.loss_kind == "bce":
@@ -250,7 +249,7 @@ class Finetuner:
         lr = float(self.lr_schedule[step])
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        with self._autocast():
+        with autocast(self.device, self.autocast_dtype):
             logits = self.ddp_model(x)
         loss = self._loss(logits, target)
         self.optimizer.zero_grad(set_to_none=True)
@@ -279,7 +278,7 @@ class Finetuner:
         for batch in self.val_loader if loader is None else loader:
             if batch["wave"].numel() == 0:
                 continue
-            with self._autocast():
+            with autocast(self.device, self.autocast_dtype):
                 logits = self.model(self.features(batch["wave"].to(self.device))).float()
             prob = (torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, -1)).cpu()
             if "owner" in batch:  # several windows per clip: the mean of their scores
@@ -377,9 +376,7 @@ class Finetuner:
                 "epoch": epoch + 1, "step": step, "best": best, "history": history, "last_eval": ev,
                 "averaged": averaged, "n_avg": n_avg, "wall_time_s": time.time() - started,
             })
-            if os.environ.get(FAULT_EPOCH_ENV) == str(epoch + 1):  # test hook: die like a killed worker
-                log.error("%s=%d: simulating a crash after this epoch (test hook)", FAULT_EPOCH_ENV, epoch + 1)
-                os._exit(1)
+            self.fault(epoch + 1)  # test hook (FAULT_EPOCH_ENV): every process dies like a killed worker
         assert ev is not None  # train.epochs > 0 is validated, and a resume point holds its last evaluation
         last = {"epoch": t.epochs, **ev}
         result: dict[str, Any] = {"metric": self.metric, "best": best, "last": last, "history": history,
@@ -445,17 +442,6 @@ class Finetuner:
             "config": finetune_config_to_dict(self.cfg), "encoder_metadata": self.encoder_meta,
         }, self.run_dir / name)
 
-    # ------------------------------------------------------------------ resume
-    def _rng_path(self, epoch: int, rank: int) -> Path:
-        return self.run_dir / f"rng_epoch{epoch:04d}_rank{rank}.pt"
-
-    def _rng_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                                 "mixup": json.dumps(self.mix_rng.bit_generator.state)}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
     def _corpus_stats(self) -> tuple[float, float]:
         """``data.stats=corpus``: fbank mean and std of the training clips at the encoder's sample rate and
         mel bins (:func:`~asit.data.stats.compute_fbank_stats`). Rank 0 computes them once, caches them in
@@ -508,7 +494,9 @@ class Finetuner:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.distributed:
             dist.barrier()
-        atomic_save(self._rng_state(), self._rng_path(epoch, rank))
+        save_rng(self.run_dir, f"epoch{epoch:04d}", rank,
+                 rng_state(cuda=self.device.type == "cuda", device=self.device,
+                           mixup=json.dumps(self.mix_rng.bit_generator.state)))
         if self.dist.distributed:
             dist.barrier()
         if self.dist.is_main:
@@ -539,12 +527,11 @@ class Finetuner:
             mismatched.append(f"train.epochs: {saved_train['epochs']} there, {self.cfg.train.epochs} here")
         if mismatched:
             raise ConfigError(f"cannot resume from {path}: " + "; ".join(mismatched))
-        rng = load_checkpoint(self._rng_path(state["epoch"], self.dist.rank), required=("torch", "mixup"))
+        rng = load_rng(self.run_dir, f"epoch{state['epoch']:04d}", self.dist.rank, required=("torch", "mixup"),
+                       checkpoint=path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        set_rng_state(rng, cuda=self.device.type == "cuda", device=self.device)
         self.mix_rng.bit_generator.state = json.loads(rng["mixup"])
         if self.dist.is_main:  # the interrupted epoch's records would otherwise appear twice
             from asit.train.metrics import trim_log
