@@ -24,6 +24,7 @@ testable on a tiny model; those numbers say nothing about a GPU.
 from __future__ import annotations
 
 import bisect
+import gzip
 import json
 import re
 from collections import defaultdict
@@ -193,8 +194,9 @@ def summarize_trace(trace: dict | list, *, top: int = 25) -> dict[str, Any]:
 def profile_steps(step: Callable[[], Any], *, out_dir: str | Path, name: str, steps: int = 3, warmup: int = 2,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``step`` ``warmup`` times, then ``steps`` times under torch.profiler (each inside an
-    ``asit.step`` range); write ``<out_dir>/<name>.trace.json`` (Chrome trace) and
-    ``<out_dir>/<name>.profile.json`` (:func:`summarize_trace` plus ``extra``) and return the summary."""
+    ``asit.step`` range); write ``<out_dir>/<name>.trace.json.gz`` (Chrome trace, gzipped: Perfetto opens
+    it as it is) and ``<out_dir>/<name>.profile.json`` (:func:`summarize_trace` plus ``extra``) and return
+    the summary."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
@@ -208,10 +210,15 @@ def profile_steps(step: Callable[[], Any], *, out_dir: str | Path, name: str, st
         sync()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trace_path = out / f"{name}.trace.json"
-    prof.export_chrome_trace(str(trace_path))
-    with open(trace_path, encoding="utf-8") as fh:
-        summary = summarize_trace(json.load(fh))
+    raw = out / f"{name}.trace.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, encoding="utf-8") as fh:
+        trace = json.load(fh)
+    trace_path = out / f"{name}.trace.json.gz"
+    with open(raw, "rb") as src, gzip.open(trace_path, "wb", compresslevel=6) as dst:
+        dst.write(src.read())
+    raw.unlink()
+    summary = summarize_trace(trace)
     summary = {"name": name, "device": torch.cuda.get_device_name() if cuda else "cpu", **(extra or {}),
                **summary, "trace": trace_path.name}
     (out / f"{name}.profile.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

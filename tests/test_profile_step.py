@@ -91,7 +91,7 @@ def test_profile_of_a_tiny_training_step(tmp_path, mode):
         trainer.cleanup()
     written = json.loads((tmp_path / f"tiny-{mode}.profile.json").read_text())
     assert written["mode"] == mode and written["steps"] == 2 and written["kernels_from"] == "cpu"
-    assert (tmp_path / written["trace"]).stat().st_size > 0
+    assert written["trace"].endswith(".trace.json.gz") and (tmp_path / written["trace"]).stat().st_size > 0
     ms = written["parts_ms"]
     assert ms["gemm"] > 0 and ms["losses"] > 0 and ms["optimizer"] > 0 and ms["ema"] > 0
     assert (ms["gmml"] > 0) == (mode == "fast")  # authors mode: GMML ran in the loader's collate
