@@ -50,6 +50,7 @@ _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|softmax|cudnn.*attn", re.IGN
 _MEMCPY = re.compile(r"memcpy|memset|^aten::copy_$|^aten::to$|^aten::_to_copy$", re.IGNORECASE)
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 _LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+_RANGE_CATS = ("user_annotation", "cpu_op")  # host-side ranges (the device timeline repeats them)
 
 
 def classify_kernel(name: str, range_name: str | None = None) -> str:
@@ -112,7 +113,7 @@ class _Ranges:
     main thread waits inside ``asit.backward``."""
 
     def __init__(self, events: list[dict]) -> None:
-        wanted = [e for e in events if e.get("cat") in ("user_annotation", "cpu_op")
+        wanted = [e for e in events if e.get("cat") in _RANGE_CATS
                   and (e["name"].startswith("asit.") or _OPTIMIZER_RANGE.match(e["name"]))]
         self.ranges = sorted(((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in wanted),
                              key=lambda r: r[0])
@@ -146,7 +147,7 @@ def summarize_trace(trace: dict | list, *, top: int = 25) -> dict[str, Any]:
     ranges. Times in ms per step."""
     events = _events(trace)
     steps = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
-                   if e["name"] == STEP_RANGE)
+                   if e["name"] == STEP_RANGE and e.get("cat") in _RANGE_CATS)
     if not steps:
         raise ValueError(f"the trace has no {STEP_RANGE!r} ranges: run each step inside record_function"
                          f"({STEP_RANGE!r})")

@@ -11,7 +11,8 @@ are built until ``ASIT_BENCH_LEVER_BUDGET_S`` of setup and compile time is spent
 Reported per variant: ms per step (median round), samples/s, achieved TFLOP/s (the step's FLOPs counted
 once per architecture on the eager fast step with ``torch.utils.flop_counter``; the same useful work for
 every variant), MFU against the bf16 matmul rate measured in this run (an 8192³ GEMM timed with CUDA
-events) and against the device's spec peak (:data:`SPEC_PEAK_TFLOPS`), peak memory, speed-ups (fast
+events) and against the device's spec peak (:data:`SPEC_PEAK_TFLOPS`), peak memory (what the variant
+holds between steps plus its step's peak above that, as if it ran alone), speed-ups (fast
 against authors, each lever against fast), and for the authors mode the per-sample CPU GMML collate time
 of one batch (in a real run the loader workers overlap it with the GPU, so it is not in the step time).
 ``test_modes`` also profiles a few steps of each mode (``bench/profile_step.py``).
@@ -179,6 +180,7 @@ class _Variant:
         self.info: dict[str, Any] = {"collate_ms": collate_ms, "setup_s": setup_s}
         self.round_ms: list[float] = []
         self.peak = 0
+        self.resident = 0  # bytes this variant holds between steps (weights, optimiser state, buffers)
 
     def warm_up(self, steps: int = 3) -> None:
         for _ in range(steps):
@@ -189,6 +191,7 @@ class _Variant:
     def timed_round(self) -> None:
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         else:
@@ -199,7 +202,8 @@ class _Variant:
             end.record()
             torch.cuda.synchronize()
             self.round_ms.append(start.elapsed_time(end) / STEPS)
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            # the other variants' weights stay resident: count this one's own (at setup) plus its step's
+            self.peak = max(self.peak, self.resident + torch.cuda.max_memory_allocated() - before)
         else:
             self.round_ms.append((time.perf_counter() - t0) * 1e3 / STEPS)
 
@@ -296,12 +300,14 @@ def _run(tmp_path: Path, test: str, arch: str, batch: int, specs: list[tuple[str
             results[name] = {"error": f"not built: setup budget of {budget_s:.0f} s spent"}
             continue
         t0 = time.perf_counter()
+        held = torch.cuda.memory_allocated() if CUDA else 0
         try:
             trainer = _trainer(tmp_path, arch, batch, mode, extra)
             batch_dict, collate_ms = _batch(batch, mode)
             v = _Variant(name, trainer, batch_dict, collate_ms, 0.0)
             v.warm_up()
             v.info["setup_s"] = time.perf_counter() - t0
+            v.resident = (torch.cuda.memory_allocated() - held) if CUDA else 0
             if not flops:  # the first variant is fast mode: count its useful work once
                 flops = _count_flops(trainer, batch_dict)
             variants.append(v)

@@ -54,6 +54,7 @@ def test_device_trace_summary():
         _x("asit.step", 0, 100, "user_annotation"), _x("asit.step", 100, 100, "user_annotation"),
         _x("asit.losses", 10, 10, "user_annotation"), _x("asit.losses", 110, 10, "user_annotation"),
         _x("asit.ema", 150, 10, "user_annotation"),
+        _x("asit.step", 40, 60, "gpu_user_annotation"),  # the device timeline's copy of a range: not a step
     ]
     for step in (0, 100):
         events += [_x("cudaLaunchKernel", step + 5, 1, "cuda_runtime", correlation=step + 1),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train_engine import TINY, _env  # noqa: F401  (module fixture: temp ASIT_CACHE, 1 thread)
 
-from asit.config import ConfigError, load_config
+from asit.config import ConfigError, load_config, rename_old_keys
 from asit.data import collate_pretrain
 from asit.data.gmml_cpu import ReferenceGMMLCollate, gmml_per_sample
 from asit.models.vit import NaiveAttention
@@ -82,6 +82,12 @@ def test_reference_is_read_as_authors_with_a_warning(caplog):
         cfg = load_config("demo_cpu", ["train.mode=reference"])
     assert cfg.train.mode == "authors"
     assert "train.mode=authors" in caplog.text
+
+
+def test_old_mode_name_in_a_checkpoint_config_is_renamed():
+    saved = {"train": {"mode": "reference", "epochs": 3}, "model": {}}
+    assert rename_old_keys(saved) == {"train": {"mode": "authors", "epochs": 3}, "model": {}}
+    assert rename_old_keys({"train": {"mode": "fast"}}) == {"train": {"mode": "fast"}}
 
 
 def test_compile_in_authors_mode_is_rejected(tmp_path):
