@@ -8,6 +8,7 @@ validates every key and type. Unknown keys raise :class:`ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -21,8 +22,10 @@ from asit.atomic_io import atomic_write_text
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "GMMLConfig", "LossConfig", "ModelConfig", "OptimConfig",
-    "TrainConfig", "available_recipes", "config_to_dict", "load_config", "save_config",
+    "TrainConfig", "available_recipes", "config_to_dict", "load_config", "rename_old_keys", "save_config",
 ]
+
+log = logging.getLogger(__name__)
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 # Mean and standard deviation of AudioSet's fbank values (the AST statistics); asit.data re-exports them.
@@ -90,7 +93,9 @@ class ModelConfig:
     trainable_g: bool = False
     recon_hidden: int = 768
     recon_out: int = 128
-    attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"
+    # auto: flash_attn when installed, else SDPA (the naive attention in train.mode=authors); sdpa_flash /
+    # sdpa_cudnn: SDPA held to that kernel on CUDA; naive: q·kᵀ, softmax, ·v materialised (DINO's ViT)
+    attn_backend: Literal["auto", "sdpa", "flash_attn", "sdpa_flash", "sdpa_cudnn", "naive"] = "auto"
     # None: random weights. Otherwise an ImageNet ViT to start the backbone from (a timm model name, fetched
     # when online, or a checkpoint file), converted as the authors' v2 does (RGB kernels summed, grid resized)
     init: str | None = None
@@ -169,9 +174,16 @@ class TrainConfig:
     image_every_epochs: int = 1
     progress: bool = True
     max_consecutive_nonfinite: int = 20  # stop after this many skipped (NaN/Inf) steps in a row
-    # fast: GMML on the device, fused ops, torch.compile (CUDA), bf16. reference: the authors' pipeline
-    # shape (per-sample CPU GMML in the loader's collate, eager PyTorch losses, no compile, fp16 + scaler)
-    mode: Literal["fast", "reference"] = "fast"
+    # fast: GMML on the device, fused ops, torch.compile (CUDA), bf16. authors: the authors' step shape
+    # (per-sample CPU GMML in the loader's collate, naive attention, eager PyTorch losses, no compile,
+    # fp16 + scaler on CUDA, per-parameter clipping with host reads, per-tensor EMA, for-loop AdamW).
+    # "reference" is read as "authors" (its old name), with a warning
+    mode: Literal["fast", "authors"] = "fast"
+    # the teacher's EMA: auto (per_tensor in authors mode, else foreach), per_tensor (a Python loop of
+    # t.mul_(m).add_((1-m)·s), the authors'), foreach (two multi-tensor ops, or a lerp_ per tensor when the
+    # momentum is a device tensor), fused (one multi-tensor lerp)
+    ema: Literal["auto", "per_tensor", "foreach", "fused"] = "auto"
+    teacher_bf16: bool = False  # the teacher's forward runs on a bf16 copy of its weights (bf16 precision only)
     compile: bool | None = None  # None: compile in fast mode on CUDA only
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # No host sync inside the step: GMML blocks from a fixed candidate budget, and the NaN/Inf guard applied
@@ -357,9 +369,19 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
     ``gmml.zero_ratio=[0.4,0.6]``).
     """
     tree = load_tree(recipe, overrides, recipe_dir=RECIPE_DIR, kind="recipe", shipped=available_recipes)
-    cfg = _build(Config, tree)
+    cfg = _build(Config, rename_old_keys(tree))
     _validate(cfg)
     return cfg
+
+
+def rename_old_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config tree (from YAML or a checkpoint) with old value names replaced, each with a warning:
+    ``train.mode=reference`` is ``train.mode=authors``. Changes ``tree`` in place and returns it."""
+    train = tree.get("train") if isinstance(tree, dict) else None
+    if isinstance(train, dict) and train.get("mode") == "reference":
+        log.warning("train.mode=reference is now called train.mode=authors; reading it as authors")
+        train["mode"] = "authors"
+    return tree
 
 
 def _validate_ranges(cfg: Config) -> None:
@@ -450,16 +472,18 @@ def _validate(cfg: Config) -> None:
         (t.image_every_epochs >= 0, "train.image_every_epochs must be >= 0 (0: never)"),
         (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1"),
         (cfg.gmml.candidate_budget >= 1, "gmml.candidate_budget must be >= 1"),
-        (not (d.fbank_on == "device" and t.mode == "reference"),
-         "data.fbank_on=device contradicts train.mode=reference (its loader corrupts the fbank views)"),
+        (not (d.fbank_on == "device" and t.mode == "authors"),
+         "data.fbank_on=device contradicts train.mode=authors (its loader corrupts the fbank views)"),
         (not (d.fbank_on == "device" and d.backend == "dali"),
          "data.fbank_on applies to data.backend=torch (the DALI loader computes the fbank on the device)"),
-        (not (d.batch_ring == "enabled" and (t.mode == "reference" or d.num_workers == 0 or d.backend == "dali"
+        (not (d.batch_ring == "enabled" and (t.mode == "authors" or d.num_workers == 0 or d.backend == "dali"
                                         or d.train_manifest.startswith("shards:"))),
          "data.batch_ring=enabled needs loader workers (data.num_workers > 0), data.backend=torch, a manifest or "
          "folder (not shards) and train.mode=fast"),
-        (not (t.sync_free and t.mode == "reference"),
-         "train.sync_free=true contradicts train.mode=reference (the authors' per-step pipeline)"),
+        (not (t.sync_free and t.mode == "authors"),
+         "train.sync_free=true contradicts train.mode=authors (the authors' per-step pipeline)"),
+        (not (t.teacher_bf16 and t.precision in ("fp32", "fp16")),
+         "train.teacher_bf16=true needs train.precision bf16 (or auto, which is bf16 on CUDA in fast mode)"),
         (not (t.sync_free and t.precision == "fp16"),
          "train.sync_free=true needs train.precision bf16 or fp32: fp16's loss scaler reads its overflow flag "
          "on the host"),

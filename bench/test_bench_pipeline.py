@@ -17,6 +17,9 @@ Issue 4's target: at least 2,000 clips/s on a 16-core machine with an H100. On a
 GPU this runs a smaller batch and GMML on the CPU (in the main process, beside the workers), and
 says so in ``extra_info``. Run with ``pytest bench/test_bench_pipeline.py``; ``ASIT_BENCH_WORKERS=n``
 sets the number of loader workers (DALI threads), one per core by default.
+
+``test_trainer_on_files``: the fast trainer itself reading ``ASIT_BENCH_E2E_CLIPS`` synthetic 10 s FLAC
+clips from local disk (2,048 on CUDA), its step rate next to its rate on one reused batch.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +164,92 @@ def test_pipeline_end_to_end(benchmark, corpus, device, backend):
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,
     )
+
+
+# --------------------------------------------------------------------------- the trainer fed from files
+# A few thousand 10 s FLAC clips written to local disk, then the trainer (fast mode, ViT-B at batch 64 on
+# CUDA) reading them through its own loader: its step rate from files next to its rate on one synthetic
+# pinned batch, same trainer, same process. Issue 18's target: files at >= 95 % of the synthetic rate.
+E2E_CLIPS = int(os.environ.get("ASIT_BENCH_E2E_CLIPS", "2048" if CUDA else "24"))
+E2E_TARGET = 0.95
+
+
+def _write_flac(args: tuple[str, int, int, int]) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    path, rate, seconds, seed = args
+    rng = np.random.default_rng(seed)
+    t = np.arange(rate * seconds, dtype=np.float32) / rate
+    tone = np.sin(2 * np.pi * rng.uniform(100, 4000) * t, dtype=np.float32)
+    wave = 0.3 * tone + 0.1 * rng.standard_normal(t.size, dtype=np.float32)
+    sf.write(path, wave, rate, subtype="PCM_16", format="FLAC")
+
+
+def _flac_corpus(root, n: int, rate: int, seconds: int = 10) -> None:
+    """``n`` synthetic ``seconds``-long FLAC clips in ``root``, written by one process per core."""
+    from multiprocessing import get_context
+
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root / f"clip_{i:06d}.flac"), rate, seconds, i) for i in range(n)]
+    with get_context("spawn").Pool(max(1, min(CORES, 16))) as pool:
+        pool.map(_write_flac, jobs, chunksize=16)
+
+
+def test_trainer_on_files(tmp_path):
+    """Fast-mode trainer on FLAC files against the same trainer on a synthetic batch."""
+    pytest.importorskip("soundfile")
+    import json
+
+    from asit.config import load_config
+    from asit.train import Pretrainer
+
+    recipe = "asit_vit_base" if CUDA else "demo_cpu"
+    batch = 64 if CUDA else 4
+    rate = 32000 if CUDA else 16000
+    corpus = tmp_path / "flac"
+    start = time.perf_counter()
+    _flac_corpus(corpus, E2E_CLIPS, rate)
+    write_s = time.perf_counter() - start
+    steps = E2E_CLIPS // batch
+    overrides = [f"data.train_manifest={corpus}", f"data.sample_rate={rate}", f"train.batch_size={batch}",
+                 "train.epochs=1", f"train.log_every={max(1, steps // 6)}", "train.progress=false",
+                 f"train.output_dir={tmp_path / 'run'}", f"data.num_workers={WORKERS if CUDA else 1}",
+                 "optim.warmup_epochs=0", "train.image_every_epochs=0"]
+    if not CUDA:
+        overrides += ["model.depth=2", "data.local_views=0", "loss.global_pairs=v1", "data.target_frames=192",
+                      "data.num_mel_bins=64"]
+    trainer = Pretrainer(load_config(recipe, overrides))
+    trainer.setup()
+    try:
+        trainer.train()
+        logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+        rates = [r["samples_per_s"] for r in logged if "samples_per_s" in r][1:]  # the first holds the compile
+        file_rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
+        one = next(iter(trainer.loader))  # one real batch, reused: no loader in the timed steps
+        if CUDA:
+            one = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in one.items()}
+        for _ in range(3):
+            trainer.train_step(one, epoch=1)
+        n = 20 if CUDA else 2
+        if CUDA:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            trainer.train_step(one, epoch=1)
+        if CUDA:
+            torch.cuda.synchronize()
+        synthetic_rate = n * batch / (time.perf_counter() - t0)
+    finally:
+        trainer.cleanup()
+    ratio = file_rate / synthetic_rate
+    result = {"clips": E2E_CLIPS, "clip_seconds": 10, "format": "flac pcm16", "sample_rate": rate, "batch": batch,
+              "recipe": recipe, "loader_workers": WORKERS if CUDA else 1, "write_s": write_s,
+              "file_samples_per_s": file_rate, "synthetic_samples_per_s": synthetic_rate, "file_vs_synthetic": ratio,
+              "target": E2E_TARGET if CUDA else None,
+              "device": torch.cuda.get_device_name() if CUDA else "cpu (tiny config)"}
+    out = os.environ.get("ASIT_BENCH_OUT")
+    if out:
+        (Path(out) / "trainer_on_files.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result))
+    assert rates and file_rate > 0 and synthetic_rate > 0

@@ -454,7 +454,7 @@ def test_fbank_on_the_device_trains_like_fbank_in_the_loader(reference, tmp_path
     assert [r["step"] for r in ours] == [r["step"] for r in theirs]
     for a, b in zip(ours, theirs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-4), (a, b)
-    for bad, match in ((["train.mode=reference", "train.precision=fp32"], "contradicts train.mode=reference"),
+    for bad, match in ((["train.mode=reference", "train.precision=fp32"], "contradicts train.mode=authors"),
                        (["data.backend=dali"], "applies to data.backend=torch")):
         with pytest.raises(ConfigError, match=match):
             tiny_config(tmp_path, "data.fbank_on=device", *bad)

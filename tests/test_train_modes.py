@@ -1,17 +1,21 @@
-"""Fast and reference training modes: the authors' per-sample CPU GMML in the loader, eager
-reference losses, and the compiled fast path matching the eager one."""
+"""Fast and authors training modes: the authors' step shape (per-sample CPU GMML in the loader, naive
+attention, eager reference losses, host-read clipping, per-tensor EMA, for-loop AdamW) computing what
+the fast step computes, the old name ``reference`` read as ``authors``, the EMA variants, and the
+compiled fast path matching the eager one."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
 import torch
 from test_train_engine import TINY, _env  # noqa: F401  (module fixture: temp ASIT_CACHE, 1 thread)
 
-from asit.config import ConfigError, load_config
+from asit.config import ConfigError, load_config, rename_old_keys
 from asit.data import collate_pretrain
 from asit.data.gmml_cpu import ReferenceGMMLCollate, gmml_per_sample
+from asit.models.vit import NaiveAttention
 from asit.train import Pretrainer
 
 
@@ -55,11 +59,14 @@ def test_reference_collate_adds_view_major_corruption():
     torch.testing.assert_close(a["token_fraction"], pooled)
 
 
-def test_reference_mode_trains_with_loader_side_gmml(tmp_path):
-    trainer = _trainer(tmp_path, "train.mode=reference", "train.device=cpu")
+def test_authors_mode_trains_with_loader_side_gmml(tmp_path):
+    trainer = _trainer(tmp_path, "train.mode=authors", "train.device=cpu")
     try:
         assert trainer.precision == "fp32" and not trainer.compiled  # fp16 + scaler only on CUDA
         assert trainer.loss_fn.backend == "reference"
+        assert all(type(b.attn) is NaiveAttention for b in trainer.student.backbone.blocks)
+        assert trainer.pair.ema == "per_tensor"
+        assert trainer.optimizer.defaults["foreach"] is False and trainer.optimizer.defaults["fused"] is False
         batch = _batch(trainer)
         assert "corrupted" in batch and batch["corrupted"].shape[0] == 2 * batch["views"].shape[0]
         before = trainer.student.backbone.blocks[0].attn.qkv.weight.detach().clone()
@@ -70,8 +77,21 @@ def test_reference_mode_trains_with_loader_side_gmml(tmp_path):
         trainer.cleanup()
 
 
-def test_compile_in_reference_mode_is_rejected(tmp_path):
-    trainer = Pretrainer(load_config("demo_cpu", [*TINY, f"train.output_dir={tmp_path}", "train.mode=reference",
+def test_reference_is_read_as_authors_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="asit.config"):
+        cfg = load_config("demo_cpu", ["train.mode=reference"])
+    assert cfg.train.mode == "authors"
+    assert "train.mode=authors" in caplog.text
+
+
+def test_old_mode_name_in_a_checkpoint_config_is_renamed():
+    saved = {"train": {"mode": "reference", "epochs": 3}, "model": {}}
+    assert rename_old_keys(saved) == {"train": {"mode": "authors", "epochs": 3}, "model": {}}
+    assert rename_old_keys({"train": {"mode": "fast"}}) == {"train": {"mode": "fast"}}
+
+
+def test_compile_in_authors_mode_is_rejected(tmp_path):
+    trainer = Pretrainer(load_config("demo_cpu", [*TINY, f"train.output_dir={tmp_path}", "train.mode=authors",
                                                   "train.compile=true"]))
     with pytest.raises(ValueError, match="train.compile"):
         trainer.setup()
@@ -81,6 +101,73 @@ def test_compile_in_reference_mode_is_rejected(tmp_path):
 def test_unknown_mode_is_rejected():
     with pytest.raises(ConfigError, match="train.mode"):
         load_config("demo_cpu", ["train.mode=turbo"])
+
+
+def test_fast_and_authors_steps_agree(tmp_path):
+    """Same weights, same batch, same GMML masks (the authors' loader corrupts it; both steps read them):
+    the loss terms, the clipped gradients, the AdamW update, the teacher's EMA and the centres agree in
+    fp32, although attention, clipping, AdamW and EMA run by different code."""
+    common = ("train.device=cpu", "train.precision=fp32", "model.drop_path_rate=0.0",
+              "optim.clip_grad=0.05")  # small enough that the per-parameter clip acts
+    authors = _trainer(tmp_path / "authors", *common, "train.mode=authors")
+    fast = _trainer(tmp_path / "fast", *common, "train.mode=fast")
+    try:
+        assert type(authors.student.backbone.blocks[0].attn) is NaiveAttention
+        assert type(fast.student.backbone.blocks[0].attn) is not NaiveAttention
+        assert (authors.pair.ema, fast.pair.ema) == ("per_tensor", "foreach")
+        for a, f in zip(authors.student.parameters(), fast.student.parameters(), strict=True):
+            assert torch.equal(a, f)
+        batch = _batch(authors)
+        fast.step = authors.step
+        assert "corrupted" in batch
+        r_a = authors.train_step(batch, epoch=1)
+        r_f = fast.train_step(batch, epoch=1)
+        for key in ("loss", "global", "local", "recon", "grad_norm"):
+            torch.testing.assert_close(r_a.terms[key], r_f.terms[key], rtol=1e-5, atol=1e-6)
+        clipped = 0
+        named_f = dict(fast.student.named_parameters())
+        for name, p in authors.student.named_parameters():
+            q = named_f[name]
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+                clipped += bool(p.grad.norm() < 0.05 * (1 + 1e-3) and p.grad.norm() > 0.05 * (1 - 1e-3))
+            # AdamW's first step is about lr·sign(g): a gradient near its eps turns a 1e-7 difference into
+            # a few percent of lr (3e-5 here) on a rare element
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+        assert clipped > 0  # some gradients were clipped to the threshold
+        for a, f in zip(authors.teacher.parameters(), fast.teacher.parameters(), strict=True):
+            torch.testing.assert_close(a, f, rtol=1e-5, atol=1e-7)  # (1 - m)·student: the AdamW gap shrunk
+        torch.testing.assert_close(authors.loss_fn.center_local, fast.loss_fn.center_local, rtol=1e-5, atol=1e-7)
+    finally:
+        authors.cleanup()
+        fast.cleanup()
+
+
+def test_teacher_bf16_copy_follows_the_teacher(tmp_path):
+    trainer = _trainer(tmp_path, "train.device=cpu", "train.precision=bf16", "train.teacher_bf16=true",
+                       "train.ema=fused")
+    try:
+        copy = trainer.pair.teacher_copy
+        assert copy is not None and trainer.teacher_forward is copy
+        assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+        assert "teacher_copy" not in "".join(trainer.pair.state_dict())  # not saved
+        result = trainer.train_step(_batch(trainer), epoch=1)
+        assert not result.skipped
+        for t, c in zip(trainer.teacher.parameters(), copy.parameters(), strict=True):
+            assert torch.equal(t.to(torch.bfloat16), c)
+    finally:
+        trainer.cleanup()
+
+
+def test_teacher_bf16_needs_bf16(tmp_path):
+    with pytest.raises(ConfigError, match="train.teacher_bf16"):
+        load_config("demo_cpu", ["train.teacher_bf16=true", "train.precision=fp32"])
+    trainer = Pretrainer(load_config("demo_cpu", [*TINY, f"train.output_dir={tmp_path}", "train.device=cpu",
+                                                  "train.teacher_bf16=true"]))  # auto: fp32 on the CPU
+    with pytest.raises(ValueError, match="train.teacher_bf16"):
+        trainer.setup()
+    trainer.cleanup()
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_bad_budget_is_rejected(budget) -> None:
 
 
 @pytest.mark.parametrize("extra, match", [
-    (("train.mode=reference",), "train.sync_free=true contradicts train.mode=reference"),
+    (("train.mode=reference",), "train.sync_free=true contradicts train.mode=authors"),
     (("train.precision=fp16",), "train.sync_free=true needs train.precision bf16 or fp32"),
     (("gmml.candidate_budget=0",), "gmml.candidate_budget"),
 ])

@@ -1,21 +1,95 @@
 #!/usr/bin/env bash
-# One-command check for a GPU machine without internet (torch + CUDA, triton, torchaudio, timm,
-# pytest-benchmark already installed; this repository copied in). Installs the project without
-# fetching anything, runs the test suite on the GPU (kernels against their references, compile,
-# attention backends) and the benchmarks, and prints a summary table last. JSON and logs go to
-# $OUT when it is set (8 files at most, what the lent machines send back). Budget: under 9.5 minutes.
+# The GPU check for a short window on a machine without internet (torch + CUDA, triton, torchaudio, timm,
+# pytest-benchmark installed; this repository copied in, at most 64 MiB with any carried wheels).
+# Budget: ASIT_CHECK_BUDGET_S seconds in all (default 530, under 9 minutes). Ordered so the figures that
+# matter most come first, each step under its own `timeout` and cut to the time left:
+#   1. the train-step matrix with its profiles: fast against authors mode, ViT-S and ViT-B at batch 64
+#      (bench/test_bench_train.py::test_modes)                                          ~3 min
+#   2. the op bench (bench/test_bench_ops.py)                                           ~1 min
+#   3. the levers against fast mode on ViT-B (test_levers; new builds stop after ASIT_BENCH_LEVER_BUDGET_S)
+#   4. the trainer fed from FLAC files against its synthetic-batch rate (test_bench_pipeline.py)
+#   5. the test suite on CUDA (-m "not slow"), the GPU-specific files first, with whatever time is left.
+# After every step the results so far are published to $OUT as at most 8 files (what a lent machine sends
+# back): summary.md, train.json (every train figure and profile summary), bench_ops.json, rows.csv
+# (bench/results.py rows), tests.log, traces.tar (the profiles' gzipped Chrome traces, trimmed to 15 MiB)
+# and logs.tar.gz (every step's log), so a run cut short still leaves its JSON and summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 ASIT_CACHE="${ASIT_CACHE:-$(mktemp -d)}"
+WORK="$(mktemp -d /tmp/asit-gpu-check.XXXX)"
+mkdir -p "$OUT" "$WORK/train" "$WORK/logs"
+export PYTHONUNBUFFERED=1 ASIT_CACHE="${ASIT_CACHE:-$(mktemp -d)}" ASIT_BENCH_OUT="$WORK/train" \
+    ASIT_BENCH_ROWS="$WORK/rows.csv" ASIT_BENCH_MACHINE="${ASIT_BENCH_MACHINE:-gpu-check}"
+BUDGET="${ASIT_CHECK_BUDGET_S:-530}"
+START=$(date +%s)
+status=0
+echo "| step | exit | seconds |" >"$WORK/steps.md"
+echo "|---|---|---|" >>"$WORK/steps.md"
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+publish() {  # the results so far, as at most 8 files in $OUT
+    python3 - "$WORK" "$OUT" <<'PY' 2>>"$WORK/logs/publish.log"
+import glob, json, os, sys, tarfile
+work, out = sys.argv[1:3]
+doc = {}
+for path in sorted(glob.glob(f"{work}/train/*.json")) + sorted(glob.glob(f"{work}/train/profiles/*.profile.json")):
+    try:
+        doc[os.path.relpath(path, f"{work}/train")] = json.load(open(path))
+    except (OSError, ValueError) as err:
+        doc[os.path.relpath(path, f"{work}/train")] = {"error": str(err)}
+json.dump(doc, open(f"{out}/train.json", "w"), indent=1)
+traces = sorted(glob.glob(f"{work}/train/profiles/*.trace.json.gz"), key=lambda p: ("base" not in p, p))
+with tarfile.open(f"{out}/traces.tar", "w") as tar:
+    size = 0
+    for path in traces:  # ViT-B first; stop before 15 MiB
+        size += os.path.getsize(path)
+        if size > 15 * 2**20:
+            break
+        tar.add(path, arcname=os.path.basename(path))
+with tarfile.open(f"{out}/logs.tar.gz", "w:gz") as tar:
+    tar.add(f"{work}/logs", arcname="logs")
+PY
+    [ -f "$WORK/rows.csv" ] && cp "$WORK/rows.csv" "$OUT/rows.csv"
+    [ -f "$WORK/bench_ops.json" ] && cp "$WORK/bench_ops.json" "$OUT/bench_ops.json"
+    [ -f "$WORK/logs/tests.log" ] && cp "$WORK/logs/tests.log" "$OUT/tests.log"
+    {
+        echo "# GPU check ($(date -u +%F), $(tail -n 1 "$WORK/logs/env.txt" 2>/dev/null), commit $(git rev-parse --short=12 HEAD 2>/dev/null))"
+        echo; cat "$WORK/steps.md"; echo
+        [ -f "$WORK/train/train_summary.md" ] && cat "$WORK/train/train_summary.md" && echo
+        if [ -f "$WORK/train/trainer_on_files.json" ]; then
+            echo "## trainer on FLAC files"; echo; echo '```'; cat "$WORK/train/trainer_on_files.json"; echo '```'; echo
+        fi
+        [ -f "$WORK/bench_ops.json" ] && echo "## ops" && echo && python3 bench/summarize.py "$WORK/bench_ops.json" && echo
+        grep -E "passed|failed" "$WORK/logs/tests.log" 2>/dev/null | tail -n 1
+    } >"$OUT/summary.md" 2>>"$WORK/logs/publish.log"
+}
+
+step() {  # step NAME SECONDS COMMAND...: run under `timeout`, cut to the budget left, then publish
+    local name=$1 want=$2 rest t0 rc
+    shift 2
+    rest=$(($(left) - 10))
+    if [ "$rest" -lt 20 ]; then
+        echo "| $name | skipped: budget spent | 0 |" >>"$WORK/steps.md"
+        return
+    fi
+    [ "$want" -gt "$rest" ] && want=$rest
+    echo "== $name (up to ${want} s)"
+    t0=$(date +%s)
+    timeout --kill-after=5 "$want" "$@" >"$WORK/logs/$name.log" 2>&1
+    rc=$?
+    [ "$rc" -eq 0 ] || status=1
+    echo "| $name | $rc$([ "$rc" -eq 124 ] && echo ' (timed out)') | $(($(date +%s) - t0)) |" >>"$WORK/steps.md"
+    grep -E "passed|failed|error" "$WORK/logs/$name.log" | tail -n 2
+    publish
+}
 
 # Packages the machine lacks (soundfile, cffi, pycparser, webdataset, braceexpand on the lent GPU
 # machines) may come along as wheels in .whl/ (python3 -m pip download --no-deps ... -d .whl NAME).
 # Wheels too large for one call (DALI) may come in pieces from tools/split_for_carry.sh, carried
 # call after call into .carry/<k>/: joined here when all are present and the SHA-256 matches.
 wheels=()
-: >"$OUT/install.log"
+: >"$WORK/logs/install.log"
 if compgen -G ".carry/*/part.*" >/dev/null; then
     read -r want count <"$(ls .carry/*/BUNDLE | head -n 1)"
     pieces=$(ls .carry/*/part.* | awk -F/ '{print $NF" "$0}' | sort | cut -d" " -f2)
@@ -24,63 +98,50 @@ if compgen -G ".carry/*/part.*" >/dev/null; then
     if [ "$have" -eq "$count" ] && [ "$(cat $pieces | sha256sum | cut -d" " -f1)" = "$want" ]; then
         rm -rf /tmp/asit-carried && mkdir -p /tmp/asit-carried && cat $pieces | tar -x -C /tmp/asit-carried
         wheels+=(/tmp/asit-carried/*.whl)
-        echo "carried pieces: $count joined" | tee -a "$OUT/install.log"
+        echo "carried pieces: $count joined" | tee -a "$WORK/logs/install.log"
     else
-        echo "carried pieces: $have of $count, or a SHA-256 mismatch; going on without them" | tee -a "$OUT/install.log"
+        echo "carried pieces: $have of $count, or a SHA-256 mismatch; going on without them" \
+            | tee -a "$WORK/logs/install.log"
     fi
 fi
 compgen -G ".whl/*.whl" >/dev/null && wheels+=(.whl/*.whl)
 if [ "${#wheels[@]}" -gt 0 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/asit-site \
-        "${wheels[@]}" >>"$OUT/install.log" 2>&1 && export PYTHONPATH="/tmp/asit-site:${PYTHONPATH:-}"
+        "${wheels[@]}" >>"$WORK/logs/install.log" 2>&1 && export PYTHONPATH="/tmp/asit-site:${PYTHONPATH:-}"
 fi
 # Install offline; fall back to a path shim when pip cannot build the editable install.
-if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$OUT/install.log" 2>&1; then
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$WORK/logs/install.log" 2>&1; then
     shim="$(mktemp -d)"
     ln -s "$PWD/kernels" "$shim/asit_kernels"
     export PYTHONPATH="$PWD:$shim:${PYTHONPATH:-}"
-    echo "editable install failed (see install.log); using PYTHONPATH shim" | tee -a "$OUT/install.log"
+    echo "editable install failed (see install.log); using PYTHONPATH shim" | tee -a "$WORK/logs/install.log"
 fi
-python3 - <<'PY' | tee "$OUT/env.txt"
+python3 - <<'PY' | tee "$WORK/logs/env.txt"
 import platform, torch, triton
 print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
 PY
-{ nproc; df -h /dev/shm | tail -n 1; } | tr "\n" " " | sed "s/^/cores, shm: /" | tee -a "$OUT/install.log"; echo
+{ nproc; df -h /dev/shm | tail -n 1; } | tr "\n" " " | sed "s/^/cores, shm: /" | tee -a "$WORK/logs/install.log"; echo
+publish
 
-status=0
-# The GPU-relevant tests: kernels against their references on the device, op registration and
-# compile, the batched fbank on CUDA, the sync-free step (under torch.cuda.set_sync_debug_mode("error"))
-# and the compiled trainer. A fresh machine compiles every Triton variant anew (about 2 s per kernel
-# test on an H200), so they run in 8 processes when pytest-xdist is there. No -x: a GPU session is
-# scarce, so one failure must not hide the rest. (The CPU-only rest runs in CI.)
-parallel=()
-python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
-timeout 100 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 "${parallel[@]}" \
+bench=(python3 -m pytest -q -rfE --tb=short -p no:cacheprovider)
+# 1. the train-step matrix and the profiles (the numbers that matter most)
+step train_modes "${ASIT_CHECK_TRAIN_S:-190}" "${bench[@]}" "bench/test_bench_train.py::test_modes"
+# 2. the op bench
+step bench_ops "${ASIT_CHECK_OPS_S:-70}" "${bench[@]}" bench/test_bench_ops.py --benchmark-json="$WORK/bench_ops.json"
+# 3. the levers; no new variant is built after this many seconds of setup and compiling
+ASIT_BENCH_LEVER_BUDGET_S="${ASIT_BENCH_LEVER_BUDGET_S:-80}" \
+    step train_levers "${ASIT_CHECK_LEVERS_S:-120}" "${bench[@]}" "bench/test_bench_train.py::test_levers"
+# 4. the trainer fed from files (1,024 clips: 16 steps of ViT-B at batch 64)
+ASIT_BENCH_E2E_CLIPS="${ASIT_BENCH_E2E_CLIPS:-1024}" \
+    step trainer_on_files "${ASIT_CHECK_FILES_S:-80}" "${bench[@]}" "bench/test_bench_pipeline.py::test_trainer_on_files"
+# 5. the test suite with the time left, the GPU-specific files first (pytest keeps the first mention)
+step tests 600 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
+    tests/test_train_modes.py tests/test_train_levers.py tests/test_profile_step.py tests/test_train_sync_free.py \
     tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py tests/test_kernels_gmml.py \
-    tests/test_kernels_registration.py 2>&1 | tee "$OUT/tests.log" | grep -vE "PASSED|^$" | tail -n 40
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# The data and training tests start DataLoader workers and DALI threads: under xdist they stopped
-# making progress on the H200 machine (2026-11-27), and alone they take about 2 minutes.
-timeout 130 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider --durations=8 \
-    tests/test_data_fbank_batched.py tests/test_data_ring.py tests/test_data_dali.py \
-    tests/test_train_sync_free.py tests/test_train_modes.py 2>&1 | tee -a "$OUT/tests.log" \
-    | grep -vE "PASSED|^$" | tail -n 40
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# The main job on the GPU: the built-in demo, compiled, bf16, sync-free, fbank on the device.
-echo "== demo: torchrun scripts/pretrain.py train.epochs=2"
-timeout 70 torchrun --nproc_per_node=1 scripts/pretrain.py train.epochs=2 train.progress=false \
-    train.output_dir="$(mktemp -d)" >"$OUT/demo.log" 2>&1 || status=1
-grep -E "data:|student:|done:|Error" "$OUT/demo.log" | tail -n 6
-timeout 140 python3 -m pytest -q bench/test_bench_ops.py bench/test_bench_data.py bench/test_bench_pipeline.py \
-    --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench.log" | tail -n 5
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 130 python3 -m pytest -q bench/test_bench_train.py --benchmark-json="$OUT/bench_train.json" \
-    2>&1 | tee -a "$OUT/bench.log" | tail -n 5
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    tests/test_kernels_registration.py tests/test_data_fbank_batched.py tests/test_models.py tests/
+cp "$WORK/logs/tests.log" "$OUT/tests.log" 2>/dev/null
+publish
 echo
-echo "== summary ($(date -u +%F), $(tail -n 1 "$OUT/env.txt")) =="
-grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
-{ python3 bench/summarize.py "$OUT/bench_ops.json"; echo; python3 bench/summarize.py "$OUT/bench_train.json"; } \
-    | tee "$OUT/summary.md"
+cat "$OUT/summary.md"
 exit $status

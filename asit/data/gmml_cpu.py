@@ -1,7 +1,7 @@
 """GMML the way the authors' code runs it: per sample, on the CPU, inside the data loader's collate,
 one block at a time in a Python loop that re-counts the mask after each block.
 
-Used by ``train.mode=reference`` (to measure the original pipeline shape next to ours) and by the
+Used by ``train.mode=authors`` (to measure the original pipeline shape next to ours) and by the
 data benchmark. The fast path uses :func:`asit.ops.sample_gmml_blocks` + :func:`asit.ops.gmml_corrupt`
 on the device instead. Semantics match: union-until-target, zeros mode ``U(zero_ratio)``, alien mode
 ``alien_ratio`` copied from another sample (or possibly itself with ``allow_self_alien``).

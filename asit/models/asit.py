@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -9,7 +11,9 @@ from .heads import ProjectionHead, ReconstructionHead
 from .pretrained import load_imagenet_init
 from .vit import POS_EMBED_FITS, VIT_PRESETS, build_backbone, encode, token_grid
 
-__all__ = ["ASiTModel", "StudentTeacher", "build_asit", "unwrap_model"]
+__all__ = ["EMA_KINDS", "ASiTModel", "StudentTeacher", "build_asit", "unwrap_model"]
+
+EMA_KINDS = ("per_tensor", "foreach", "fused")
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:
@@ -79,6 +83,10 @@ class StudentTeacher(nn.Module):
     itself is not stored). Wrap ``self.student`` in DDP afterwards and keep the wrapper in the
     engine: DDP shares the parameters, so ``update_teacher`` still sees the trained weights.
     Under DDP build the pair identically on every rank (same seed) or broadcast afterwards.
+
+    :meth:`configure_ema` picks how the EMA runs (``ema``) and may keep a low-precision copy of the teacher
+    (``teacher_copy``, not a submodule: not in the state dict) that :meth:`update_teacher` refreshes, for a
+    teacher forward that reads bf16 weights without autocast's per-step casts.
     """
 
     _SKIP_PREFIX = "recon_head."
@@ -88,6 +96,9 @@ class StudentTeacher(nn.Module):
         self.student = unwrap_model(student)
         self.teacher = unwrap_model(teacher)
         self._pairs_built = False
+        self.ema = "foreach"
+        self.teacher_copy: ASiTModel | None = None
+        self._copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._student_params: list[torch.Tensor] = []
         self._teacher_params: list[torch.Tensor] = []
         self._student_buffers: list[torch.Tensor] = []
@@ -122,6 +133,38 @@ class StudentTeacher(nn.Module):
             self.student.named_buffers(), self.teacher.named_buffers(), "buffers"
         )
         self._pairs_built = True
+        if self.teacher_copy is not None:
+            src = [*self.teacher.parameters(), *self.teacher.buffers()]
+            dst = [*self.teacher_copy.parameters(), *self.teacher_copy.buffers()]
+            self._copy_pairs = (dst, src)
+
+    def configure_ema(self, kind: str = "foreach", *, teacher_dtype: torch.dtype | None = None) -> None:
+        """How :meth:`update_teacher` averages, and whether a ``teacher_dtype`` copy of the teacher is kept.
+
+        Args:
+            kind: ``"per_tensor"`` (a Python loop of ``t.mul_(m).add_((1 - m) * s)``, the authors' DINO
+                update), ``"foreach"`` (two multi-tensor ops; one ``lerp_`` per tensor when the momentum is
+                a device tensor) or ``"fused"`` (one multi-tensor ``lerp``).
+            teacher_dtype: None (no copy) or e.g. ``torch.bfloat16``: ``teacher_copy`` holds the teacher's
+                weights in that dtype, refreshed after every update; call this after moving the pair to
+                its device.
+        """
+        if kind not in EMA_KINDS:
+            raise ValueError(f"ema must be one of {EMA_KINDS}, got {kind!r}")
+        self.ema = kind
+        copy_ = None
+        if teacher_dtype is not None:
+            copy_ = copy.deepcopy(self.teacher).to(teacher_dtype)
+            copy_.requires_grad_(False)
+            copy_.eval()
+        self.__dict__["teacher_copy"] = copy_  # not a submodule: the state dict stays the teacher's
+        self._build_pairs()
+
+    def refresh_teacher_copy(self) -> None:
+        """Copy the teacher's weights into ``teacher_copy`` (after loading a checkpoint); no-op without one."""
+        if self.teacher_copy is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(*self._copy_pairs)
 
     def _copy_all(self) -> None:
         if self._teacher_params:
@@ -132,6 +175,8 @@ class StudentTeacher(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
         # .to() / .cuda() / .half() may replace parameter tensors: rebuild the cached lists.
         out = super()._apply(fn, recurse)
+        if self.teacher_copy is not None:
+            self.teacher_copy._apply(fn, recurse)
         if self._pairs_built:
             self._build_pairs()
         return out
@@ -143,13 +188,32 @@ class StudentTeacher(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float | torch.Tensor) -> None:
-        """EMA step ``t = m * t + (1 - m) * s`` over all matched parameters; buffers are copied.
+        """EMA step ``t = m * t + (1 - m) * s`` over all matched parameters; buffers are copied, and the
+        low-precision ``teacher_copy`` (if any) refreshed.
 
         ``momentum`` may be a 0-d tensor on the parameters' device (decided there without a host sync;
-        1 leaves the teacher's parameters exactly as they are). Then each parameter is ``lerp_``-ed
-        towards the student's with weight ``1 - m``: the foreach ops take only a host scalar here, and
-        one ``lerp_`` per tensor reads each pair once, with no temporary copy of the student."""
-        if isinstance(momentum, torch.Tensor):
+        1 leaves the teacher's parameters exactly as they are). With ``ema="foreach"`` each parameter is then
+        ``lerp_``-ed towards the student's with weight ``1 - m``: the two foreach ops take only a host scalar
+        here, and one ``lerp_`` per tensor reads each pair once, with no temporary copy of the student."""
+        with torch.profiler.record_function("asit.ema"):
+            self._average(momentum)
+            if self._teacher_buffers:
+                torch._foreach_copy_(self._teacher_buffers, self._student_buffers)
+            if self.teacher_copy is not None:
+                torch._foreach_copy_(*self._copy_pairs)
+
+    def _average(self, momentum: float | torch.Tensor) -> None:
+        if self.ema == "per_tensor":  # the authors' loop (DINO's main_dino.py)
+            for t, s in zip(self._teacher_params, self._student_params, strict=True):
+                t.mul_(momentum).add_((1 - momentum) * s)
+        elif self.ema == "fused" and self._teacher_params:
+            if isinstance(momentum, torch.Tensor):  # _foreach_lerp_ takes a host scalar only: t += (s - t)·w
+                diff = torch._foreach_sub(self._student_params, self._teacher_params)
+                torch._foreach_mul_(diff, 1.0 - momentum)
+                torch._foreach_add_(self._teacher_params, diff)
+            else:
+                torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - float(momentum))
+        elif isinstance(momentum, torch.Tensor):
             weight = 1.0 - momentum
             for t, s in zip(self._teacher_params, self._student_params, strict=True):
                 t.lerp_(s, weight)
@@ -157,8 +221,6 @@ class StudentTeacher(nn.Module):
             m = float(momentum)
             torch._foreach_mul_(self._teacher_params, m)
             torch._foreach_add_(self._teacher_params, self._student_params, alpha=1.0 - m)
-        if self._teacher_buffers:
-            torch._foreach_copy_(self._teacher_buffers, self._student_buffers)
 
 
 def _build_model(

@@ -7,8 +7,10 @@ one [CLS] token in front. Parameter names are exactly timm's (``patch_embed.proj
 and other tools without a key-mapping script.
 
 Attention runs through ``F.scaled_dot_product_attention`` (PyTorch picks its flash / cuDNN /
-memory-efficient kernels on CUDA). With ``attn_backend="flash_attn"`` each block's attention
-calls ``flash_attn.flash_attn_qkvpacked_func`` instead, for CUDA fp16/bf16 inputs.
+memory-efficient kernels on CUDA; ``attn_backend="sdpa_flash"`` or ``"sdpa_cudnn"`` holds it to one).
+With ``attn_backend="flash_attn"`` each block's attention calls ``flash_attn.flash_attn_qkvpacked_func``
+instead, for CUDA fp16/bf16 inputs; ``"naive"`` materialises the attention matrix as DINO's ViT (the
+authors' code) does.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ __all__ = [
     "ATTN_BACKENDS",
     "VIT_PRESETS",
     "FlashAttnAttention",
+    "NaiveAttention",
     "POS_EMBED_FITS",
+    "SdpaKernelAttention",
     "build_backbone",
     "encode",
     "fit_pos_embed",
@@ -40,7 +44,7 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 
-ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
+ATTN_BACKENDS = ("auto", "sdpa", "flash_attn", "sdpa_flash", "sdpa_cudnn", "naive")
 
 POS_EMBED_FITS = ("resample", "crop", "bicubic")
 
@@ -51,7 +55,8 @@ def flash_attn_available() -> bool:
 
 
 def resolve_attn_backend(attn_backend: str) -> str:
-    """Map ``"auto" | "sdpa" | "flash_attn"`` to the backend actually used (``"sdpa"`` or ``"flash_attn"``).
+    """Map a name of :data:`ATTN_BACKENDS` to the backend actually used: ``"auto"`` is ``"flash_attn"`` when
+    the package is installed, else ``"sdpa"``; the other names stand for themselves.
 
     Raises:
         ValueError: unknown name.
@@ -59,8 +64,8 @@ def resolve_attn_backend(attn_backend: str) -> str:
     """
     if attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
-    if attn_backend == "sdpa":
-        return "sdpa"
+    if attn_backend not in ("auto", "flash_attn"):
+        return attn_backend
     available = flash_attn_available()
     if attn_backend == "flash_attn" and not available:
         raise ImportError(
@@ -114,6 +119,71 @@ class FlashAttnAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+class NaiveAttention(Attention):
+    """timm ``Attention`` computed as DINO's ViT (the authors' code) does: the ``[B, H, N, N]`` attention
+    matrix materialised, ``softmax((q·kᵀ)·scale)·v``. Under fp16/bf16 autocast the matmuls run in the low
+    precision and the softmax in fp32 (autocast's rule for ``softmax``), as in the authors' runs. Same
+    parameters and names as timm's ``Attention``; the benchmark's baseline, not a fast path."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,  # [B, N, D]
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:  # [B, N, D]
+        if attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, Dh] each
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, N, N]
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        norm = getattr(self, "norm", None)  # absent in older timm releases
+        if norm is not None:
+            x = norm(x)
+        return self.proj_drop(self.proj(x))
+
+
+class SdpaKernelAttention(Attention):
+    """timm ``Attention`` whose SDPA call is held to the kernels in ``sdpa_backends`` (a list of
+    ``torch.nn.attention.SDPBackend``, set per instance by :func:`build_backbone`) on CUDA; on other devices
+    PyTorch's own choice. Same parameters and names as timm's ``Attention``."""
+
+    sdpa_backends: list = []
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,  # [B, N, D]
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:  # [B, N, D]
+        if not (x.is_cuda and self.sdpa_backends):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.sdpa_backends):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _swap_attention(attn: Attention, backend: str) -> None:
+    """Give ``attn`` (timm's ``Attention``) the forward of ``backend``: same parameters, other class."""
+    attn.fused_attn = True  # timm reads TIMM_FUSED_ATTN from the environment; we always want the SDPA path
+    if type(attn) is not Attention:
+        return
+    if backend == "flash_attn":
+        attn.__class__ = FlashAttnAttention
+    elif backend == "naive":
+        attn.__class__ = NaiveAttention
+    elif backend in ("sdpa_flash", "sdpa_cudnn"):
+        from torch.nn.attention import SDPBackend
+
+        attn.__class__ = SdpaKernelAttention
+        attn.sdpa_backends = [SDPBackend.FLASH_ATTENTION if backend == "sdpa_flash"
+                              else SDPBackend.CUDNN_ATTENTION]
+
+
 def build_backbone(
     *,
     img_size: tuple[int, int] = (592, 128),
@@ -135,7 +205,8 @@ def build_backbone(
 
     Args:
         attn_backend: ``"sdpa"`` (PyTorch SDPA), ``"flash_attn"`` (the flash-attn package;
-            ImportError if missing) or ``"auto"`` (flash-attn when importable, else SDPA).
+            ImportError if missing), ``"auto"`` (flash-attn when importable, else SDPA), ``"sdpa_flash"`` /
+            ``"sdpa_cudnn"`` (SDPA held to that kernel on CUDA) or ``"naive"`` (:class:`NaiveAttention`).
         cls_token_std: std of the truncated normal the [CLS] token starts from: 0.02 as the
             authors' (DINO's) ViT, 1e-6 as timm's.
     """
@@ -161,11 +232,7 @@ def build_backbone(
     if cls_token_std != 1e-6:  # timm draws it from N(0, 1e-6); the authors' ViT from a truncated N(0, 0.02)
         nn.init.trunc_normal_(model.cls_token, std=cls_token_std)
     for block in model.blocks:
-        attn = block.attn
-        # timm reads TIMM_FUSED_ATTN from the environment; we always want the SDPA path.
-        attn.fused_attn = True
-        if backend == "flash_attn" and type(attn) is Attention:
-            attn.__class__ = FlashAttnAttention  # same parameters, different forward
+        _swap_attention(block.attn, backend)
     return model
 
 

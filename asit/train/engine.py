@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 
 from asit.atomic_io import atomic_write_text
-from asit.config import Config, config_to_dict, save_config
+from asit.config import Config, config_to_dict, rename_old_keys, save_config
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
 from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
@@ -116,6 +117,7 @@ class Pretrainer:
                 log.warning("torchrun restarted the workers (restart %d): resuming from the latest good "
                             "checkpoint", restarts)
             self._restore()
+        self.pair.refresh_teacher_copy()
         self.fault = FaultHook(self.run_dir, self.dist.rank, self.dist.world_size)
         self.writer = MetricWriter(self.run_dir, enabled=self.dist.is_main)
 
@@ -155,7 +157,8 @@ class Pretrainer:
         self.iters_per_epoch, self.fbank_on = data.iters_per_epoch, data.fbank_on
 
     def _setup_model(self) -> None:
-        m, d = self.cfg.model, self.cfg.data
+        m, d, t = self.cfg.model, self.cfg.data, self.cfg.train
+        authors = t.mode == "authors"
         preset = dict(VIT_PRESETS[m.arch])
         for key in ("embed_dim", "depth", "num_heads"):
             if getattr(m, key) is not None:
@@ -165,9 +168,14 @@ class Pretrainer:
             preset=preset, img_size=(d.target_frames, d.num_mel_bins), patch_size=m.patch_size,
             drop_path_rate=m.drop_path_rate, out_cls=m.head_out_cls, out_tokens=m.head_out_tokens,
             head_hidden=m.head_hidden, head_bottleneck=m.head_bottleneck, trainable_g=m.trainable_g,
-            recon_hidden=m.recon_hidden, recon_out=m.recon_out, attn_backend=m.attn_backend,
+            recon_hidden=m.recon_hidden, recon_out=m.recon_out,
+            attn_backend="naive" if authors and m.attn_backend == "auto" else m.attn_backend,
             cls_token_std=m.cls_token_std, pos_embed_fit=m.local_pos_embed, init=m.init,
         ).to(self.device)
+        if t.teacher_bf16 and self.precision != "bf16":
+            raise ValueError(f"train.teacher_bf16=true needs bf16 precision, not {self.precision}")
+        self.pair.configure_ema(t.ema if t.ema != "auto" else "per_tensor" if authors else "foreach",
+                                teacher_dtype=torch.bfloat16 if t.teacher_bf16 else None)
         torch.manual_seed(self.cfg.train.seed + self.dist.rank)
         self.student = self.pair.student
         self.teacher = self.pair.teacher
@@ -175,14 +183,13 @@ class Pretrainer:
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             step_module = DDP(step_module, device_ids=device_ids)
-        self.teacher_forward = self.teacher
-        t = self.cfg.train
+        self.teacher_forward = self.teacher if self.pair.teacher_copy is None else self.pair.teacher_copy
         use_compile = t.compile if t.compile is not None else (t.mode == "fast" and self.device.type == "cuda")
-        if use_compile and t.mode == "reference":
-            raise ValueError("train.compile=true contradicts train.mode=reference (the eager baseline)")
+        if use_compile and authors:
+            raise ValueError("train.compile=true contradicts train.mode=authors (the eager baseline)")
         if use_compile:
             step_module = torch.compile(step_module, mode=t.compile_mode)
-            self.teacher_forward = torch.compile(self.teacher, mode=t.compile_mode)
+            self.teacher_forward = torch.compile(self.teacher_forward, mode=t.compile_mode)
         self.compiled = bool(use_compile)
         self.student_step = step_module
         out_tokens = m.head_out_tokens if m.head_out_tokens is not None else m.head_out_cls
@@ -191,7 +198,7 @@ class Pretrainer:
             m.head_out_cls, out_tokens, student_temp=lc.student_temp, center_momentum=lc.center_momentum,
             weight_global=lc.weight_global, weight_local=lc.weight_local, weight_recon=lc.weight_recon,
             local_tokens=lc.local_tokens, global_pairs=lc.global_pairs, all_reduce=self.dist.distributed,
-            backend="reference" if self.cfg.train.mode == "reference" else None,
+            backend="reference" if authors else None,
         ).to(self.device)
         self.gmml_gen = torch.Generator(device=self.device)
         self.gmml_gen.manual_seed(self.cfg.train.seed * 1000 + self.dist.rank + 1)
@@ -203,7 +210,9 @@ class Pretrainer:
     def _setup_optimizer(self) -> None:
         o = self.cfg.optim
         kwargs: dict[str, Any] = {"betas": o.betas}
-        if self.device.type == "cuda" or self.sync_free:  # sync-free skips through fused AdamW's found_inf
+        if self.cfg.train.mode == "authors":  # the authors' for-loop AdamW
+            kwargs.update(foreach=False, fused=False)
+        elif self.device.type == "cuda" or self.sync_free:  # sync-free skips through fused AdamW's found_inf
             kwargs["fused"] = True
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, **kwargs)
         self.last_layer_params = [p for layer in self.student.head.last_layers for p in layer.parameters()
@@ -293,6 +302,7 @@ class Pretrainer:
             return
         path, state, rng = found
         now = config_to_dict(self.cfg)
+        rename_old_keys(state["config"])  # train.mode=reference → authors
         check_model_matches(path, self.student.state_dict(), state["student"], state["config"], now["model"])
         if self.dist.is_main:
             from asit.data.shards import ShardPretrainDataset
@@ -378,22 +388,28 @@ class Pretrainer:
         if "local_views" in batch and batch["local_views"].numel() > 0:
             lv = batch["local_views"].to(self.device, non_blocking=True)  # [B, L, 1, T', F]
             local_views = lv.transpose(0, 1).flatten(0, 1)
-        if "corrupted" in batch:  # reference mode: corrupted on the CPU by the loader
+        if "corrupted" in batch:  # authors mode: corrupted on the CPU by the loader
             clean = views.transpose(0, 1).flatten(0, 1)
             corrupted, mask, frac = (batch[k].to(self.device, non_blocking=True)
                                      for k in ("corrupted", "mask", "token_fraction"))
         else:
-            clean, corrupted, mask, frac = self._corrupt(views)
+            with record_function("asit.gmml"):  # the step's parts, named for bench/profile_step.py
+                clean, corrupted, mask, frac = self._corrupt(views)
         with autocast(self.device, self.amp_dtype):
-            student_out, local_cls = self.student_step(corrupted, local_views)
-            with torch.no_grad():
+            with record_function("asit.student_forward"):
+                student_out, local_cls = self.student_step(corrupted, local_views)
+            with torch.no_grad(), record_function("asit.teacher_forward"):
                 teacher_out = self.teacher_forward(clean, with_recon=False)
-            losses, center_stats = self.loss_fn(student_out, teacher_out, clean, mask, frac,
-                                                hp["teacher_temp"], local_cls)
+            with record_function("asit.losses"):
+                losses, center_stats = self.loss_fn(student_out, teacher_out, clean, mask, frac,
+                                                    hp["teacher_temp"], local_cls)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
+        with record_function("asit.backward"):
+            self.scaler.scale(losses["loss"]).backward()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(self.student, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        with record_function("asit.clip"):
+            grad_norm = clip_gradients(self.student, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode,
+                                       host_reads=self.cfg.train.mode == "authors")
         if epoch < self.cfg.optim.freeze_last_layer_epochs:
             for p in self.last_layer_params:
                 p.grad = None  # AdamW skips parameters without a gradient: frozen, no decay either
@@ -408,9 +424,10 @@ class Pretrainer:
             n = min(4, clean.shape[0])
             recon = student_out["recon"]
             self._preview = (result, *(t[:n].detach().float().clone() for t in (clean, corrupted, recon, mask)))
-        self.guard.step_or_skip(result, step=self.step + 1, optimizer=self.optimizer, scaler=self.scaler,
-                                loss_fn=self.loss_fn, pair=self.pair, momentum=hp["momentum"],
-                                center_stats=center_stats)
+        with record_function("asit.update"):  # AdamW (its own range), EMA ("asit.ema"), centres
+            self.guard.step_or_skip(result, step=self.step + 1, optimizer=self.optimizer, scaler=self.scaler,
+                                    loss_fn=self.loss_fn, pair=self.pair, momentum=hp["momentum"],
+                                    center_stats=center_stats)
         self.step += 1
         self._hp = hp
         return result

@@ -70,7 +70,7 @@ def build_pretrain_data(cfg: Config, dist_info: DistInfo, *, gather: Callable[..
     header check so every rank agrees on the clips).
 
     Raises:
-        ValueError: the batch of all processes is larger than the dataset, or DALI in reference mode.
+        ValueError: the batch of all processes is larger than the dataset, or DALI in authors mode.
     """
     from asit.data import PretrainDataset, collate_pretrain, load_manifest
     from asit.data.samplers import EpochSampler
@@ -99,7 +99,7 @@ def build_pretrain_data(cfg: Config, dist_info: DistInfo, *, gather: Callable[..
     if t.max_steps_per_epoch:
         iters = min(iters, t.max_steps_per_epoch)
     if d.backend == "dali":
-        if t.mode == "reference":
+        if t.mode == "authors":
             raise ValueError("data.backend=dali runs in train.mode=fast")
         from asit.data.dali import DaliPretrainLoader
 
@@ -129,7 +129,7 @@ def build_pretrain_data(cfg: Config, dist_info: DistInfo, *, gather: Callable[..
                                seed=t.seed, num_samples=iters * t.batch_size)
     workers = d.num_workers
     collate = collate_pretrain
-    if t.mode == "reference":  # GMML on the CPU in the loader, like the authors' code
+    if t.mode == "authors":  # GMML on the CPU in the loader, like the authors' code
         from asit.data.gmml_cpu import ReferenceGMMLCollate
 
         g = cfg.gmml

@@ -14,13 +14,13 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_precision(precision: str, mode: str, device: torch.device) -> tuple[str, torch.dtype | None]:
     """``(name, autocast dtype or None for fp32)`` of ``precision`` on ``device``. ``auto``: fp32 on the CPU;
-    on CUDA bf16, or fp16 with loss scaling in ``mode="reference"`` (the authors' setting).
+    on CUDA bf16, or fp16 with loss scaling in ``mode="authors"`` (the authors' setting).
 
     Raises:
         ValueError: fp16 off CUDA.
     """
     if precision == "auto":
-        gpu = "fp16" if mode == "reference" else "bf16"
+        gpu = "fp16" if mode == "authors" else "bf16"
         precision = gpu if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
