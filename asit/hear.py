@@ -99,7 +99,7 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[tor
     # those frames are dropped (the grid stays regular; the frame before is at most one hop from the end)
     duration_ms = audio.shape[1] / model.sample_rate * 1000.0
     inside = order[all_times[order] <= duration_ms]
-    if inside.numel() == 0:  # a clip shorter than half a patch: its one frame, stamped at the clip's middle
+    if inside.numel() == 0:  # a clip shorter than the first centre (87.5 ms): its one frame, at its middle
         inside, all_times = order[:1], torch.full_like(all_times, duration_ms / 2)
     timestamps = all_times[inside].float().unsqueeze(0).expand(n, -1).contiguous()
     return torch.cat(embeddings, dim=1)[:, inside.to(embeddings[0].device)], timestamps
