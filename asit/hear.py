@@ -76,7 +76,12 @@ def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frame embeddings ``[n_sounds, T, D]`` and their centre times ``[n_sounds, T]`` in milliseconds."""
+    """Frame embeddings ``[n_sounds, T, D]`` and their centre times ``[n_sounds, T]`` in milliseconds.
+
+    The times are evenly spaced (``model.timestamp_hop_ms``) and lie inside the clip: frames whose patch
+    centre falls past the clip's end are left out, so the last timestamp is within one hop of the end (a
+    clip shorter than the first centre, 87.5 ms, keeps its one frame, stamped at the clip's middle).
+    """
     audio = _check_audio(audio)
     n, samples_per_frame = audio.shape[0], int(round(model.sample_rate * FRAME_SHIFT_S))
     embeddings, times = [], []
@@ -88,6 +93,13 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[tor
         out = model.encoder.embed(audio[:, start:], model.sample_rate)
         embeddings.append(out.frames.float())
         times.append(out.timestamps_s.double() * 1000.0 + offset * FRAME_SHIFT_S * 1000.0)
-    order = torch.argsort(torch.cat(times), stable=True)  # interleave the shifted grids by time
-    timestamps = torch.cat(times)[order].float().unsqueeze(0).expand(n, -1).contiguous()
-    return torch.cat(embeddings, dim=1)[:, order.to(embeddings[0].device)], timestamps
+    all_times = torch.cat(times)
+    order = torch.argsort(all_times, stable=True)  # interleave the shifted grids by time
+    # HEAR wants every timestamp inside the clip: a final partial patch's centre can lie past the end, so
+    # those frames are dropped (the grid stays regular; the frame before is at most one hop from the end)
+    duration_ms = audio.shape[1] / model.sample_rate * 1000.0
+    inside = order[all_times[order] <= duration_ms]
+    if inside.numel() == 0:  # a clip shorter than the first centre (87.5 ms): its one frame, at its middle
+        inside, all_times = order[:1], torch.full_like(all_times, duration_ms / 2)
+    timestamps = all_times[inside].float().unsqueeze(0).expand(n, -1).contiguous()
+    return torch.cat(embeddings, dim=1)[:, inside.to(embeddings[0].device)], timestamps

@@ -2,7 +2,9 @@
 """Embed every clip of a manifest with a frozen ASiT encoder and save the result as .npz.
 
     python scripts/extract.py --encoder runs/demo_cpu/teacher_encoder.safetensors \\
-        --manifest data/esc50.csv --out emb.npz [--frames] [--batch-size 16]
+        --manifest data/esc50.csv [--out emb.npz] [--frames] [--batch-size 16]
+
+Without --out the file is ``embeddings.npz`` next to the encoder (never the current folder).
 
 The .npz holds ``clip`` [N, D], ``paths``, ``labels`` (";"-joined), the skipped clips and, with
 --frames, ``frames`` [N, T, D], ``num_frames`` [N] and ``timestamps_s`` [T]. Undecodable files
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from asit import cli
 from asit.data import ManifestError, load_manifest
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--encoder", required=True, help="teacher_encoder.safetensors from pretraining")
     parser.add_argument("--manifest", required=True, help="JSON/CSV manifest or a folder of audio files")
-    parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--out", default=None, help="output .npz (default: embeddings.npz next to the encoder)")
     parser.add_argument("--frames", action="store_true", help="also store per-frame (160 ms) embeddings")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per batch (default 16)")
     parser.add_argument(
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             with_frames=args.frames,
             progress=not args.no_progress,
         )
-    path = save_embeddings(emb, args.out)
+    path = save_embeddings(emb, args.out or Path(args.encoder).parent / "embeddings.npz")
     skipped = f"; skipped {len(emb.skipped)} undecodable: {emb.skipped_counts()}" if emb.skipped else ""
     print(f"wrote {len(emb.paths)} embeddings of dim {emb.clip.shape[1]} to {path}{skipped}")
     return 0

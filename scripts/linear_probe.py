@@ -2,7 +2,10 @@
 """Linear probe of a frozen ASiT encoder: k-fold stratified cross-validation on a labelled manifest.
 
     python scripts/linear_probe.py --encoder runs/demo_cpu/teacher_encoder.safetensors \\
-        --manifest data/esc50.csv --out probe.json [--folds 5] [--random-init]
+        --manifest data/esc50.csv [--out probe.json] [--folds 5] [--random-init]
+
+Without --out the results are ``probe.json`` (``probe_random_init.json`` with --random-init) next to
+the encoder, never in the current folder.
 
 Embeddings are computed once and cached in --cache-dir (keyed by the encoder file's hash, the
 manifest's entries, each audio file's size and modification time, and the options).
@@ -23,6 +26,11 @@ from asit.encoder import EncoderError
 from asit.eval.linear_probe import ProbeConfig, probe_encoder
 
 
+def default_probe_path(encoder: str, *, random_init: bool) -> Path:
+    """Where the results go without ``--out``: beside the encoder file."""
+    return Path(encoder).parent / ("probe_random_init.json" if random_init else "probe.json")
+
+
 @cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -32,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--manifest", required=True, help="labelled JSON/CSV manifest or folder of class folders"
     )
-    parser.add_argument("--out", required=True, help="results .json")
+    parser.add_argument("--out", default=None,
+                        help="results .json (default: probe.json or probe_random_init.json next to the encoder)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     parser.add_argument("--weight-decay", type=float, default=ProbeConfig.weight_decay)
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cli.setup_logging()
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_probe_path(args.encoder, random_init=args.random_init)
     cfg = ProbeConfig(
         folds=args.folds, seed=args.seed, weight_decay=args.weight_decay, max_iter=args.max_iter
     )

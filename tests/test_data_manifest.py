@@ -106,6 +106,19 @@ def test_json_without_data_key(tmp_path):
         load_manifest(manifest)
 
 
+def test_shard_index_given_as_a_manifest_points_to_shards(tmp_path):
+    """make_shards.py's index.json is not a manifest: the error says how to pass the shards."""
+    pytest.importorskip("webdataset")
+    from asit.data.shards import is_shard_source, write_shards
+
+    _touch_wav(tmp_path / "a.wav")
+    index = write_shards([AudioEntry(str(tmp_path / "a.wav"), ("x",))], tmp_path / "shards" / "d-%06d.tar", max_count=1)
+    with pytest.raises(ManifestError, match="shard index, not a manifest") as err:
+        load_manifest(index)
+    assert f"shards:{index.parent}" in str(err.value)
+    assert is_shard_source(f"shards:{index.parent}")
+
+
 def test_bad_csv_row_names_line(tmp_path):
     _touch_wav(tmp_path / "a.wav")
     manifest = tmp_path / "m.csv"

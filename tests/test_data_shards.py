@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 
 import numpy as np
@@ -192,6 +193,25 @@ def test_corrupt_member_is_skipped_and_counted(corpus, tmp_path):
     batch = collate_pretrain(samples)
     assert batch["views"].shape[0] == 4 and batch["num_skipped"] == 1
     assert batch["skip_reasons"] == ["unreadable"] and batch["skipped_indices"] == [4]
+
+
+def test_bad_members_are_named_by_shard_and_member_not_by_stream(corpus, tmp_path, caplog):
+    """The decoder's error used to read ``Error opening <_io.BytesIO object at 0x...>``; an empty member was
+    ``unreadable``."""
+    url = tmp_path / "raw-000000.tar"
+    with tarfile.open(url, "w") as tar:
+        for key, audio in (("000000001", b"RIFF not really a wave file" * 20), ("000000002", b"")):
+            for name, data in ((f"{key}.wav", audio), (f"{key}.json", json.dumps({"index": int(key)}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    ds = ShardPretrainDataset(open_shard_source(f"shards:{url}"), **VIEWS)
+    with caplog.at_level(logging.WARNING):
+        samples = list(ds)
+    assert {s["index"]: s["error"] for s in samples} == {1: "unreadable", 2: "empty"}
+    assert "BytesIO" not in caplog.text
+    assert f"{url}:000000001" in caplog.text and "member 000000001.wav" in caplog.text
+    assert f"{url}:000000002" in caplog.text and "0-byte member 000000002.wav" in caplog.text
 
 
 def test_member_without_metadata_is_skipped(corpus, tmp_path):

@@ -268,3 +268,44 @@ def test_encoder_is_frozen(encoder_file):
     assert not enc.training and not enc.backbone.training
     assert not any(p.requires_grad for p in enc.parameters())
     assert isinstance(enc, AudioEncoder)
+
+
+def test_embed_takes_numpy_1d_batches_lists_and_multichannel(encoder_file):
+    """A NumPy 1-D clip, a (B, T) batch, a list of (C, T) clips: down-mixed like the file loader (channel mean)."""
+    import numpy as np
+
+    enc = load_encoder(encoder_file)
+    rng = np.random.default_rng(0)
+    mono = (0.1 * rng.standard_normal(SR)).astype(np.float32)
+    stereo = (0.1 * rng.standard_normal((2, SR // 2))).astype(np.float32)
+    ref = enc.embed(torch.from_numpy(mono), SR).clip
+    torch.testing.assert_close(enc.embed(mono, SR).clip, ref)  # used to fail: waves[0] must be 1-D, got ()
+    torch.testing.assert_close(enc.embed(mono.astype(np.float64), SR).clip, ref)
+    batch = enc.embed(np.stack([mono, mono[::-1].copy()]), SR)
+    assert batch.clip.shape == (2, 48)
+    torch.testing.assert_close(batch.clip[0], ref[0])
+    mixed = enc.embed([mono, stereo, torch.from_numpy(stereo[:1])], SR)
+    downmix = enc.embed(stereo.mean(axis=0), SR).clip
+    torch.testing.assert_close(mixed.clip[1], downmix[0])
+    torch.testing.assert_close(mixed.clip[2], enc.embed(stereo[0], SR).clip[0])
+    assert mixed.num_frames.tolist()[0] > mixed.num_frames.tolist()[1]
+
+
+@pytest.mark.parametrize(
+    "waves, match",
+    [
+        (torch.tensor(0.5), r"shape \(\)"),
+        (torch.zeros(2, 3, 100), r"shape \(2, 3, 100\)"),
+        ([torch.zeros(2, 3, 100)], r"waves\[0\] has shape"),
+        (torch.zeros(8000, 2), r"\[T, C\] layout"),
+        ([torch.zeros(8000, 2)], r"more channels than samples"),
+        (torch.zeros(100, dtype=torch.int16), "x / 32768"),
+        ("clip.wav", "is a str"),
+        ([[0.1, 0.2]], r"waves\[0\] is a list"),
+    ],
+)
+def test_embed_refuses_other_shapes_naming_the_accepted_ones(encoder_file, waves, match):
+    enc = load_encoder(encoder_file)
+    with pytest.raises((TypeError, ValueError), match=match) as err:
+        enc.embed(waves, SR)
+    assert "dtype" in str(err.value) or "[B, T] batch" in str(err.value)

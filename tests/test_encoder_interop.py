@@ -199,7 +199,7 @@ def test_authors_checkpoint_end_to_end_through_the_script(tmp_path, capsys):
     audio = torch.randn(2, SR) * 0.1
     model = hear.load_model(str(out))
     assert hear.get_scene_embeddings(audio, model).shape == (2, 48)
-    assert hear.get_timestamp_embeddings(audio, model)[0].shape[:2] == (2, 7 + 6 + 6 + 6)  # 4 grids, 40 ms apart
+    assert hear.get_timestamp_embeddings(audio, model)[0].shape[:2] == (2, 6 + 6 + 6 + 5)  # 4 grids, none past 1 s
     assert backbone_spec(enc.backbone.state_dict(), enc.metadata)["num_heads"] == 3
 
     (tmp_path / "corpus").mkdir()

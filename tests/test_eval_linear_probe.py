@@ -263,3 +263,25 @@ def test_scripts_end_to_end(tmp_path, capsys):
         capsys=capsys,
     )
     assert bad[0] != 0 and "does not exist" in bad[2]
+
+
+def test_scripts_write_next_to_the_encoder_without_out(tmp_path, capsys, monkeypatch):
+    """Without --out nothing lands in the current folder: the results sit beside the encoder file."""
+    run_dir, cwd = tmp_path / "run", tmp_path / "cwd"
+    run_dir.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    enc_path = write_encoder(run_dir / "teacher_encoder.safetensors")
+    manifest = _mini_corpus(tmp_path)
+    res = _run("extract.py", "--encoder", str(enc_path), "--manifest", str(manifest), "--no-progress", capsys=capsys)
+    assert res[0] == 0, res[2]
+    with np.load(run_dir / "embeddings.npz") as data:
+        assert data["clip"].shape == (12, 48)
+    for extra, name in (((), "probe.json"), (("--random-init",), "probe_random_init.json")):
+        res = _run("linear_probe.py", "--encoder", str(enc_path), "--manifest", str(manifest), "--folds", "3",
+                   "--no-progress", *extra, capsys=capsys)
+        assert res[0] == 0, res[2]
+        assert str(run_dir / name) in res[1]
+        assert json.loads((run_dir / name).read_text())["random_init"] is bool(extra)
+    assert list(cwd.iterdir()) == []
+    assert (run_dir / "embeddings").is_dir()

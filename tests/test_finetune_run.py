@@ -114,7 +114,7 @@ def test_ddp_two_ranks_gather_the_whole_validation_set(demo_encoder, tmp_path):
     assert saved["steps"] == 3 and saved["best"]["n_clips"] == 120  # every clip once, from both ranks
     # the gathered evaluation equals a single-process evaluation of the saved best model
     cfg = load_finetune_config("demo", overrides)
-    entries = load_manifest(cache / "demo" / "manifest.csv")
+    entries = load_manifest(cache / "demo" / "n120-sr16000-0.64s-seed0" / "manifest.csv")  # the keyed demo folder
     runner = Finetuner(cfg, entries, entries, LabelSpace.from_entries(entries), False, tmp_path / "single")
     runner.setup()
     try:

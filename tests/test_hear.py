@@ -28,13 +28,31 @@ def test_embeddings_shapes_dtypes_and_timestamps(model, seconds):
     assert emb.dtype == ts.dtype == torch.float32
     assert emb.shape[:2] == ts.shape and emb.shape[0] == 3 and emb.shape[2] == 48
     assert torch.all(ts.diff(dim=1) > 0)
-    assert ts[0, 0] == pytest.approx(87.5) and torch.all(ts[:, -1] <= seconds * 1000 + 160)
+    duration = seconds * 1000
+    assert torch.all(ts <= duration) and torch.equal(ts[0], ts[-1])  # HEAR: every timestamp inside the clip
     frames = 1 + max(int(seconds * SR) - 200, 0) // 80
-    if seconds > 1:  # four grids of ceil(frames left / 16) patches, 40 ms apart
-        assert ts.shape[1] == sum(-(-(frames - o) // 16) for o in (0, 4, 8, 12))
-        torch.testing.assert_close(ts[0, :12].diff(), torch.full((11,), 40.0))
-    else:  # too short to advance: the native grid
-        assert ts.shape[1] == -(-frames // 16)
+    if seconds > 1:  # four grids of patches 40 ms apart, those centred past the clip's end left out
+        grids = [87.5 + 10 * o + 160 * j for o in (0, 4, 8, 12) for j in range(-(-(frames - o) // 16))]
+        assert ts[0].tolist() == sorted(t for t in grids if t <= duration)
+        torch.testing.assert_close(ts[0].diff(), torch.full((ts.shape[1] - 1,), 40.0))
+        assert ts[0, -1] > duration - 40
+    else:  # shorter than the first patch centre (87.5 ms): one frame, at the clip's middle
+        assert ts.shape[1] == 1 and ts[0, 0] == pytest.approx(duration / 2)
+
+
+@pytest.mark.parametrize("seconds", [0.2, 0.5, 1.07, 1.98, 2.74, 4.0])
+@pytest.mark.parametrize("hop_ms", [40, 160])
+def test_timestamps_pass_the_hear_validator_rules(tmp_path, seconds, hop_ms):
+    """The checks of hear-validator: regular spacing (1 ms), last timestamp within 2 hops of the end and
+    never past it; a 0.5 s clip used to end at 527.5 ms."""
+    model = hear.load_model(str(write_encoder(tmp_path / "e.safetensors")), timestamp_hop_ms=hop_ms)
+    _, ts = hear.get_timestamp_embeddings(torch.randn(2, int(seconds * SR)) * 0.1, model)
+    duration = 1000 * int(seconds * SR) / SR
+    assert float(ts.max()) <= duration and ts[0, 0] == pytest.approx(87.5)
+    if ts.shape[1] > 1:
+        diff = ts[0].double().diff()
+        assert float((diff - hop_ms).abs().max()) < 1e-3
+        assert float(ts.max()) >= duration - 2 * hop_ms
 
 
 def test_dense_timestamps_are_real_outputs_of_shifted_inputs(tmp_path):
@@ -46,23 +64,28 @@ def test_dense_timestamps_are_real_outputs_of_shifted_inputs(tmp_path):
     emb0, ts0 = hear.get_timestamp_embeddings(audio, native)
     assert torch.equal(ts[:, ::4][:, : ts0.shape[1]], ts0) and torch.equal(emb[:, ::4][:, : ts0.shape[1]], emb0)
     advanced = native.encoder.embed(audio[:, 8 * SR // 100 :], SR).frames  # 8 frames = 80 ms later
-    torch.testing.assert_close(emb[:, 2::4][:, : advanced.shape[1]], advanced, rtol=0, atol=0)
+    shifted = emb[:, 2::4]  # the advanced grid's last patch, centred past the clip's end, is left out
+    assert shifted.shape[1] == advanced.shape[1] - 1
+    torch.testing.assert_close(shifted, advanced[:, : shifted.shape[1]], rtol=0, atol=0)
     with pytest.raises(ValueError, match="timestamp_hop_ms"):
         hear.load_model(path, timestamp_hop_ms=50)
 
 
 def test_last_timestamp_of_a_long_clip_comes_from_its_final_window(tmp_path):
-    """2 s = 198 fbank frames, 13 patches; the 64-frame windows start at 0, 64, 128 and 134 (ending with the
-    clip), so the last patch (frames 192-197) is an output of the clip's final 64 frames of audio, not of a
-    zero-padded window."""
+    """2.05 s = 203 fbank frames, 13 patches (the last centred at 2007.5 ms, inside the clip); the 64-frame
+    windows start at 0, 64, 128 and 139 (ending with the clip), so the last patch (frames 192-202) is an output
+    of the clip's final 64 frames of audio, not of a zero-padded window. At 2 s the same patch would be centred
+    past the clip's end and is left out."""
     model = hear.load_model(str(write_encoder(tmp_path / "e.safetensors")), timestamp_hop_ms=160)
-    audio = torch.randn(2, 2 * SR, generator=torch.Generator().manual_seed(3)) * 0.1
+    audio = torch.randn(2, 205 * SR // 100, generator=torch.Generator().manual_seed(3)) * 0.1
     emb, ts = hear.get_timestamp_embeddings(audio, model)
-    assert emb.shape[1] == ts.shape[1] == 13 and model.encoder.window_starts(198) == [0, 64, 128, 134]
-    start = 134 * SR // 100  # frame 134, in samples
+    assert emb.shape[1] == ts.shape[1] == 13 and model.encoder.window_starts(203) == [0, 64, 128, 139]
+    start = 139 * SR // 100  # frame 139, in samples
     final = model.encoder.embed(audio[:, start : start + model.encoder.num_samples_for_frames(64)], SR).frames
     assert final.shape[1] == 4
     torch.testing.assert_close(emb[:, 12], final[:, 3], rtol=1e-4, atol=1e-4)
+    _, ts2 = hear.get_timestamp_embeddings(audio[:, : 2 * SR], model)
+    assert ts2.shape[1] == 12 and float(ts2.max()) == 1847.5
 
 
 def test_load_model_needs_a_path(monkeypatch):

@@ -69,7 +69,7 @@ def test_ddp_run_then_resume(tmp_path) -> None:
     with open(out / "log.jsonl", encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
     assert [r["step"] for r in records] == list(range(1, total + 1))  # rank 0 only, contiguous
-    assert [r["epoch"] for r in records] == [0, 0, 1, 1]
+    assert [r["epoch"] for r in records] == [1, 1, 2, 2]  # counted from 1, like the progress bar
     assert (out / "teacher_encoder.safetensors").is_file()
     from safetensors import safe_open
 

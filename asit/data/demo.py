@@ -1,7 +1,9 @@
 """A small synthetic audio corpus for demos and tests, generated on the spot (no downloads).
 
 Six classes of procedurally generated sounds with random parameters, written as 16-bit WAV
-files with a ``manifest.csv`` that :func:`asit.data.load_manifest` reads.
+files with a ``manifest.csv`` that :func:`asit.data.load_manifest` reads. Each corpus lives in a folder
+named by its parameters (:func:`demo_dataset_dir`: ``<root>/n240-sr16000-3s-seed0/``), so corpora of
+different sizes (pretraining's demo and fine-tuning's) sit side by side and never overwrite each other.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import soundfile as sf
 
 from asit.atomic_io import atomic_write_text
 
-__all__ = ["DEMO_CLASSES", "default_demo_root", "ensure_demo_dataset", "synthesize_clip"]
+__all__ = ["DEMO_CLASSES", "default_demo_root", "demo_dataset_dir", "ensure_demo_dataset", "synthesize_clip"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,20 @@ def default_demo_root() -> Path:
     return base / "demo"
 
 
+def demo_dataset_dir(
+    root: str | os.PathLike | None = None,
+    *,
+    num_clips: int = 240,
+    sample_rate: int = 16000,
+    seconds: float = 3.0,
+    seed: int = 0,
+) -> Path:
+    """The folder of the corpus with these parameters: ``root/n{num_clips}-sr{sample_rate}-{seconds}s-seed{seed}``
+    (``root`` defaults to :func:`default_demo_root`), e.g. ``~/.cache/asit/demo/n240-sr16000-3s-seed0``."""
+    base = Path(root).expanduser() if root is not None else default_demo_root()
+    return base / f"n{num_clips}-sr{sample_rate}-{seconds:g}s-seed{seed}"
+
+
 @contextlib.contextmanager
 def _exclusive(root: Path) -> Iterator[None]:
     """Hold a lock on ``root`` so that several processes (e.g. DDP ranks) generate it once."""
@@ -169,16 +185,21 @@ def ensure_demo_dataset(
     seconds: float = 3.0,
     seed: int = 0,
 ) -> Path:
-    """Make sure the synthetic demo corpus exists under ``root``; return its ``manifest.csv``.
+    """Make sure the synthetic demo corpus exists; return its ``manifest.csv``.
+
+    ``root`` is the folder that holds the demo corpora (default :func:`default_demo_root`); this one is
+    written into its own subfolder :func:`demo_dataset_dir` named by the parameters, so asking for
+    another size, rate, length or seed never touches a corpus made before.
 
     Clip ``i`` has class ``DEMO_CLASSES[i % len(DEMO_CLASSES)]`` (balanced classes) and is drawn
     from a generator seeded with ``(seed, i)``, so the corpus is reproducible. If the manifest
-    exists and ``params.json`` matches the arguments, nothing is written. Otherwise the
-    manifest is removed first and written last, so an interrupted run is redone next time.
+    exists and ``params.json`` matches the arguments (including the synthesis version), nothing is
+    written. Otherwise the manifest is removed first and written last, so an interrupted run is redone
+    next time.
     """
     if num_clips <= 0:
         raise ValueError(f"num_clips must be positive, got {num_clips}")
-    root = Path(root).expanduser() if root is not None else default_demo_root()
+    root = demo_dataset_dir(root, num_clips=num_clips, sample_rate=sample_rate, seconds=seconds, seed=seed)
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / _MANIFEST
     params_file = root / _PARAMS
@@ -192,7 +213,7 @@ def ensure_demo_dataset(
 
     with _exclusive(root):
         if manifest.is_file() and _read_params(params_file) == params:
-            logger.debug("reusing demo dataset at %s", root)
+            logger.info("demo corpus (%d clips): %s", num_clips, manifest)
             return manifest
 
         logger.info("generating %d demo clips in %s", num_clips, root)
@@ -210,6 +231,7 @@ def ensure_demo_dataset(
 
         params_file.write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
         atomic_write_text(manifest, "path,label\n" + "".join(rows))
+    logger.info("demo corpus (%d clips): %s", num_clips, manifest)
     return manifest
 
 

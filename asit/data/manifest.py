@@ -160,6 +160,9 @@ def _read_json(src: Path) -> tuple[list[AudioEntry], Where]:
         raise ManifestError(f"{src} line {exc.lineno}: invalid JSON: {exc.msg}") from exc
 
     if isinstance(doc, dict):
+        if "data" not in doc and "shards" in doc:  # the index.json that make_shards.py writes
+            raise ManifestError(f"{src}: this is a shard index, not a manifest; pass the shards as "
+                                f"shards:{src.parent} (e.g. data.train_manifest=shards:{src.parent})")
         if "data" not in doc:
             raise ManifestError(f'{src}: JSON manifest has no "data" key')
         items = doc["data"]

@@ -316,6 +316,15 @@ def _brief(exn: Exception) -> str:
     return f"{type(exn).__name__}: {text[:200]}"
 
 
+_STREAM_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def _name_member(err: AudioDecodeError, member: str) -> AudioDecodeError:
+    """``err`` with the decoder's ``<_io.BytesIO object at 0x…>`` replaced by the tar member's name."""
+    detail = _STREAM_REPR.sub(f"member {member}", err.detail)
+    return err if detail == err.detail else AudioDecodeError(err.path, err.reason, detail)
+
+
 class ShardPretrainDataset(ClipViews, IterableDataset):
     """Pretraining views read from WebDataset shards (see the module docstring).
 
@@ -515,11 +524,13 @@ class ShardPretrainDataset(ClipViews, IterableDataset):
         audio_keys = [k for k in raw if not k.startswith("__") and k != _META_EXT]
         if not audio_keys:
             return self.make_sample(AudioDecodeError(name, "missing", "no audio member"), index, label, name)
+        member, data = f"{key}.{audio_keys[0]}", raw[audio_keys[0]]
+        if not data:
+            return self.make_sample(AudioDecodeError(name, "empty", f"0-byte member {member}"), index, label, name)
         try:
-            wave: torch.Tensor | AudioDecodeError = decode_audio_bytes(raw[audio_keys[0]], self.sample_rate,
-                                                                       name=name)
+            wave: torch.Tensor | AudioDecodeError = decode_audio_bytes(data, self.sample_rate, name=name)
         except AudioDecodeError as err:
-            wave = err
+            wave = _name_member(err, member)
         return self.make_sample(wave, index, label, name)
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -278,7 +279,7 @@ class AudioEncoder(nn.Module):
     @torch.inference_mode()
     def embed(
         self,
-        waves: torch.Tensor | Sequence[torch.Tensor],
+        waves: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
         sample_rate: int,
         *,
         pool: Pool | None = None,
@@ -296,8 +297,11 @@ class AudioEncoder(nn.Module):
         embeddings.
 
         Args:
-            waves: ``[B, T]`` tensor, a single ``[T]`` clip, or a list of 1-D tensors of
-                different lengths.
+            waves: torch tensors or NumPy float arrays: a single clip ``[T]``; a ``[B, T]`` batch of
+                mono clips; or a list of clips of any lengths, each ``[T]`` or multichannel ``[C, T]``
+                (channels averaged, as :func:`asit.data.load_audio` down-mixes files). A 2-D array is
+                always a batch of mono clips, never one stereo clip: pass a stereo clip as ``[x]``.
+                Anything else raises ``ValueError``/``TypeError`` listing these shapes.
             sample_rate: their sample rate; resampled to :attr:`sample_rate` when different.
             pool: overrides the encoder's clip pooling (``"cls"`` or ``"tokens"``).
 
@@ -374,19 +378,66 @@ class AudioEncoder(nn.Module):
         )
 
 
-def _as_list(waves: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    if isinstance(waves, torch.Tensor):
-        if waves.dim() == 1:
-            return [waves]
-        if waves.dim() != 2:
-            raise ValueError(
-                f"waves must be [B, T], [T] or a list of 1-D tensors, got shape {tuple(waves.shape)}"
-            )
-        return list(waves)
+_ACCEPTED = (
+    "a 1-D clip [T], a [B, T] batch of mono clips, or a list of clips of any lengths, each [T] or "
+    "multichannel [C, T] (torch tensors or NumPy float arrays)"
+)
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _as_tensor(x: object, what: str) -> torch.Tensor:
+    """``x`` (tensor or NumPy array) as a floating tensor; anything else is refused naming ``what``."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    else:
+        raise TypeError(f"{what} is a {type(x).__name__}; embed takes {_ACCEPTED}")
+    if not t.is_floating_point():
+        hint = " (convert PCM first, e.g. x / 32768 for 16-bit)" if t.dtype in _INT_DTYPES else ""
+        raise TypeError(f"{what} has dtype {t.dtype}; embed takes float samples in [-1, 1]{hint}")
+    return t
+
+
+def _downmix(clip: torch.Tensor) -> torch.Tensor:
+    """``[C, T]`` → ``[T]``: the mean of the channels, the rule :func:`asit.data.load_audio` applies to files."""
+    return clip[0] if clip.shape[0] == 1 else clip.float().mean(dim=0)
+
+
+def _as_list(waves: object) -> list[torch.Tensor]:
+    """The clips of ``waves`` as 1-D tensors.
+
+    A 2-D array is a ``[B, T]`` batch of mono clips; a 2-D *element of a list* is one clip ``[C, T]``
+    whose channels are averaged. Shapes that can only be soundfile's ``[T, C]`` layout (more
+    channels than samples) are refused with a hint to transpose.
+    """
+    if isinstance(waves, (torch.Tensor, np.ndarray)):
+        t = _as_tensor(waves, "waves")
+        if t.dim() == 1:
+            return [t]
+        if t.dim() == 2:
+            if t.shape[1] <= 8 < t.shape[0]:
+                raise ValueError(
+                    f"waves has shape {tuple(t.shape)}: a 2-D array is a [B, T] batch of mono clips, and "
+                    f"clips of {t.shape[1]} samples look like soundfile's [T, C] layout; pass a stereo clip "
+                    f"as a list element [C, T] (e.g. [x.T]) or down-mix it (x.mean(1)); embed takes {_ACCEPTED}")
+            return list(t)
+        raise ValueError(f"waves has shape {tuple(t.shape)}; embed takes {_ACCEPTED}")
+    if isinstance(waves, (str, bytes)) or not isinstance(waves, Sequence):
+        raise TypeError(f"waves is a {type(waves).__name__}; embed takes {_ACCEPTED}")
     out = []
     for i, w in enumerate(waves):
-        w = torch.as_tensor(w)
-        if w.dim() != 1:
-            raise ValueError(f"waves[{i}] must be 1-D, got shape {tuple(w.shape)}")
-        out.append(w)
+        t = _as_tensor(w, f"waves[{i}]")
+        if t.dim() == 2:
+            if t.shape[0] > t.shape[1]:
+                raise ValueError(
+                    f"waves[{i}] has shape {tuple(t.shape)}: a 2-D clip is [C, T] (channels first) and this "
+                    f"one has more channels than samples; transpose soundfile's [T, C] layout (x.T); "
+                    f"embed takes {_ACCEPTED}")
+            t = _downmix(t)
+        if t.dim() != 1:
+            raise ValueError(f"waves[{i}] has shape {tuple(t.shape)}; embed takes {_ACCEPTED}")
+        out.append(t)
     return out

@@ -38,6 +38,7 @@ from .losses import ASiTLoss
 from .metrics import MetricWriter, Throughput, collapse_monitors, trim_log
 from .optim import clip_gradients, param_groups
 from .precision import autocast, resolve_precision
+from .report import next_steps
 from .resume import (
     RESUME_FREE_KEYS,
     check_model_matches,
@@ -324,7 +325,7 @@ class Pretrainer:
         self.gmml_gen.set_state(rng["gmml"].cpu())
         if self.dist.is_main:
             trim_log(self.run_dir / "log.jsonl", self.step)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.start_epoch,
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.start_epoch + 1,
                      self.skip_batches)
 
     # ------------------------------------------------------------------ training
@@ -482,6 +483,7 @@ class Pretrainer:
         if self.dist.is_main:
             summary["encoder"] = str(self.export_teacher_encoder())
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            log.info("%s", next_steps(self.cfg, self.run_dir, summary["encoder"]))
         return summary
 
     def _log_step(self, result: StepResult | None, epoch: int, meter: Throughput, bar: Any,
@@ -497,7 +499,7 @@ class Pretrainer:
         values: dict[str, Any] = {k: float(v) for k, v in result.terms.items()}
         values.update(self._hp)
         values["samples_per_s"] = meter.rate()
-        values["epoch"] = epoch
+        values["epoch"] = epoch + 1  # counted from 1, as the progress bar, pictures and messages count
         values.update({k: float(v) for k, v in result.monitors.items()})
         values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
         values["center_norm_tokens"] = float(self.loss_fn.center_local.norm())
