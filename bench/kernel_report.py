@@ -8,7 +8,9 @@ local (spill) and shared memory from the cubin with ``cuobjdump -res-usage``. Fr
 derives the resident blocks per SM (registers × threads against 65,536 per SM, shared memory
 against 228 KB on sm_90 / 164 KB on sm_80, 32 blocks and 2,048 threads per SM) and how the grid
 covers the SMs (132 on an H100 SXM, 108 on an A100). ``min MB`` counts every tensor argument of a
-launch read or written once; ``floor µs`` is that traffic at 3.0 TB/s.
+launch read or written once; ``floor µs`` is that traffic at 3.0 TB/s. ``op MB`` is the minimal traffic
+of the whole op call the launch belongs to, from the byte formulas below (:func:`distill_ce_bytes`,
+:func:`masked_l1_bytes`, :func:`gmml_bytes`), which ``bench/test_bench_ops.py`` imports for its GB/s.
 
     python bench/kernel_report.py [--arch 90 80] [--hot] [--json rows.json]
 
@@ -58,8 +60,46 @@ GLOBAL_ROWS, GLOBAL_KS = VIEWS * BATCH, (8192, 65536)
 GMML_BUDGET = 256  # gmml.candidate_budget: box slots per sample
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # One-program epilogues of a hot op: reported, but not held to the occupancy and grid rules.
-EPILOGUES = {"masked_l1_finalize_kernel"}
+EPILOGUES: set[str] = set()
 META = torch.device("meta")
+
+
+# ---------------------------------------------------------------- minimal bytes of each op call
+# What an op must move at the least: every input read once and every output written once. With a
+# gradient, the forward writes the unscaled gradient once and the backward reads and writes it once
+# to scale it by the upstream gradient (unknown until then): the traffic of an autograd op whose
+# forward and backward are separate calls.
+
+
+def distill_ce_bytes(n: int, k: int, itemsize: int, need_grad: bool = True) -> int:
+    """Centred softmax cross-entropy over ``n × k`` logits of ``itemsize`` bytes: student, teacher and the
+    fp32 centre read once, fp32 row losses and teacher column sums written; with ``need_grad``, the
+    gradient written (forward), then read and written (backward), and the fp32 per-row upstream gradient read."""
+    nbytes = 2 * n * k * itemsize + 4 * k + 4 * n + 4 * k
+    if need_grad:
+        nbytes += 3 * n * k * itemsize + 4 * n
+    return nbytes
+
+
+def masked_l1_bytes(numel: int, pred_itemsize: int, target_itemsize: int, mask_bytes: int,
+                    need_grad: bool = True) -> int:
+    """Masked L1 over ``numel`` elements: pred, target and the mask (``mask_bytes`` as stored, before any
+    broadcast) each read once; with ``need_grad``, the gradient in pred's dtype written (forward), then
+    read and written (backward)."""
+    nbytes = numel * (pred_itemsize + target_itemsize) + mask_bytes
+    if need_grad:
+        nbytes += 3 * numel * pred_itemsize
+    return nbytes
+
+
+def gmml_bytes(batch: int, channels: int, height: int, width: int, itemsize: int, patch: int,
+               box_slots: int = GMML_BUDGET) -> int:
+    """GMML corruption (forward only): the view read once and the corrupted view written once, the bool
+    mask ``[B, 1, H, W]`` and the fp32 token fractions written, the int32 boxes and per-sample alien flag
+    and source index read. (An alien sample's fill re-reads pixels of the view, already counted.)"""
+    pixels = batch * channels * height * width
+    return (2 * pixels * itemsize + batch * height * width + 4 * batch * (height // patch) * (width // patch)
+            + 16 * batch * box_slots + 9 * batch)
 
 
 @dataclass(frozen=True)
@@ -71,6 +111,7 @@ class Case:
     dtype: str
     hot: bool
     build: Callable[[], list]
+    op_bytes: int = 0  # minimal traffic of the op call (the formulas above)
 
 
 @dataclass
@@ -98,6 +139,7 @@ class Row:
     fills_gpu: bool
     min_mb: float
     floor_us: float
+    op_mb: float
 
 
 def launch_name(launch) -> str:
@@ -132,26 +174,30 @@ def design_cases() -> list[Case]:
                 return ce.distill_ce_forward_launches(s, t, c, temp, temp, need_grad)[1]
 
             def bwd(n=n, k=k, dtype=dtype):
-                return ce.distill_ce_backward_launches(_meta((n, k), dtype), _meta((n,), torch.float32))[1]
+                return ce.distill_ce_backward_launches(_meta((n, k), dtype), _meta((n,), torch.float32))
 
-            cases.append(Case("distill_ce fwd+grad", shape, dname, True, fwd))
-            cases.append(Case("distill_ce fwd (no grad)", shape, dname, False, lambda f=fwd: f(need_grad=False)))
-            cases.append(Case("distill_ce bwd", shape, dname, True, bwd))
+            size = dtype.itemsize
+            cases.append(Case("distill_ce fwd+grad", shape, dname, True, fwd, distill_ce_bytes(n, k, size)))
+            cases.append(Case("distill_ce fwd (no grad)", shape, dname, False, lambda f=fwd: f(need_grad=False),
+                              distill_ce_bytes(n, k, size, need_grad=False)))
+            cases.append(Case("distill_ce bwd", shape, dname, True, bwd, distill_ce_bytes(n, k, size)))
 
-        view = (VIEWS * BATCH, 1, FRAMES, MELS)  # the loss sees both views at once
-        for det in (False, True):
-            def l1_fwd(dtype=dtype, det=det, view=view):
-                return l1.masked_l1_forward_launches(_meta(view, dtype), _meta(view, dtype),
-                                                     _meta(view, torch.bool), det)[1]
+        # the loss sees both views at once: pred in the model's dtype, the fp32 clean view as it comes
+        view = (VIEWS * BATCH, 1, FRAMES, MELS)
+        numel = VIEWS * BATCH * FRAMES * MELS
+        for need_grad in (True, False):
+            def l1_fwd(dtype=dtype, need_grad=need_grad, view=view):
+                return l1.masked_l1_forward_launches(_meta(view, dtype), _meta(view, torch.float32),
+                                                     _meta(view, torch.bool), need_grad)[1]
 
-            cases.append(Case(f"masked_l1 fwd{' det' if det else ''}", "x".join(map(str, view)), dname, not det,
-                              l1_fwd))
+            cases.append(Case(f"masked_l1 fwd{'+grad' if need_grad else ' (no grad)'}", "x".join(map(str, view)),
+                              dname, need_grad, l1_fwd, masked_l1_bytes(numel, dtype.itemsize, 4, numel, need_grad)))
 
         def l1_bwd(dtype=dtype, view=view):
-            return l1.masked_l1_backward_launches(_meta(view, dtype), _meta(view, dtype), _meta(view, torch.bool),
-                                                  temp, temp)[1]
+            return l1.masked_l1_backward_launches(_meta(view, dtype), temp, temp)
 
-        cases.append(Case("masked_l1 bwd", "x".join(map(str, view)), dname, True, l1_bwd))
+        cases.append(Case("masked_l1 bwd", "x".join(map(str, view)), dname, True, l1_bwd,
+                          masked_l1_bytes(numel, dtype.itemsize, 4, numel)))
 
         def gmml_fwd(dtype=dtype):
             x = _meta((BATCH, 1, FRAMES, MELS), dtype)
@@ -159,7 +205,8 @@ def design_cases() -> list[Case]:
             return gmml.gmml_forward_launches(x, boxes, _meta((BATCH,), torch.bool), _meta((BATCH,), torch.int64),
                                               PATCH)[1]
 
-        cases.append(Case("gmml", f"{BATCH}x1x{FRAMES}x{MELS}", dname, True, gmml_fwd))
+        cases.append(Case("gmml", f"{BATCH}x1x{FRAMES}x{MELS}", dname, True, gmml_fwd,
+                          gmml_bytes(BATCH, 1, FRAMES, MELS, dtype.itemsize, PATCH)))
     return cases
 
 
@@ -264,17 +311,18 @@ def report(cases: list[Case], archs: tuple[int, ...] = (90, 80)) -> list[Row]:
                     stack_bytes=res["stack"], local_bytes=res["local"],
                     smem_bytes=smem, blocks_per_sm=blocks, limited_by=limit, programs=programs, sms=sms,
                     waves=round(programs / (sms * max(blocks, 1)), 2), fills_gpu=programs >= sms * max(blocks, 1),
-                    min_mb=round(nbytes / 1e6, 2), floor_us=round(nbytes / HBM_BYTES_PER_S * 1e6, 1)))
+                    min_mb=round(nbytes / 1e6, 2), floor_us=round(nbytes / HBM_BYTES_PER_S * 1e6, 1),
+                    op_mb=round(case.op_bytes / 1e6, 2)))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
     """Plain-text table, one line per launch."""
     head = ("sm", "op", "shape", "dtype", "kernel", "constexprs", "warps", "regs", "spill", "smem",
-            "blk/SM", "limit", "programs", "waves", "min MB", "floor µs")
+            "blk/SM", "limit", "programs", "waves", "min MB", "floor µs", "op MB")
     body = [(f"sm_{r.arch}", r.op + (" *" if r.hot else ""), r.shape, r.dtype, r.kernel, r.constexprs, r.num_warps,
              r.regs, r.spill_bytes, r.smem_bytes, r.blocks_per_sm, r.limited_by, f"{r.programs}/{r.sms}",
-             r.waves, r.min_mb, r.floor_us) for r in rows]
+             r.waves, r.min_mb, r.floor_us, r.op_mb) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))

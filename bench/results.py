@@ -29,6 +29,7 @@ DEFAULT_PATH = Path(__file__).resolve().parent / "results" / "results.csv"
 # extra_info keys the benches record, with their units; every other scalar goes to the `config` column
 METRIC_UNITS = {
     "gbps": "GB/s", "copy_gbps": "GB/s", "device_ms": "ms", "device_gbps": "GB/s", "peak_mem_mb": "MiB",
+    "host_us": "µs", "copy_frac": "ratio",
     "clips_per_s": "clips/s", "loader_wait_ms_per_batch": "ms", "consumer_ms_per_batch": "ms",
     "clips_per_s_per_core": "clips/s", "speedup_vs_authors": "x",
     "ms_per_step": "ms", "samples_per_s": "samples/s", "tflops": "TFLOP/s", "peak_tflops": "TFLOP/s",

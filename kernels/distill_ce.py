@@ -10,7 +10,7 @@ the loss and, when a gradient is wanted, re-reads its columns to write the gradi
 column sums are reduced by a small kernel in a fixed order, so ``teacher_sum`` is deterministic
 (no atomics).
 
-The backward multiplies the stored gradient by the upstream per-row gradient; the row
+The backward multiplies the stored gradient, in place, by the upstream per-row gradient; the row
 weights and the mean's denominator live in that per-row gradient (the final reduction over
 rows is plain PyTorch on an ``[N]`` vector).
 """
@@ -250,7 +250,7 @@ def _column_sum_kernel(
 def _scale_rows_kernel(
     grad_ptr,  # [N, K] stored gradient, contiguous
     grad_rows_ptr,  # [N] fp32 upstream per-row gradient
-    out_ptr,  # [N, K] output, same dtype as grad
+    out_ptr,  # [N, K] output, same dtype as grad (may be grad itself: each element is read before it is written)
     n_rows,
     n_cols,
     ROWS: tl.constexpr,
@@ -327,22 +327,17 @@ def distill_ce_forward(student: torch.Tensor, teacher: torch.Tensor, center: tor
     return outputs
 
 
-def distill_ce_backward_launches(grad: torch.Tensor, grad_rows: torch.Tensor,
-                                 ) -> tuple[torch.Tensor, list[Launch]]:
-    """Output of :func:`distill_ce_backward` and the launches that fill it."""
+def distill_ce_backward_launches(grad: torch.Tensor, grad_rows: torch.Tensor) -> list[Launch]:
+    """The launch of :func:`distill_ce_backward` (it writes into ``grad``)."""
     n, k = grad.shape
-    out = new_output(grad.shape, grad.dtype, grad.device)
     g = grad_rows.reshape(-1).to(torch.float32).contiguous()
     rows, block_k = row_blocks(n, pow2_block(k, max_block=1024))
-    launches = []
-    if n > 0 and k > 0:
-        launches.append(Launch(_scale_rows_kernel, (cdiv(n, rows), cdiv(k, block_k)), (grad, g, out, n, k),
-                               dict(ROWS=rows, BLOCK_K=block_k, num_warps=num_warps_for(rows * block_k))))
-    return out, launches
+    if n == 0 or k == 0:
+        return []
+    return [Launch(_scale_rows_kernel, (cdiv(n, rows), cdiv(k, block_k)), (grad, g, grad, n, k),
+                   dict(ROWS=rows, BLOCK_K=block_k, num_warps=num_warps_for(rows * block_k)))]
 
 
-def distill_ce_backward(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
-    """``grad · grad_rows[:, None]`` computed in fp32, stored in ``grad``'s dtype."""
-    out, launches = distill_ce_backward_launches(grad, grad_rows)
-    run_launches(launches)
-    return out
+def distill_ce_backward(grad: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    """Scale the forward's gradient in place: ``grad *= grad_rows[:, None]`` in fp32 (``grad`` contiguous)."""
+    run_launches(distill_ce_backward_launches(grad, grad_rows))

@@ -89,14 +89,68 @@ def test_float_mask_noncontiguous_and_target_grad(device, seed, poison):
     torch.testing.assert_close(target.grad, t2.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("pred_dtype,target_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                     (torch.float16, torch.float32)])
+def test_mixed_dtypes_match_fp64(pred_dtype, target_dtype, mask_kind, device, seed, poison):
+    """Each input is read in its own dtype (no cast at the call site): an fp32 target against a bf16
+    prediction is compared with float64 from those exact values, with an upstream gradient != 1."""
+    pred, target, mask = _inputs((2, 3, 41, 29), (2, 1, 41, 29), pred_dtype, device, mask_kind)
+    target = torch.randn(target.shape, device=device).to(target_dtype)
+    loss = masked_l1_loss(pred, target, mask, backend="triton")
+    grad_out = torch.rand((), device=device) * 3 + 0.5
+    loss.backward(grad_out)
+    p64 = pred.detach().double().requires_grad_()
+    ref = _expr(p64, target.double(), mask.double(), torch.float64)
+    (ref * grad_out.double()).backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")
+    # the reference twin reads the target in its own dtype too
+    torch.testing.assert_close(masked_l1_loss_reference(pred.detach(), target, mask).double(), ref,
+                               rtol=1e-5, atol=1e-6)
+    assert pred.grad.dtype == pred_dtype and torch.isfinite(pred.grad).all()
+    # the stored gradient sign · mask is in pred's dtype and scaled in place: two roundings (truncations
+    # in the interpreter) of at most one ulp each, 2^-6 relative for bf16, 2^-8 for fp16 (whose
+    # subnormals, below 2^-14, are spaced 2^-24 apart)
+    rel, atol = {torch.bfloat16: (2.0**-6, 0.0), torch.float16: (2.0**-8, 2.0**-23)}.get(pred_dtype, (1e-6, 0.0))
+    err = (pred.grad.double() - p64.grad).abs()
+    assert (err <= rel * p64.grad.abs() + atol + 1e-12).all(), f"seed={seed}: max err {err.max().item()}"
+
+
+def test_target_grad_in_its_own_dtype(device, seed, poison):
+    pred = torch.randn(2, 7, 9, device=device).bfloat16().requires_grad_()
+    target = torch.randn(2, 7, 9, device=device, requires_grad=True)
+    mask = torch.rand(2, 7, 9, device=device) < 0.5
+    masked_l1_loss(pred, target, mask, backend="triton").backward(torch.tensor(2.0, device=device))
+    assert target.grad.dtype == torch.float32
+    torch.testing.assert_close(target.grad, -pred.grad.float())
+    only_target = masked_l1_loss(pred.detach(), target.detach().requires_grad_(), mask, backend="triton")
+    assert only_target.requires_grad
+
+
+def test_no_grad_forward_writes_no_gradient(device, seed, poison):
+    pred, target, mask = _inputs((3, 50), (3, 50), torch.float32, device)
+    with torch.no_grad():
+        loss = masked_l1_loss(pred, target, mask, backend="triton")
+    torch.testing.assert_close(loss.double(), masked_l1_loss_reference(pred.double(), target.double(), mask),
+                               rtol=1e-5, atol=1e-6)
+    from asit.ops import _triton
+
+    _, _, grad = _triton._masked_l1_op(pred.detach(), target, mask, False)
+    assert grad.numel() == 0
+
+
 def test_deterministic_is_repeatable(device, seed):
     pred, target, mask = _inputs((2, 3, 40, 30), (2, 1, 40, 30), torch.float32, device)
     a = masked_l1_loss(pred.detach(), target, mask, backend="triton", deterministic=True)
-    b = masked_l1_loss(pred.detach(), target, mask, backend="triton", deterministic=True)
+    b = masked_l1_loss(pred.detach(), target, mask, backend="triton")  # the reduction is always in order
     assert torch.equal(a, b)
 
 
 def test_fp64_falls_back_to_reference(device):
+    pred32 = torch.randn(2, 5, device=device)
+    target64 = torch.randn(2, 5, dtype=torch.float64, device=device)
+    mask = torch.rand(2, 5, device=device) < 0.5
+    assert masked_l1_loss(pred32, target64, mask, backend="triton").dtype == torch.float64
     pred = torch.randn(2, 5, dtype=torch.float64, device=device)
     mask = torch.rand(2, 5, device=device) < 0.5
     out = masked_l1_loss(pred, pred * 0, mask, backend="triton")

@@ -19,15 +19,44 @@ def _blocks(b, h, w, device):
 
 # ---------------------------------------------------------------- opcheck
 
+# The forward ops return the unscaled gradient as their last output, and their backward scales that
+# buffer in place. opcheck's test_aot_dispatch_dynamic returns every output to the caller, so under
+# it the backward would mutate a tensor the caller holds, which AOTAutograd's partitioner rejects;
+# the public ops drop that output. So the forward ops get every other opcheck test with gradients,
+# the full set without, and _aot_matches_eager checks the AOT path as the ops are called.
+_NO_AOT = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _aot_matches_eager(op, args, keep: int):
+    """The first ``keep`` outputs of ``op`` and the gradient of their sum, eager against AOTAutograd."""
+    def fn(*a):
+        return op(*a)[:keep]
+
+    results = []
+    for run in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        leaf = args[0].detach().clone().requires_grad_()
+        outs = run(leaf, *args[1:])
+        (sum(o.float().sum() * (i + 2) for i, o in enumerate(outs))).backward()  # upstream grads != 1
+        results.append((*outs, leaf.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
 def test_opcheck_masked_l1(device):
     pred = torch.randn(2, 1, 6, 5, device=device, requires_grad=True)
     target = torch.randn(2, 1, 6, 5, device=device)
     mask = torch.rand(2, 1, 6, 5, device=device) < 0.5
-    for det in (False, True):
-        torch.library.opcheck(torch.ops.asit.masked_l1.default, (pred, target, mask, det))
-    _, den = torch.ops.asit.masked_l1.default(pred.detach(), target, mask, True)
-    torch.library.opcheck(torch.ops.asit.masked_l1_backward.default,
-                          (pred.detach(), target, mask, torch.tensor(2.0), den))
+    op = torch.ops.asit.masked_l1.default
+    torch.library.opcheck(op, (pred, target, mask, True), test_utils=_NO_AOT)
+    torch.library.opcheck(op, (pred.detach(), target, mask, False))
+    # mixed dtypes: a bf16 prediction against an fp32 target
+    bf16 = pred.detach().bfloat16().requires_grad_()
+    torch.library.opcheck(op, (bf16, target, mask, True), test_utils=_NO_AOT)
+    _aot_matches_eager(op, (pred, target, mask, True), keep=1)
+    _aot_matches_eager(op, (bf16, target, mask, True), keep=1)
+    _, den, grad = op(pred.detach(), target, mask, True)
+    # the backward scales the stored gradient in place (mutates_args=("grad",))
+    torch.library.opcheck(torch.ops.asit.masked_l1_backward.default, (grad, torch.tensor(2.0), den))
 
 
 def test_opcheck_distill_ce(device):
@@ -35,9 +64,28 @@ def test_opcheck_distill_ce(device):
     teacher = torch.randn(3, 20, device=device)
     center = torch.randn(20, device=device)
     temps = (torch.tensor(0.1, device=device), torch.tensor(0.04, device=device))
-    torch.library.opcheck(torch.ops.asit.distill_ce.default, (student, teacher, center, *temps, True))
+    op = torch.ops.asit.distill_ce.default
+    torch.library.opcheck(op, (student, teacher, center, *temps, True), test_utils=_NO_AOT)
+    torch.library.opcheck(op, (student.detach(), teacher, center, *temps, False))
+    _aot_matches_eager(op, (student, teacher, center, *temps, True), keep=2)
+    # the backward scales the stored gradient in place (mutates_args=("grad",))
     torch.library.opcheck(torch.ops.asit.distill_ce_backward.default,
                           (torch.randn(3, 20, device=device), torch.rand(3, device=device)))
+
+
+@pytest.mark.parametrize("op", ["masked_l1", "distill_ce"])
+def test_second_backward_is_refused(op, device):
+    """The stored gradient is scaled in place, so a second backward through the same graph would scale
+    it twice: autograd's saved-tensor version check stops it instead."""
+    x = torch.randn(3, 20, device=device, requires_grad=True)
+    if op == "masked_l1":
+        loss = ops.masked_l1_loss(x, torch.randn(3, 20, device=device), x.detach() > 0, backend="triton")
+    else:
+        loss = ops.centered_softmax_cross_entropy(x, torch.randn(3, 20, device=device), torch.zeros(20, device=device),
+                                                  0.1, 0.04, backend="triton").loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_opcheck_gmml(device):

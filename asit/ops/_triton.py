@@ -56,38 +56,42 @@ def gmml_corrupt_triton(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 1
 
 @torch.library.custom_op("asit::masked_l1", mutates_args=())
 def _masked_l1_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return masked_l1_forward(pred, target, mask, deterministic)
+                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return masked_l1_forward(pred, target, mask, need_grad)
 
 
 @_masked_l1_op.register_fake
-def _(pred, target, mask, deterministic):
-    return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
+def _(pred, target, mask, need_grad):
+    return (pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32),
+            torch.empty(pred.shape if need_grad else (0,), dtype=pred.dtype, device=pred.device))
 
 
-@torch.library.custom_op("asit::masked_l1_backward", mutates_args=())
-def _masked_l1_backward_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                           grad_out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return masked_l1_backward(pred, target, mask, grad_out, den)
+@torch.library.custom_op("asit::masked_l1_backward", mutates_args=("grad",))
+def _masked_l1_backward_op(grad: torch.Tensor, grad_out: torch.Tensor, den: torch.Tensor) -> None:
+    masked_l1_backward(grad, grad_out, den)
 
 
 @_masked_l1_backward_op.register_fake
-def _(pred, target, mask, grad_out, den):
-    return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+def _(grad, grad_out, den):
+    return None
 
 
 def _masked_l1_setup(ctx, inputs, output):
-    pred, target, mask, _ = inputs
-    ctx.save_for_backward(pred, target, mask, output[1])
+    ctx.save_for_backward(output[1], output[2])
+    ctx.target_dtype, ctx.need_grad = inputs[1].dtype, inputs[3]
 
 
-def _masked_l1_grad(ctx, grad_loss, grad_den):
-    pred, target, mask, den = ctx.saved_tensors
+def _masked_l1_grad(ctx, grad_loss, grad_den, grad_grad):
+    den, grad = ctx.saved_tensors  # a second backward through the same graph stops here (see _scale_saved)
     grad_pred = grad_target = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_pred = _masked_l1_backward_op(pred, target, mask, grad_loss, den)
+        if not ctx.need_grad:
+            _no_stored_grad("asit::masked_l1")
+        grad_pred = _scale_saved(_masked_l1_backward_op, grad, grad_loss, den)
         if ctx.needs_input_grad[1]:
-            grad_target = -grad_pred
+            grad_target = (-grad_pred).to(ctx.target_dtype)
+        if not ctx.needs_input_grad[0]:
+            grad_pred = None
     # The mask is a constant (no gradient even if it is a float tensor that requires one).
     return grad_pred, grad_target, None, None
 
@@ -95,12 +99,34 @@ def _masked_l1_grad(ctx, grad_loss, grad_den):
 _masked_l1_op.register_autograd(_masked_l1_grad, setup_context=_masked_l1_setup)
 
 
-def masked_l1_loss_triton(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                          deterministic: bool = False) -> torch.Tensor:
-    """Fused masked L1 (0-d fp32) for fp32/bf16/fp16 inputs. ``deterministic=True`` sums per-program
-    partials in a fixed order instead of with atomics."""
-    loss, _ = _masked_l1_op(pred, target, mask, deterministic)
+def masked_l1_loss_triton(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fused masked L1 (0-d fp32) for fp32/bf16/fp16 pred and target (dtypes may differ); the reduction
+    is in a fixed order, so the loss is run-to-run identical. When pred or target requires grad, the
+    forward also writes the unscaled gradient, which the backward scales in place."""
+    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    loss, _, _ = _masked_l1_op(pred, target, mask, need_grad)
     return loss
+
+
+# ---------------------------------------------------------------- in-place backward
+
+
+def _no_stored_grad(name: str):
+    raise RuntimeError(f"{name} was run without need_grad; no stored gradient to scale")
+
+
+def _scale_saved(op, grad: torch.Tensor, *scale_args: torch.Tensor) -> torch.Tensor:
+    """Scale the gradient the forward saved, in place, and return it as the input's gradient.
+
+    In place, so the backward allocates no second buffer the size of the gradient. The op declares
+    the mutation (``mutates_args``): eagerly that bumps the saved tensor's version, so a second
+    backward through the same graph (``retain_graph=True``) stops at ``ctx.saved_tensors`` with
+    autograd's "modified by an inplace operation" error instead of scaling the gradient twice;
+    under ``torch.compile`` the mutation is functionalised. Double backward is not supported
+    (the gradient has no graph of its own).
+    """
+    op(grad, *scale_args)
+    return grad
 
 
 # ---------------------------------------------------------------- centred softmax cross-entropy
@@ -119,14 +145,14 @@ def _(student, teacher, center, student_temp, teacher_temp, need_grad):
             student.new_empty((n, k) if need_grad else (0,)))
 
 
-@torch.library.custom_op("asit::distill_ce_backward", mutates_args=())
-def _distill_ce_backward_op(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
-    return distill_ce_backward(grad, grad_rows)
+@torch.library.custom_op("asit::distill_ce_backward", mutates_args=("grad",))
+def _distill_ce_backward_op(grad: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    distill_ce_backward(grad, grad_rows)
 
 
 @_distill_ce_backward_op.register_fake
 def _(grad, grad_rows):
-    return torch.empty_like(grad)
+    return None
 
 
 def _distill_ce_setup(ctx, inputs, output):
@@ -138,8 +164,8 @@ def _distill_ce_grad(ctx, grad_rows, grad_teacher_sum, grad_grad):
     grad_student = None
     if ctx.needs_input_grad[0]:
         if grad.numel() != grad_rows.numel() * grad.shape[-1] or grad.dim() != 2:
-            raise RuntimeError("asit::distill_ce was run without need_grad; no stored gradient to scale")
-        grad_student = _distill_ce_backward_op(grad, grad_rows)
+            _no_stored_grad("asit::distill_ce")
+        grad_student = _scale_saved(_distill_ce_backward_op, grad, grad_rows)
     return grad_student, None, None, None, None, None
 
 
@@ -162,7 +188,7 @@ def centered_softmax_cross_entropy_triton(
 
     The kernel returns per-row losses, the teacher column sums and the student gradient
     ``(q - p)/τs``; the weighting and the mean over rows are PyTorch on the ``[N]`` vector, so
-    the backward is one pass that scales the stored gradient by the upstream per-row gradient.
+    the backward is one pass that scales the stored gradient, in place, by the upstream per-row gradient.
     """
     need_grad = torch.is_grad_enabled() and student.requires_grad
     rows, teacher_sum, _ = _distill_ce_op(student, teacher.detach(), center.detach().reshape(-1),

@@ -108,7 +108,7 @@ class ASiTLoss(nn.Module):
         recon_pred = student["recon"]
         target = clean[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
         rec_mask = mask[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
-        recon = masked_l1_loss(recon_pred, target.to(recon_pred.dtype), rec_mask, backend=self.backend)
+        recon = masked_l1_loss(recon_pred, target, rec_mask, backend=self.backend)  # fp32 target, as it comes
         wg, wl, wr = self.weights
         total = wg * glob.loss + wl * local.loss + wr * recon
         stats = CenterStats(glob.teacher_sum.detach() / repeats, t_rows.shape[0] // repeats,
