@@ -127,14 +127,18 @@ publish
 bench=(python3 -m pytest -q -rfE --tb=short -p no:cacheprovider)
 # 1. the train-step matrix and the profiles (the numbers that matter most)
 step train_modes "${ASIT_CHECK_TRAIN_S:-190}" "${bench[@]}" "bench/test_bench_train.py::test_modes"
-# 2. the op bench
-step bench_ops "${ASIT_CHECK_OPS_S:-70}" "${bench[@]}" bench/test_bench_ops.py --benchmark-json="$WORK/bench_ops.json"
+# 2. the op bench: device times (peak memory, a fresh process per case, is step 4b)
+ASIT_BENCH_PEAK=0 \
+    step bench_ops "${ASIT_CHECK_OPS_S:-70}" "${bench[@]}" bench/test_bench_ops.py --benchmark-json="$WORK/bench_ops.json"
 # 3. the levers; no new variant is built after this many seconds of setup and compiling
 ASIT_BENCH_LEVER_BUDGET_S="${ASIT_BENCH_LEVER_BUDGET_S:-80}" \
     step train_levers "${ASIT_CHECK_LEVERS_S:-120}" "${bench[@]}" "bench/test_bench_train.py::test_levers"
 # 4. the trainer fed from files (1,024 clips: 16 steps of ViT-B at batch 64)
 ASIT_BENCH_E2E_CLIPS="${ASIT_BENCH_E2E_CLIPS:-1024}" \
     step trainer_on_files "${ASIT_CHECK_FILES_S:-80}" "${bench[@]}" "bench/test_bench_pipeline.py::test_trainer_on_files"
+# 4b. the ops' incremental peak memory (one process per case)
+step bench_ops_peak "${ASIT_CHECK_PEAK_S:-60}" "${bench[@]}" bench/test_bench_ops.py \
+    --benchmark-json="$WORK/bench_ops_peak.json"
 # 5. the test suite with the time left, the GPU-specific files first (pytest keeps the first mention)
 step tests 600 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
     tests/test_train_modes.py tests/test_train_levers.py tests/test_profile_step.py tests/test_train_sync_free.py \
