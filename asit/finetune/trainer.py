@@ -347,13 +347,13 @@ class Finetuner:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[step - 1]:.2e}")
                 if step % t.log_every == 0:
-                    self.writer.write(step, {"loss": loss, "lr": float(self.lr_schedule[step - 1]), "epoch": epoch})
+                    self.writer.write(step, {"loss": loss, "lr": float(self.lr_schedule[step - 1]), "epoch": epoch + 1})
             bar.close()
             ev = self.evaluate()
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
                       self.metric: ev[self.metric]}
             history.append(record)
-            self.writer.write(step, {"epoch": epoch, f"val_{self.metric}": ev[self.metric],
+            self.writer.write(step, {"epoch": epoch + 1, f"val_{self.metric}": ev[self.metric],
                                      "train_loss_epoch": record["train_loss"]})
             self.writer.flush()
             if self.dist.is_main:
@@ -387,7 +387,7 @@ class Finetuner:
                 ev_avg = self.evaluate()
                 result["averaged"] = {"epochs": [avg_start, avg_end], "n_models": n_avg, **ev_avg}
                 self._save("averaged.pt", self.model.state_dict(), t.epochs, ev_avg[self.metric])
-            self.writer.write(step, {"epoch": t.epochs - 1, f"val_{self.metric}_averaged": ev_avg[self.metric]})
+            self.writer.write(step, {"epoch": t.epochs, f"val_{self.metric}_averaged": ev_avg[self.metric]})
         chosen = result[t.report]
         result.update(value=chosen[self.metric], per_class=chosen["per_class"], report=t.report,
                       value_split="val", val_value=chosen[self.metric])
@@ -395,7 +395,7 @@ class Finetuner:
             test = self._test(t.report, averaged)
             result["test"] = {"model": t.report, "epoch": chosen.get("epoch", t.epochs), **test}
             result.update(value=test[self.metric], per_class=test["per_class"], value_split="test")
-            self.writer.write(step, {"epoch": t.epochs - 1, f"test_{self.metric}": test[self.metric]})
+            self.writer.write(step, {"epoch": t.epochs, f"test_{self.metric}": test[self.metric]})
             if self.dist.is_main:
                 log.info("test %s of the %s model: %.4f (validation %.4f)", self.metric, t.report,
                          test[self.metric], chosen[self.metric])
