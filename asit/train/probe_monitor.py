@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asit.config import Config
+from asit.config import Config, ConfigError
 from asit.data import AudioDecodeError, AudioEntry, ensure_demo_dataset, load_audio, load_manifest
 from asit.encoder import AudioEncoder
 
@@ -89,12 +89,12 @@ def cache_probe_clips(encoder: AudioEncoder, entries: list[AudioEntry], *, sourc
     :meth:`AudioEncoder.embed` does); undecodable clips are skipped and counted.
 
     Raises:
-        ValueError: naming ``source``, when a clip has no label or several, fewer than two classes remain,
+        ConfigError: naming ``source``, when a clip has no label or several, fewer than two classes remain,
             or no clip could be decoded.
     """
     bad = [e.path for e in entries if len(e.labels) != 1]
     if bad:
-        raise ValueError(f"{source}: the probe needs exactly one label per clip; {len(bad)} clip(s) have none or "
+        raise ConfigError(f"{source}: the probe needs exactly one label per clip; {len(bad)} clip(s) have none or "
                          f"several, e.g. {bad[0]}")
     windows, owner, names, skipped = [], [], [], Counter()
     for entry in entries:
@@ -111,10 +111,10 @@ def cache_probe_clips(encoder: AudioEncoder, entries: list[AudioEntry], *, sourc
             owner.append(len(names))
         names.append(entry.labels[0])
     if not names:
-        raise ValueError(f"{source}: none of the {len(entries)} clips could be decoded")
+        raise ConfigError(f"{source}: none of the {len(entries)} clips could be decoded")
     classes = sorted(set(names))
     if len(classes) < 2:
-        raise ValueError(f"{source}: the probe needs at least 2 classes, found {classes}")
+        raise ConfigError(f"{source}: the probe needs at least 2 classes, found {classes}")
     index = {c: i for i, c in enumerate(classes)}
     return ProbeClips(windows=torch.stack(windows), owner=torch.tensor(owner),
                       labels=np.array([index[c] for c in names]), classes=classes, skipped=dict(skipped))
@@ -168,7 +168,7 @@ class ProbeMonitor:
                  "k-NN and linear probe every %d epoch(s)", manifest, n, len(clips.classes), w,
                  clips.windows.numel() * 4 / 2**20, time.time() - started, e.every_epochs)
         if len(clips.labels) < e.linear_folds:
-            raise ValueError(f"eval.probe_manifest ({manifest}): {n} clips are fewer than eval.linear_folds="
+            raise ConfigError(f"eval.probe_manifest ({manifest}): {n} clips are fewer than eval.linear_folds="
                              f"{e.linear_folds}")
         return cls(encoder, clips, every_epochs=e.every_epochs, epochs=cfg.train.epochs, knn_k=e.knn_k,
                    knn_temperature=e.knn_temperature, linear_folds=e.linear_folds, amp_dtype=amp_dtype)
