@@ -197,3 +197,21 @@ def test_eval_defaults_are_off_in_the_paper_recipes_and_on_in_the_demo() -> None
 def test_eval_keys_are_validated_naming_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         load_config("demo_cpu", [override])
+
+
+def test_changing_the_probe_on_resume_is_not_a_changed_setting(caplog) -> None:
+    """The probe does not change what is trained, so resuming with other eval.* values warns of nothing."""
+    from asit.config import config_to_dict
+    from asit.train.resume import RESUME_FREE_KEYS, warn_changed_config
+
+    saved = config_to_dict(load_config("demo_cpu"))
+    now = config_to_dict(load_config("demo_cpu", ["eval.probe_manifest=null", "eval.every_epochs=2",
+                                                  "eval.knn_k=5", "eval.knn_temperature=0.1",
+                                                  "eval.linear_folds=4"]))
+    with caplog.at_level("WARNING"):
+        warn_changed_config(Path("ckpt.pt"), saved, now, RESUME_FREE_KEYS)
+    assert not [r for r in caplog.records if "setting(s) changed" in r.getMessage()]
+    changed = config_to_dict(load_config("demo_cpu", ["optim.lr=1e-3"]))
+    with caplog.at_level("WARNING"):
+        warn_changed_config(Path("ckpt.pt"), saved, changed, RESUME_FREE_KEYS)
+    assert [r for r in caplog.records if "setting(s) changed" in r.getMessage()]  # the check itself works
