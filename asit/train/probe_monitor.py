@@ -44,7 +44,7 @@ from .metrics import MetricWriter
 from .precision import autocast
 from .probes import ProbeConfig, cross_validate, knn_accuracy
 
-__all__ = ["ProbeClips", "ProbeMonitor", "cache_probe_clips", "probe_scores"]
+__all__ = ["ProbeClips", "ProbeMonitor", "cache_probe_clips", "probe_scores", "resolve_probe_manifest"]
 
 log = logging.getLogger(__name__)
 
