@@ -17,8 +17,8 @@ end): each evaluation only runs the backbone, under the training autocast, with 
 (the probe draws no random number the training would see, so enabling it leaves the training unchanged).
 
 Only rank 0 evaluates. It does so in :meth:`Pretrainer._end_epoch` just before the epoch's checkpoint, whose
-first step is a collective every rank joins (the guard's and bad-data counters' all-gather, then barriers):
-the other ranks go on to that collective and wait there exactly as long as rank 0 computes, no extra
+writing starts with collectives every rank joins (the bad-data counters' all-gather, then barriers): the
+other ranks go on to the first of them and wait there exactly as long as rank 0 computes, so no extra
 barrier is needed. The wait counts against the process group's timeout (30 minutes,
 :func:`asit.train.distributed.init_distributed`), so keep the probe set small (hundreds to a few thousand
 clips: seconds on a GPU).
