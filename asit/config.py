@@ -21,7 +21,7 @@ import yaml
 from asit.atomic_io import atomic_write_text
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "GMMLConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "GMMLConfig", "LossConfig", "ModelConfig", "OptimConfig",
     "TrainConfig", "available_recipes", "config_to_dict", "load_config", "rename_old_keys", "save_config",
 ]
 
@@ -194,6 +194,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Representation quality while pretraining (:mod:`asit.train.probe_monitor`): rank 0 embeds a small
+    labelled set with the teacher's backbone and logs a weighted k-NN and a linear-probe accuracy."""
+
+    # a single-label manifest (JSON/CSV, like data.train_manifest), "demo" (the built-in demo clips and their
+    # classes, as data.demo_* make them), or null: no probe
+    probe_manifest: str | None = None
+    every_epochs: int = 1  # probe after every this many epochs, and after the last one
+    knn_k: int = 20  # DINO's k-NN: the k most similar clips vote (leave-one-out)
+    knn_temperature: float = 0.07  # each vote weighs exp(cosine similarity / T)
+    linear_folds: int = 3  # stratified folds of the linear probe
+
+
+@dataclass
 class Config:
     """A whole pretraining recipe."""
 
@@ -204,6 +218,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -387,7 +402,7 @@ def rename_old_keys(tree: dict[str, Any]) -> dict[str, Any]:
 def _validate_ranges(cfg: Config) -> None:
     """Value ranges of single keys (and the width/heads split), each message naming the key. Run before the
     cross-field checks of :func:`_validate`, which divide by ``model.patch_size``."""
-    d, m, lo, o = cfg.data, cfg.model, cfg.loss, cfg.optim
+    d, m, lo, o, e = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.eval
     counts = {"model.patch_size": m.patch_size, "model.embed_dim": m.embed_dim, "model.depth": m.depth,
               "model.num_heads": m.num_heads, "model.head_out_cls": m.head_out_cls,
               "model.head_out_tokens": m.head_out_tokens, "model.head_hidden": m.head_hidden,
@@ -408,6 +423,12 @@ def _validate_ranges(cfg: Config) -> None:
         (d.local_views == 0 or d.local_crop_seconds > 0,
          f"data.local_crop_seconds must be > 0 when data.local_views > 0, got {d.local_crop_seconds}"),
         (d.demo_seconds > 0, f"data.demo_seconds must be > 0, got {d.demo_seconds}"),
+        (e.probe_manifest is None or e.probe_manifest.strip() != "",
+         "eval.probe_manifest must be a manifest path, demo or null (off)"),
+        (e.every_epochs >= 1, f"eval.every_epochs must be >= 1, got {e.every_epochs}"),
+        (e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}"),
+        (e.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {e.knn_temperature}"),
+        (e.linear_folds >= 2, f"eval.linear_folds must be >= 2, got {e.linear_folds}"),
     ]
     weights = {key: getattr(lo, key) for key in ("weight_global", "weight_local", "weight_recon")}
     for key, value in weights.items():

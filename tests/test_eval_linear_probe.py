@@ -94,7 +94,7 @@ def test_fit_linear_keeps_a_column_for_every_class():
 
 def test_cross_validate_sizes_every_fold_from_the_whole_label_set(monkeypatch):
     """The last class has a single clip: the training part of the fold that tests it lacks the class."""
-    import asit.eval.linear_probe as lp
+    import asit.train.probes as probes  # where cross_validate looks fit_linear up
 
     widths = []
 
@@ -103,7 +103,7 @@ def test_cross_validate_sizes_every_fold_from_the_whole_label_set(monkeypatch):
         widths.append(layer.out_features)
         return layer
 
-    monkeypatch.setattr(lp, "fit_linear", recording)
+    monkeypatch.setattr(probes, "fit_linear", recording)
     rng = np.random.default_rng(0)
     labels = [("a",)] * 10 + [("b",)] * 10 + [("z",)]
     cross_validate(rng.standard_normal((21, 4)), labels, ProbeConfig(folds=3, max_iter=10))

@@ -12,4 +12,5 @@ TINY_MODEL = [
     # the engine tests were calibrated on the v1-style demo (no local views, lr 1e-3 x B/256)
     "data.local_views=0", "loss.global_pairs=v1", "optim.lr=1.0e-3", "optim.warmup_epochs=1",
     "loss.warmup_teacher_temp_epochs=3",
+    "eval.probe_manifest=null",  # demo_cpu's probe adds log rows; tests/test_train_probe_monitor.py turns it on
 ]

@@ -38,6 +38,7 @@ from .losses import ASiTLoss
 from .metrics import MetricWriter, Throughput, collapse_monitors, trim_log
 from .optim import clip_gradients, param_groups
 from .precision import autocast, resolve_precision
+from .probe_monitor import ProbeMonitor
 from .report import next_steps
 from .resume import (
     RESUME_FREE_KEYS,
@@ -121,6 +122,8 @@ class Pretrainer:
         self.pair.refresh_teacher_copy()
         self.fault = FaultHook(self.run_dir, self.dist.rank, self.dist.world_size)
         self.writer = MetricWriter(self.run_dir, enabled=self.dist.is_main)
+        self.probe = (ProbeMonitor.from_config(cfg, self.teacher.backbone, amp_dtype=self.amp_dtype)
+                      if self.dist.is_main and cfg.eval.probe_manifest else None)
 
     def _setup_precision(self) -> None:
         """Precision and loss scaling, whether the step runs sync-free (``train.sync_free``), the non-finite
@@ -521,6 +524,8 @@ class Pretrainer:
     def _end_epoch(self, epoch: int) -> None:
         planned = self.iters_per_epoch * self.cfg.train.batch_size * self.dist.world_size
         self.bad_data.end_epoch(epoch, planned, self._gather, self._host_group, is_main=self.dist.is_main)
+        if self.probe is not None:  # rank 0; the others wait in save_checkpoint's first collective (probe_monitor)
+            self.probe.after_epoch(epoch, self.step, self.writer)
         self.writer.flush()
         every = self.cfg.train.image_every_epochs
         if (self.dist.is_main and every and (epoch + 1) % every == 0 and self._preview is not None

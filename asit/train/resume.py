@@ -50,6 +50,8 @@ RESUME_FREE_KEYS = frozenset({
     "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite",
     "data.max_bad_fraction", "data.num_workers", "data.batch_ring", "data.fbank_on", "data.cache_dir",
     "model.attn_backend",
+    # the probe monitor only reads the teacher, its RNG use set aside
+    "eval.probe_manifest", "eval.every_epochs", "eval.knn_k", "eval.knn_temperature", "eval.linear_folds",
 })
 
 
