@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
 
-__all__ = ["AUDIO_EXTENSIONS", "AudioEntry", "ManifestError", "label_vocabulary", "load_manifest"]
+from asit.atomic_io import atomic_write_text
+
+__all__ = ["AUDIO_EXTENSIONS", "AudioEntry", "ManifestError", "label_vocabulary", "load_manifest", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,46 @@ def load_manifest(source: str | os.PathLike, *, check_exists: bool = True) -> li
 def label_vocabulary(entries: Iterable[AudioEntry]) -> list[str]:
     """Return the sorted list of distinct labels used by ``entries``."""
     return sorted({label for entry in entries for label in entry.labels})
+
+
+def write_manifest(entries: Iterable[AudioEntry], path: str | os.PathLike) -> Path:
+    """Write ``entries`` as a manifest that :func:`load_manifest` reads back as the same list, in the
+    format the name's suffix says: ``.json`` (AST layout, ``"labels"`` comma-joined, or a list when a
+    label holds a comma), ``.jsonl`` or ``.csv`` (``path,label``, labels joined by ``;``). Paths are
+    written absolute (a relative one would be read relative to the new manifest's folder). The file is
+    replaced atomically; returns its path.
+
+    Raises:
+        ManifestError: an unknown suffix, or a label the CSV format cannot hold (one with ``;``).
+    """
+    dst = Path(path).expanduser()
+    kind = dst.suffix.lower()
+    entries = [AudioEntry(os.path.abspath(e.path), e.labels) for e in entries]
+
+    def item(entry: AudioEntry) -> dict:
+        labels: str | list[str] = list(entry.labels)
+        if not any("," in label for label in entry.labels):
+            labels = ",".join(entry.labels)
+        return {"wav": entry.path, "labels": labels}
+
+    if kind == ".json":
+        text = json.dumps({"data": [item(e) for e in entries]}, indent=1, ensure_ascii=False) + "\n"
+    elif kind == ".jsonl":
+        text = "".join(json.dumps(item(e), ensure_ascii=False) + "\n" for e in entries)
+    elif kind == ".csv":
+        for entry in entries:
+            if any(";" in label for label in entry.labels):
+                raise ManifestError(f"{dst}: label of {entry.path} holds a ';', which a CSV manifest cannot "
+                                    "hold (write .json or .jsonl)")
+        rows = [["path", "label"], *([e.path, ";".join(e.labels)] for e in entries)]
+        buf = io.StringIO(newline="")
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        text = buf.getvalue()
+    else:
+        raise ManifestError(f"{dst}: unknown manifest type {dst.suffix!r}; expected .json, .jsonl or .csv")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dst, text)
+    return dst
 
 
 def _resolve(base: Path, raw: str) -> str:
