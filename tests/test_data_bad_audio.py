@@ -255,3 +255,11 @@ def test_fuzz_decodes_or_raises_audio_decode_error(blob, suffix):
             assert wave.dtype == torch.float32 and wave.dim() == 1 and wave.numel() > 0
             assert torch.isfinite(wave).all()
         assert time.perf_counter() - start < 10.0  # no hang
+
+
+def test_errors_of_bytes_in_memory_name_the_member_not_a_file_object():
+    with pytest.raises(AudioDecodeError) as info:
+        decode_audio_bytes(b"not audio" * 100, SR, name="shard-000001.tar:000000042.wav")
+    assert str(info.value) == "shard-000001.tar:000000042.wav: unreadable (LibsndfileError: Format not recognised.)"
+    with pytest.raises(AudioDecodeError, match=r"^shard\.tar:7: empty \(0-byte file\)$"):
+        decode_audio_bytes(b"", SR, name="shard.tar:7")

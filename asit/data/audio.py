@@ -108,6 +108,12 @@ def _wav_shortfall(head: bytes, size: int) -> str | None:
     return None
 
 
+def _describe(exc: Exception) -> str:
+    """An exception of libsndfile as a detail: its own words (``error_string``), without the file object's
+    repr that ``str(exc)`` holds for a file in memory (``<_io.BytesIO object at 0x...>``)."""
+    return f"{type(exc).__name__}: {getattr(exc, 'error_string', None) or exc}"
+
+
 def _open_checked(name: str, source: io.BytesIO | None, max_seconds: float | None) -> tuple[sf.SoundFile, AudioHeader]:
     """``source`` (default: the file ``name``) opened with soundfile after the header rules passed: 0-byte
     (``"empty"``), unopenable (``"unreadable"``), :func:`header_reason` and truncated WAV files are refused."""
@@ -128,7 +134,7 @@ def _open_checked(name: str, source: io.BytesIO | None, max_seconds: float | Non
     try:
         handle = sf.SoundFile(name if source is None else source)
     except Exception as exc:  # libsndfile raises several types; all mean "cannot decode"
-        raise AudioDecodeError(name, "unreadable", f"{type(exc).__name__}: {exc}") from exc
+        raise AudioDecodeError(name, "unreadable", _describe(exc)) from exc
     header = AudioHeader(int(handle.frames), int(handle.samplerate), int(handle.channels), str(handle.format))
     verdict = header_reason(header.frames, header.sample_rate, header.channels, max_seconds=max_seconds)
     if (verdict is None or verdict[0] == "empty") and (short := _wav_shortfall(head, size)) is not None:
@@ -163,7 +169,7 @@ def _read(name: str, max_seconds: float | None, source: io.BytesIO | None = None
         with handle:
             data = handle.read(dtype="float32", always_2d=True)  # [T, C]
     except Exception as exc:  # libsndfile raises several types; all mean "cannot decode"
-        raise AudioDecodeError(name, "unreadable", f"{type(exc).__name__}: {exc}") from exc
+        raise AudioDecodeError(name, "unreadable", _describe(exc)) from exc
     if data.shape[0] < header.frames:
         raise AudioDecodeError(name, "truncated", f"{data.shape[0]} of the {header.frames} frames announced")
     return data, header.sample_rate
