@@ -118,3 +118,12 @@ def test_make_shards_names_and_leaves_out_the_files_training_would_refuse(tmp_pa
     with tarfile.open(tmp_path / "s" / "s-000000.tar") as tar:
         packed = [json.loads(tar.extractfile(m).read())["path"] for m in tar.getmembers() if m.name.endswith("json")]
     assert sorted(packed) == sorted([*map(str, good), str(tmp_path / "audio" / "cat" / "nan.wav")])
+
+
+def test_a_shard_index_given_as_a_manifest_gets_the_shards_hint(tmp_path):
+    sf.write(tmp_path / "a.wav", _tone(), SR)
+    from asit.data.shards import write_shards
+
+    index = write_shards([AudioEntry(str(tmp_path / "a.wav"))], tmp_path / "s" / "s-%06d.tar")
+    with pytest.raises(ManifestError, match=f"index of WebDataset shards.*data.train_manifest=shards:{tmp_path / 's'}"):
+        load_manifest(index)
