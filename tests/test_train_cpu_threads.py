@@ -44,8 +44,8 @@ def test_set_cpu_threads_applies_logs_once_and_restores(monkeypatch, caplog):
             handle = set_cpu_threads(torch.device("cpu"), 1)
         assert torch.get_num_threads() == before + 1 == handle.now
         assert [r.getMessage() for r in caplog.records] == [
-            f"CPU training with {before + 1} torch threads ({before + 2} cores for 1 process on this node, "
-            "1 loader worker each; set OMP_NUM_THREADS to choose another count)"]
+            f"CPU training with {before + 1} torch threads ({before + 2} cores, 1 process on this node, "
+            "1 loader worker per process; set OMP_NUM_THREADS to choose another count)"]
         handle.restore()
         assert torch.get_num_threads() == before
     finally:

@@ -51,8 +51,8 @@ def choose_cpu_threads(num_workers: int, *, environ: Mapping[str, str] | None = 
         local = 1
     share = max(1, cores // local)
     threads = max(1, share - max(0, num_workers))
-    why = (f"{cores} cores for {local} process{'es' if local > 1 else ''} on this node, "
-           f"{num_workers} loader worker{'s' if num_workers != 1 else ''} each")
+    why = (f"{cores} cores, {local} process{'es' if local > 1 else ''} on this node, "
+           f"{num_workers} loader worker{'s' if num_workers != 1 else ''} per process")
     return threads, why
 
 
