@@ -77,3 +77,27 @@ def test_rate_watch_is_quiet_for_a_steady_or_merely_slower_run():
     gpu = RateWatch(cpu=False, warmup=0, patience=1)
     gpu.observe(100.0)
     assert "OMP_NUM_THREADS" not in gpu.observe(10.0)
+
+
+def test_the_trainer_logs_the_collapse_at_its_log_step(tmp_path, monkeypatch, caplog):
+    """The engine feeds each log step's samples/s to its RateWatch and logs the warning (rates faked: no timing)."""
+    from tiny_config import TINY_MODEL
+
+    from asit.config import load_config
+    from asit.train import Pretrainer, metrics
+
+    rates = iter([50.0, 50.0, 40.0, 40.0, 5.0, 5.0, 5.0, 5.0])
+    monkeypatch.setattr(metrics.Throughput, "rate", lambda self: next(rates))
+    cfg = load_config("demo_cpu", [*TINY_MODEL, "train.batch_size=8", "train.epochs=2",
+                                   "train.log_every=1", "train.image_every_epochs=0", "train.progress=false",
+                                   f"train.output_dir={tmp_path}", "data.demo_clips=32"])
+    trainer = Pretrainer(cfg)
+    try:
+        trainer.setup()
+        with caplog.at_level(logging.WARNING, logger="asit.train.engine"):
+            trainer.train()
+    finally:
+        trainer.cleanup()
+    slow = [r.getMessage() for r in caplog.records if "fell to" in r.getMessage()]
+    assert slow == ["step 6: samples/s fell to 5.0 from 40.0 — another process may be using the cores "
+                    "(set OMP_NUM_THREADS; the log's start names the threads chosen)"]
