@@ -127,3 +127,24 @@ def test_a_shard_index_given_as_a_manifest_gets_the_shards_hint(tmp_path):
     index = write_shards([AudioEntry(str(tmp_path / "a.wav"))], tmp_path / "s" / "s-%06d.tar")
     with pytest.raises(ManifestError, match=f"index of WebDataset shards.*data.train_manifest=shards:{tmp_path / 's'}"):
         load_manifest(index)
+
+
+def test_dali_inventory_uses_the_same_header_rules(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import io
+
+    from asit.data.dali import clips
+
+    good, bad = _corpus(tmp_path / "audio")
+    entries = load_manifest(tmp_path / "audio")
+    kept, reasons = clips._check_files(entries, SR)
+    assert sorted(reasons.values()) == ["empty", "truncated", "unreadable"]  # the header check's verdicts
+    assert [entries[i].path for i in sorted(reasons)] == [e.path for e in entries if Path(e.path) in bad
+                                                          and bad[Path(e.path)] != "non-finite"]
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        tar.addfile(tarfile.TarInfo("0.wav"), io.BytesIO(b""))  # a 0-byte member
+    with tarfile.open(tmp_path / "t.tar") as tar:
+        assert clips._member_header(tar, tar.getmember("0.wav")) == "empty"
+    assert clips._header_reason((0, SR, 1, "WAV")) == "empty"
+    assert clips._header_reason((SR, SR, 1, "MP3")) == "unsupported-by-dali"
+    assert clips._header_reason((SR, 500, 1, "WAV")) == "bad-sample-rate"
