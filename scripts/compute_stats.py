@@ -14,7 +14,8 @@ the recipe). The result is printed as overrides to add to the training command:
 With ``-o`` the same values are also written as a YAML fragment (``data: {mean: ..., std: ...}``), for
 your records or to copy into your own recipe file. It is not a recipe: ``--config stats.yaml`` would
 train with the defaults for every other key (the demo data, 32 kHz, ...), not with your recipe.
-Undecodable clips are skipped and counted by reason; a progress bar shows the clips done.
+Undecodable clips are skipped; each is named on stderr with its reason (``# skipped path: reason``), then
+the counts per reason. A progress bar shows the clips done.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = args.config or "<recipe>"
     print(f"# train with: scripts/pretrain.py --config {recipe} {stats.overrides()}")
     if stats.skipped:
+        for message in stats.skipped_files:
+            print(f"# skipped {message}", file=sys.stderr)
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(stats.skipped.items()))
-        print(f"# skipped {sum(stats.skipped.values())} clips ({reasons})", file=sys.stderr)
+        print(f"# skipped {sum(stats.skipped.values())} clips ({reasons}); scripts/check_data.py lists every bad "
+              "file and can write a clean manifest", file=sys.stderr)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(snippet, encoding="utf-8")

@@ -50,7 +50,7 @@ def test_corrupt_and_empty_files_raise_naming_path(tmp_path):
     empty.write_bytes(b"")
     no_samples = tmp_path / "nosamples.wav"
     sf.write(no_samples, np.zeros((0, 1), dtype=np.float32), 8000)
-    for path, reason in [(junk, "unreadable"), (empty, "unreadable"), (no_samples, "empty")]:
+    for path, reason in [(junk, "unreadable"), (empty, "empty"), (no_samples, "empty")]:
         with pytest.raises(AudioDecodeError) as info:
             load_audio(path, 8000)
         assert str(path) in str(info.value)

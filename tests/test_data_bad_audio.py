@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asit.data import AudioDecodeError, AudioEntry, PretrainDataset, collate_pretrain, load_audio
+from asit.data.audio import check_header, decode_audio_bytes
 
 SR = 32000
 FUZZ_EXAMPLES = int(os.environ.get("ASIT_FUZZ_EXAMPLES", "1000"))  # about 6 s on 2 CPU cores
@@ -44,7 +45,7 @@ def _reason(path) -> str:
 def test_refused_files_name_file_and_reason(tmp_path):
     cases = {}
     (tmp_path / "empty.wav").write_bytes(b"")
-    cases["empty.wav"] = "unreadable"
+    cases["empty.wav"] = "empty"
     sf.write(tmp_path / "no_frames.wav", np.zeros(0, dtype=np.float32), SR)
     cases["no_frames.wav"] = "empty"
     (tmp_path / "random.wav").write_bytes(np.random.default_rng(0).bytes(4096))
@@ -149,13 +150,20 @@ def test_short_long_and_multichannel(tmp_path):
     np.testing.assert_allclose(load_audio(tmp_path / "surround.wav", SR).numpy(), six.mean(1), atol=1e-6)
 
 
-def test_truncated_data_decodes_what_is_there(tmp_path):
-    data = _sine(SR, 0.2)
-    raw = _wav_bytes(data, SR, "PCM_16")
-    (tmp_path / "trunc.wav").write_bytes(raw[: 44 + 2 * 1000 + 1])  # header + 1000.5 samples
-    wave = load_audio(tmp_path / "trunc.wav", SR).numpy()
-    assert 0 < wave.size <= 1001
-    np.testing.assert_allclose(wave[:1000], data[: min(1000, wave.size)], atol=1e-4)
+@pytest.mark.parametrize("kept", [0, 16, 2001, 12799])  # bytes of samples left of the 12800 announced
+def test_a_truncated_wav_is_refused_as_truncated(tmp_path, kept):
+    """libsndfile counts a cut WAV's frames from the bytes there (16 bytes: an 8-sample clip); the
+    header's data size says how many there should be."""
+    raw = _wav_bytes(_sine(SR, 0.2), SR, "PCM_16")  # 6400 samples: 12800 bytes after a 44-byte header
+    announced = len(raw) - 44
+    (tmp_path / "trunc.wav").write_bytes(raw[: 44 + min(kept, announced - 1)])
+    assert _reason(tmp_path / "trunc.wav") == "truncated"
+    with pytest.raises(AudioDecodeError, match=f"announces {announced} bytes"):
+        check_header(tmp_path / "trunc.wav")
+    with pytest.raises(AudioDecodeError, match="truncated"):
+        decode_audio_bytes(raw[:44 + 16], SR)
+    (tmp_path / "whole.wav").write_bytes(raw)
+    assert load_audio(tmp_path / "whole.wav", SR).shape == (6400,)  # the whole file passes
 
 
 # ---- through the dataset: skipped, counted, never a NaN batch -----------------------------------
@@ -176,7 +184,7 @@ def test_dataset_skips_and_counts_every_bad_file(tmp_path):
     nan[5] = np.nan
     sf.write(tmp_path / "nan.wav", nan, SR, subtype="FLOAT")
     sf.write(tmp_path / "huge.wav", _sine(SR, 0.2) * 1e12, SR, subtype="FLOAT")
-    bad = {"empty.wav": "unreadable", "text.wav": "unreadable", "nan.wav": "non-finite",
+    bad = {"empty.wav": "empty", "text.wav": "unreadable", "nan.wav": "non-finite",
            "huge.wav": "out-of-range", "gone.wav": "missing"}
     paths = good[:2] + [str(tmp_path / b) for b in bad] + good[2:]
     ds = PretrainDataset([AudioEntry(p) for p in paths], sample_rate=SR, crop_seconds=0.3,
@@ -247,3 +255,11 @@ def test_fuzz_decodes_or_raises_audio_decode_error(blob, suffix):
             assert wave.dtype == torch.float32 and wave.dim() == 1 and wave.numel() > 0
             assert torch.isfinite(wave).all()
         assert time.perf_counter() - start < 10.0  # no hang
+
+
+def test_errors_of_bytes_in_memory_name_the_member_not_a_file_object():
+    with pytest.raises(AudioDecodeError) as info:
+        decode_audio_bytes(b"not audio" * 100, SR, name="shard-000001.tar:000000042.wav")
+    assert str(info.value) == "shard-000001.tar:000000042.wav: unreadable (LibsndfileError: Format not recognised.)"
+    with pytest.raises(AudioDecodeError, match=r"^shard\.tar:7: empty \(0-byte file\)$"):
+        decode_audio_bytes(b"", SR, name="shard.tar:7")

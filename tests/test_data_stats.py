@@ -57,7 +57,21 @@ def test_matches_direct_computation_and_skips_bad_files(tmp_path):
     mean, std, frames = _direct(entries, SR, 40)
     assert stats.clips == 4 and stats.frames == frames
     assert math.isclose(stats.mean, mean, rel_tol=1e-6) and math.isclose(stats.std, std, rel_tol=1e-6)
-    assert stats.skipped == {"unreadable": 2, "missing": 1}
+    assert stats.skipped == {"unreadable": 1, "empty": 1, "missing": 1}
+    assert [m.split(" (")[0] for m in stats.skipped_files] == [f"{b.path}: {r}" for b, r in
+                                                                zip(bad, ["unreadable", "empty", "missing"])]
+
+
+def test_compute_stats_script_names_each_skipped_file(tmp_path, capsys):
+    script = _script()
+    _corpus(tmp_path)
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all" * 20)
+    (tmp_path / "silence.wav").write_bytes(b"")
+    assert script.main([str(tmp_path), "--sample-rate", str(SR), "--num-mel-bins", "32", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"# skipped {tmp_path / 'junk.wav'}: unreadable" in err
+    assert f"# skipped {tmp_path / 'silence.wav'}: empty (0-byte file)" in err
+    assert "# skipped 2 clips (empty: 1, unreadable: 1)" in err
 
 
 def test_max_clips_and_workers_give_the_same_numbers(tmp_path):

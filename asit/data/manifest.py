@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
 
-__all__ = ["AUDIO_EXTENSIONS", "AudioEntry", "ManifestError", "label_vocabulary", "load_manifest"]
+from asit.atomic_io import atomic_write_text
+
+__all__ = ["AUDIO_EXTENSIONS", "AudioEntry", "ManifestError", "label_vocabulary", "load_manifest", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,46 @@ def label_vocabulary(entries: Iterable[AudioEntry]) -> list[str]:
     return sorted({label for entry in entries for label in entry.labels})
 
 
+def write_manifest(entries: Iterable[AudioEntry], path: str | os.PathLike) -> Path:
+    """Write ``entries`` as a manifest that :func:`load_manifest` reads back as the same list, in the
+    format the name's suffix says: ``.json`` (AST layout, ``"labels"`` comma-joined, or a list when a
+    label holds a comma), ``.jsonl`` or ``.csv`` (``path,label``, labels joined by ``;``). Paths are
+    written absolute (a relative one would be read relative to the new manifest's folder). The file is
+    replaced atomically; returns its path.
+
+    Raises:
+        ManifestError: an unknown suffix, or a label the CSV format cannot hold (one with ``;``).
+    """
+    dst = Path(path).expanduser()
+    kind = dst.suffix.lower()
+    entries = [AudioEntry(os.path.abspath(e.path), e.labels) for e in entries]
+
+    def item(entry: AudioEntry) -> dict:
+        labels: str | list[str] = list(entry.labels)
+        if not any("," in label for label in entry.labels):
+            labels = ",".join(entry.labels)
+        return {"wav": entry.path, "labels": labels}
+
+    if kind == ".json":
+        text = json.dumps({"data": [item(e) for e in entries]}, indent=1, ensure_ascii=False) + "\n"
+    elif kind == ".jsonl":
+        text = "".join(json.dumps(item(e), ensure_ascii=False) + "\n" for e in entries)
+    elif kind == ".csv":
+        for entry in entries:
+            if any(";" in label for label in entry.labels):
+                raise ManifestError(f"{dst}: label of {entry.path} holds a ';', which a CSV manifest cannot "
+                                    "hold (write .json or .jsonl)")
+        rows = [["path", "label"], *([e.path, ";".join(e.labels)] for e in entries)]
+        buf = io.StringIO(newline="")
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        text = buf.getvalue()
+    else:
+        raise ManifestError(f"{dst}: unknown manifest type {dst.suffix!r}; expected .json, .jsonl or .csv")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dst, text)
+    return dst
+
+
 def _resolve(base: Path, raw: str) -> str:
     path = Path(raw).expanduser()
     if not path.is_absolute():
@@ -160,9 +203,9 @@ def _read_json(src: Path) -> tuple[list[AudioEntry], Where]:
         raise ManifestError(f"{src} line {exc.lineno}: invalid JSON: {exc.msg}") from exc
 
     if isinstance(doc, dict):
-        if "data" not in doc and "shards" in doc:  # the index.json that make_shards.py writes
-            raise ManifestError(f"{src}: this is a shard index, not a manifest; pass the shards as "
-                                f"shards:{src.parent} (e.g. data.train_manifest=shards:{src.parent})")
+        if "data" not in doc and "shards" in doc and "format" in doc:  # make_shards.py's index.json
+            raise ManifestError(f"{src}: this is the index of WebDataset shards, not a manifest; pass "
+                                f"shards:{src.parent} (data.train_manifest=shards:{src.parent})")
         if "data" not in doc:
             raise ManifestError(f'{src}: JSON manifest has no "data" key')
         items = doc["data"]

@@ -76,6 +76,7 @@ class FbankStats:
     clips: int  # clips that contributed
     frames: int  # fbank frames that contributed
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> number of clips
+    skipped_files: list[str] = field(default_factory=list)  # "path: reason (detail)" of each, in manifest order
 
     def yaml_snippet(self, sample_rate: int | None = None, num_mel_bins: int | None = None) -> str:
         """A config fragment: ``data: {mean, std}`` with comments on where it came from and how to use it
@@ -95,7 +96,8 @@ class FbankStats:
 
 
 class _ClipSummaries(Dataset):
-    """Per clip: ``(count, mean, M2, frames, "")`` of its fbank, or ``(0, 0, 0, 0, reason)``."""
+    """Per clip: ``(count, mean, M2, frames, "", "")`` of its fbank, or ``(0, 0, 0, 0, reason, message)``
+    (the message names the file)."""
 
     def __init__(self, entries: Sequence[AudioEntry], sample_rate: int, num_mel_bins: int) -> None:
         self.entries = entries
@@ -105,19 +107,19 @@ class _ClipSummaries(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> tuple[int, float, float, int, str]:
+    def __getitem__(self, index: int) -> tuple[int, float, float, int, str, str]:
         path = self.entries[index].path
         try:
             wave = load_audio(path, self.sample_rate)
         except AudioDecodeError as err:
             logger.warning("skipping %s", err)
-            return 0, 0.0, 0.0, 0, err.reason
+            return 0, 0.0, 0.0, 0, err.reason, str(err)
         fbank = batched_kaldi_fbank(wave, self.sample_rate, self.num_mel_bins, target_frames=None)  # [T, F]
         if not torch.isfinite(fbank).all():
             logger.warning("skipping %s: non-finite fbank", path)
-            return 0, 0.0, 0.0, 0, "non-finite"
+            return 0, 0.0, 0.0, 0, "non-finite", f"{path}: non-finite (fbank)"
         count, mean, m2 = summarize(fbank)
-        return count, mean, m2, fbank.shape[0], ""
+        return count, mean, m2, fbank.shape[0], "", ""
 
 
 def compute_fbank_stats(
@@ -131,7 +133,7 @@ def compute_fbank_stats(
 ) -> FbankStats:
     """Mean and standard deviation of the fbank values of ``entries`` (the first ``max_clips``).
 
-    Undecodable clips are skipped and counted by reason. ``num_workers`` decode in parallel
+    Undecodable clips are skipped, counted by reason and named (``skipped_files``). ``num_workers`` decode in parallel
     (a ``DataLoader``); ``progress`` shows a tqdm bar. The result does not depend on
     ``num_workers``.
 
@@ -152,14 +154,17 @@ def compute_fbank_stats(
     running = RunningStats()
     frames = clips = 0
     skipped: Counter[str] = Counter()
-    for count, mean, m2, clip_frames, reason in tqdm(loader, total=len(entries), disable=not progress,
-                                                     desc="fbank stats", unit="clip"):
+    skipped_files: list[str] = []
+    for count, mean, m2, clip_frames, reason, message in tqdm(loader, total=len(entries), disable=not progress,
+                                                              desc="fbank stats", unit="clip"):
         if reason:
             skipped[reason] += 1
+            skipped_files.append(message)
             continue
         running.merge(int(count), float(mean), float(m2))
         frames += int(clip_frames)
         clips += 1
     if clips == 0:
-        raise ValueError(f"none of the {len(entries)} clips could be decoded: {dict(skipped)}")
-    return FbankStats(running.mean, running.std, clips, frames, dict(skipped))
+        shown = "; ".join(skipped_files[:5]) + ("; ..." if len(skipped_files) > 5 else "")
+        raise ValueError(f"none of the {len(entries)} clips could be decoded ({dict(skipped)}): {shown}")
+    return FbankStats(running.mean, running.std, clips, frames, dict(skipped), skipped_files)

@@ -30,12 +30,13 @@ from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_
 
 from .bad_data import BadDataTally, batch_usable
 from .checkpoint import atomic_save, checkpoint_path, permanent_rule, prune_checkpoints, replica_digests
+from .cpu_threads import set_cpu_threads
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .faults import FaultHook
 from .guard import NonFiniteGuard, StepResult
 from .loaders import batch_views, build_pretrain_data
 from .losses import ASiTLoss
-from .metrics import MetricWriter, Throughput, collapse_monitors, trim_log
+from .metrics import MetricWriter, RateWatch, Throughput, collapse_monitors, trim_log
 from .optim import clip_gradients, param_groups
 from .precision import autocast, resolve_precision
 from .probe_monitor import ProbeMonitor
@@ -104,6 +105,8 @@ class Pretrainer:
         cfg = self.cfg
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.device = self.dist.device
+        self.threads = set_cpu_threads(self.device, cfg.data.num_workers, announce=self.dist.is_main)
+        self.rate_watch = RateWatch(cpu=self.device.type == "cpu")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -502,6 +505,8 @@ class Pretrainer:
         values: dict[str, Any] = {k: float(v) for k, v in result.terms.items()}
         values.update(self._hp)
         values["samples_per_s"] = meter.rate()
+        if self.dist.is_main and (slow := self.rate_watch.observe(values["samples_per_s"])):
+            log.warning("step %d: %s", self.step, slow)
         values["epoch"] = epoch + 1  # counted from 1, as the progress bar, pictures and messages count
         values.update({k: float(v) for k, v in result.monitors.items()})
         values["center_norm_cls"] = float(self.loss_fn.center_global.norm())
@@ -556,4 +561,6 @@ class Pretrainer:
         writer = getattr(self, "writer", None)
         if writer is not None:
             writer.close()
+        if hasattr(self, "threads"):
+            self.threads.restore()
         cleanup_distributed()

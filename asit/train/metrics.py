@@ -13,7 +13,7 @@ import torch
 
 from asit.atomic_io import atomic_write_text
 
-__all__ = ["MetricWriter", "Throughput", "collapse_monitors", "softmax_entropy", "trim_log"]
+__all__ = ["MetricWriter", "RateWatch", "Throughput", "collapse_monitors", "softmax_entropy", "trim_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,40 @@ class Throughput:
 
     def rate(self) -> float:
         return self.samples / max(time.time() - self.start, 1e-9)
+
+
+class RateWatch:
+    """Notices when the samples/s of a run fall far below the run's own earlier rate.
+
+    :meth:`observe` takes each log window's rate. The first ``warmup`` windows (compilation, first
+    batches) set no standard; after them the best rate seen is the standard. When ``patience`` windows
+    in a row run below ``factor`` times it (one slow window, e.g. loader workers starting at an epoch's
+    start, is not enough), :meth:`observe` returns a warning, once, until the rate recovers to half the
+    best. On a CPU the usual cause is another process on the same cores (torch's threads oversubscribed).
+    """
+
+    def __init__(self, *, cpu: bool = True, warmup: int = 2, factor: float = 1 / 3, patience: int = 2) -> None:
+        self.cpu, self.warmup, self.factor, self.patience = cpu, warmup, factor, patience
+        self.seen = self.slow = 0
+        self.best = 0.0
+        self.warned = False
+
+    def observe(self, rate: float) -> str | None:
+        """Record one window's samples/s; the warning to log when the rate has collapsed, else None."""
+        self.seen += 1
+        if self.seen <= self.warmup or not math.isfinite(rate):
+            return None
+        self.best = max(self.best, rate)
+        if rate >= self.best / 2:
+            self.slow, self.warned = 0, False
+            return None
+        self.slow = self.slow + 1 if rate < self.factor * self.best else 0
+        if self.slow < self.patience or self.warned:
+            return None
+        self.warned = True
+        cause = ("another process may be using the cores (set OMP_NUM_THREADS; the log's start names the threads "
+                 "chosen)" if self.cpu else "another job may share the device, or the input pipeline has slowed")
+        return f"samples/s fell to {rate:.1f} from {self.best:.1f} — {cause}"
 
 
 def _json_value(value: Any) -> Any:

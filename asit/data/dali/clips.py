@@ -5,8 +5,8 @@ either gives each clip a number, a name for messages, its manifest index, the ep
 clips, and a built pipeline over any list of them. Clips a DALI pipeline cannot be trusted with are
 found before training, with :func:`~asit.data.audio.load_audio`'s reasons:
 
-* files: each header is read with soundfile (``_check_files``); files soundfile cannot open keep
-  load_audio's reason, and files in a format DALI's decoder lacks (:data:`DALI_UNSUPPORTED_FORMATS`)
+* files: each header is checked by load_audio's header rules (``_check_files``,
+  :func:`~asit.data.audio.check_header`), and files in a format DALI's decoder lacks (:data:`DALI_UNSUPPORTED_FORMATS`)
   get ``"unsupported-by-dali"``;
 * shards: the tars' headers and each clip's audio header are read once to find each clip's audio
   and ``json`` members (about 0.1 ms per clip from the page cache) and cached per tar
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ...atomic_io import atomic_write_text
-from ..audio import MAX_ABS_SAMPLE, MAX_FILE_RATE, MAX_SECONDS, MIN_FILE_RATE, AudioDecodeError, load_audio
+from ..audio import MAX_ABS_SAMPLE, MAX_SECONDS, AudioDecodeError, check_header, header_reason
 from ..manifest import AudioEntry
 from ..samplers import epoch_permutation
 from ..shards import ShardSet
@@ -81,26 +81,19 @@ DALI_UNSUPPORTED_FORMATS = frozenset({"MP3", "SD2"})
 
 def _check_files(entries: list[AudioEntry], sample_rate: int,
                  part: tuple[int, int] = (0, 1)) -> tuple[list[int], dict[int, str]]:
-    """Indices of the entries whose header soundfile reads in a format DALI decodes, and the reason of
-    each other one (load_audio's reasons, or ``"unsupported-by-dali"``). ``part=(k, n)`` checks only the
-    entries ``k, k + n, k + 2n, ...``."""
-    import soundfile as sf
-
+    """Indices of the entries whose header passes load_audio's header checks
+    (:func:`~asit.data.audio.check_header`) in a format DALI decodes, and the reason of each other one
+    (load_audio's reasons, or ``"unsupported-by-dali"``). ``part=(k, n)`` checks only the entries
+    ``k, k + n, k + 2n, ...``. ``sample_rate`` is not needed by the header rules (kept for the callers)."""
     good, reasons = [], {}
     for i in range(part[0], len(entries), part[1]):
-        entry = entries[i]
         try:
-            info = sf.info(entry.path)
-            why = _header_reason(_sound(info))
-            if why is not None:
-                reasons[i] = why
-                continue
-        except Exception:  # libsndfile raises several types; all mean "cannot decode"
-            try:  # load_audio gives the reason ("missing", "unreadable", ...)
-                load_audio(entry.path, sample_rate)
-                reasons[i] = "unreadable"
-            except AudioDecodeError as err:
-                reasons[i] = err.reason
+            header = check_header(entries[i].path, max_seconds=MAX_SECONDS)
+        except AudioDecodeError as err:
+            reasons[i] = err.reason
+            continue
+        if header.format in DALI_UNSUPPORTED_FORMATS:
+            reasons[i] = "unsupported-by-dali"
             continue
         good.append(i)
     return good, reasons
@@ -168,20 +161,15 @@ class _FileClips:
 
 
 def _header_reason(sound: tuple[int, int, int, str] | str) -> str | None:
-    """Why a clip with this audio header is left out, by load_audio's rules and DALI's formats (None: kept).
-    ``sound`` is ``(frames, sample rate, channels, soundfile format)``, or the reason the header could
-    not be read."""
+    """Why a clip with this audio header is left out, by load_audio's header rules
+    (:func:`~asit.data.audio.header_reason`) and DALI's formats (None: kept). ``sound`` is
+    ``(frames, sample rate, channels, soundfile format)``, or the reason the header could not be read."""
     if isinstance(sound, str):
         return sound
     frames, rate, channels, fmt = sound
-    if not MIN_FILE_RATE <= rate <= MAX_FILE_RATE:
-        return "bad-sample-rate"
-    if channels < 1:
-        return "unreadable"
-    if frames > MAX_SECONDS * rate:  # load_audio's cap: DALI would decode it whole
-        return "too-long"
-    if frames <= 0:
-        return "empty"
+    verdict = header_reason(frames, rate, channels, max_seconds=MAX_SECONDS)  # the module's (tests lower it)
+    if verdict is not None:
+        return verdict[0]
     if fmt in DALI_UNSUPPORTED_FORMATS:
         return "unsupported-by-dali"
     return None
@@ -219,7 +207,7 @@ def _member_header(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[int, in
     import soundfile as sf
 
     if info.size == 0:
-        return "unreadable"  # what load_audio says of an empty file
+        return "empty"  # what load_audio says of a 0-byte file
     watch = _ReadWatch(tar.extractfile(info))
     try:
         header = sf.info(watch)
@@ -398,7 +386,7 @@ class _ShardClips:
             elif m.audio is None:
                 reasons[i] = "missing"
             elif m.audio[1] == 0:
-                reasons[i] = "unreadable"  # what load_audio says of an empty file
+                reasons[i] = "empty"  # what load_audio says of a 0-byte file
             elif formats and (why := _header_reason(m.sound)) is not None:
                 reasons[i] = why
             else:
