@@ -25,7 +25,7 @@ def main(path: str) -> int:
         median = bench["stats"]["median"]
         info = bench.get("extra_info", {})
         provider = info.get("provider") or name.rstrip("]").split("-")[-1]  # ids end in -<provider>]
-        case = re.sub(r"-(ref_compiled|ref|triton|fast|reference)\]$", "]", name)
+        case = re.sub(r"-(ref_compiled|ref|triton)\]$", "]", name)
         by_case[case][provider] = median
         rows.append((name, median, info))
     print("| benchmark | median | GB/s | device ms (graph) | device GB/s | copy GB/s | other |")
@@ -47,17 +47,6 @@ def main(path: str) -> int:
             eager = f"{p['ref'] / p['triton']:.2f}x" if "ref" in p else ""
             comp = f"{p['ref_compiled'] / p['triton']:.2f}x" if "ref_compiled" in p else ""
             print(f"| {case} | {eager} | {comp} |")
-    # training step: fast (and fast with per-step host checks) against reference, per architecture
-    rates = defaultdict(dict)
-    for _, _, info in rows:
-        if "samples_per_s" in info and "arch" in info:
-            rates[info["arch"]][info["mode"]] = info["samples_per_s"]
-    pairs = [(arch, r) for arch, r in rates.items() if "reference" in r and len(r) > 1]
-    if pairs:
-        print("\n| arch | mode | samples/s | vs reference |\n|---|---|---|---|")
-        for arch, r in pairs:
-            for mode, rate in r.items():
-                print(f"| {arch} | {mode} | {rate:.1f} | {rate / r['reference']:.2f}x |")
     return 0
 
 
