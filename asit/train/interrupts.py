@@ -16,8 +16,9 @@ handler and ignore the signals: the main process decides when they stop.
 
 Test hook (not for real runs): ``ASIT_SIGNAL_AT_STEP=N`` makes rank ``ASIT_SIGNAL_RANK`` (default: the last)
 send ``ASIT_SIGNAL`` (``INT`` or ``TERM``, default ``INT``) right after step N, to itself or, with
-``ASIT_SIGNAL_TO=launcher``, to its parent process (torchrun, which forwards it to every worker); in the
-latter case it then waits (up to 60 s) until the forwarded signal arrives, so the stop step is known.
+``ASIT_SIGNAL_TO=launcher``, to its parent process (torchrun, which forwards it to every worker), or with
+``ASIT_SIGNAL_TO=group`` to its whole process group (what Ctrl-C in a terminal does); it then waits (up to
+60 s) until the signal arrives, so the stop step is known.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = ["Decision", "Interrupted", "SIGNAL_AT_STEP_ENV", "StepBoundary", "exi
 log = logging.getLogger(__name__)
 
 SIGNAL_AT_STEP_ENV = "ASIT_SIGNAL_AT_STEP"
+_clock = time.monotonic  # the checkpoint clock (a test replaces it)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -82,7 +84,7 @@ class StepBoundary:
         self.every_s = 60.0 * float(every_minutes)
         self.received = 0  # the first signal this process got (0: none)
         self.stop = 0  # the signal all ranks agreed to stop on
-        self._last_save = time.monotonic()
+        self._last_save = _clock()
         self._owner = os.getpid()
         self._previous: dict[int, Any] = {}
         on_host = group is not None or not dist_info.distributed or dist.get_backend() == "gloo"
@@ -121,7 +123,8 @@ class StepBoundary:
         writes a checkpoint at this step anyway (the same on every rank); it restarts the clock."""
         if self._hook is not None and step == self._hook[0]:
             self._fire(*self._hook[1:])
-        due = bool(self.every_s and self.dist.is_main and time.monotonic() - self._last_save >= self.every_s)
+        now = _clock()
+        due = bool(self.every_s and self.dist.is_main and now - self._last_save >= self.every_s)
         stop = self.received
         if self.dist.distributed:
             flags = torch.tensor([stop, int(due)], dtype=torch.int64, device=self._device)
@@ -130,7 +133,7 @@ class StepBoundary:
         self.stop = stop
         save = bool(scheduled or due or stop)
         if save:
-            self._last_save = time.monotonic()
+            self._last_save = now
         return Decision(save=save, stop=stop)
 
     def raise_if_stopped(self, step: int) -> None:
@@ -138,17 +141,21 @@ class StepBoundary:
         if self.stop:
             raise Interrupted(self.stop, step)
 
-    def _fire(self, signum: int, to_launcher: bool) -> None:
+    def _fire(self, signum: int, to: str) -> None:
         log.warning("%s=%d: sending %s to %s (test hook)", SIGNAL_AT_STEP_ENV, self._hook[0],
-                    signal.Signals(signum).name, "the launcher" if to_launcher else "this worker")
-        os.kill(os.getppid() if to_launcher else os.getpid(), signum)
+                    signal.Signals(signum).name, to)
+        if to == "group":
+            os.killpg(os.getpgid(0), signum)
+        else:
+            os.kill(os.getppid() if to == "launcher" else os.getpid(), signum)
         deadline = time.monotonic() + 60
-        while to_launcher and not self.received and time.monotonic() < deadline:
+        while not self.received and time.monotonic() < deadline:
             time.sleep(0.01)
 
 
-def _test_hook(dist_info: DistInfo) -> tuple[int, int, bool] | None:
-    """(step, signal, to the launcher?) from the ``ASIT_SIGNAL_*`` test variables for this rank, or None."""
+def _test_hook(dist_info: DistInfo) -> tuple[int, int, str] | None:
+    """(step, signal, ``self``/``launcher``/``group``) from the ``ASIT_SIGNAL_*`` test variables for this
+    rank, or None."""
     raw = os.environ.get(SIGNAL_AT_STEP_ENV)
     if not raw:
         return None
@@ -157,4 +164,7 @@ def _test_hook(dist_info: DistInfo) -> tuple[int, int, bool] | None:
     name = os.environ.get("ASIT_SIGNAL", "INT").upper().removeprefix("SIG")
     if name not in ("INT", "TERM"):
         raise ValueError(f"ASIT_SIGNAL={name!r}: expected INT or TERM")
-    return int(raw), int(getattr(signal, f"SIG{name}")), os.environ.get("ASIT_SIGNAL_TO", "self") == "launcher"
+    to = os.environ.get("ASIT_SIGNAL_TO", "self")
+    if to not in ("self", "launcher", "group"):
+        raise ValueError(f"ASIT_SIGNAL_TO={to!r}: expected self, launcher or group")
+    return int(raw), int(getattr(signal, f"SIG{name}")), to
