@@ -2,8 +2,9 @@
 training loop, writes checkpoints and exports the teacher encoder. The mechanisms it calls live beside it
 and take their settings as arguments: the loaders (:mod:`.loaders`), the non-finite guard (:mod:`.guard`),
 unusable-clip accounting (:mod:`.bad_data`), restore and RNG files (:mod:`.resume`), checkpoint files
-(:mod:`.checkpoint`) and the fault-injection test hook (:mod:`.faults`). ``scripts/pretrain.py`` is a thin
-wrapper around :class:`Pretrainer`.
+(:mod:`.checkpoint`), one run per output folder (:mod:`.run_dir`), signals and timed checkpoints agreed at
+step boundaries (:mod:`.interrupts`) and the fault-injection test hook (:mod:`.faults`).
+``scripts/pretrain.py`` is a thin wrapper around :class:`Pretrainer`.
 """
 
 from __future__ import annotations
