@@ -165,6 +165,8 @@ class TrainConfig:
     output_dir: str = "runs/asit"
     log_every: int = 10
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    # >0: also a checkpoint when this many minutes passed since the last one (rank 0's clock; 0: off)
+    checkpoint_every_minutes: float = 0.0
     keep_last: int = 2  # the newest checkpoints kept (besides the permanent ones below)
     keep_every_steps: int = 0  # >0: checkpoints at multiples of this step are never pruned
     keep_every_epochs: int = 0  # >0: the checkpoint after every this many epochs is never pruned
@@ -490,6 +492,7 @@ def _validate(cfg: Config) -> None:
         (0 < cfg.gmml.max_block_frac <= 1, "gmml.max_block_frac must be in (0, 1]"),
         (cfg.gmml.align >= 1, "gmml.align must be >= 1"),
         (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0: epoch ends only)"),
+        (t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes must be >= 0 (0: off)"),
         (t.image_every_epochs >= 0, "train.image_every_epochs must be >= 0 (0: never)"),
         (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1"),
         (cfg.gmml.candidate_budget >= 1, "gmml.candidate_budget must be >= 1"),

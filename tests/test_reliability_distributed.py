@@ -199,3 +199,31 @@ def test_two_nodes_on_loopback_agree(reference, cache, tmp_path) -> None:
     tensors = {f"{part}.{k}": v for part in ("student", "teacher", "loss") for k, v in final[part].items()}
     assert digests == [tensor_digest(tensors)] * 2
     _assert_same_final_state(out, reference)  # and the two-node run is the one-node run
+
+
+@pytest.mark.parametrize("to, sig, at", [("self", "TERM", 4), ("launcher", "INT", 2)],
+                         ids=["sigterm-to-rank1", "sigint-to-torchrun"])
+def test_interrupt_then_resume_is_exact(reference, cache, tmp_path, to: str, sig: str, at: int) -> None:
+    """A signal at a known step (the ``ASIT_SIGNAL_AT_STEP`` hook): SIGTERM to rank 1 alone (rank 0 learns
+    it at the step boundary), or SIGINT to torchrun, which forwards it to both workers (Ctrl-C). Both ranks
+    stop after that step with its checkpoint, rank 0 prints the one line, no worker prints a traceback; then
+    ``--resume`` ends bitwise equal to the uninterrupted run."""
+    out = tmp_path / "run"
+    env = {"ASIT_SIGNAL_AT_STEP": str(at), "ASIT_SIGNAL": sig, "ASIT_SIGNAL_TO": to,
+           "ASIT_SIGNAL_RANK": "1" if to == "self" else "0"}
+    proc, log_path = _launch(out, cache, env=env)
+    rc = proc.wait(timeout=120)
+    text = log_path.read_text(errors="replace")
+    assert rc != 0, text[-4000:]  # torchrun reports the interrupted workers (or its own signal) as a failure
+    assert text.count(f"interrupted at step {at}; checkpoint written; continue with the same command plus "
+                      f"--resume") == 1, text[-4000:]
+    assert "KeyboardInterrupt" not in text and "asit/train" not in text.split("Traceback")[-1]
+    if to == "launcher":
+        assert "SignalException" in text  # torchrun's own report of the signal it got (its traceback)
+    else:
+        assert "exitcode  : 143" in text  # torchrun names rank 1's status: SIGTERM
+    ckpts = sorted((out / "checkpoints").glob("checkpoint_*.pt"))
+    assert ckpts[-1] == checkpoint_path(out, at)
+
+    _torchrun(out, cache, "--resume", log_name="resume")
+    _assert_same_final_state(out, reference)

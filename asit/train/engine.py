@@ -2,8 +2,9 @@
 training loop, writes checkpoints and exports the teacher encoder. The mechanisms it calls live beside it
 and take their settings as arguments: the loaders (:mod:`.loaders`), the non-finite guard (:mod:`.guard`),
 unusable-clip accounting (:mod:`.bad_data`), restore and RNG files (:mod:`.resume`), checkpoint files
-(:mod:`.checkpoint`) and the fault-injection test hook (:mod:`.faults`). ``scripts/pretrain.py`` is a thin
-wrapper around :class:`Pretrainer`.
+(:mod:`.checkpoint`), one run per output folder (:mod:`.run_dir`), signals and timed checkpoints agreed at
+step boundaries (:mod:`.interrupts`) and the fault-injection test hook (:mod:`.faults`).
+``scripts/pretrain.py`` is a thin wrapper around :class:`Pretrainer`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
 from asit.atomic_io import atomic_write_text
-from asit.config import Config, config_to_dict, rename_old_keys, save_config
+from asit.config import Config, config_to_dict, rename_old_keys
 from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
 from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
@@ -34,6 +35,7 @@ from .cpu_threads import set_cpu_threads
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .faults import FaultHook
 from .guard import NonFiniteGuard, StepResult
+from .interrupts import StepBoundary
 from .loaders import batch_views, build_pretrain_data
 from .losses import ASiTLoss
 from .metrics import MetricWriter, RateWatch, Throughput, collapse_monitors, trim_log
@@ -52,6 +54,7 @@ from .resume import (
     set_rng_state,
     warn_changed_config,
 )
+from .run_dir import check_run_dir, claim_run_dir
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .visualize import save_reconstruction_grid
 
@@ -87,9 +90,12 @@ class Pretrainer:
         trainer.cleanup()
     """
 
-    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False) -> None:
+        if resume and overwrite:
+            raise ValueError("resume and overwrite contradict each other: resume continues the run in "
+                             "train.output_dir, overwrite moves it aside and starts a new one")
         self.cfg = cfg
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
         self.run_dir = Path(cfg.train.output_dir)
         self.step = 0
         self.start_epoch = 0
@@ -101,28 +107,35 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Build everything; restore from the latest checkpoint when resuming."""
+        """Build everything; restore from the latest checkpoint when resuming. A fresh start refuses a
+        ``train.output_dir`` that holds another run unless ``overwrite`` (:mod:`.run_dir`); the folder and
+        its ``config.yaml`` are written only once the rest of the setup succeeded."""
         cfg = self.cfg
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.device = self.dist.device
         self.threads = set_cpu_threads(self.device, cfg.data.num_workers, announce=self.dist.is_main)
         self.rate_watch = RateWatch(cpu=self.device.type == "cpu")
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        resuming = self.resume or (cfg.train.auto_resume and restarts > 0)
+        check_run_dir(self.run_dir, resume=resuming, overwrite=self.overwrite or restarts > 0,
+                      is_main=self.dist.is_main, gather=self._gather if self.dist.distributed else None)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._setup_precision()
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
         self._setup_schedules()
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if self.resume or (cfg.train.auto_resume and restarts > 0):
+        if resuming:
             if restarts and self.dist.is_main:
                 log.warning("torchrun restarted the workers (restart %d): resuming from the latest good "
                             "checkpoint", restarts)
             self._restore()
         self.pair.refresh_teacher_copy()
+        if self.dist.is_main:
+            claim_run_dir(cfg, resume=resuming, overwrite=self.overwrite, restarted=restarts > 0)
+        self._gather(None)  # the other ranks write into the folder only after rank 0 claimed it
+        self.boundary = StepBoundary(self.dist, every_minutes=cfg.train.checkpoint_every_minutes,
+                                     group=self._host_group)
         self.fault = FaultHook(self.run_dir, self.dist.rank, self.dist.world_size)
         self.writer = MetricWriter(self.run_dir, enabled=self.dist.is_main)
         self.probe = (ProbeMonitor.from_config(cfg, self.teacher.backbone, amp_dtype=self.amp_dtype)
@@ -305,7 +318,9 @@ class Pretrainer:
                                    iters_per_epoch=self.iters_per_epoch)
         found = find_restorable(self.run_dir, self.dist, gather=self._gather, misfit=misfit,
                                 rng_keys=("torch", "gmml"))
-        if found is None:
+        if found is None:  # nothing to resume: start from step 0, the log too
+            if self.dist.is_main:
+                trim_log(self.run_dir / "log.jsonl", 0)
             return
         path, state, rng = found
         now = config_to_dict(self.cfg)
@@ -442,7 +457,9 @@ class Pretrainer:
     def train(self) -> dict[str, Any]:
         """Run the remaining epochs; returns a summary (first/last logged loss, wall time, steps).
 
-        Raises :class:`NonFiniteLossError` after ``train.max_consecutive_nonfinite`` skipped steps in a row.
+        Raises :class:`NonFiniteLossError` after ``train.max_consecutive_nonfinite`` skipped steps in a row, and
+        :class:`~.interrupts.Interrupted` after SIGINT/SIGTERM, once every rank wrote the checkpoint of the step
+        boundary where they agreed to stop (:class:`~.interrupts.StepBoundary`).
         """
         from tqdm.auto import tqdm
 
@@ -450,6 +467,7 @@ class Pretrainer:
         self.student_step.train()
         summary: dict[str, Any] = {"first_loss": None, "last_loss": None}
         started = time.time()
+        self.boundary.install()
         for epoch in range(self.start_epoch, t.epochs):
             skip = self.skip_batches if epoch == self.start_epoch else 0
             self.sampler.set_epoch(epoch, skip * t.batch_size)
@@ -478,12 +496,19 @@ class Pretrainer:
                 if log_now:
                     self._log_step(result, epoch, meter, bar, summary)
                 self.fault(self.step)
-                every = t.checkpoint_every_steps
-                if every and self.step % every == 0 and self.step % self.iters_per_epoch != 0:
+                every, epoch_end = t.checkpoint_every_steps, self.step % self.iters_per_epoch == 0
+                due = self.boundary.poll(self.step, scheduled=epoch_end or bool(every and self.step % every == 0))
+                if due.save and not epoch_end:  # an epoch's last step: _end_epoch writes it
                     self.save_checkpoint()
+                if due.stop:
+                    break
             bar.close()
             self.guard.sync(self.step)
-            self._end_epoch(epoch)
+            if not self.boundary.stop or self.step % self.iters_per_epoch == 0:
+                self._end_epoch(epoch)
+            if self.step < self.total_steps:
+                self.boundary.raise_if_stopped(self.step)
+        self.boundary.uninstall()
         summary.update(steps=self.step, wall_time_s=time.time() - started,
                        nonfinite_skipped=self.guard.nonfinite_total)
         if self.dist.is_main:
@@ -552,6 +577,9 @@ class Pretrainer:
                               config=config_to_dict(self.cfg), step=self.step)
 
     def cleanup(self) -> None:
+        boundary = getattr(self, "boundary", None)
+        if boundary is not None:
+            boundary.uninstall()
         loader = getattr(self, "loader", None)
         if loader is not None and hasattr(loader, "close"):  # DALI: its pipeline and shard index files
             loader.close()

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # the same generator) and train.compile / compile_mode (Inductor draws drop-path's random numbers its own way).
 RESUME_FREE_KEYS = frozenset({
     "name", "train.output_dir", "train.log_every", "train.progress", "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes",
     "train.keep_last", "train.keep_every_steps", "train.keep_every_epochs", "train.auto_resume",
     "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite",
     "data.max_bad_fraction", "data.num_workers", "data.batch_ring", "data.fbank_on", "data.cache_dir",
