@@ -15,15 +15,9 @@ from asit.train import Pretrainer
 
 CHANCE = 1 / 6
 # The README's demo recipe as shipped (demo_cpu: 240 clips of 3 s, 16 kHz, 4-block 128-wide ViT, 600 steps,
-# ~140 s on 2 cores). Its settings were chosen so that this short run learns: 128 prototypes per head, a
+# ~200 s on 2 cores). Its settings were chosen so that this short run learns: 128 prototypes per head, a
 # peak lr of 3e-2 x 16/256, and four 1 s local views in the [CLS] loss (ASiT v2's all-pairs global loss).
-# Measured on the 2-core dev machine, 5-fold accuracy, pretrained - random init (tokens pooling, [CLS]):
-# train.seed 0: +0.175, +0.137 (+0.171, +0.150 before cls_token/pos_embed were weight-decayed; +0.116,
-# +0.129 before the encoder padded short clips as waveforms and ended its last window at the clip's end);
-# before those fixes, seed 1: +0.121, +0.062; seed 2: +0.042,
-# +0.142. Without the local views
-# the tokens gap was +0.13, +0.02, +0.09 over the same seeds; with the earlier demo settings (lr 1e-3,
-# 1024 prototypes, 450 steps) or shorter runs there was none (within one fold-std of each other).
+# Figures (5-fold accuracy, pretrained against random init, both poolings): bench/RESULTS.md.
 
 
 @pytest.mark.slow
