@@ -25,8 +25,8 @@ def test_a_config_error_is_one_line_and_exit_1(tmp_path):
     done = _run("bad.key=1", tmp_path=tmp_path)
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines() == [
-        "error: unknown config key 'bad' (valid keys here: ['data', 'gmml', 'loss', 'model', 'name', 'optim', "
-        "'train'])"]
+        "error: unknown config key 'bad' (valid keys here: ['data', 'eval', 'gmml', 'loss', 'model', 'name', "
+        "'optim', 'train'])"]
     assert done.stdout == "" and not (tmp_path / "runs").exists()  # nothing written before the check
 
 

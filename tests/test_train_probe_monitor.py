@@ -131,7 +131,7 @@ def test_a_multi_label_probe_set_is_refused_naming_the_key(tmp_path) -> None:
     manifest = ensure_demo_dataset(tmp_path / "demo", num_clips=6, sample_rate=16000, seconds=1.0, seed=0)
     rows = manifest.read_text().splitlines()
     rows[1] += ";other"  # the first clip gets two labels
-    bad = tmp_path / "demo" / "multi.csv"
+    bad = manifest.parent / "multi.csv"  # beside the corpus: its paths are relative to it
     bad.write_text("\n".join(rows) + "\n")
     cfg = load_config("demo_cpu", [f"eval.probe_manifest={bad}", "data.num_mel_bins=32", "data.target_frames=96"])
     with pytest.raises(ValueError, match=r"eval\.probe_manifest .*exactly one label"):

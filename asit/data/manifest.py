@@ -203,9 +203,10 @@ def _read_json(src: Path) -> tuple[list[AudioEntry], Where]:
         raise ManifestError(f"{src} line {exc.lineno}: invalid JSON: {exc.msg}") from exc
 
     if isinstance(doc, dict):
-        if "data" not in doc and "shards" in doc and "format" in doc:  # make_shards.py's index.json
-            raise ManifestError(f"{src}: this is the index of WebDataset shards, not a manifest; pass "
-                                f"shards:{src.parent} (data.train_manifest=shards:{src.parent})")
+        if "data" not in doc and "shards" in doc:  # make_shards.py's index.json
+            raise ManifestError(f"{src}: this is a shard index, not a manifest (the index of WebDataset shards "
+                                f"that make_shards.py writes); pass shards:{src.parent} "
+                                f"(data.train_manifest=shards:{src.parent})")
         if "data" not in doc:
             raise ManifestError(f'{src}: JSON manifest has no "data" key')
         items = doc["data"]

@@ -320,9 +320,11 @@ _STREAM_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def _name_member(err: AudioDecodeError, member: str) -> AudioDecodeError:
-    """``err`` with the decoder's ``<_io.BytesIO object at 0x…>`` replaced by the tar member's name."""
+    """``err`` naming the tar member: in place of a decoder's ``<_io.BytesIO object at 0x…>``, or in front."""
     detail = _STREAM_REPR.sub(f"member {member}", err.detail)
-    return err if detail == err.detail else AudioDecodeError(err.path, err.reason, detail)
+    if detail == err.detail:
+        detail = f"member {member}: {err.detail}"
+    return AudioDecodeError(err.path, err.reason, detail)
 
 
 class ShardPretrainDataset(ClipViews, IterableDataset):
