@@ -150,7 +150,8 @@ def build_pretrain_data(cfg: Config, dist_info: DistInfo, *, gather: Callable[..
         generator=torch.Generator().manual_seed(t.seed))
     if dist_info.is_main:
         log.info("data: %d clips from %s, %d steps/epoch of %d per process, fbank on the %s", total, source,
-                 iters, t.batch_size, "device" if fbank_on == "device" else "loader workers")
+                 iters, t.batch_size,
+                 "device" if fbank_on == "device" else ("loader workers" if d.num_workers > 0 else "training process"))
     return PretrainData(loader, sampler, dataset, ring, iters, fbank_on)
 
 
