@@ -37,6 +37,7 @@ from asit.data.samplers import WeightedDistributedSampler
 from asit.encoder import FRAME_LENGTH_S, FRAME_SHIFT_S, backbone_spec, load_encoder
 from asit.eval.linear_probe import _file_stamp, average_precision
 from asit.models import build_backbone
+from asit.train.cpu_threads import set_cpu_threads
 from asit.train.faults import FaultHook
 from asit.train.precision import autocast
 from asit.train.resume import load_rng, rng_state, save_rng, set_rng_state
@@ -136,6 +137,8 @@ class Finetuner:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg, d = self.cfg, self.cfg.data
+        # on the CPU: one torch thread per usable core less one per loader worker (as pretraining does)
+        self.threads = set_cpu_threads(self.device, d.num_workers, announce=self.dist.is_main)
         torch.manual_seed(cfg.train.seed)
         encoder = load_encoder(cfg.encoder, random_init=cfg.model.random_init, seed=cfg.train.seed)
         self.encoder_meta = dict(encoder.metadata)
@@ -542,6 +545,8 @@ class Finetuner:
 
     def cleanup(self) -> None:
         self.writer.close()
+        if hasattr(self, "threads"):
+            self.threads.restore()
 
 
 def _write_json(path: Path, obj: Any) -> None:
