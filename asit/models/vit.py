@@ -75,6 +75,17 @@ def resolve_attn_backend(attn_backend: str) -> str:
     return "flash_attn" if available else "sdpa"
 
 
+def _attention_out(attn: Attention, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The tail of timm's ``Attention.forward`` after the heads are merged, ``x`` ``[B, N, H·Dh]``: its
+    optional norm, the optional gate, the output projection and its dropout."""
+    norm = getattr(attn, "norm", None)  # absent in older timm releases
+    if norm is not None:
+        x = norm(x)
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x))
+
+
 class FlashAttnAttention(Attention):
     """timm ``Attention`` whose forward calls ``flash_attn_qkvpacked_func`` when it can.
 
@@ -110,13 +121,7 @@ class FlashAttnAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, Dh]
         dropout_p = self.attn_drop.p if self.training else 0.0
         x = flash_attn_qkvpacked_func(qkv, dropout_p=dropout_p, softmax_scale=self.scale)  # [B, N, H, Dh]
-        x = x.reshape(B, N, attn_dim)
-        norm = getattr(self, "norm", None)  # absent in older timm releases
-        if norm is not None:
-            x = norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+        return _attention_out(self, x.reshape(B, N, attn_dim), gate)
 
 
 class NaiveAttention(Attention):
@@ -139,11 +144,7 @@ class NaiveAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         attn = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, N, N]
         attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        norm = getattr(self, "norm", None)  # absent in older timm releases
-        if norm is not None:
-            x = norm(x)
-        return self.proj_drop(self.proj(x))
+        return _attention_out(self, (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
 
 class SdpaKernelAttention(Attention):
