@@ -49,15 +49,24 @@ class PretrainData:
     fbank_on: str
 
 
+def demo_manifest(cfg: Config, *, make: bool = True) -> str:
+    """The ``manifest.csv`` of the demo corpus that ``data.demo_*``, ``data.sample_rate``, ``data.cache_dir``
+    and ``train.seed`` name, written first when ``make`` (:func:`asit.data.ensure_demo_dataset`)."""
+    from asit.data.demo import demo_dataset_dir, ensure_demo_dataset
+
+    d = cfg.data
+    root = Path(d.cache_dir) / "demo" if d.cache_dir else None
+    params = dict(num_clips=d.demo_clips, sample_rate=d.sample_rate, seconds=d.demo_seconds, seed=cfg.train.seed)
+    if make:
+        return str(ensure_demo_dataset(root, **params))
+    return str(demo_dataset_dir(root, **params) / "manifest.csv")
+
+
 def _demo_source(cfg: Config, dist_info: DistInfo) -> str:
     """The demo corpus's manifest, made by rank 0 and broadcast to the others."""
-    from asit.data import ensure_demo_dataset
-
-    d, source = cfg.data, cfg.data.train_manifest
-    root = Path(d.cache_dir) / "demo" if d.cache_dir else None
+    source = cfg.data.train_manifest
     if dist_info.is_main:
-        source = str(ensure_demo_dataset(root, num_clips=d.demo_clips, sample_rate=d.sample_rate,
-                                         seconds=d.demo_seconds, seed=cfg.train.seed))
+        source = demo_manifest(cfg)
     if dist_info.distributed:
         holder = [source]
         dist.broadcast_object_list(holder, src=0)

@@ -30,16 +30,16 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from asit.config import Config, ConfigError
-from asit.data import AudioDecodeError, AudioEntry, ensure_demo_dataset, load_audio, load_manifest
+from asit.data import AudioDecodeError, AudioEntry, load_audio, load_manifest
 from asit.encoder import AudioEncoder
 
+from .loaders import demo_manifest
 from .metrics import MetricWriter
 from .precision import autocast
 from .probes import ProbeConfig, cross_validate, knn_accuracy
@@ -124,12 +124,8 @@ def resolve_probe_manifest(cfg: Config) -> str:
     """The file behind ``eval.probe_manifest``: ``demo`` is the built-in demo corpus as ``data.demo_*``,
     ``data.sample_rate``, ``data.cache_dir`` and ``train.seed`` make it (the pretraining data itself when
     ``data.train_manifest`` is ``demo`` too)."""
-    source, d = cfg.eval.probe_manifest, cfg.data
-    if source != "demo":
-        return str(source)
-    root = Path(d.cache_dir) / "demo" if d.cache_dir else None
-    return str(ensure_demo_dataset(root, num_clips=d.demo_clips, sample_rate=d.sample_rate, seconds=d.demo_seconds,
-                                   seed=cfg.train.seed))
+    source = cfg.eval.probe_manifest
+    return demo_manifest(cfg) if source == "demo" else str(source)
 
 
 class ProbeMonitor:

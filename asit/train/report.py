@@ -13,7 +13,8 @@ import shlex
 from pathlib import Path
 
 from asit.config import Config
-from asit.data.demo import demo_dataset_dir
+
+from .loaders import demo_manifest
 
 __all__ = ["next_steps", "probe_manifest"]
 
@@ -21,13 +22,9 @@ __all__ = ["next_steps", "probe_manifest"]
 def probe_manifest(cfg: Config) -> str | None:
     """The labelled manifest to probe the encoder on: the demo corpus's ``manifest.csv`` for
     ``data.train_manifest=demo``, the training manifest itself otherwise, None for shards."""
-    d = cfg.data
-    source = d.train_manifest
+    source = cfg.data.train_manifest
     if source == "demo":
-        root = Path(d.cache_dir) / "demo" if d.cache_dir else None
-        folder = demo_dataset_dir(root, num_clips=d.demo_clips, sample_rate=d.sample_rate,
-                                  seconds=d.demo_seconds, seed=cfg.train.seed)
-        return str(folder / "manifest.csv")
+        return demo_manifest(cfg, make=False)
     if source.startswith("shards:"):
         return None
     return source
