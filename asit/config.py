@@ -103,6 +103,12 @@ class ModelConfig:
     # how shorter (local) views meet the positional embedding: "bicubic" as the authors (no antialiasing),
     # "resample" as timm's dynamic_img_size (antialiased)
     local_pos_embed: Literal["bicubic", "resample"] = "bicubic"
+    # the residual stream's dtype under autocast: fp32 (autocast's LayerNorms return fp32) or bf16 (bf16
+    # precision only: tokens cast once after the positional embedding, the blocks' LayerNorms in and out bf16)
+    residual_dtype: Literal["fp32", "bf16"] = "fp32"
+    # separate: exact GELU after fc1. fused: the tanh GELU, in fc1's GEMM epilogue (cuBLASLt) where no gradient
+    # is taken on CUDA (the teacher's forward), a separate op elsewhere
+    mlp_gelu: Literal["separate", "fused"] = "separate"
 
 
 @dataclass
@@ -508,6 +514,8 @@ def _validate(cfg: Config) -> None:
          "train.sync_free=true contradicts train.mode=authors (the authors' per-step pipeline)"),
         (not (t.teacher_bf16 and t.precision in ("fp32", "fp16")),
          "train.teacher_bf16=true needs train.precision bf16 (or auto, which is bf16 on CUDA in fast mode)"),
+        (not (m.residual_dtype == "bf16" and t.precision in ("fp32", "fp16")),
+         "model.residual_dtype=bf16 needs train.precision bf16 (or auto, which is bf16 on CUDA in fast mode)"),
         (not (t.sync_free and t.precision == "fp16"),
          "train.sync_free=true needs train.precision bf16 or fp32: fp16's loss scaler reads its overflow flag "
          "on the host"),

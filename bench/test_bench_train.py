@@ -70,6 +70,8 @@ SPEC_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200"
 LEVERS: dict[str, list[str]] = {
     "ema-fused": ["train.ema=fused"],
     "teacher-bf16": ["train.ema=fused", "train.teacher_bf16=true"],
+    "residual-bf16": ["model.residual_dtype=bf16"],
+    "gelu-fused": ["model.mlp_gelu=fused"],
     "cuda-graphs": ["train.compile_mode=reduce-overhead"],
     "sdpa-cudnn": ["model.attn_backend=sdpa_cudnn"],
     "sdpa-flash": ["model.attn_backend=sdpa_flash"],
@@ -77,7 +79,8 @@ LEVERS: dict[str, list[str]] = {
     "host-checks": ["train.sync_free=false"],
     "max-autotune": ["train.compile_mode=max-autotune"],
 }
-_CUDA_ONLY = {"teacher-bf16", "cuda-graphs", "sdpa-cudnn", "sdpa-flash", "flash-attn", "host-checks", "max-autotune"}
+_CUDA_ONLY = {"teacher-bf16", "residual-bf16", "gelu-fused", "cuda-graphs", "sdpa-cudnn", "sdpa-flash", "flash-attn",
+              "host-checks", "max-autotune"}
 _DEFAULT_LEVERS = [name for name in LEVERS if name != "max-autotune"]  # minutes of autotuning: ask for it
 
 

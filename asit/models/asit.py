@@ -271,6 +271,8 @@ def build_asit(
     cls_token_std: float = 0.02,
     pos_embed_fit: str = "bicubic",
     init: str | None = None,
+    residual_dtype: str = "fp32",
+    mlp_gelu: str = "separate",
 ) -> StudentTeacher:
     """Build the student (drop path as given, with reconstruction head) and its teacher
     (drop path 0, no reconstruction head), initialised to the same weights.
@@ -285,6 +287,8 @@ def build_asit(
         init: ``None`` (random initialisation) or an ImageNet ViT to start the backbone from, as a
             timm model name or a checkpoint file (:func:`asit.models.load_imagenet_init`); the
             teacher starts from the same weights.
+        residual_dtype, mlp_gelu: numerics switches of :func:`asit.models.build_backbone` (student and teacher
+            alike; no parameter changes).
     """
     if isinstance(preset, str):
         if preset not in VIT_PRESETS:
@@ -292,6 +296,7 @@ def build_asit(
         vit_kwargs = dict(VIT_PRESETS[preset])
     else:
         vit_kwargs = dict(preset)
+    vit_kwargs.update(residual_dtype=residual_dtype, mlp_gelu=mlp_gelu)
     head_kwargs = dict(
         out_cls=out_cls,
         out_tokens=out_tokens,

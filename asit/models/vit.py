@@ -11,6 +11,16 @@ memory-efficient kernels on CUDA; ``attn_backend="sdpa_flash"`` or ``"sdpa_cudnn
 With ``attn_backend="flash_attn"`` each block's attention calls ``flash_attn.flash_attn_qkvpacked_func``
 instead, for CUDA fp16/bf16 inputs; ``"naive"`` materialises the attention matrix as DINO's ViT (the
 authors' code) does.
+
+Two numerics switches of :func:`build_backbone`, both off by default and neither changing a parameter (a
+checkpoint loads whatever their values): ``residual_dtype="bf16"`` keeps the residual stream in bf16 under
+bf16 autocast (the tokens are cast once after the positional embedding, each block's LayerNorms take and
+return bf16 with fp32 statistics, so the residual adds stay bf16; without it autocast's fp32 LayerNorms turn
+the stream fp32 at every block); the final norm still returns fp32 as before. ``mlp_gelu="fused"`` makes the
+MLP's GELU the tanh form and, where no gradient is taken (the teacher's forward, evaluation) on CUDA, runs
+``fc1`` + GELU as one cuBLASLt GEMM with its GELU epilogue (``torch._addmm_activation``); with a gradient
+``fc1`` and the tanh GELU run separately, since the epilogue does not return the pre-activation that the
+GELU's backward needs (recomputing it costs a GEMM, more than the elementwise pass saved).
 """
 
 from __future__ import annotations
@@ -20,20 +30,28 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
+from timm.layers import Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 __all__ = [
     "ATTN_BACKENDS",
     "VIT_PRESETS",
+    "BF16StreamCast",
+    "BF16StreamLayerNorm",
+    "FP32LayerNorm",
     "FlashAttnAttention",
+    "GeluTanhMlp",
+    "MLP_GELUS",
     "NaiveAttention",
     "POS_EMBED_FITS",
+    "RESIDUAL_DTYPES",
     "SdpaKernelAttention",
     "build_backbone",
     "encode",
     "fit_pos_embed",
     "flash_attn_available",
+    "linear_gelu_tanh",
     "resolve_attn_backend",
     "token_grid",
 ]
@@ -47,6 +65,10 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn", "sdpa_flash", "sdpa_cudnn", "naive")
 
 POS_EMBED_FITS = ("resample", "crop", "bicubic")
+
+RESIDUAL_DTYPES = ("fp32", "bf16")
+
+MLP_GELUS = ("separate", "fused")
 
 
 def flash_attn_available() -> bool:
@@ -168,6 +190,75 @@ class SdpaKernelAttention(Attention):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
+def _bf16_autocast(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+
+
+class BF16StreamCast(nn.Module):
+    """Casts the token stream to bf16 once, where it enters the blocks (the backbone's ``norm_pre`` slot,
+    after the positional embedding), when bf16 autocast is on for its device; otherwise the identity. No
+    parameters: the state dict is the plain backbone's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, D]
+        if x.dtype == torch.float32 and _bf16_autocast(x.device.type):
+            return x.to(torch.bfloat16)
+        return x
+
+
+class BF16StreamLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that keeps a bf16 input in bf16: outside autocast's fp32 rule, with its weight and
+    bias cast to bf16; the statistics are accumulated in fp32 inside the kernel. Other inputs go through
+    ``nn.LayerNorm`` as usual. Same parameters and names (only ever swapped in for an existing instance)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return super().forward(x)
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in and returning fp32 whatever the input's dtype and autocast: the final norm
+    after a bf16 stream, so the heads get fp32 tokens as with the default stream (CUDA autocast runs LayerNorm
+    in fp32 anyway; the CPU's would return bf16). Same parameters and names as ``nn.LayerNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``GELU_tanh(x·Wᵀ + b)`` for ``x`` ``[..., In]``, ``weight`` ``[Out, In]``, ``bias`` ``[Out]``.
+
+    On CUDA without a gradient to take, one GEMM with cuBLASLt's GELU epilogue (``torch._addmm_activation``,
+    whose CUDA GELU is the tanh form; on the CPU it computes the exact GELU, so it is not used there). With
+    a gradient, the GEMM and ``F.gelu(approximate="tanh")`` separately: ``_addmm_activation`` has no
+    derivative and does not return the pre-activation the GELU's backward reads."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if x.is_cuda and not needs_grad:
+        return _gelu_epilogue(x, weight, bias)
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def _gelu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x·Wᵀ + b`` with ``torch._addmm_activation``'s GELU (cuBLASLt's epilogue on CUDA: the tanh form)."""
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class GeluTanhMlp(Mlp):
+    """timm ``Mlp`` (``fc1``, GELU, ``fc2``) whose ``fc1`` + GELU is :func:`linear_gelu_tanh`: the tanh GELU,
+    fused into the GEMM where no gradient is taken on CUDA. Same parameters and names as timm's ``Mlp``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, D]
+        x = linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
 def _swap_attention(attn: Attention, backend: str) -> None:
     """Give ``attn`` (timm's ``Attention``) the forward of ``backend``: same parameters, other class."""
     attn.fused_attn = True  # timm reads TIMM_FUSED_ATTN from the environment; we always want the SDPA path
@@ -197,6 +288,8 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     attn_backend: str = "sdpa",
     cls_token_std: float = 0.02,
+    residual_dtype: str = "fp32",
+    mlp_gelu: str = "separate",
 ) -> VisionTransformer:
     """Build the ViT encoder (timm ``VisionTransformer``, no classifier, no pooling).
 
@@ -210,9 +303,19 @@ def build_backbone(
             ``"sdpa_cudnn"`` (SDPA held to that kernel on CUDA) or ``"naive"`` (:class:`NaiveAttention`).
         cls_token_std: std of the truncated normal the [CLS] token starts from: 0.02 as the
             authors' (DINO's) ViT, 1e-6 as timm's.
+        residual_dtype: ``"fp32"`` (autocast's own rules: the stream turns fp32 at each LayerNorm) or
+            ``"bf16"`` (under bf16 autocast the stream stays bf16: :class:`BF16StreamCast` in ``norm_pre``,
+            :class:`BF16StreamLayerNorm` as each block's norms; the final ``norm`` returns fp32 as before,
+            :class:`FP32LayerNorm`).
+        mlp_gelu: ``"separate"`` (timm's ``Mlp``, exact GELU) or ``"fused"`` (:class:`GeluTanhMlp`: tanh GELU,
+            fused into ``fc1``'s GEMM where no gradient is taken on CUDA).
     """
     if not cls_token_std > 0:
         raise ValueError(f"cls_token_std must be > 0, got {cls_token_std}")
+    if residual_dtype not in RESIDUAL_DTYPES:
+        raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype!r}")
+    if mlp_gelu not in MLP_GELUS:
+        raise ValueError(f"mlp_gelu must be one of {MLP_GELUS}, got {mlp_gelu!r}")
     backend = resolve_attn_backend(attn_backend)
     model = VisionTransformer(
         img_size=tuple(img_size),
@@ -234,6 +337,15 @@ def build_backbone(
         nn.init.trunc_normal_(model.cls_token, std=cls_token_std)
     for block in model.blocks:
         _swap_attention(block.attn, backend)
+        if residual_dtype == "bf16":
+            block.norm1.__class__ = block.norm2.__class__ = BF16StreamLayerNorm
+        if mlp_gelu == "fused":
+            if type(block.mlp) is not Mlp or not isinstance(block.mlp.act, nn.GELU):
+                raise TypeError(f"mlp_gelu='fused' expects timm's Mlp with GELU, got {block.mlp}")
+            block.mlp.__class__ = GeluTanhMlp
+    if residual_dtype == "bf16":
+        model.norm_pre = BF16StreamCast()  # timm's norm_pre is an Identity without pre_norm
+        model.norm.__class__ = FP32LayerNorm
     return model
 
 

@@ -191,9 +191,12 @@ class Pretrainer:
             recon_hidden=m.recon_hidden, recon_out=m.recon_out,
             attn_backend="naive" if authors and m.attn_backend == "auto" else m.attn_backend,
             cls_token_std=m.cls_token_std, pos_embed_fit=m.local_pos_embed, init=m.init,
+            residual_dtype=m.residual_dtype, mlp_gelu=m.mlp_gelu,
         ).to(self.device)
-        if t.teacher_bf16 and self.precision != "bf16":
-            raise ValueError(f"train.teacher_bf16=true needs bf16 precision, not {self.precision}")
+        for key, on in (("train.teacher_bf16=true", t.teacher_bf16), ("model.residual_dtype=bf16",
+                                                                    m.residual_dtype == "bf16")):
+            if on and self.precision != "bf16":
+                raise ValueError(f"{key} needs bf16 precision, not {self.precision}")
         self.pair.configure_ema(t.ema if t.ema != "auto" else "per_tensor" if authors else "foreach",
                                 teacher_dtype=torch.bfloat16 if t.teacher_bf16 else None)
         torch.manual_seed(self.cfg.train.seed + self.dist.rank)

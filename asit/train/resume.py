@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 # logged and checkpointed, guard thresholds, and speed settings that keep the batches and the maths (up to float
 # rounding). A change of any other key is listed in a warning (data order, schedules, objective or numerics).
 # Not free: train.sync_free (its GMML sampler draws blocks with a fixed candidate budget, so other masks from
-# the same generator) and train.compile / compile_mode (Inductor draws drop-path's random numbers its own way).
+# the same generator), train.compile / compile_mode (Inductor draws drop-path's random numbers its own way) and
+# model.mlp_gelu (the tanh GELU differs from the exact one by up to 5e-4: another function, not a rounding).
 RESUME_FREE_KEYS = frozenset({
     "name", "train.output_dir", "train.log_every", "train.progress", "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes",
     "train.keep_last", "train.keep_every_steps", "train.keep_every_epochs", "train.auto_resume",
     "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite",
     "data.max_bad_fraction", "data.num_workers", "data.batch_ring", "data.fbank_on", "data.cache_dir",
-    "model.attn_backend",
+    "model.attn_backend", "model.residual_dtype", "train.ema", "train.teacher_bf16",
     # the probe monitor only reads the teacher, its RNG use set aside
     "eval.probe_manifest", "eval.every_epochs", "eval.knn_k", "eval.knn_temperature", "eval.linear_folds",
 })
