@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
 from asit.atomic_io import atomic_write_text
 from asit.config import Config, config_to_dict, rename_old_keys
-from asit.models import VIT_PRESETS, ASiTModel, StudentTeacher, build_asit
+from asit.models import VIT_PRESETS, StudentTeacher, build_asit
 from asit.ops import expected_gmml_blocks, gmml_corrupt, gmml_shortfall, sample_gmml_blocks
 
 from .bad_data import BadDataTally, batch_usable
@@ -56,27 +55,12 @@ from .resume import (
 )
 from .run_dir import check_run_dir, claim_run_dir
 from .schedules import cosine_schedule, teacher_temp_schedule
+from .student_step import StudentStep
 from .visualize import save_reconstruction_grid
 
 __all__ = ["Pretrainer"]
 
 log = logging.getLogger(__name__)
-
-
-class _StudentStep(nn.Module):
-    """What DDP wraps: the student applied to the corrupted global views and (v2) the clean local
-    views, in one forward so DDP sees one graph per step."""
-
-    def __init__(self, student: ASiTModel) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, corrupted: torch.Tensor, local_views: torch.Tensor | None = None):
-        out = self.student(corrupted)
-        local_cls = None
-        if local_views is not None:
-            local_cls = self.student(local_views, with_recon=False)["cls_logits"]
-        return out, local_cls
 
 
 class Pretrainer:
@@ -202,7 +186,7 @@ class Pretrainer:
         torch.manual_seed(self.cfg.train.seed + self.dist.rank)
         self.student = self.pair.student
         self.teacher = self.pair.teacher
-        step_module = _StudentStep(self.student)
+        step_module = StudentStep(self.student)
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             step_module = DDP(step_module, device_ids=device_ids)
