@@ -3,12 +3,25 @@
 When a row fits one tile (K ≤ 2,048, the local head) the forward is one pass: a program walks a
 run of ``ROWS``-row tiles, reads each student and teacher element once, writes the per-row loss
 and the gradient ``(softmax(s/τs) - p)/τs``, and keeps the column sums of its raw teacher logits
-in registers, written once as a partial row ``[K]``. Wider rows (the global head) are split along
-K so that 128 rows still give every SM work: each (row tile, split) program reduces its columns
-with an online softmax to five per-row statistics, and a second kernel combines the splits into
-the loss and, when a gradient is wanted, re-reads its columns to write the gradient. The partial
-column sums are reduced by a small kernel in a fixed order, so ``teacher_sum`` is deterministic
-(no atomics).
+in registers, written once as a partial row ``[K]``. A second kernel sums those partial rows on a
+2-D grid (32-column blocks × groups of 16 partial rows, enough programs to fill the GPU): each
+program writes its group's sum, and the last group of a column block to finish (an atomic ticket)
+adds the group sums in group order.
+
+Wider rows (the global head) are split along K into tiles of at most 16 rows, sized so that even
+128 × 8,192 makes 1,024 programs. Program (row tile, split) reduces its columns with an online
+softmax to five per-row statistics and writes the partial column sums of its tile's rows; the
+last split of a row tile to finish combines the splits' statistics into the loss and the per-row
+softmax statistics, and the last row tile of a split to finish sums that split's partial columns
+in row-tile order. When a gradient is wanted, a second kernel re-reads the inputs and writes it
+from those statistics. (With more than ``SPLIT_FUSED_SUM_MAX_PARTS`` row tiles the partial columns
+go to the column-sum kernel instead.)
+
+Every sum runs in a fixed order whichever program finishes last, so ``teacher_sum``, the loss and
+the gradient are run-to-run identical (the tickets decide only who adds, never the order). The
+ticket counters are int32s kept per device between calls, zero on entry and reset by the program
+that used them; launches on one stream run one after another, so two forwards running concurrently
+on different streams of one device would share them, which the ops never do.
 
 The backward multiplies the stored gradient, in place, by the upstream per-row gradient; the row
 weights and the mean's denominator live in that per-row gradient (the final reduction over
@@ -146,6 +159,8 @@ def _distill_ce_split_stats_kernel(
             z_t = alpha * z_t + tl.sum(w * z_t_j, axis=1)
             m_s = m_s_new
             m_t = m_t_new
+        z_s = tl.where(row_ok, z_s, 1.0)  # rows past the end: no log(0) or 0/0, even in masked lanes
+        z_t = tl.where(row_ok, z_t, 1.0)
         tl.store(loss_ptr + rows, tl.log(z_s) - u / z_t, mask=row_ok)
         final = stats_ptr + n_splits * 5 * n_rows + rows
         tl.store(final, m_s, mask=row_ok)
@@ -328,10 +343,13 @@ def _unit_col_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` int32 ticket counters of the device (zero between launches), kept between calls."""
+    """At least ``n`` int32 ticket counters of the device (zero between launches), kept between calls.
+
+    1,024 at first: every design shape's launches fit, so the buffer is not regrown during a CUDA-graph capture.
+    """
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(64, next_power_of_2(n)), dtype=torch.int32, device=device)
+        counters = _COUNTERS[device] = torch.zeros(max(1024, next_power_of_2(n)), dtype=torch.int32, device=device)
     return counters
 
 

@@ -26,6 +26,7 @@ _spec.loader.exec_module(kernel_report)
 RULES = ("no_spills", "two_blocks_per_sm", "fills_gpu")
 
 # (op, shape prefix, dtype or None for both, kernel, rule) -> why the launch cannot meet the rule yet.
+# Empty: every hot launch at the design shapes meets the three rules on sm_90.
 KNOWN: dict[tuple[str, str, str | None, str, str], str] = {}
 
 
