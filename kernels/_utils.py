@@ -80,13 +80,6 @@ def elementwise_blocks(n: int) -> tuple[int, int, int, int]:
     return block, tiles, cdiv(n_blocks, tiles), max(1, min(8, block // 256))
 
 
-def row_blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
-    """``(ROWS, BLOCK_K)`` for row-wise kernels: a ``ROWS × BLOCK_K`` tile of at most ``MAX_TILE``."""
-    block_k = pow2_block(n_cols, max_block=4096)
-    rows = max(1, min(MAX_TILE // block_k, next_power_of_2(max(n_rows, 1)), 8))
-    return rows, block_k
-
-
 # Row kernels whose whole row fits one tile (one pass over the data): widest row, elements per
 # program tile, and how many programs the row tiles are dealt to (each program walks a contiguous
 # run of tiles and keeps one per-column partial sum, so the partials stay few).
@@ -111,29 +104,60 @@ def one_pass_blocks(n_rows: int, n_cols: int) -> tuple[int, int, int, int, int]:
 
 # Split-K row kernels: row tiles × splits should reach this many programs (a full wave of 6-8 blocks on 132 SMs).
 SPLIT_TARGET_PROGRAMS = 1024
+# Split-K tiles hold at most 16 rows: the per-row-tile partial column sums are 1/16 of the teacher's rows.
+SPLIT_ROWS = 16
+# Split path: up to this many row tiles, the last program of each split sums the partial column sums
+# itself (inside the statistics kernel); more row tiles go to the separate column-sum kernel.
+SPLIT_FUSED_SUM_MAX_PARTS = 64
 
 
-def split_k_blocks(n_rows: int, n_cols: int) -> tuple[int, int, int, int, int]:
+def grid_tile_blocks(n_rows: int, n_cols: int, *, target: int = SPLIT_TARGET_PROGRAMS,
+                     min_tile: int = 1024) -> tuple[int, int, int]:
+    """``(ROWS, BLOCK_K, num_warps)``: a tile of at most ``SPLIT_ROWS`` rows for kernels that cover an
+    ``n_rows × n_cols`` matrix with a 2-D grid of tiles.
+
+    The tile holds 4,096 elements (16 a thread on 8 warps) when the matrix has at least ``target`` such
+    tiles, otherwise fewer, down to ``min_tile`` (still on 8 warps), so that a small matrix (128 × 8,192)
+    still spreads over ``target`` programs.
+    """
+    n_rows, n_cols = max(n_rows, 1), max(n_cols, 1)
+    per_program = max(1, n_rows * n_cols // target)
+    tile = min(ONE_PASS_TILE, max(min_tile, 1 << (per_program.bit_length() - 1)))
+    rows = min(SPLIT_ROWS, next_power_of_2(n_rows))
+    block_k = min(ONE_PASS_MAX_K, tile // rows, next_power_of_2(n_cols))
+    return rows, block_k, max(1, min(8, rows * block_k * 8 // min_tile))
+
+
+def split_k_blocks(n_rows: int, n_cols: int, *, target: int = SPLIT_TARGET_PROGRAMS,
+                   min_tile: int = 1024) -> tuple[int, int, int, int, int]:
     """``(ROWS, BLOCK_K, splits, split_cols, num_warps)`` for a row kernel whose rows do not fit one tile.
 
-    Tiles of ``ROWS × BLOCK_K`` = 4,096 elements on 8 warps (16 a thread); K is cut into ``splits``
-    ranges of ``split_cols`` columns (whole chunks) when the row tiles alone are fewer than
-    ``SPLIT_TARGET_PROGRAMS``.
+    Tiles from :func:`grid_tile_blocks`; K is cut into ``splits`` ranges of ``split_cols`` columns (whole
+    chunks of ``BLOCK_K``) when the row tiles alone are fewer than ``target``.
     """
-    block_k = pow2_block(n_cols, max_block=ONE_PASS_MAX_K)
-    rows = max(1, min(ONE_PASS_TILE // block_k, next_power_of_2(max(n_rows, 1))))
+    rows, block_k, warps = grid_tile_blocks(n_rows, n_cols, target=target, min_tile=min_tile)
     chunks = cdiv(max(n_cols, 1), block_k)
-    splits = min(chunks, next_power_of_2(cdiv(SPLIT_TARGET_PROGRAMS, cdiv(max(n_rows, 1), rows))))
+    splits = min(chunks, next_power_of_2(cdiv(target, cdiv(max(n_rows, 1), rows))))
     split_cols = cdiv(chunks, splits) * block_k
-    return rows, block_k, cdiv(max(n_cols, 1), split_cols), split_cols, max(1, min(8, rows * block_k // 512))
+    return rows, block_k, cdiv(max(n_cols, 1), split_cols), split_cols, warps
 
 
-def column_sum_blocks(n_parts: int, n_cols: int) -> tuple[int, int, int]:
-    """``(ROWS, BLOCK_K, num_warps)`` for summing ``n_parts`` partial rows: narrow column strips
-    (32 columns, one 128-byte line a row) so that more programs share the reduction."""
+# The split path's gradient kernel and the backward's scaling: 2,048 programs of at least 512 elements (2 a
+# thread on 8 warps). Those kernels need few registers, so 8 blocks share an SM: 1,056 fill 132 SMs.
+GRAD_TARGET_PROGRAMS = 2048
+GRAD_MIN_TILE = 512
+
+
+def column_sum_blocks(n_parts: int, n_cols: int) -> tuple[int, int, int, int]:
+    """``(ROWS, BLOCK_K, groups, num_warps)`` for summing ``n_parts`` partial rows of ``n_cols`` columns.
+
+    A 2-D grid of ``cdiv(n_cols, BLOCK_K) × groups`` programs, each summing one group of ``ROWS``
+    partial rows over 32 columns (one 128-byte line a row) with 2 elements a thread, so that the 948 ×
+    1,024 partials of the local head make 1,920 programs: more than the 132 × 8 resident slots.
+    """
     block_k = pow2_block(n_cols, max_block=32)
-    rows = max(1, min(2048 // block_k, next_power_of_2(max(n_parts, 1))))
-    return rows, block_k, num_warps_for(rows * block_k)
+    rows = max(1, min(512 // block_k, next_power_of_2(max(n_parts, 1))))
+    return rows, block_k, cdiv(max(n_parts, 1), rows), max(1, min(8, rows * block_k // 64))
 
 
 # GMML painter: boxes per chunk (the inner dimension of its int8 matrix product; 32 at least).

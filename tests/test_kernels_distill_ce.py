@@ -105,10 +105,52 @@ def test_noncontiguous_inputs_and_2d_center(device, seed, poison):
     torch.testing.assert_close(out.teacher_sum, ref.teacher_sum, rtol=1e-5, atol=1e-5)
 
 
-def test_no_grad_path_matches(device, seed, poison):
-    student, teacher, center = _inputs(3, 300, torch.float32, device)
+@pytest.mark.parametrize("n,k", [(3, 300), (5, 2500)])  # one pass; split K (the loss from the statistics kernel)
+def test_no_grad_path_matches(n, k, device, seed, poison):
+    student, teacher, center = _inputs(n, k, torch.float32, device)
     with torch.no_grad():
         out = centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04, backend="triton")
     ref = centered_softmax_cross_entropy_reference(student.detach(), teacher, center, 0.1, 0.04)
     torch.testing.assert_close(out.loss, ref.loss, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(out.teacher_sum, ref.teacher_sum, rtol=1e-5, atol=1e-5)
+
+
+# (n, k, SPLIT_ROWS or None, SPLIT_FUSED_SUM_MAX_PARTS or None, the column-sum path it must take)
+SUM_PATHS = [
+    (70, 1000, None, None, "column_sum_kernel"),  # one pass: 18 partial rows in 2 groups of 16
+    (20, 2100, None, None, "distill_ce_split_stats_kernel"),  # split: 2 row tiles x 33 splits, fused sum
+    (20, 2100, 1, 4, "column_sum_kernel"),  # split, 20 one-row tiles: the separate sum, 2 groups
+]
+
+
+@pytest.mark.parametrize("n,k,split_rows,fused_max,summed_by", SUM_PATHS)
+def test_teacher_sum_deterministic_across_row_groups(n, k, split_rows, fused_max, summed_by, monkeypatch, seed,
+                                                     poison):
+    """Teacher column sums reduced over several row groups / row tiles: float64-exact to the tolerance of
+    fp32 sums, and bitwise identical (with the loss and gradient) on a second call; the ticket counters
+    are back at zero after each call."""
+    import asit_kernels._utils as utils
+    import asit_kernels.distill_ce as ce
+
+    if split_rows is not None:
+        monkeypatch.setattr(utils, "SPLIT_ROWS", split_rows)
+        monkeypatch.setattr(ce, "SPLIT_FUSED_SUM_MAX_PARTS", fused_max)
+    student, teacher, center = _inputs(n, k, torch.float32, "cpu")
+    student = student.detach()
+    temps = torch.tensor(0.1), torch.tensor(0.04)
+    _, launches = ce.distill_ce_forward_launches(student, teacher, center, *temps)
+    names = [launch.kernel.fn.__name__.strip("_") for launch in launches]
+    assert summed_by in names and ("column_sum_kernel" in names) == (summed_by == "column_sum_kernel"), names
+    sums = next(launch for launch in launches if launch.kernel.fn.__name__.strip("_") == summed_by)
+    assert sums.grid[-1] > 1, sums.grid  # several groups (column sum) or several splits (fused sum)
+
+    first = ce.distill_ce_forward(student, teacher, center, *temps)
+    assert not ce._COUNTERS[student.device].any()
+    second = ce.distill_ce_forward(student, teacher, center, *temps)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), f"seed={seed}"
+    ref = centered_softmax_cross_entropy_reference(student.double(), teacher.double(), center.double(), 0.1, 0.04,
+                                                   reduction="none")
+    torch.testing.assert_close(first[1].double(), teacher.double().sum(0), rtol=1e-5, atol=1e-4,
+                               msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(first[0].double(), ref.loss, rtol=2e-5, atol=2e-5, msg=lambda m: f"seed={seed}: {m}")
