@@ -10,7 +10,8 @@ against 228 KB on sm_90 / 164 KB on sm_80, 32 blocks and 2,048 threads per SM) a
 covers the SMs (132 on an H100 SXM, 108 on an A100). ``min MB`` counts every tensor argument of a
 launch read or written once; ``floor µs`` is that traffic at 3.0 TB/s. ``op MB`` is the minimal traffic
 of the whole op call the launch belongs to, from the byte formulas below (:func:`distill_ce_bytes`,
-:func:`masked_l1_bytes`, :func:`gmml_bytes`, :func:`gmml_sample_bytes`), which ``bench/test_bench_ops.py`` imports for its GB/s.
+:func:`masked_l1_bytes`, :func:`gmml_bytes`, :func:`gmml_sample_bytes`), which ``bench/test_bench_ops.py``
+imports for its GB/s.
 
     python bench/kernel_report.py [--arch 90 80] [--hot] [--json rows.json]
 
