@@ -28,11 +28,14 @@ from ._utils import Launch, cdiv, new_output, next_power_of_2, run_launches
 
 # Tile of the first-cover kernel: BLOCK_R rows × up to BLOCK_C columns of one sample, against
 # BLOCK_M boxes at a time: 4 pixels × 8 boxes a thread on 4 warps (48 registers on sm_90, 10 blocks
-# per SM; 16 boxes a step doubles the registers for the same instructions per test).
+# per SM; 16 boxes a step take 56 registers for about the same instructions per comparison).
 FIRST_COVER_ROWS = 8
 FIRST_COVER_COLS = 64
 FIRST_COVER_BOXES = 8
 FIRST_COVER_WARPS = 4
+# Largest M whose histogram a first-cover program builds with tl.histogram (bins = next power of two
+# >= M; a tile has 512 pixels); past it, each pixel adds itself to its sample's histogram with an atomic.
+HIST_MAX_BINS = 1024
 # Prefix kernel: histogram bins per step of its running sum.
 PREFIX_BLOCK = 1024
 
@@ -51,7 +54,7 @@ def _gmml_first_cover_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BINS: tl.constexpr,  # next power of two >= M
+    BINS: tl.constexpr,  # next power of two >= M; 0: one atomic per pixel instead of a tile histogram
 ):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -83,9 +86,14 @@ def _gmml_first_cover_kernel(
         pix = b * height * width + rows[:, None] * width + cols[None, :]
         tl.store(first_ptr + pix, first.to(first_ptr.dtype.element_ty), mask=ok)
     counted = ok & (first < n_boxes)
-    hist = tl.histogram(tl.reshape(first, [BLOCK_R * BLOCK_C]), BINS, mask=tl.reshape(counted, [BLOCK_R * BLOCK_C]))
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(hist_ptr + b * n_boxes + bins, hist, mask=(bins < n_boxes) & (hist > 0), sem="relaxed")
+    if BINS > 0:
+        hist = tl.histogram(tl.reshape(first, [BLOCK_R * BLOCK_C]), BINS,
+                            mask=tl.reshape(counted, [BLOCK_R * BLOCK_C]))
+        bins = tl.arange(0, BINS)
+        tl.atomic_add(hist_ptr + b * n_boxes + bins, hist, mask=(bins < n_boxes) & (hist > 0), sem="relaxed")
+    else:
+        ones = tl.full([BLOCK_R, BLOCK_C], 1, dtype=tl.int32)
+        tl.atomic_add(hist_ptr + b * n_boxes + first, ones, mask=counted, sem="relaxed")
 
 
 # count(b) = 1 + #{ j < M : Σ_{i <= j} hist(b, i) < need(b) }   (M + 1: all M boxes fall short)
@@ -126,13 +134,15 @@ def gmml_prefix_launches(boxes: torch.Tensor, need: torch.Tensor, height: int, w
     first = new_output((b, height, width) if store_first else (0,), first_cover_dtype(m), boxes.device)
     hist = torch.zeros((b, max(m, 1)), dtype=torch.int32, device=boxes.device)
     block_c = min(FIRST_COVER_COLS, max(16, next_power_of_2(width)))
+    bins = max(32, next_power_of_2(m))
+    bins = bins if bins <= HIST_MAX_BINS else 0
     launches = []
     if b > 0:
         launches.append(Launch(_gmml_first_cover_kernel,
                                (b, cdiv(height, FIRST_COVER_ROWS), cdiv(width, block_c)),
                                (boxes.contiguous(), first, hist, height, width, m),
                                dict(STORE_FIRST=store_first, BLOCK_R=FIRST_COVER_ROWS, BLOCK_C=block_c,
-                                    BLOCK_M=FIRST_COVER_BOXES, BINS=max(32, next_power_of_2(m)),
+                                    BLOCK_M=FIRST_COVER_BOXES, BINS=bins,
                                     num_warps=FIRST_COVER_WARPS)))
         launches.append(Launch(_gmml_prefix_kernel, (b,), (hist, need.contiguous(), count, m),
                                dict(BLOCK_K=min(PREFIX_BLOCK, max(32, next_power_of_2(m))), num_warps=4)))

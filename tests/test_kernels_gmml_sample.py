@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from asit_kernels import first_cover_dtype, gmml_prefix
+from asit_kernels import first_cover_dtype, gmml_prefix, gmml_sample
 
 from asit.ops import sample_gmml_blocks
 from asit.ops._triton import gmml_prefix_triton
@@ -70,7 +70,12 @@ def test_first_cover_and_counts_brute_force(m, clipped, device, seed, poison):
 
 @pytest.mark.parametrize("m", [7, 40])
 @pytest.mark.parametrize("align", [1, 3])
-def test_counts_equal_shortest_prefix(m, align, device, seed, poison):
+@pytest.mark.parametrize("tile_histogram", [True, False])
+def test_counts_equal_shortest_prefix(m, align, tile_histogram, device, seed, poison, monkeypatch):
+    """Counts equal the PyTorch search's, with the tile histogram and (as for budgets past
+    ``HIST_MAX_BINS``) with one atomic per pixel."""
+    if not tile_histogram:
+        monkeypatch.setattr(gmml_sample, "HIST_MAX_BINS", 16)
     b = 6
     boxes = _random_boxes(b, m, device, clipped=True, align=align)  # int64, as the sampler's draws
     need = torch.rand(b, device=device) * (H * W)
