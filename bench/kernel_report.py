@@ -10,7 +10,8 @@ against 228 KB on sm_90 / 164 KB on sm_80, 32 blocks and 2,048 threads per SM) a
 covers the SMs (132 on an H100 SXM, 108 on an A100). ``min MB`` counts every tensor argument of a
 launch read or written once; ``floor µs`` is that traffic at 3.0 TB/s. ``op MB`` is the minimal traffic
 of the whole op call the launch belongs to, from the byte formulas below (:func:`distill_ce_bytes`,
-:func:`masked_l1_bytes`, :func:`gmml_bytes`), which ``bench/test_bench_ops.py`` imports for its GB/s.
+:func:`masked_l1_bytes`, :func:`gmml_bytes`, :func:`gmml_sample_bytes`), which ``bench/test_bench_ops.py``
+imports for its GB/s.
 
     python bench/kernel_report.py [--arch 90 80] [--hot] [--json rows.json]
 
@@ -60,7 +61,7 @@ GLOBAL_ROWS, GLOBAL_KS = VIEWS * BATCH, (8192, 65536)
 GMML_BUDGET = 256  # gmml.candidate_budget: box slots per sample
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # One-program epilogues of a hot op: reported, but not held to the occupancy and grid rules.
-EPILOGUES: set[str] = set()
+EPILOGUES: set[str] = {"gmml_prefix_kernel"}  # one program per sample: a running sum over its histogram
 META = torch.device("meta")
 
 
@@ -100,6 +101,13 @@ def gmml_bytes(batch: int, channels: int, height: int, width: int, itemsize: int
     pixels = batch * channels * height * width
     return (2 * pixels * itemsize + batch * height * width + 4 * batch * (height // patch) * (width // patch)
             + 16 * batch * box_slots + 9 * batch)
+
+
+def gmml_sample_bytes(batch: int, box_slots: int = GMML_BUDGET, box_itemsize: int = 8) -> int:
+    """GMML sampling's prefix search: the candidate boxes (int64 as drawn) and the fp32 targets read, the
+    int64 counts written. The kernels' per-sample histogram (int32, zeroed, added to, read) is counted too:
+    the search cannot do without one."""
+    return batch * box_slots * 4 * box_itemsize + 4 * batch + 8 * batch + 3 * 4 * batch * box_slots
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,7 @@ def design_cases() -> list[Case]:
     """Every op call of a training step at the design shapes, fp32 and bf16."""
     import asit_kernels.distill_ce as ce
     import asit_kernels.gmml as gmml
+    import asit_kernels.gmml_sample as sample
     import asit_kernels.masked_l1 as l1
 
     cases = []
@@ -207,6 +216,13 @@ def design_cases() -> list[Case]:
 
         cases.append(Case("gmml", f"{BATCH}x1x{FRAMES}x{MELS}", dname, True, gmml_fwd,
                           gmml_bytes(BATCH, 1, FRAMES, MELS, dtype.itemsize, PATCH)))
+
+    def gmml_sample():  # the sampler's draws are int64 and its targets fp32 whatever the model's dtype
+        boxes = _meta((BATCH, GMML_BUDGET, 4), torch.int64)
+        return sample.gmml_prefix_launches(boxes, _meta((BATCH,), torch.float32), FRAMES, MELS)[1]
+
+    cases.append(Case("gmml sample (prefix)", f"{BATCH}x{FRAMES}x{MELS} budget {GMML_BUDGET}", "int64", True,
+                      gmml_sample, gmml_sample_bytes(BATCH)))
     return cases
 
 

@@ -12,6 +12,9 @@ What each case records (pytest-benchmark ``extra_info``; ``bench/results.py`` tu
   whose total exceeds the L2 cache (at least 4 copies and ``ROTATE_BYTES``), so no call finds its
   inputs in L2. Where a call cannot be captured (the eager GMML reference reads a count back to the
   host), ``GRAPH_CALLS`` calls are queued between CUDA events instead; ``device_method`` says which.
+  ``gmml_sample`` (``sample_gmml_blocks(..., budget=256)``: the eager binary search against the
+  Triton prefix kernels, one dtype) is always timed so: it draws from its own ``torch.Generator``,
+  and the eager search is a few hundred small launches whose host cost is the point of the comparison.
 - ``device_gbps``: the op's minimal bytes (``bytes``, from the formulas in ``bench/kernel_report.py``)
   over ``device_ms``, next to ``copy_gbps``, a device-to-device copy of ``COPY_BYTES`` timed the same
   way in the same run (read + write bytes), and ``copy_frac``, their ratio.
@@ -60,6 +63,7 @@ COPY_BYTES = 2**30
 VIEW = (kr.VIEWS * kr.BATCH, 1, kr.FRAMES, kr.MELS)
 CASES = [
     ("gmml", (kr.BATCH, 1, kr.FRAMES, kr.MELS) if CUDA else (8, 1, kr.FRAMES, kr.MELS)),
+    ("gmml_sample", (kr.BATCH, kr.FRAMES, kr.MELS) if CUDA else (8, kr.FRAMES, kr.MELS)),
     ("masked_l1", VIEW if CUDA else (8, 1, kr.FRAMES, kr.MELS)),
     ("ce_local", (kr.LOCAL_ROWS, kr.LOCAL_K) if CUDA else (1024, kr.LOCAL_K)),
     ("ce_global", (kr.GLOBAL_ROWS, kr.GLOBAL_KS[0]) if CUDA else (16, kr.GLOBAL_KS[0])),
@@ -67,6 +71,7 @@ CASES = [
 ]
 PROVIDERS = ["ref", "ref_compiled", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORWARD_ONLY = ("gmml", "gmml_sample")
 
 
 def sync(device: torch.device) -> None:
@@ -80,6 +85,9 @@ def sync(device: torch.device) -> None:
 def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """One copy of an op's inputs (the differentiated one a leaf that requires grad)."""
     gen = torch.Generator(device=device).manual_seed(seed)
+    if op == "gmml_sample":  # the sampler's state: each call draws new blocks
+        b, h, w = shape
+        return dict(generator=gen, batch=b, height=h, width=w)
     if op == "gmml":
         b, _, h, w = shape
         return dict(x=torch.randn(shape, device=device, generator=gen).to(dtype),
@@ -97,6 +105,8 @@ def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
 
 def op_bytes(op: str, shape: tuple[int, ...], inputs: dict) -> int:
     """Minimal traffic of one call (``bench/kernel_report.py``'s formulas; each input counted once)."""
+    if op == "gmml_sample":
+        return kr.gmml_sample_bytes(shape[0])
     if op == "gmml":
         x = inputs["x"]
         return kr.gmml_bytes(*x.shape, x.element_size(), kr.PATCH, inputs["blocks"].boxes.shape[1])
@@ -109,7 +119,13 @@ def op_bytes(op: str, shape: tuple[int, ...], inputs: dict) -> int:
 
 def make_call(op: str, provider: str):
     """``call(inputs)``: one forward + backward (GMML: forward), gradients reset to ``None`` first."""
-    if op == "gmml":
+    if op == "gmml_sample":
+        backend = "triton" if provider == "triton" else "reference"
+
+        def loss(generator, batch, height, width):
+            return ops.sample_gmml_blocks(batch, height, width, generator=generator, device=generator.device,
+                                          budget=kr.GMML_BUDGET, backend=backend)
+    elif op == "gmml":
         if provider == "triton":
             def loss(x, blocks):
                 return ops.gmml_corrupt(x, blocks, kr.PATCH, backend="triton")
@@ -136,7 +152,7 @@ def make_call(op: str, provider: str):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.grad = None
         out = loss(**inputs)
-        if op != "gmml":
+        if op not in FORWARD_ONLY:
             out.backward()
         return out
 
@@ -274,13 +290,16 @@ def test_bench(benchmark, op, shape, dname, provider, device, copy_bandwidth):
         pytest.skip("Triton kernels need a CUDA device (the interpreter is a correctness tool, not a benchmark)")
     if provider == "ref_compiled" and not CUDA:
         pytest.skip("torch.compile of the reference takes tens of seconds per case on a CPU; measured on CUDA")
+    if op == "gmml_sample" and (dname != "fp32" or provider == "ref_compiled"):
+        pytest.skip("sampling has no data dtype, and is timed eager against Triton")
     dtype = DTYPES[dname]
     first = make_inputs(op, shape, dtype, device, seed=0)
     copies = [first] + [make_inputs(op, shape, dtype, device, seed=i) for i in range(1, n_copies(_input_bytes(first)))]
     nbytes = op_bytes(op, shape, first)
     call = make_call(op, provider)
-    # the eager GMML reference reads the boxes back to the host: not capturable
-    ms, method = device_ms(call, copies, device, graph=not (op == "gmml" and provider != "triton"))
+    # the eager GMML reference reads the boxes back to the host: not capturable; the sampler: see the docstring
+    ms, method = device_ms(call, copies, device,
+                           graph=not ((op == "gmml" and provider != "triton") or op == "gmml_sample"))
     host = host_us(call, copies, device)
 
     def run():

@@ -9,12 +9,15 @@ autograd and ``torch.library`` registration live in ``asit.ops._triton``.
 
 from .distill_ce import distill_ce_backward, distill_ce_forward
 from .gmml import gmml_forward
+from .gmml_sample import first_cover_dtype, gmml_prefix
 from .masked_l1 import masked_l1_backward, masked_l1_forward
 
 __all__ = [
     "distill_ce_backward",
     "distill_ce_forward",
+    "first_cover_dtype",
     "gmml_forward",
+    "gmml_prefix",
     "masked_l1_backward",
     "masked_l1_forward",
 ]

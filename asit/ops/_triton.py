@@ -18,14 +18,17 @@ import torch
 from asit_kernels import (
     distill_ce_backward,
     distill_ce_forward,
+    first_cover_dtype,
     gmml_forward,
+    gmml_prefix,
     masked_l1_backward,
     masked_l1_forward,
 )
 
 from ._types import DistillCEOutput, GMMLBlocks, GMMLOutput, reduce_rows
 
-__all__ = ["centered_softmax_cross_entropy_triton", "gmml_corrupt_triton", "masked_l1_loss_triton"]
+__all__ = ["centered_softmax_cross_entropy_triton", "gmml_corrupt_triton", "gmml_prefix_triton",
+           "masked_l1_loss_triton"]
 
 
 # ---------------------------------------------------------------- GMML (forward only)
@@ -50,6 +53,27 @@ def gmml_corrupt_triton(x: torch.Tensor, blocks: GMMLBlocks, patch_size: int = 1
     Forward only: ``x`` is detached (the corrupted view is an input, not differentiated through).
     """
     return GMMLOutput(*_gmml_corrupt_op(x.detach(), blocks.boxes, blocks.alien, blocks.source, patch_size))
+
+
+# ---------------------------------------------------------------- GMML sampling (shortest covering prefix)
+
+@torch.library.custom_op("asit::gmml_prefix", mutates_args=())
+def _gmml_prefix_op(boxes: torch.Tensor, need: torch.Tensor, height: int, width: int,
+                    store_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return gmml_prefix(boxes, need, height, width, store_first)
+
+
+@_gmml_prefix_op.register_fake
+def _(boxes, need, height, width, store_first):
+    b, m, _ = boxes.shape
+    return (boxes.new_empty((b,), dtype=torch.int64),
+            boxes.new_empty((b, height, width) if store_first else (0,), dtype=first_cover_dtype(m)))
+
+
+def gmml_prefix_triton(boxes: torch.Tensor, need: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per sample, the smallest ``k`` whose first ``k`` boxes cover ``need`` pixels: int64 ``[B]`` in
+    ``[1, M + 1]``, ``M + 1`` where all ``M`` fall short (the sampler's search reports ``M`` there)."""
+    return _gmml_prefix_op(boxes, need, height, width, False)[0]
 
 
 # ---------------------------------------------------------------- masked L1

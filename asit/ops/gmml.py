@@ -113,6 +113,7 @@ def sample_gmml_blocks(
     max_rounds: int = 1024,
     allow_self_alien: bool = False,
     budget: int | None = None,
+    backend: str | None = None,
 ) -> GMMLBlocks:
     """Draw GMML blocks for a batch of ``height × width`` spectrograms.
 
@@ -123,8 +124,12 @@ def sample_gmml_blocks(
     ``align``; corners on the ``align`` grid), clipped at the border. The block that crosses the
     target is kept, so final coverage is ≥ target. Candidates are drawn for the whole batch in
     chunks of 64 per sample; each sample keeps its shortest prefix that reaches the target. On
-    a CPU that prefix is found by painting block by block, elsewhere by a vectorised binary
-    search over union areas: the same blocks for the same generator state.
+    a CPU that prefix is found by painting block by block; on CUDA by two Triton kernels (each
+    pixel's first covering candidate, then a per-sample histogram of those indices whose running
+    sum is the union area of every prefix); elsewhere by a vectorised binary search over union
+    areas: the same blocks for the same generator state. ``backend`` (``"reference"``,
+    ``"triton"`` or ``"auto"``/None: CUDA → Triton; ``ASIT_OPS_BACKEND`` overrides the default)
+    picks the kernels or the PyTorch search; the draws are the same either way.
 
     The alien source is drawn uniformly from the *other* samples (``allow_self_alien=True``
     reproduces the authors' code, which may pick the sample itself). With ``batch == 1`` there
@@ -157,6 +162,7 @@ def sample_gmml_blocks(
         raise ValueError(f"max_block_frac must be in (0, 1], got {max_block_frac}")
     device = torch.device(device) if device is not None else (
         generator.device if generator is not None else torch.device("cpu"))
+    use_triton = resolve_backend(backend, device) == "triton"
 
     alien = torch.rand(batch, generator=generator, device=device) < alien_prob
     if batch == 1:
@@ -185,30 +191,48 @@ def sample_gmml_blocks(
 
     if budget is not None:  # sync-free: a fixed number of candidates, the prefix found on the device
         candidates = draw(budget)
-        count = _shortest_prefix(candidates, need, height, width)
+        count = (_prefix_triton(candidates, need, height, width).clamp_max(budget) if use_triton
+                 else _shortest_prefix(candidates, need, height, width))
         return _trim(candidates, count, budget, alien, source, target)
 
     # Draw candidate blocks in chunks until the union of all of them reaches every target
     # (one host check per chunk), then find each sample's shortest prefix that reaches it.
-    # Both finders give the same counts from the same draws; the vectorised one suits the GPU,
-    # the sequential one (a few array operations per block) is ~10x faster on one CPU core.
-    finder = _SequentialPrefix(batch, height, width, need) if device.type == "cpu" else None
+    # The finders give the same counts from the same draws: the kernels and the vectorised search
+    # suit the GPU, the sequential one (a few array operations per block) is ~10x faster on one CPU core.
+    finder = _SequentialPrefix(batch, height, width, need) if device.type == "cpu" and not use_triton else None
     candidates = draw(min(_CHUNK, max_rounds))
-    while not (finder.update(candidates) if finder is not None
-               else bool((_union_area(candidates, None, height, width) >= need).all())):
+    while True:
+        if finder is not None:
+            done = finder.update(candidates)
+        elif use_triton:  # counts past the candidates drawn mark the samples still short of their target
+            count = _prefix_triton(candidates, need, height, width)
+            done = bool((count <= candidates.shape[1]).all())
+        else:
+            done = bool((_union_area(candidates, None, height, width) >= need).all())
+        if done:
+            break
         if candidates.shape[1] >= max_rounds:
             logger.warning("sample_gmml_blocks: max_rounds=%d reached before every sample met its target",
                            max_rounds)
             break
         candidates = torch.cat([candidates, draw(min(_CHUNK, max_rounds - candidates.shape[1]))], dim=1)
     if finder is None:
-        count = _shortest_prefix(candidates, need, height, width)  # [B] blocks each sample uses
+        # [B] blocks each sample uses
+        count = (count.clamp_max(candidates.shape[1]) if use_triton
+                 else _shortest_prefix(candidates, need, height, width))
         return _trim(candidates, count, max(int(count.max()), 1), alien, source, target)
     count = finder.counts(candidates.shape[1])
     blocks = _trim(candidates, count, max(int(count.max()), 1), alien, source, target)
     # each canvas holds exactly the blocks kept (painting stops at the block that reaches the target)
     _HANDOVER.slot = (blocks.boxes.clone(), (height, width), finder.masks)
     return blocks
+
+
+def _prefix_triton(candidates: torch.Tensor, need: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The kernels' prefix counts ``[B]`` in ``[1, M + 1]`` (``M + 1``: all ``M`` candidates fall short)."""
+    from . import _triton
+
+    return _triton.gmml_prefix_triton(candidates, need, height, width)
 
 
 def _trim(candidates: torch.Tensor, count: torch.Tensor, last: int, alien: torch.Tensor, source: torch.Tensor,
