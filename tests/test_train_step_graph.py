@@ -1,0 +1,250 @@
+"""The graph-ready step (``train.cuda_graph``, :mod:`asit.train.step_graph`).
+
+On the CPU the step runs eagerly (``StepGraph(capture=False)``): it must equal the eager sync-free step bit for
+bit (weights, teacher, centres, optimiser state, loss terms, GMML masks) and read nothing back to the host. The
+capture itself runs only on CUDA (skipped here): captured replays against the same step run eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from host_reads import HostReads
+from test_train_engine import (  # noqa: F401  (_env: module fixture, temp ASIT_CACHE and 1 thread)
+    _env,
+    _frozen_state,
+    assert_states_equal,
+    tiny_config,
+)
+
+import asit.train.engine as engine
+import asit.train.losses as losses
+from asit.config import ConfigError
+from asit.train import Pretrainer
+from asit.train.step_graph import StepGraph
+
+SYNC_FREE = ("train.sync_free=true", "optim.warmup_epochs=0")
+
+
+def _trainer(tmp_path, *extra: str, graph: bool = False) -> Pretrainer:
+    trainer = Pretrainer(tiny_config(tmp_path, *SYNC_FREE, *extra))
+    trainer.setup()
+    if graph:  # the graph-ready step, run eagerly (what a CUDA run captures)
+        trainer.step_graph = StepGraph(trainer, capture=False)
+    return trainer
+
+
+def _batches(trainer: Pretrainer, n: int) -> list[dict]:
+    out: list[dict] = []
+    while len(out) < n:
+        out += list(trainer.loader)
+    return out[:n]
+
+
+def _optimizer_state(trainer: Pretrainer) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v for i, (_, s) in enumerate(trainer.optimizer.state.items()) for k, v in s.items()}
+
+
+def _run_steps(trainer: Pretrainer, epochs: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Train one step per entry of ``epochs`` (the epoch decides the frozen last layer); per step the loss
+    terms, the flags and the GMML mask. The global RNG (drop path) is reseeded first: the trainers share it."""
+    torch.manual_seed(1)
+    record = []
+    for batch, epoch in zip(_batches(trainer, len(epochs)), epochs, strict=True):
+        captured = {}
+        corrupt = trainer._corrupt
+
+        def spy(views, corrupt=corrupt, captured=captured):
+            out = corrupt(views)
+            captured["mask"] = out[2].clone()
+            return out
+
+        trainer._corrupt = spy
+        result = trainer.train_step(batch, epoch=epoch, monitors=True)
+        del trainer._corrupt
+        record.append({**{k: v.clone() for k, v in result.terms.items()}, "flags": result.flags.clone(),
+                       **{f"monitor.{k}": v.clone() for k, v in result.monitors.items()}, **captured})
+    return record
+
+
+@pytest.mark.parametrize("extra", [(), ("train.ema=fused", "optim.clip_mode=global")])
+def test_graph_ready_step_equals_the_sync_free_step_bitwise(tmp_path, extra) -> None:
+    """Three steps (last layer frozen, then trained) of the eager sync-free step and of the graph-ready step,
+    on the same batches: the same weights, teacher, centres, AdamW state, loss terms, monitors and masks."""
+    epochs = [0, 1, 1]
+    ref, new = _trainer(tmp_path / "ref", *extra), _trainer(tmp_path / "graph", *extra, graph=True)
+    try:
+        start = _frozen_state(new)
+        want, got = _run_steps(ref, epochs), _run_steps(new, epochs)
+        for a, b in zip(want, got, strict=True):
+            assert_states_equal(b, a)
+        assert_states_equal(_frozen_state(new), _frozen_state(ref))
+        assert_states_equal(_optimizer_state(new), _optimizer_state(ref))
+        assert new.step == ref.step == 3 and new._hp == ref._hp
+        after = _frozen_state(new)
+        for key in ("s.backbone.cls_token", "t.backbone.cls_token", "c.global", "c.local"):
+            assert not torch.equal(after[key], start[key]), key  # the steps did train
+        new.guard.sync(new.step)
+        ref.guard.sync(ref.step)
+        assert new.guard.state_dict() == ref.guard.state_dict()
+        assert new.optimizer.param_groups[0]["lr"] is new.step_graph.lr  # the step read a tensor
+    finally:
+        ref.cleanup()
+        new.cleanup()
+
+
+def test_graph_ready_step_follows_the_host_step_counter(tmp_path) -> None:
+    """A step the host skips (an unusable batch) moves the schedules on for the next graph-ready step."""
+    ref, new = _trainer(tmp_path / "ref"), _trainer(tmp_path / "graph", graph=True)
+    try:
+        batches = _batches(ref, 2)
+        for t in (ref, new):
+            torch.manual_seed(1)
+            t.train_step(batches[0], epoch=1)
+            t.step += 1  # what train() does for an unusable batch
+            t.train_step(batches[1], epoch=1)
+        assert int(new.step_graph.step_t) == new.step == 3
+        assert_states_equal(_frozen_state(new), _frozen_state(ref))
+    finally:
+        ref.cleanup()
+        new.cleanup()
+
+
+def test_graph_ready_step_skips_a_nonfinite_step_on_the_device(tmp_path, monkeypatch) -> None:
+    """A NaN loss term: no update (weights, teacher, centres, AdamW state, decay), counted at the next sync."""
+    new = _trainer(tmp_path, graph=True)
+    try:
+        batches = _batches(new, 2)
+        new.train_step(batches[0], epoch=1)
+        before = _frozen_state(new)
+        adam = {k: v.clone() for k, v in _optimizer_state(new).items()}
+        forward = losses.ASiTLoss.forward
+
+        def nan_local(self, *args, **kwargs):
+            terms, stats = forward(self, *args, **kwargs)
+            terms["loss"] = terms["loss"] * float("nan")
+            terms["local"] = terms["local"] * float("nan")
+            return terms, stats
+
+        monkeypatch.setattr(losses.ASiTLoss, "forward", nan_local)
+        result = new.train_step(batches[1], epoch=1)
+        assert result.skipped and "local" in result.nonfinite
+        assert_states_equal(_frozen_state(new), before)
+        assert_states_equal(_optimizer_state(new), adam)
+        new.guard.sync(new.step)
+        assert new.guard.nonfinite_total == 1
+    finally:
+        new.cleanup()
+
+
+def test_graph_ready_step_reads_nothing_back(tmp_path, monkeypatch) -> None:
+    """Nothing in a warm graph-ready step asks the host for a value (the fused ops' CPU references excepted,
+    as in tests/test_train_sync_free.py: on CUDA they are Triton kernels)."""
+    for module, name in ((engine, "gmml_corrupt"), (losses, "centered_softmax_cross_entropy"),
+                         (losses, "masked_l1_loss")):
+        monkeypatch.setattr(module, name, HostReads.allow(getattr(module, name)))
+    new = _trainer(tmp_path, graph=True)
+    try:
+        batches = _batches(new, 2)
+        new.train_step(batches[0], epoch=1)  # first step: optimiser state is created
+        before = new.student.backbone.cls_token.detach().clone()
+        with HostReads() as reads:
+            result = new.train_step(batches[1], epoch=1)
+        assert reads.reads == []
+        assert not result.skipped
+        assert not torch.equal(new.student.backbone.cls_token, before)
+    finally:
+        new.cleanup()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("train.mode=authors",), "train.cuda_graph=true needs train.mode=fast"),
+    (("train.device=cpu",), "train.cuda_graph=true needs a CUDA device"),
+    (("train.sync_free=false",), r"train.cuda_graph=true needs the sync-free step: train.sync_free"),
+    (("train.precision=fp16",), "train.precision bf16 or fp32"),
+    (("train.compile_mode=reduce-overhead",), "train.compile_mode=reduce-overhead"),
+    (("train.compile_mode=max-autotune",), "max-autotune-no-cudagraphs"),
+])
+def test_cuda_graph_config_errors(tmp_path, extra, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        tiny_config(tmp_path, "train.cuda_graph=true", *extra)
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path) -> None:
+    """Checked again on the built trainer: the resolved device, the sync-free step and one process."""
+    if not torch.cuda.is_available():
+        cpu = Pretrainer(tiny_config(tmp_path / "a", *SYNC_FREE, "train.cuda_graph=true"))  # device auto: the CPU
+        try:
+            with pytest.raises(ValueError, match="train.cuda_graph=true needs a CUDA device"):
+                cpu.setup()
+        finally:
+            cpu.cleanup()
+    trainer = _trainer(tmp_path / "b", "train.sync_free=false")
+    try:
+        with pytest.raises(ValueError, match=r"train.cuda_graph=true needs the sync-free step"):
+            StepGraph(trainer, capture=False)
+        trainer.sync_free = True
+        trainer.dist = dataclasses.replace(trainer.dist, world_size=2)
+        with pytest.raises(ValueError, match="DDP's gradient all-reduce.*2 processes.*train.cuda_graph=false"):
+            StepGraph(trainer, capture=False)
+        trainer.dist = dataclasses.replace(trainer.dist, world_size=1)
+    finally:
+        trainer.cleanup()
+
+
+def test_cuda_graph_is_off_by_default(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    try:
+        assert trainer.cfg.train.cuda_graph is False and trainer.step_graph is None
+    finally:
+        trainer.cleanup()
+
+
+# ------------------------------------------------------------------ CUDA: the capture itself
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_) -> None:
+    """Six steps: three eager warm-up steps, a capture, three replays (one of them under
+    ``set_sync_debug_mode("error")``), against six eager graph-ready steps on the same batches: the same GMML
+    masks and, up to non-deterministic reductions, the same weights, teacher and centres; and close to the
+    eager sync-free step (which differs by the rounding of the learning rate and the decay formula)."""
+    common = ("train.device=cuda", "train.max_steps_per_epoch=6", "optim.freeze_last_layer_epochs=0",
+              f"train.compile={str(compile_).lower()}")
+    graphed = _trainer(tmp_path / "graph", *common, "train.cuda_graph=true")
+    eager = _trainer(tmp_path / "eager", *common, graph=True)
+    plain = _trainer(tmp_path / "plain", *common)
+    try:
+        assert graphed.step_graph.capture and not eager.step_graph.capture
+        steps = 6
+        masks = {}
+        for name, t in (("graph", graphed), ("eager", eager), ("plain", plain)):
+            masks[name] = []
+            for i, batch in enumerate(_batches(t, steps)):
+                if name == "graph" and i == steps - 1:
+                    batch = {k: v.to("cuda", non_blocking=True) if isinstance(v, torch.Tensor) else v
+                             for k, v in batch.items()}
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    result = t.train_step(batch, epoch=0)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                if name != "plain":
+                    masks[name].append(t.step_graph.last["mask"].clone())
+            assert not result.skipped
+        assert graphed.step_graph.replays == 3
+        for a, b in zip(masks["graph"], masks["eager"], strict=True):
+            assert torch.equal(a, b)
+        got, want, near = _frozen_state(graphed), _frozen_state(eager), _frozen_state(plain)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+            torch.testing.assert_close(got[k], near[k], rtol=1e-2, atol=1e-4, msg=k)
+        assert torch.equal(graphed.gmml_gen.get_state(), eager.gmml_gen.get_state())
+        assert torch.equal(graphed.gmml_gen.get_state(), plain.gmml_gen.get_state())
+    finally:
+        for t in (graphed, eager, plain):
+            t.cleanup()
