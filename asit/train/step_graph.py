@@ -93,6 +93,8 @@ class StepGraph:
                 group["weight_decay"] = 0.0  # applied by the step, from a tensor
                 decay += group["params"]
         self.decay_params = decay
+        # the warm-up steps run uncaptured on purpose: no "capturable=True outside a capture" warning for them
+        trainer.optimizer._warned_capturable_if_run_uncaptured = True
         self.stream = torch.cuda.Stream(device) if self.capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: dict[str, Any] | None = None  # the captured step's outputs (static: rewritten by each replay)
@@ -100,7 +102,7 @@ class StepGraph:
         self.warm = 0  # eager steps done for this key
         self.shapes: tuple | None = None  # the batch shape the graph is captured for (the first batch's)
         self.static: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.replays = 0
+        self.replays = self.captures = 0
         self.last: dict[str, Any] | None = None  # the last step's outputs (for tests)
 
     # ------------------------------------------------------------------ the step
@@ -155,7 +157,7 @@ class StepGraph:
         """The graph-ready step run eagerly (on the side stream when capturing later)."""
         views = views.to(self.device, non_blocking=True)
         local = None if local is None else local.to(self.device, non_blocking=True)
-        if not self.capture:
+        if self.stream is None:
             return self._body(views, local, frozen)
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
@@ -174,15 +176,20 @@ class StepGraph:
         static_local = None if local is None else local.to(self.device).clone()
         self.static = (static_views, static_local)
         tr.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients from the graph's pool
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(tr.gmml_gen)  # each replay draws from its current offset
-        # thread_local: the loader's pin-memory thread may allocate while the step is being captured
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            out = self._body(static_views, static_local, frozen)
-        self.graph, self.out = graph, out
+        self.graph, self.out = self._record(frozen)
+        self.captures += 1
         log.info("train.cuda_graph: step %d captured as a CUDA graph (last layer %s)", tr.step + 1,
                  "frozen" if frozen else "trained")
+
+    def _record(self, frozen: bool) -> tuple[Any, dict[str, Any]]:
+        """Capture :meth:`_body` on the static buffers: the graph and its (static) outputs. Nothing runs."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.trainer.gmml_gen)  # each replay draws from its current offset
+        # thread_local: the loader's pin-memory thread may allocate while the step is being captured
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            out = self._body(*self.static, frozen)
+        return graph, out
 
     def _body(self, views: torch.Tensor, local: torch.Tensor | None, frozen: bool) -> dict[str, Any]:
         """The sync-free step with device hyperparameters: no host read, no Python decision on a value."""
