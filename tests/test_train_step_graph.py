@@ -270,8 +270,8 @@ def test_cuda_graph_is_off_by_default(tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
 @pytest.mark.parametrize("compile_", [False, True])
 def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_) -> None:
-    """Six steps: three eager warm-up steps, a capture, three replays (one of them under
-    ``set_sync_debug_mode("error")``), against six eager graph-ready steps on the same batches: the same GMML
+    """Five steps: two eager warm-up steps, then three replays of the graph captured at step 3 (the last under
+    ``set_sync_debug_mode("error")``), against five eager graph-ready steps on the same batches: the same GMML
     masks and, up to non-deterministic reductions, the same weights, teacher and centres; and close to the
     eager sync-free step (which differs by the rounding of the learning rate and the decay formula)."""
     common = ("train.device=cuda", "train.max_steps_per_epoch=6", "optim.freeze_last_layer_epochs=0",
@@ -281,7 +281,7 @@ def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_) ->
     plain = _trainer(tmp_path / "plain", *common)
     try:
         assert graphed.step_graph.capture and not eager.step_graph.capture
-        steps = 6
+        steps = 5
         masks = {}
         for name, t in (("graph", graphed), ("eager", eager), ("plain", plain)):
             torch.manual_seed(1)  # drop path draws from the default generator, which the trainers share
@@ -304,8 +304,8 @@ def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_) ->
             assert torch.equal(a, b)
         got, want, near = _frozen_state(graphed), _frozen_state(eager), _frozen_state(plain)
         for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
-            torch.testing.assert_close(got[k], near[k], rtol=1e-2, atol=1e-4, msg=k)
+            torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)
+            torch.testing.assert_close(got[k], near[k], rtol=1e-2, atol=2e-4, msg=k)
         assert torch.equal(graphed.gmml_gen.get_state(), eager.gmml_gen.get_state())
         assert torch.equal(graphed.gmml_gen.get_state(), plain.gmml_gen.get_state())
     finally:

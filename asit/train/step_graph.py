@@ -45,7 +45,7 @@ __all__ = ["StepGraph"]
 
 log = logging.getLogger(__name__)
 
-_WARMUP_STEPS = 3  # eager steps before a capture: kernels compiled, optimiser state created, allocator warm
+_WARMUP_STEPS = 2  # eager steps before a capture: kernels compiled and tuned, optimiser state created
 
 
 class StepGraph:
