@@ -69,7 +69,8 @@ def _run_steps(trainer: Pretrainer, epochs: list[int]) -> list[dict[str, torch.T
     return record
 
 
-@pytest.mark.parametrize("extra", [(), ("train.ema=fused", "optim.clip_mode=global")])
+@pytest.mark.parametrize("extra", [(), ("train.ema=fused", "optim.clip_mode=global"),
+                                   ("data.local_views=2", "loss.global_pairs=v2", "train.precision=bf16")])
 def test_graph_ready_step_equals_the_sync_free_step_bitwise(tmp_path, extra) -> None:
     """Three steps (last layer frozen, then trained) of the eager sync-free step and of the graph-ready step,
     on the same batches: the same weights, teacher, centres, AdamW state, loss terms, monitors and masks."""
