@@ -29,7 +29,9 @@ SYNC_FREE = ("train.sync_free=true", "optim.warmup_epochs=0")
 
 
 def _trainer(tmp_path, *extra: str, graph: bool = False) -> Pretrainer:
-    trainer = Pretrainer(tiny_config(tmp_path, *SYNC_FREE, *extra))
+    """A sync-free tiny trainer, on the CPU unless ``extra`` says ``train.device=cuda`` (bitwise comparisons need
+    the CPU's kernels, even on a GPU machine)."""
+    trainer = Pretrainer(tiny_config(tmp_path, *SYNC_FREE, "train.device=cpu", *extra))
     trainer.setup()
     if graph:  # the graph-ready step, run eagerly (what a CUDA run captures)
         trainer.step_graph = StepGraph(trainer, capture=False)
