@@ -19,6 +19,7 @@ from test_train_engine import (  # noqa: F401  (_env: module fixture, temp ASIT_
     tiny_config,
 )
 
+import asit.data.fbank as fbank
 import asit.train.engine as engine
 import asit.train.losses as losses
 from asit.config import ConfigError
@@ -72,7 +73,8 @@ def _run_steps(trainer: Pretrainer, epochs: list[int]) -> list[dict[str, torch.T
 
 
 @pytest.mark.parametrize("extra", [(), ("train.ema=fused", "optim.clip_mode=global"),
-                                   ("data.local_views=2", "loss.global_pairs=v2", "train.precision=bf16")])
+                                   ("data.local_views=2", "loss.global_pairs=v2", "train.precision=bf16"),
+                                   ("data.fbank_on=device", "data.local_views=2", "loss.global_pairs=v2")])
 def test_graph_ready_step_equals_the_sync_free_step_bitwise(tmp_path, extra) -> None:
     """Three steps (last layer frozen, then trained) of the eager sync-free step and of the graph-ready step,
     on the same batches: the same weights, teacher, centres, AdamW state, loss terms, monitors and masks."""
@@ -142,15 +144,18 @@ def test_graph_ready_step_skips_a_nonfinite_step_on_the_device(tmp_path, monkeyp
         new.cleanup()
 
 
-def test_graph_ready_step_reads_nothing_back(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("fbank_on", ["loader", "device"])
+def test_graph_ready_step_reads_nothing_back(tmp_path, monkeypatch, fbank_on) -> None:
     """Nothing in a warm graph-ready step asks the host for a value (the fused ops' CPU references excepted,
-    as in tests/test_train_sync_free.py: on CUDA they are Triton kernels)."""
+    as in tests/test_train_sync_free.py: on CUDA they are Triton kernels), the fbank on the device included."""
     for module, name in ((engine, "gmml_corrupt"), (losses, "centered_softmax_cross_entropy"),
                          (losses, "masked_l1_loss")):
         monkeypatch.setattr(module, name, HostReads.allow(getattr(module, name)))
-    new = _trainer(tmp_path, graph=True)
+    monkeypatch.setattr(fbank, "_NUMPY_ON_CPU", False)  # the pure-torch fbank that CUDA runs
+    new = _trainer(tmp_path, f"data.fbank_on={fbank_on}", graph=True)
     try:
         batches = _batches(new, 2)
+        assert ("waves" in batches[1]) == (fbank_on == "device")
         new.train_step(batches[0], epoch=1)  # first step: optimiser state is created
         before = new.student.backbone.cls_token.detach().clone()
         with HostReads() as reads:
@@ -205,7 +210,7 @@ class _FakeGraph:
         self.owner, self.frozen = owner, frozen
 
     def replay(self) -> None:
-        new = self.owner._body(*self.owner.static, self.frozen)
+        new = self.owner._body(self.owner.static, self.frozen)
         if self.owner.out is None:
             self.owner.out = new
         else:
@@ -231,16 +236,19 @@ class _SimulatedCapture(StepGraph):
         return _FakeGraph(self, frozen), None
 
 
-def test_capture_bookkeeping_keeps_the_step_exact(tmp_path) -> None:
+@pytest.mark.parametrize("fbank_on", ["loader", "device"])
+def test_capture_bookkeeping_keeps_the_step_exact(tmp_path, fbank_on) -> None:
     """Eight steps through the capture logic (warm-up 2; the last layer frozen in epoch 0; step 4's batch one clip
     short, so eager) equal the eager sync-free step bit for bit; the results stay valid after later replays."""
     epochs = [0, 0, 0, 0, 1, 1, 1, 1]
-    ref, new = _trainer(tmp_path / "ref"), _trainer(tmp_path / "graph")
+    extra = (f"data.fbank_on={fbank_on}",)
+    ref, new = _trainer(tmp_path / "ref", *extra), _trainer(tmp_path / "graph", *extra)
     try:
         new.step_graph = _SimulatedCapture(new, capture=False, warmup_steps=2)
         new.step_graph.capture = True  # the capture path, with _record faked
         batches = _batches(ref, len(epochs))
-        batches[3] = {**batches[3], "views": batches[3]["views"][:-1]}  # an unusable clip dropped
+        key = "waves" if fbank_on == "device" else "views"  # the graph's input buffer
+        batches[3] = {**batches[3], key: batches[3][key][:-1]}  # an unusable clip dropped
         results = {}
         for name, t in (("ref", ref), ("graph", new)):
             torch.manual_seed(1)
@@ -253,7 +261,7 @@ def test_capture_bookkeeping_keeps_the_step_exact(tmp_path) -> None:
         sg = new.step_graph
         # steps 1-2 warm-up, 3 captured, 4 eager (shape), 5-6 warm-up again (last layer trained), 7 captured, 8
         assert (sg.captures, sg.replays) == (2, 3)
-        assert sg.static[0].shape == batches[0]["views"].shape
+        assert list(sg.static) == [key] and sg.static[key].shape == batches[0][key].shape
     finally:
         ref.cleanup()
         new.cleanup()
@@ -271,14 +279,14 @@ def test_cuda_graph_is_off_by_default(tmp_path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
-@pytest.mark.parametrize("compile_", [False, True])
-def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_) -> None:
+@pytest.mark.parametrize("compile_, fbank_on", [(False, "device"), (False, "loader"), (True, "device")])
+def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_, fbank_on) -> None:
     """Five steps: two eager warm-up steps, then three replays of the graph captured at step 3 (the last under
     ``set_sync_debug_mode("error")``), against five eager graph-ready steps on the same batches: the same GMML
     masks and, up to non-deterministic reductions, the same weights, teacher and centres; and close to the
     eager sync-free step (which differs by the rounding of the learning rate and the decay formula)."""
     common = ("train.device=cuda", "train.max_steps_per_epoch=6", "optim.freeze_last_layer_epochs=0",
-              f"train.compile={str(compile_).lower()}")
+              f"train.compile={str(compile_).lower()}", f"data.fbank_on={fbank_on}")
     graphed = _trainer(tmp_path / "graph", *common, "train.cuda_graph=true")
     eager = _trainer(tmp_path / "eager", *common, graph=True)
     plain = _trainer(tmp_path / "plain", *common)
@@ -302,7 +310,7 @@ def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_) ->
                 if name != "plain":
                     masks[name].append(t.step_graph.last["mask"].clone())
             assert not result.skipped
-        assert graphed.step_graph.replays == 3
+        assert (graphed.step_graph.captures, graphed.step_graph.replays) == (1, 3)
         for a, b in zip(masks["graph"], masks["eager"], strict=True):
             assert torch.equal(a, b)
         got, want, near = _frozen_state(graphed), _frozen_state(eager), _frozen_state(plain)

@@ -13,7 +13,8 @@ eager sync-free step:
   the fused kernel takes the decay as a host number only.
 - GMML draws from the trainer's generator, registered with the graph, so each replay draws fresh numbers
   from the generator's current offset: the same masks, in the same order, as the eager step draws.
-- The batch is copied into static buffers before each replay; a batch of another shape (clips dropped as
+- The batch (its views, or with ``data.fbank_on=device`` its waveform crops: the fbank is then part of the
+  graph) is copied into static buffers before each replay; a batch of another shape (clips dropped as
   unusable) runs the same step eagerly. The loss terms and flags come back as one packed tensor, cloned
   after a replay, so a :class:`~.guard.StepResult` stays valid after the next replay.
 
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from asit.data.ring import resolve_ring_refs
+
 from .guard import StepResult
 from .loaders import batch_views
 from .metrics import collapse_monitors
@@ -45,6 +48,7 @@ __all__ = ["StepGraph"]
 
 log = logging.getLogger(__name__)
 
+_INPUTS = ("views", "local_views", "waves", "local_waves")  # what the step reads from a batch (static buffers)
 _WARMUP_STEPS = 2  # eager steps before a capture: kernels compiled and tuned, optimiser state created
 
 
@@ -100,8 +104,8 @@ class StepGraph:
         self.out: dict[str, Any] | None = None  # the captured step's outputs (static: rewritten by each replay)
         self.key: bool | None = None  # the captured step's "last layer frozen"
         self.warm = 0  # eager steps done for this key
-        self.shapes: tuple | None = None  # the batch shape the graph is captured for (the first batch's)
-        self.static: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.shapes: tuple | None = None  # the batch shapes the graph is captured for (the first batch's)
+        self.static: dict[str, torch.Tensor] | None = None  # the graph's input buffers
         self.replays = self.captures = 0
         self.last: dict[str, Any] | None = None  # the last step's outputs (for tests)
 
@@ -110,12 +114,10 @@ class StepGraph:
         """One optimisation step on a collated batch, as :meth:`Pretrainer.train_step` (same arguments and
         result): eager for the warm-up steps and for a batch of another shape, a graph replay otherwise."""
         tr = self.trainer
-        batch = batch_views(batch, tr.cfg.data, self.device)
-        views = batch["views"]
-        local = batch.get("local_views")
-        local = local if local is not None and local.numel() > 0 else None
+        batch = resolve_ring_refs(batch)
+        inputs = {k: batch[k] for k in _INPUTS if isinstance(batch.get(k), torch.Tensor) and batch[k].numel() > 0}
         frozen = epoch < tr.cfg.optim.freeze_last_layer_epochs
-        shapes = (tuple(views.shape), None if local is None else tuple(local.shape))
+        shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
         if self.shapes is None:
             self.shapes = shapes
         if self._device_step != tr.step:  # a step skipped on the host (unusable batch), a resume, the start
@@ -123,16 +125,14 @@ class StepGraph:
         if self.capture and self.key != frozen:  # the frozen last layer ends: a new graph
             self.graph, self.out, self.key, self.warm = None, None, frozen, 0
         if not self.capture or shapes != self.shapes or self.warm < self.warmup_steps:
-            out = self._eager(views, local, frozen)
+            out = self._eager(inputs, frozen)
             self.warm += shapes == self.shapes
             packed = out["packed"]
         else:
             if self.graph is None:
-                self._capture(views, local, frozen)
-            static_views, static_local = self.static
-            static_views.copy_(views, non_blocking=True)
-            if static_local is not None:
-                static_local.copy_(local, non_blocking=True)
+                self._capture(inputs, frozen)
+            for k, buffer in self.static.items():
+                buffer.copy_(inputs[k], non_blocking=True)
             self.graph.replay()
             self.replays += 1
             out = self.out
@@ -153,28 +153,24 @@ class StepGraph:
         tr.step += 1
         return result
 
-    def _eager(self, views: torch.Tensor, local: torch.Tensor | None, frozen: bool) -> dict[str, Any]:
+    def _eager(self, inputs: dict[str, torch.Tensor], frozen: bool) -> dict[str, Any]:
         """The graph-ready step run eagerly (on the side stream when capturing later)."""
-        views = views.to(self.device, non_blocking=True)
-        local = None if local is None else local.to(self.device, non_blocking=True)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         if self.stream is None:
-            return self._body(views, local, frozen)
+            return self._body(inputs, frozen)
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        for x in (views, local):
-            if x is not None:
-                x.record_stream(self.stream)
+        for x in inputs.values():
+            x.record_stream(self.stream)
         with torch.cuda.stream(self.stream):
-            out = self._body(views, local, frozen)
+            out = self._body(inputs, frozen)
         current.wait_stream(self.stream)
         return out
 
-    def _capture(self, views: torch.Tensor, local: torch.Tensor | None, frozen: bool) -> None:
+    def _capture(self, inputs: dict[str, torch.Tensor], frozen: bool) -> None:
         """Capture the step on the side stream into a new graph, with static input buffers holding this batch."""
         tr = self.trainer
-        static_views = views.to(self.device).clone()
-        static_local = None if local is None else local.to(self.device).clone()
-        self.static = (static_views, static_local)
+        self.static = {k: v.to(self.device).clone() for k, v in inputs.items()}
         tr.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients from the graph's pool
         self.graph, self.out = self._record(frozen)
         self.captures += 1
@@ -188,12 +184,15 @@ class StepGraph:
         graph.register_generator_state(self.trainer.gmml_gen)  # each replay draws from its current offset
         # thread_local: the loader's pin-memory thread may allocate while the step is being captured
         with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            out = self._body(*self.static, frozen)
+            out = self._body(self.static, frozen)
         return graph, out
 
-    def _body(self, views: torch.Tensor, local: torch.Tensor | None, frozen: bool) -> dict[str, Any]:
-        """The sync-free step with device hyperparameters: no host read, no Python decision on a value."""
+    def _body(self, inputs: dict[str, torch.Tensor], frozen: bool) -> dict[str, Any]:
+        """The sync-free step with device hyperparameters, from the batch's tensors on the device (with
+        ``data.fbank_on=device`` the fbank is part of it): no host read, no Python decision on a value."""
         tr = self.trainer
+        batch = batch_views(inputs, tr.cfg.data, self.device)  # waveform crops → views
+        views, local = batch["views"], batch.get("local_views")
         opt = tr.cfg.optim
         i = self.step_t.clamp(max=tr.total_steps - 1).reshape(1)
         lr, wd, momentum, temp = self.schedules.index_select(1, i).reshape(4).unbind(0)  # float64
