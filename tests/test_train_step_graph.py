@@ -8,14 +8,18 @@ capture itself runs only on CUDA (skipped here): captured replays against the sa
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
 from host_reads import HostReads
 from test_train_engine import (  # noqa: F401  (_env: module fixture, temp ASIT_CACHE and 1 thread)
+    STEPS_PER_EPOCH,
     _env,
     _frozen_state,
     assert_states_equal,
+    read_log,
+    run,
     tiny_config,
 )
 
@@ -24,6 +28,7 @@ import asit.train.engine as engine
 import asit.train.losses as losses
 from asit.config import ConfigError
 from asit.train import Pretrainer
+from asit.train.checkpoint import load_checkpoint
 from asit.train.step_graph import StepGraph
 
 SYNC_FREE = ("train.sync_free=true", "optim.warmup_epochs=0")
@@ -265,6 +270,52 @@ def test_capture_bookkeeping_keeps_the_step_exact(tmp_path, fbank_on) -> None:
     finally:
         ref.cleanup()
         new.cleanup()
+
+
+class _GraphReadyPretrainer(Pretrainer):
+    """Trains with the graph-ready step run eagerly (what ``train.cuda_graph`` captures on CUDA)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.step_graph = StepGraph(self, capture=False)
+
+
+def test_graph_ready_training_run_equals_the_sync_free_run_and_resumes(tmp_path) -> None:
+    """Two epochs through ``train()`` (logging, monitors, checkpoints, the epoch picture, the frozen last layer
+    ending): the same log and checkpoint as the sync-free run; and a run resumed from its mid-run checkpoint
+    (written with a tensor learning rate) ends the same with or without the graph-ready step."""
+    common = (*SYNC_FREE, "train.device=cpu", "train.checkpoint_every_steps=2", "train.keep_every_steps=2")
+    cfg = {name: tiny_config(tmp_path / name, *common) for name in ("plain", "graph", "resumed")}
+    for name, cls in (("plain", Pretrainer), ("graph", _GraphReadyPretrainer)):
+        torch.manual_seed(1)
+        run(cls(cfg[name]))
+    logged = [[{k: v for k, v in r.items() if k not in ("samples_per_s", "time")} for r in read_log(tmp_path / d)]
+              for d in ("plain", "graph")]
+    assert logged[0] == logged[1] and len(logged[0]) >= 2 * STEPS_PER_EPOCH
+    last = f"checkpoint_{2 * STEPS_PER_EPOCH:09d}.pt"
+    ref, got = (load_checkpoint(tmp_path / d / "checkpoints" / last) for d in ("plain", "graph"))
+    for key in ("student", "teacher", "loss"):
+        assert_states_equal(got[key], ref[key])
+    for k in ref["optimizer"]["state"]:
+        assert_states_equal(got["optimizer"]["state"][k], ref["optimizer"]["state"][k])
+    assert torch.is_tensor(got["optimizer"]["param_groups"][0]["lr"])
+    assert torch.equal(got["rng"]["gmml"], ref["rng"]["gmml"])
+    # resume the graph-ready run's step-2 checkpoint with the plain step: the plain run's end
+    shutil.copytree(tmp_path / "graph", tmp_path / "resumed", dirs_exist_ok=True)
+    for f in (tmp_path / "resumed" / "checkpoints").glob("checkpoint_*"):
+        if not f.name.startswith("checkpoint_000000002"):
+            f.unlink()
+    (tmp_path / "resumed" / "config.yaml").write_text((tmp_path / "graph" / "config.yaml").read_text())
+    resumed = Pretrainer(cfg["resumed"], resume=True)
+    resumed.setup()
+    try:
+        assert resumed.step == 2
+        resumed.train()
+    finally:
+        resumed.cleanup()
+    end = load_checkpoint(tmp_path / "resumed" / "checkpoints" / last)
+    for key in ("student", "teacher", "loss"):
+        assert_states_equal(end[key], ref[key])
 
 
 def test_cuda_graph_is_off_by_default(tmp_path) -> None:
