@@ -13,9 +13,13 @@ eager sync-free step:
   the fused kernel takes the decay as a host number only.
 - GMML draws from the trainer's generator, registered with the graph, so each replay draws fresh numbers
   from the generator's current offset: the same masks, in the same order, as the eager step draws.
+- The first ``warmup_steps`` steps (and as many again when the frozen last layer starts training: a second
+  graph) run eagerly on a side stream; the next one is captured on it and every later one replays it. The
+  default generator (drop path) is registered with the graph by the capture itself.
 - The batch (its views, or with ``data.fbank_on=device`` its waveform crops: the fbank is then part of the
-  graph) is copied into static buffers before each replay; a batch of another shape (clips dropped as
-  unusable) runs the same step eagerly. The loss terms and flags come back as one packed tensor, cloned
+  graph) is copied into static buffers before each replay, from the host through staging buffers on a side
+  stream (the transfer overlaps the previous replay); a batch of another shape (clips dropped as unusable)
+  runs the same step eagerly. The loss terms and flags come back as one packed tensor, cloned
   after a replay, so a :class:`~.guard.StepResult` stays valid after the next replay.
 
 On the CPU the hyperparameter tensors are float64, which the CPU kernels read exactly as they read a Python
@@ -99,7 +103,10 @@ class StepGraph:
         self.decay_params = decay
         # the warm-up steps run uncaptured on purpose: no "capturable=True outside a capture" warning for them
         trainer.optimizer._warned_capturable_if_run_uncaptured = True
-        self.stream = torch.cuda.Stream(device) if self.capture else None
+        self.stream = torch.cuda.Stream(device) if self.capture else None  # warm-up and capture
+        self.copy_stream = torch.cuda.Stream(device) if self.capture else None  # host batches into staging buffers
+        self.staging: dict[str, torch.Tensor] = {}
+        self._staging_free: torch.cuda.Event | None = None  # the last staging → static copy is done
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: dict[str, Any] | None = None  # the captured step's outputs (static: rewritten by each replay)
         self.key: bool | None = None  # the captured step's "last layer frozen"
@@ -131,8 +138,7 @@ class StepGraph:
         else:
             if self.graph is None:
                 self._capture(inputs, frozen)
-            for k, buffer in self.static.items():
-                buffer.copy_(inputs[k], non_blocking=True)
+            self._fill(inputs)
             self.graph.replay()
             self.replays += 1
             out = self.out
@@ -152,6 +158,29 @@ class StepGraph:
                   "momentum": float(tr.momentum_sched[i]), "teacher_temp": float(tr.temp_sched[i])}
         tr.step += 1
         return result
+
+    def _fill(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Copy this batch into the graph's input buffers. A batch in (pinned) host memory goes to staging
+        buffers on a side stream first, so its transfer overlaps the previous replay, which still reads the
+        input buffers; one device copy then moves it in, ordered before this replay."""
+        on_host = [k for k, v in inputs.items() if v.device != self.device]
+        if self.copy_stream is None or not on_host:
+            for k, buffer in self.static.items():
+                buffer.copy_(inputs[k], non_blocking=True)
+            return
+        current = torch.cuda.current_stream(self.device)
+        for k in on_host:
+            if k not in self.staging:
+                self.staging[k] = torch.empty_like(self.static[k])
+        with torch.cuda.stream(self.copy_stream):
+            if self._staging_free is not None:  # the previous batch has left the staging buffers
+                self.copy_stream.wait_event(self._staging_free)
+            for k in on_host:
+                self.staging[k].copy_(inputs[k], non_blocking=True)
+        current.wait_stream(self.copy_stream)
+        for k, buffer in self.static.items():
+            buffer.copy_(self.staging[k] if k in on_host else inputs[k], non_blocking=True)
+        self._staging_free = current.record_event()
 
     def _eager(self, inputs: dict[str, torch.Tensor], frozen: bool) -> dict[str, Any]:
         """The graph-ready step run eagerly (on the side stream when capturing later)."""
