@@ -163,7 +163,7 @@ class StepGraph:
         """Copy this batch into the graph's input buffers. A batch in (pinned) host memory goes to staging
         buffers on a side stream first, so its transfer overlaps the previous replay, which still reads the
         input buffers; one device copy then moves it in, ordered before this replay."""
-        on_host = [k for k, v in inputs.items() if v.device != self.device]
+        on_host = [k for k, v in inputs.items() if v.device.type == "cpu"]
         if self.copy_stream is None or not on_host:
             for k, buffer in self.static.items():
                 buffer.copy_(inputs[k], non_blocking=True)
