@@ -199,6 +199,10 @@ class TrainConfig:
     # counters read back at log intervals, checkpoints and epoch ends. None: on in fast mode on CUDA
     # unless fp16 (whose loss scaler reads its overflow flag on the host). false: check every step.
     sync_free: bool | None = None
+    # The whole sync-free step (GMML, forwards, losses, backward, clipping, AdamW, EMA, centres, guard) captured
+    # as one CUDA graph after a few eager warm-up steps and replayed (asit.train.step_graph). Needs CUDA, fast
+    # mode, sync-free, bf16/fp32, one process, a compile_mode without its own CUDA graphs. Off by default.
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -520,6 +524,17 @@ def _validate(cfg: Config) -> None:
          "train.sync_free=true needs train.precision bf16 or fp32: fp16's loss scaler reads its overflow flag "
          "on the host"),
     ]
+    if t.cuda_graph:
+        checks += [
+            (t.mode == "fast", "train.cuda_graph=true needs train.mode=fast (the authors' step reads back every step)"),
+            (t.device != "cpu", "train.cuda_graph=true needs a CUDA device, not train.device=cpu"),
+            (t.sync_free is not False, "train.cuda_graph=true needs the sync-free step: train.sync_free=true or null"),
+            (t.precision != "fp16", "train.cuda_graph=true needs train.precision bf16 or fp32 (not fp16: its loss "
+             "scaler reads its overflow flag on the host)"),
+            (t.compile_mode not in ("reduce-overhead", "max-autotune"),
+             f"train.cuda_graph=true captures the step itself: train.compile_mode={t.compile_mode} would capture "
+             "its own CUDA graphs inside it; use default or max-autotune-no-cudagraphs"),
+        ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

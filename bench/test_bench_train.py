@@ -78,9 +78,10 @@ LEVERS: dict[str, list[str]] = {
     "flash-attn": ["model.attn_backend=flash_attn"],
     "host-checks": ["train.sync_free=false"],
     "max-autotune": ["train.compile_mode=max-autotune"],
+    "step-graph": ["train.cuda_graph=true"],  # the whole step as one CUDA graph (asit/train/step_graph.py)
 }
 _CUDA_ONLY = {"teacher-bf16", "residual-bf16", "gelu-fused", "cuda-graphs", "sdpa-cudnn", "sdpa-flash", "flash-attn",
-              "host-checks", "max-autotune"}
+              "host-checks", "max-autotune", "step-graph"}
 _DEFAULT_LEVERS = [name for name in LEVERS if name != "max-autotune"]  # minutes of autotuning: ask for it
 
 

@@ -55,6 +55,7 @@ from .resume import (
 )
 from .run_dir import check_run_dir, claim_run_dir
 from .schedules import cosine_schedule, teacher_temp_schedule
+from .step_graph import StepGraph
 from .student_step import StudentStep
 from .visualize import save_reconstruction_grid
 
@@ -115,6 +116,7 @@ class Pretrainer:
                             "checkpoint", restarts)
             self._restore()
         self.pair.refresh_teacher_copy()
+        self.step_graph = StepGraph(self) if cfg.train.cuda_graph else None  # the captured step
         if self.dist.is_main:
             claim_run_dir(cfg, resume=resuming, overwrite=self.overwrite, restarted=restarts > 0)
         self._gather(None)  # the other ranks write into the folder only after rank 0 claimed it
@@ -390,6 +392,8 @@ class Pretrainer:
             monitors: also compute the collapse monitors (teacher entropies; a host sync).
             preview: keep the first few samples for the epoch's reconstruction picture.
         """
+        if self.step_graph is not None:  # train.cuda_graph: the same step, captured (step_graph.py)
+            return self.step_graph.step(batch, epoch, monitors=monitors, preview=preview)
         hp = self._set_hyperparams()
         batch = batch_views(batch, self.cfg.data, self.device)  # waveform crops (fbank_on=device) → views
         views = batch["views"].to(self.device, non_blocking=True)
