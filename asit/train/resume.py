@@ -51,7 +51,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.keep_last", "train.keep_every_steps", "train.keep_every_epochs", "train.auto_resume",
     "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite",
     "data.max_bad_fraction", "data.num_workers", "data.batch_ring", "data.fbank_on", "data.cache_dir",
-    "model.attn_backend", "model.residual_dtype", "train.ema", "train.teacher_bf16",
+    "model.attn_backend", "model.residual_dtype", "train.ema", "train.teacher_bf16", "train.cuda_graph",
     # the probe monitor only reads the teacher, its RNG use set aside
     "eval.probe_manifest", "eval.every_epochs", "eval.knn_k", "eval.knn_temperature", "eval.linear_folds",
 })
