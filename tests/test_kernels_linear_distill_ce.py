@@ -147,6 +147,27 @@ def test_equals_unfused_op_and_default_chunks(device, seed, poison):
         torch.testing.assert_close(out.teacher_sum, full.teacher_sum, rtol=1e-5, atol=1e-4)
 
 
+def test_logits_are_made_in_chunks(device, monkeypatch):
+    """The CE kernel sees one chunk of logits at a time (never N x K), in the default chunk size when none is
+    given: 4,096 rows, fewer when a chunk's logits would pass 32 MB."""
+    from asit.ops.linear_distill_ce import default_chunk_rows
+
+    seen = []
+    real = _triton.distill_ce_forward
+
+    def spy(student, teacher, *args):
+        seen.append((tuple(student.shape), tuple(teacher.shape)))
+        return real(student, teacher, *args)
+
+    monkeypatch.setattr(_triton, "distill_ce_forward", spy)
+    h_s, h_t, weight, _, center = _inputs(torch.float32, device)
+    (_fused(h_s, h_t, weight.requires_grad_(), center, 0.1, 0.04).loss * UPSTREAM).backward()
+    assert seen == [((16, K), (16, K)), ((16, K), (16, K)), ((5, K), (5, K))]
+    assert default_chunk_rows(1024, torch.bfloat16) == 4096
+    assert default_chunk_rows(65536, torch.bfloat16) == 256  # 256 x 65,536 x 2 bytes = 32 MB
+    assert default_chunk_rows(2**26, torch.float32) == 1
+
+
 def test_only_weight_or_only_features_require_grad(device, seed):
     h_s, h_t, weight, _, center = _inputs(torch.float32, device)
     ref_h, ref_w = (_run(linear_centered_softmax_cross_entropy_reference, h_s, h_t, weight, None, center,

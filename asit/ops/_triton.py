@@ -253,6 +253,7 @@ def _linear_distill_ce_op(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Te
                     dh[r0:r1] = torch.mm(grad, w_s).float() * s
                 if grad_w:
                     dw += torch.mm(grad.t(), (hs.float() * s).to(compute_dtype))
+            del grad  # at most three [chunk, K] tiles live at once: the next chunk's logits and gradient
     return rows, reduce_rows(rows, weights, "mean"), teacher_sum, dh, dw
 
 

@@ -48,8 +48,7 @@ def logits_dtype(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor,
 
 def default_chunk_rows(k: int, dtype: torch.dtype) -> int:
     """Rows per chunk: ``MAX_CHUNK_ROWS``, fewer when a ``[rows, K]`` tile would pass ``CHUNK_BYTES``."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(k * itemsize, 1)))
+    return max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(k * dtype.itemsize, 1)))
 
 
 def linear_centered_softmax_cross_entropy_reference(
