@@ -71,9 +71,11 @@ class ASiTModel(nn.Module):
         ``token_embed [B, N, Db]`` and ``token_weight [K_tok, Db]`` (``token_logits = token_embed · token_weightᵀ``).
         """
         tokens = encode(self.backbone, x, pos_embed_fit=self.pos_embed_fit)  # [B, 1+N, D]
-        if self.token_logits if token_logits is None else token_logits:
-            cls_logits, token_logits_ = self.head(tokens)  # [B, Kc], [B, N, Kt]
-            out = dict(cls_logits=cls_logits, token_logits=token_logits_)
+        if token_logits is None:
+            token_logits = self.token_logits
+        if token_logits:
+            cls_logits, logits = self.head(tokens)  # [B, Kc], [B, N, Kt]
+            out = dict(cls_logits=cls_logits, token_logits=logits)
         else:
             cls_logits, token_embed, token_weight = self.head.features(tokens)  # [B, Kc], [B, N, Db], [Kt, Db]
             out = dict(cls_logits=cls_logits, token_embed=token_embed, token_weight=token_weight)
