@@ -140,6 +140,7 @@ class LossConfig:
     weight_recon: float = 2.0
     local_tokens: Literal["all", "corrupted"] = "all"  # "corrupted": the paper's Eq. 6
     global_pairs: Literal["v1", "v2"] = "v1"  # v2: all teacher-global × student-view pairs
+    fused_head: bool = False  # local loss with the token output layer fused in (logits never whole)
 
 
 @dataclass
@@ -514,6 +515,8 @@ def _validate(cfg: Config) -> None:
                                         or d.train_manifest.startswith("shards:"))),
          "data.batch_ring=enabled needs loader workers (data.num_workers > 0), data.backend=torch, a manifest or "
          "folder (not shards) and train.mode=fast"),
+        (not (cfg.loss.fused_head and t.mode == "authors"),
+         "loss.fused_head=true contradicts train.mode=authors (the authors' output layer, then the loss)"),
         (not (t.sync_free and t.mode == "authors"),
          "train.sync_free=true contradicts train.mode=authors (the authors' per-step pipeline)"),
         (not (t.teacher_bf16 and t.precision in ("fp32", "fp16")),

@@ -1,5 +1,8 @@
 """Forward + backward benchmarks of the fused ops: ``ref`` (eager reference), ``ref_compiled``
 (``torch.compile`` of the reference) and ``triton``, at the design shapes of ``bench/kernel_report.py``.
+The ``head_*`` cases time the output layer fused into the distillation loss
+(``linear_centered_softmax_cross_entropy``, shape ``N x D x K``): ``triton`` is the fused op (row chunks,
+cuBLAS matmuls around the CE kernel), the references make the full logits first.
 
     pytest bench/test_bench_ops.py --benchmark-json=ops.json     # ASIT_BENCH_ROWS=<csv> also appends rows
 
@@ -22,6 +25,9 @@ What each case records (pytest-benchmark ``extra_info``; ``bench/results.py`` tu
   file run as a script with ``--peak``): inputs allocated and the op warmed up, then
   ``reset_peak_memory_stats`` and ``max_memory_allocated`` minus what was allocated before the call.
   ``ASIT_BENCH_PEAK=0`` skips it.
+- ``tflops``: ``head_*`` only, the op's matmul work (``8·N·D·K``: two logit matmuls, ``dh`` and ``dW``) over
+  ``device_ms``; those cases are compute-bound, and their ``bytes`` count features, weights and gradients only
+  (the logits never need to reach memory).
 - ``host_us``: wall time per call with no synchronisation, over ``HOST_CALLS`` calls (when the device is
   the slower side, launches wait for queue slots and this approaches ``device_ms``). The benchmark's own
   rounds time one call followed by a device synchronisation.
@@ -61,6 +67,7 @@ COPY_BYTES = 2**30
 
 # (op, shape): the kernel report's design shapes on CUDA, reduced ones on CPU so the bench stays quick.
 VIEW = (kr.VIEWS * kr.BATCH, 1, kr.FRAMES, kr.MELS)
+BOTTLENECK = 256  # the projection head's bottleneck width D
 CASES = [
     ("gmml", (kr.BATCH, 1, kr.FRAMES, kr.MELS) if CUDA else (8, 1, kr.FRAMES, kr.MELS)),
     ("gmml_sample", (kr.BATCH, kr.FRAMES, kr.MELS) if CUDA else (8, kr.FRAMES, kr.MELS)),
@@ -68,6 +75,10 @@ CASES = [
     ("ce_local", (kr.LOCAL_ROWS, kr.LOCAL_K) if CUDA else (1024, kr.LOCAL_K)),
     ("ce_global", (kr.GLOBAL_ROWS, kr.GLOBAL_KS[0]) if CUDA else (16, kr.GLOBAL_KS[0])),
     ("ce_global", (kr.GLOBAL_ROWS, kr.GLOBAL_KS[1]) if CUDA else (16, kr.GLOBAL_KS[1])),
+    # the projection head's output layer + distillation loss: N x D (bottleneck) x K
+    ("head_local", (kr.LOCAL_ROWS if CUDA else 1024, BOTTLENECK, kr.LOCAL_K)),
+    ("head_global", (kr.GLOBAL_ROWS if CUDA else 16, BOTTLENECK, kr.GLOBAL_KS[1])),
+    ("head_global", (kr.GLOBAL_ROWS if CUDA else 16, BOTTLENECK, kr.GLOBAL_KS[0])),
 ]
 PROVIDERS = ["ref", "ref_compiled", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,6 +108,14 @@ def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
         return dict(pred=torch.randn(shape, device=device, generator=gen).to(dtype).requires_grad_(),
                     target=torch.randn(shape, device=device, generator=gen),
                     mask=torch.rand(mask_shape, device=device, generator=gen) < 0.5)
+    if op.startswith("head_"):  # unit-norm features and weight rows, as the weight-normalised head gives
+        n, d, k = shape
+
+        def unit(rows: int) -> torch.Tensor:
+            return torch.nn.functional.normalize(torch.randn(rows, d, device=device, generator=gen), dim=-1).to(dtype)
+
+        return dict(h_s=unit(n).requires_grad_(), h_t=unit(n), weight=unit(k).requires_grad_(), teacher_weight=unit(k),
+                    center=torch.randn(k, device=device, generator=gen))
     n, k = shape
     return dict(student=torch.randn(shape, device=device, generator=gen).to(dtype).requires_grad_(),
                 teacher=torch.randn(shape, device=device, generator=gen).to(dtype),
@@ -114,7 +133,17 @@ def op_bytes(op: str, shape: tuple[int, ...], inputs: dict) -> int:
         pred, target, mask = inputs["pred"], inputs["target"], inputs["mask"]
         return kr.masked_l1_bytes(pred.numel(), pred.element_size(), target.element_size(),
                                   mask.numel() * mask.element_size())
+    if op.startswith("head_"):
+        return head_bytes(*shape, inputs["h_s"].element_size())
     return kr.distill_ce_bytes(*shape, inputs["student"].element_size())
+
+
+def head_bytes(n: int, d: int, k: int, itemsize: int) -> int:
+    """Output layer + distillation loss, forward + backward, without the logits in memory: ``h_s``, ``h_t``,
+    ``W`` and ``W_t`` read, the fp32 centre read and teacher sums written, ``dh_s`` written, the fp32 ``dW``
+    written, and both gradients read and written once more by the backward's scaling."""
+    grads = n * d * itemsize + 4 * k * d
+    return (2 * n * d + 2 * k * d) * itemsize + 8 * k + 3 * grads
 
 
 def make_call(op: str, provider: str):
@@ -138,6 +167,15 @@ def make_call(op: str, provider: str):
                 return ops.masked_l1_loss(pred, target, mask, backend="triton")
         else:
             loss = ops.masked_l1_loss_reference
+    elif op.startswith("head_"):
+        if provider == "triton":
+            def loss(h_s, h_t, weight, teacher_weight, center):
+                return ops.linear_centered_softmax_cross_entropy(h_s, h_t, weight, center, 0.1, 0.04,
+                                                                 teacher_weight=teacher_weight, backend="triton").loss
+        else:
+            def loss(h_s, h_t, weight, teacher_weight, center):
+                return ops.linear_centered_softmax_cross_entropy_reference(h_s, h_t, weight, center, 0.1, 0.04,
+                                                                           teacher_weight=teacher_weight).loss
     elif provider == "triton":
         def loss(student, teacher, center):
             return ops.centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04, backend="triton").loss
@@ -312,6 +350,8 @@ def test_bench(benchmark, op, shape, dname, provider, device, copy_bandwidth):
                 host_us=host, bytes=nbytes, rotate=len(copies), device_method=method,
                 device=torch.cuda.get_device_name(device) if CUDA else platform.processor() or "cpu",
                 torch=torch.__version__, triton=triton.__version__)
+    if op.startswith("head_"):
+        info["tflops"] = 8 * shape[0] * shape[1] * shape[2] / (ms * 1e-3) / 1e12
     copies.clear()
     if CUDA and os.environ.get("ASIT_BENCH_PEAK", "1") != "0":
         torch.cuda.empty_cache()  # the fresh process measures its own increment, but needs the room

@@ -33,7 +33,9 @@ class ASiTModel(nn.Module):
     State-dict prefixes are ``backbone.``, ``head.`` and ``recon_head.`` (the authors' checkpoints
     use ``backbone.``, ``head.`` and ``head_recons.``). ``pos_embed_fit`` says how the positional
     embedding meets inputs of another length than the pretraining views, e.g. v2's local views
-    (:func:`asit.models.fit_pos_embed`).
+    (:func:`asit.models.fit_pos_embed`). ``token_logits=False`` makes :meth:`forward` return the data
+    tokens' bottleneck features and output weight instead of their logits, for a loss that fuses the
+    output layer (``loss.fused_head``).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ASiTModel(nn.Module):
         recon_head: ReconstructionHead | None = None,
         *,
         pos_embed_fit: str = "bicubic",
+        token_logits: bool = True,
     ) -> None:
         super().__init__()
         if pos_embed_fit not in POS_EMBED_FITS:
@@ -51,24 +54,35 @@ class ASiTModel(nn.Module):
         self.head = head
         self.recon_head = recon_head
         self.pos_embed_fit = pos_embed_fit
+        self.token_logits = token_logits
 
-    def forward(self, x: torch.Tensor, *, with_recon: bool = True) -> dict[str, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, *, with_recon: bool = True,
+                token_logits: bool | None = None) -> dict[str, torch.Tensor | None]:
         """Args:
             x: spectrograms ``[B, 1, T, F]``. ``T`` and ``F`` need not be multiples of the patch
                 size ``p``: trailing rows/columns that do not fill a patch are ignored, and the
                 reconstruction covers the floor grid only, ``T' = (T // p) * p``, ``F' = (F // p) * p``.
             with_recon: set False to skip the reconstruction head (e.g. for clean local views).
+            token_logits: None follows the model's ``token_logits`` setting.
 
-        Returns: dict with ``cls_logits [B, K_cls]``, ``token_logits [B, N, K_tok]``,
-        ``recon [B, 1, T', F']`` (None without a reconstruction head or with ``with_recon=False``)
-        and ``tokens [B, 1+N, D]`` (encoder output, [CLS] first).
+        Returns: dict with ``cls_logits [B, K_cls]``, ``recon [B, 1, T', F']`` (None without a
+        reconstruction head or with ``with_recon=False``), ``tokens [B, 1+N, D]`` (encoder output,
+        [CLS] first) and either ``token_logits [B, N, K_tok]`` or, with ``token_logits=False``,
+        ``token_embed [B, N, Db]`` and ``token_weight [K_tok, Db]`` (``token_logits = token_embed · token_weightᵀ``).
         """
         tokens = encode(self.backbone, x, pos_embed_fit=self.pos_embed_fit)  # [B, 1+N, D]
-        cls_logits, token_logits = self.head(tokens)  # [B, Kc], [B, N, Kt]
+        if token_logits is None:
+            token_logits = self.token_logits
+        if token_logits:
+            cls_logits, logits = self.head(tokens)  # [B, Kc], [B, N, Kt]
+            out = dict(cls_logits=cls_logits, token_logits=logits)
+        else:
+            cls_logits, token_embed, token_weight = self.head.features(tokens)  # [B, Kc], [B, N, Db], [Kt, Db]
+            out = dict(cls_logits=cls_logits, token_embed=token_embed, token_weight=token_weight)
         recon = None
         if with_recon and self.recon_head is not None:
             recon = self.recon_head(tokens[:, 1:], token_grid(self.backbone, x))  # [B, 1, T', F']
-        return dict(cls_logits=cls_logits, token_logits=token_logits, recon=recon, tokens=tokens)
+        return dict(out, recon=recon, tokens=tokens)
 
 
 class StudentTeacher(nn.Module):
@@ -235,6 +249,7 @@ def _build_model(
     pos_embed_fit: str,
     head_kwargs: dict,
     recon_kwargs: dict | None,
+    token_logits: bool,
 ) -> ASiTModel:
     backbone = build_backbone(
         img_size=img_size,
@@ -250,7 +265,7 @@ def _build_model(
     recon = None
     if recon_kwargs is not None:
         recon = ReconstructionHead(dim, patch_size=patch_size, in_chans=in_chans, **recon_kwargs)
-    return ASiTModel(backbone, head, recon, pos_embed_fit=pos_embed_fit)
+    return ASiTModel(backbone, head, recon, pos_embed_fit=pos_embed_fit, token_logits=token_logits)
 
 
 def build_asit(
@@ -273,6 +288,7 @@ def build_asit(
     init: str | None = None,
     residual_dtype: str = "fp32",
     mlp_gelu: str = "separate",
+    token_logits: bool = True,
 ) -> StudentTeacher:
     """Build the student (drop path as given, with reconstruction head) and its teacher
     (drop path 0, no reconstruction head), initialised to the same weights.
@@ -289,6 +305,8 @@ def build_asit(
             teacher starts from the same weights.
         residual_dtype, mlp_gelu: numerics switches of :func:`asit.models.build_backbone` (student and teacher
             alike; no parameter changes).
+        token_logits: False: both models return the data tokens' features and output weight instead of
+            their logits (:class:`ASiTModel`), for ``loss.fused_head``.
     """
     if isinstance(preset, str):
         if preset not in VIT_PRESETS:
@@ -312,6 +330,7 @@ def build_asit(
         cls_token_std=cls_token_std,
         pos_embed_fit=pos_embed_fit,
         head_kwargs=head_kwargs,
+        token_logits=token_logits,
     )
     student = _build_model(
         vit_kwargs,

@@ -119,16 +119,28 @@ class ProjectionHead(nn.Module):
         """MLP then L2-normalisation: the bottleneck features the output layers see."""
         return F.normalize(self.mlp(tokens), dim=-1, eps=1e-6)
 
+    @property
+    def token_layer(self) -> WeightNormLinear:
+        """The output layer of the data tokens (``last_layer`` when shared, v2)."""
+        return self.last_layer if self.last_layer_tokens is None else self.last_layer_tokens
+
+    def features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The head without the data tokens' output layer, for a loss that applies it itself
+        (:func:`asit.ops.linear_centered_softmax_cross_entropy`).
+
+        Returns: ``cls_logits [B, K_cls]``, ``token_embed [B, N, Db]`` (the bottleneck features) and
+        ``token_weight [K_tok, Db]`` (the effective weight of :attr:`token_layer`, with its graph to ``g``, ``v``).
+        """
+        z = self.embed(tokens)  # [B, 1+N, Db]
+        return self.last_layer(z[:, 0]), z[:, 1:], self.token_layer.weight
+
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: tokens ``[B, 1+N, D]``, [CLS] first.
 
         Returns: ``cls_logits [B, K_cls]``, ``token_logits [B, N, K_tok]``.
         """
         z = self.embed(tokens)  # [B, 1+N, Db]
-        cls_logits = self.last_layer(z[:, 0])  # [B, K_cls]
-        token_layer = self.last_layer if self.last_layer_tokens is None else self.last_layer_tokens
-        token_logits = token_layer(z[:, 1:])  # [B, N, K_tok]
-        return cls_logits, token_logits
+        return self.last_layer(z[:, 0]), self.token_layer(z[:, 1:])  # [B, K_cls], [B, N, K_tok]
 
 
 class ReconstructionHead(nn.Module):

@@ -18,6 +18,10 @@ from .gmml import (
     paint_block_mask,
     sample_gmml_blocks,
 )
+from .linear_distill_ce import (
+    linear_centered_softmax_cross_entropy,
+    linear_centered_softmax_cross_entropy_reference,
+)
 from .masked_l1 import masked_l1_loss, masked_l1_loss_reference
 
 __all__ = [
@@ -30,6 +34,8 @@ __all__ = [
     "gmml_corrupt",
     "gmml_corrupt_reference",
     "gmml_shortfall",
+    "linear_centered_softmax_cross_entropy",
+    "linear_centered_softmax_cross_entropy_reference",
     "masked_l1_loss",
     "masked_l1_loss_reference",
     "paint_block_mask",

@@ -24,11 +24,12 @@ from asit_kernels import (
     masked_l1_backward,
     masked_l1_forward,
 )
+from asit_kernels._utils import new_output
 
 from ._types import DistillCEOutput, GMMLBlocks, GMMLOutput, reduce_rows
 
 __all__ = ["centered_softmax_cross_entropy_triton", "gmml_corrupt_triton", "gmml_prefix_triton",
-           "masked_l1_loss_triton"]
+           "linear_centered_softmax_cross_entropy_triton", "masked_l1_loss_triton"]
 
 
 # ---------------------------------------------------------------- GMML (forward only)
@@ -219,3 +220,127 @@ def centered_softmax_cross_entropy_triton(
                                           _as_temp(student_temp, student), _as_temp(teacher_temp, student),
                                           need_grad)
     return DistillCEOutput(reduce_rows(rows, weights, reduction), teacher_sum.detach())
+
+
+# ---------------------------------------------------------------- output layer + centred softmax cross-entropy
+#
+# Rows are processed in chunks of ``chunk_rows``: per chunk the student and teacher logits are one cuBLAS
+# matmul each (in ``compute_dtype``), the CE kernel above writes the per-row losses, the chunk's teacher column
+# sums and the logit gradient G = (q - p)/τs, and G is multiplied straight into dh = G·W and dW += Gᵀ·h. The
+# mean's per-row factor s_i = w_i/Σw (1/N without weights) is applied to the chunk of h (dW) and to G·W (dh),
+# both [chunk, D], so the forward leaves dh and dW scaled for an upstream gradient of 1 and the backward only
+# multiplies both by the upstream scalar, in place. Nothing of size N x K outlives a chunk.
+
+
+def _row_scale(weights: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """s_i with Σ s_i l_i equal to :func:`reduce_rows` (``"mean"``): w_i / max(Σw, tiny), or 1/N."""
+    if weights is None:
+        return torch.full((n,), 1.0 / max(n, 1), dtype=torch.float32, device=device)
+    w = weights.to(torch.float32)
+    return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@torch.library.custom_op("asit::linear_distill_ce", mutates_args=())
+def _linear_distill_ce_op(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor, teacher_weight: torch.Tensor,
+                          center: torch.Tensor, student_temp: torch.Tensor, teacher_temp: torch.Tensor,
+                          weights: torch.Tensor | None, compute_dtype: torch.dtype, chunk_rows: int,
+                          grad_h: bool, grad_w: bool,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row_loss [N] fp32, mean loss [] fp32, teacher_sum [K] fp32, dh [N, D] h_s dtype, dW [K, D] fp32)``;
+    dh / dW are empty unless ``grad_h`` / ``grad_w``, and are the gradients of the mean loss."""
+    n, d = h_s.shape
+    k = weight.shape[0]
+    dev = h_s.device
+    need_grad = grad_h or grad_w
+    rows = new_output((n,), torch.float32, dev)
+    teacher_sum = torch.zeros(k, dtype=torch.float32, device=dev)
+    dh = new_output((n, d) if grad_h else (0,), h_s.dtype, dev)
+    dw = torch.zeros((k, d) if grad_w else (0,), dtype=torch.float32, device=dev)
+    with torch.autocast(dev.type, enabled=False):  # the operands arrive in compute_dtype: no casts inside
+        w_s = weight.to(compute_dtype)
+        w_t = teacher_weight.to(compute_dtype)
+        scale = _row_scale(weights, n, dev) if need_grad else None
+        for r0 in range(0, n, chunk_rows):
+            r1 = min(n, r0 + chunk_rows)
+            hs = h_s[r0:r1].to(compute_dtype)
+            logits_s = torch.mm(hs, w_s.t())
+            logits_t = torch.mm(h_t[r0:r1].to(compute_dtype), w_t.t())
+            row_loss, chunk_sum, grad = distill_ce_forward(logits_s, logits_t, center, student_temp, teacher_temp,
+                                                           need_grad)
+            del logits_s, logits_t
+            rows[r0:r1] = row_loss
+            teacher_sum += chunk_sum  # fixed chunk order: deterministic
+            if need_grad:
+                s = scale[r0:r1, None]
+                if grad_h:
+                    dh[r0:r1] = torch.mm(grad, w_s).float() * s
+                if grad_w:
+                    dw += torch.mm(grad.t(), (hs.float() * s).to(compute_dtype))
+            del grad  # at most three [chunk, K] tiles live at once: the next chunk's logits and gradient
+    return rows, reduce_rows(rows, weights, "mean"), teacher_sum, dh, dw
+
+
+@_linear_distill_ce_op.register_fake
+def _(h_s, h_t, weight, teacher_weight, center, student_temp, teacher_temp, weights, compute_dtype, chunk_rows,
+      grad_h, grad_w):
+    n, d = h_s.shape
+    k = weight.shape[0]
+    f32 = torch.float32
+    return (h_s.new_empty((n,), dtype=f32), h_s.new_empty((), dtype=f32), h_s.new_empty((k,), dtype=f32),
+            h_s.new_empty((n, d) if grad_h else (0,)), h_s.new_empty((k, d) if grad_w else (0,), dtype=f32))
+
+
+@torch.library.custom_op("asit::linear_distill_ce_backward", mutates_args=("grad_h", "grad_w"))
+def _linear_distill_ce_backward_op(grad_h: torch.Tensor, grad_w: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    g = grad_loss.to(torch.float32)
+    grad_h.mul_(g)
+    grad_w.mul_(g)
+
+
+@_linear_distill_ce_backward_op.register_fake
+def _(grad_h, grad_w, grad_loss):
+    return None
+
+
+def _linear_distill_ce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[3], output[4])
+    ctx.weight_dtype = inputs[2].dtype
+    ctx.stored = (inputs[10], inputs[11])
+
+
+def _linear_distill_ce_grad(ctx, grad_rows, grad_loss, grad_teacher_sum, grad_dh, grad_dw):
+    # Only the mean loss carries a gradient: the public op refuses a gradient through the per-row losses.
+    dh, dw = ctx.saved_tensors  # a second backward through the same graph stops here (see _scale_saved)
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if (need_h and not ctx.stored[0]) or (need_w and not ctx.stored[1]):
+        _no_stored_grad("asit::linear_distill_ce")
+    grad_h = grad_w = None
+    if need_h or need_w:
+        _linear_distill_ce_backward_op(dh, dw, grad_loss)
+        grad_h = dh if need_h else None
+        grad_w = dw.to(ctx.weight_dtype) if need_w else None
+    return grad_h, None, grad_w, *([None] * 9)
+
+
+_linear_distill_ce_op.register_autograd(_linear_distill_ce_grad, setup_context=_linear_distill_ce_setup)
+
+
+def linear_centered_softmax_cross_entropy_triton(
+    h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor, teacher_weight: torch.Tensor, center: torch.Tensor,
+    student_temp: float | torch.Tensor, teacher_temp: float | torch.Tensor, weights: torch.Tensor | None,
+    reduction: str, compute_dtype: torch.dtype, chunk_rows: int,
+) -> DistillCEOutput:
+    """Chunked ``h_s·Wᵀ`` / ``h_t·W_tᵀ`` + fused CE; same contract as the reference, logits never whole.
+
+    ``reduction="none"`` is forward only (the caller has checked that no gradient is wanted).
+    """
+    need = torch.is_grad_enabled() and reduction == "mean"
+    grad_h = need and h_s.requires_grad
+    grad_w = need and weight.requires_grad
+    rows, loss, teacher_sum, _, _ = _linear_distill_ce_op(
+        h_s, h_t.detach(), weight, teacher_weight.detach(), center.detach().reshape(-1),
+        _as_temp(student_temp, h_s), _as_temp(teacher_temp, h_s),
+        None if weights is None else weights.detach(), compute_dtype, chunk_rows, grad_h, grad_w)
+    if reduction == "none":
+        return DistillCEOutput(reduce_rows(rows, weights, "none").detach(), teacher_sum.detach())
+    return DistillCEOutput(loss, teacher_sum.detach())

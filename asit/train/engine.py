@@ -174,7 +174,7 @@ class Pretrainer:
             preset=preset, img_size=(d.target_frames, d.num_mel_bins), patch_size=m.patch_size,
             drop_path_rate=m.drop_path_rate, out_cls=m.head_out_cls, out_tokens=m.head_out_tokens,
             head_hidden=m.head_hidden, head_bottleneck=m.head_bottleneck, trainable_g=m.trainable_g,
-            recon_hidden=m.recon_hidden, recon_out=m.recon_out,
+            recon_hidden=m.recon_hidden, recon_out=m.recon_out, token_logits=not self.cfg.loss.fused_head,
             attn_backend="naive" if authors and m.attn_backend == "auto" else m.attn_backend,
             cls_token_std=m.cls_token_std, pos_embed_fit=m.local_pos_embed, init=m.init,
             residual_dtype=m.residual_dtype, mlp_gelu=m.mlp_gelu,
@@ -207,7 +207,7 @@ class Pretrainer:
             m.head_out_cls, out_tokens, student_temp=lc.student_temp, center_momentum=lc.center_momentum,
             weight_global=lc.weight_global, weight_local=lc.weight_local, weight_recon=lc.weight_recon,
             local_tokens=lc.local_tokens, global_pairs=lc.global_pairs, all_reduce=self.dist.distributed,
-            backend="reference" if authors else None,
+            backend="reference" if authors else None, fused_head=lc.fused_head,
         ).to(self.device)
         self.gmml_gen = torch.Generator(device=self.device)
         self.gmml_gen.manual_seed(self.cfg.train.seed * 1000 + self.dist.rank + 1)

@@ -10,7 +10,12 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from asit.ops import centered_softmax_cross_entropy, masked_l1_loss, update_center_
+from asit.ops import (
+    centered_softmax_cross_entropy,
+    linear_centered_softmax_cross_entropy,
+    masked_l1_loss,
+    update_center_,
+)
 
 __all__ = ["ASiTLoss", "CenterStats"]
 
@@ -33,14 +38,20 @@ class ASiTLoss(nn.Module):
     :meth:`update_centers_` once it knows the step is good (the engine skips non-finite steps), as
     DINO/ASiT do after the loss. The update sums across ranks through ``all_reduce`` (injected, so
     the module is testable without a process group); under DDP every rank must call it.
+
+    ``fused_head=True`` computes the local loss with the output layer fused into it
+    (:func:`asit.ops.linear_centered_softmax_cross_entropy`): the model outputs then carry ``token_embed``
+    and ``token_weight`` (an :class:`~asit.models.ASiTModel` built with ``token_logits=False``) instead of
+    ``token_logits``, and the ``[V·B·N, K_tok]`` logits are never held whole.
     """
 
     def __init__(self, out_cls: int, out_tokens: int, *, student_temp: float = 0.1,
                  center_momentum: float = 0.9, weight_global: float = 1.0, weight_local: float = 1.0,
                  weight_recon: float = 2.0, local_tokens: str = "all", global_pairs: str = "v1",
                  all_reduce: bool | Callable[[torch.Tensor], None] = False,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, fused_head: bool = False) -> None:
         super().__init__()
+        self.fused_head = fused_head
         self.backend = backend  # asit.ops backend: None = auto (Triton on CUDA), "reference" = eager
         if local_tokens not in ("all", "corrupted"):
             raise ValueError(f"local_tokens must be 'all' or 'corrupted', got {local_tokens!r}")
@@ -80,8 +91,11 @@ class ASiTLoss(nn.Module):
                 ) -> tuple[dict[str, torch.Tensor], CenterStats]:
         """Args:
             student: outputs on the corrupted global views (view-major ``[V·B, ...]``):
-                ``cls_logits [V·B, Kc]``, ``token_logits [V·B, N, Kt]``, ``recon [V·B, 1, T, F]``.
-            teacher: outputs on the clean global views: ``cls_logits``, ``token_logits``.
+                ``cls_logits [V·B, Kc]``, ``token_logits [V·B, N, Kt]``, ``recon [V·B, 1, T, F]``;
+                with ``fused_head``, ``token_embed [V·B, N, Db]`` and ``token_weight [Kt, Db]`` instead of
+                ``token_logits``.
+            teacher: outputs on the clean global views: ``cls_logits``, ``token_logits`` (or, with
+                ``fused_head``, ``token_embed`` and ``token_weight``).
             clean: ``[V·B, 1, T, F]`` clean views (reconstruction targets).
             mask: ``[V·B, 1, T, F]`` bool, True = corrupted pixel.
             token_fraction: ``[V·B, N]`` corrupted fraction per token.
@@ -98,13 +112,10 @@ class ASiTLoss(nn.Module):
                                                     teacher["cls_logits"], batch)
         glob = centered_softmax_cross_entropy(s_rows, t_rows, self.center_global, self.student_temp,
                                               teacher_temp, backend=self.backend)
-        s_tok = student["token_logits"].flatten(0, 1)  # [V·B·N, Kt]
-        t_tok = teacher["token_logits"].flatten(0, 1)
         weights = None
         if self.local_tokens == "corrupted":
             weights = (token_fraction.flatten() > 0).to(torch.float32)
-        local = centered_softmax_cross_entropy(s_tok, t_tok, self.center_local, self.student_temp,
-                                               teacher_temp, weights, backend=self.backend)
+        local, local_count = self._local(student, teacher, teacher_temp, weights)
         recon_pred = student["recon"]
         target = clean[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
         rec_mask = mask[..., : recon_pred.shape[-2], : recon_pred.shape[-1]]
@@ -112,10 +123,28 @@ class ASiTLoss(nn.Module):
         wg, wl, wr = self.weights
         total = wg * glob.loss + wl * local.loss + wr * recon
         stats = CenterStats(glob.teacher_sum.detach() / repeats, t_rows.shape[0] // repeats,
-                            local.teacher_sum.detach(), t_tok.shape[0])
+                            local.teacher_sum.detach(), local_count)
         terms = {"loss": total, "global": glob.loss.detach(), "local": local.loss.detach(),
                  "recon": recon.detach()}
         return terms, stats
+
+    def _local(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], teacher_temp: float,
+               weights: torch.Tensor | None):
+        """The local (data-token) loss and how many teacher rows it summed."""
+        if not self.fused_head:
+            s_tok = student["token_logits"].flatten(0, 1)  # [V·B·N, Kt]
+            t_tok = teacher["token_logits"].flatten(0, 1)
+            return centered_softmax_cross_entropy(s_tok, t_tok, self.center_local, self.student_temp, teacher_temp,
+                                                  weights, backend=self.backend), t_tok.shape[0]
+        if "token_embed" not in student or "token_embed" not in teacher:
+            raise KeyError("loss.fused_head=true needs the models' token_embed and token_weight outputs "
+                           "(build them with token_logits=False), not token_logits")
+        h_s = student["token_embed"].flatten(0, 1)  # [V·B·N, Db]
+        h_t = teacher["token_embed"].flatten(0, 1)
+        out = linear_centered_softmax_cross_entropy(h_s, h_t, student["token_weight"], self.center_local,
+                                                    self.student_temp, teacher_temp, weights,
+                                                    teacher_weight=teacher["token_weight"], backend=self.backend)
+        return out, h_t.shape[0]
 
     @torch.no_grad()
     def update_centers_(self, stats: CenterStats) -> None:

@@ -30,10 +30,14 @@ def softmax_entropy(logits: torch.Tensor, center: torch.Tensor, temp: float) -> 
 def collapse_monitors(teacher_out: dict[str, torch.Tensor], center_global: torch.Tensor, center_local: torch.Tensor,
                       temp: float) -> dict[str, torch.Tensor]:
     """Collapse monitors: the teacher's entropy per head (max log K) with the step's centres and
-    temperature; 0-d device tensors, read when the step is logged."""
+    temperature; 0-d device tensors, read when the step is logged. With a fused head (``loss.fused_head``) the
+    token logits are made here from ``token_embed`` and ``token_weight``, in fp32, on monitored steps only."""
+    tokens = teacher_out.get("token_logits")
+    if tokens is None:
+        tokens = torch.nn.functional.linear(teacher_out["token_embed"].float(), teacher_out["token_weight"].float())
     return {
         "teacher_entropy_cls": softmax_entropy(teacher_out["cls_logits"], center_global, temp),
-        "teacher_entropy_tokens": softmax_entropy(teacher_out["token_logits"], center_local, temp),
+        "teacher_entropy_tokens": softmax_entropy(tokens, center_local, temp),
     }
 
 
