@@ -204,6 +204,9 @@ class TrainConfig:
     # as one CUDA graph after a few eager warm-up steps and replayed (asit.train.step_graph). Needs CUDA, fast
     # mode, sync-free, bf16/fp32, one process, a compile_mode without its own CUDA graphs. Off by default.
     cuda_graph: bool = False
+    # the fused ops (GMML sampler and painter, distillation CE, masked L1): auto (Triton on CUDA, PyTorch on the
+    # CPU) or reference (the ops' eager PyTorch twins everywhere, as in authors mode): the bench's on/off lever
+    ops_backend: Literal["auto", "reference"] = "auto"
 
 
 @dataclass

@@ -68,17 +68,19 @@ SPEC_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200"
 # fast mode with one switch changed, in order of interest (a lever that needs a package or a GPU is
 # skipped where it cannot run)
 LEVERS: dict[str, list[str]] = {
-    "ema-fused": ["train.ema=fused"],
-    "teacher-bf16": ["train.ema=fused", "train.teacher_bf16=true"],
+    "step-graph": ["train.cuda_graph=true"],  # the whole step as one CUDA graph (asit/train/step_graph.py)
     "residual-bf16": ["model.residual_dtype=bf16"],
-    "gelu-fused": ["model.mlp_gelu=fused"],
-    "cuda-graphs": ["train.compile_mode=reduce-overhead"],
+    "teacher-bf16": ["train.ema=fused", "train.teacher_bf16=true"],
+    "fused-head": ["loss.fused_head=true"],
+    "ema-fused": ["train.ema=fused"],
     "sdpa-cudnn": ["model.attn_backend=sdpa_cudnn"],
+    "gelu-fused": ["model.mlp_gelu=fused"],
+    "ops-eager": ["train.ops_backend=reference"],  # the fused ops off: what the kernels bring to the step
+    "cuda-graphs": ["train.compile_mode=reduce-overhead"],
     "sdpa-flash": ["model.attn_backend=sdpa_flash"],
     "flash-attn": ["model.attn_backend=flash_attn"],
     "host-checks": ["train.sync_free=false"],
     "max-autotune": ["train.compile_mode=max-autotune"],
-    "step-graph": ["train.cuda_graph=true"],  # the whole step as one CUDA graph (asit/train/step_graph.py)
 }
 _CUDA_ONLY = {"teacher-bf16", "residual-bf16", "gelu-fused", "cuda-graphs", "sdpa-cudnn", "sdpa-flash", "flash-attn",
               "host-checks", "max-autotune", "step-graph"}

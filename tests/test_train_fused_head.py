@@ -117,3 +117,36 @@ def test_training_step_matches_unfused(tmp_path, monkeypatch):
     finally:
         for t in trainers:
             t.cleanup()
+
+
+def test_ops_backend_reference_keeps_every_op_off_the_kernels(tmp_path, monkeypatch):
+    """train.ops_backend=reference (the bench's "ops-eager" lever) sends GMML sampling and painting, both
+    distillation losses and the masked L1 to their PyTorch twins even where Triton is the default; the
+    default (auto) reaches the Triton path for each of them."""
+    import asit.ops._triton as tri
+
+    monkeypatch.setenv("ASIT_OPS_BACKEND", "triton")  # "auto" means Triton here, as it does on CUDA
+    called: list[str] = []
+    for name in ("gmml_prefix_triton", "gmml_corrupt_triton", "centered_softmax_cross_entropy_triton",
+                 "masked_l1_loss_triton"):
+        real = getattr(tri, name)
+        monkeypatch.setattr(tri, name, lambda *a, _n=name, _f=real, **k: (called.append(_n), _f(*a, **k))[1])
+    common = ("train.device=cpu", "train.precision=fp32", "train.sync_free=true")
+    for backend, expected in (("reference", set()), ("auto", {"gmml_prefix_triton", "gmml_corrupt_triton",
+                                                              "centered_softmax_cross_entropy_triton",
+                                                              "masked_l1_loss_triton"})):
+        called.clear()
+        trainer = Pretrainer(load_config("demo_cpu", [*TINY, f"train.output_dir={tmp_path / backend}", *common,
+                                                      f"train.ops_backend={backend}"]))
+        try:
+            trainer.setup()
+            result = trainer.train_step(next(iter(trainer.loader)), epoch=1)
+            assert torch.isfinite(result.terms["loss"])
+            assert set(called) == expected, backend
+        finally:
+            trainer.cleanup()
+
+
+def test_ops_backend_rejects_unknown_values():
+    with pytest.raises(ConfigError, match="train.ops_backend"):
+        load_config("demo_cpu", ["train.ops_backend=triton"])

@@ -203,11 +203,12 @@ class Pretrainer:
         self.student_step = step_module
         out_tokens = m.head_out_tokens if m.head_out_tokens is not None else m.head_out_cls
         lc = self.cfg.loss
+        self.ops_backend = "reference" if authors or t.ops_backend == "reference" else None  # None: auto
         self.loss_fn = ASiTLoss(
             m.head_out_cls, out_tokens, student_temp=lc.student_temp, center_momentum=lc.center_momentum,
             weight_global=lc.weight_global, weight_local=lc.weight_local, weight_recon=lc.weight_recon,
             local_tokens=lc.local_tokens, global_pairs=lc.global_pairs, all_reduce=self.dist.distributed,
-            backend="reference" if authors else None, fused_head=lc.fused_head,
+            backend=self.ops_backend, fused_head=lc.fused_head,
         ).to(self.device)
         self.gmml_gen = torch.Generator(device=self.device)
         self.gmml_gen.manual_seed(self.cfg.train.seed * 1000 + self.dist.rank + 1)
@@ -353,8 +354,9 @@ class Pretrainer:
                                         zero_ratio=g.zero_ratio, alien_ratio=g.alien_ratio,
                                         alien_prob=g.alien_prob, max_block_frac=g.max_block_frac,
                                         align=g.align, allow_self_alien=g.allow_self_alien,
-                                        budget=g.candidate_budget if self.sync_free else None)
-            out = gmml_corrupt(x, blocks, self.cfg.model.patch_size)
+                                        budget=g.candidate_budget if self.sync_free else None,
+                                        backend=self.ops_backend)
+            out = gmml_corrupt(x, blocks, self.cfg.model.patch_size, backend=self.ops_backend)
             if self.sync_free:
                 self.guard.shortfall += gmml_shortfall(out.mask, blocks.target).sum()
             clean.append(x)
