@@ -58,6 +58,7 @@ HBM_BYTES_PER_S = 3.0e12  # measured H100 copy bandwidth (DESIGN §3)
 BATCH, VIEWS, FRAMES, MELS, PATCH = 64, 2, 592, 128, 16
 LOCAL_ROWS, LOCAL_K = VIEWS * BATCH * (FRAMES // PATCH) * (MELS // PATCH), 1024  # 37,888 × 1,024
 GLOBAL_ROWS, GLOBAL_KS = VIEWS * BATCH, (8192, 65536)
+HEAD_CHUNK_ROWS = 4096  # rows per chunk of asit.ops.linear_centered_softmax_cross_entropy (its default)
 GMML_BUDGET = 256  # gmml.candidate_budget: box slots per sample
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # One-program epilogues of a hot op: reported, but not held to the occupancy and grid rules.
@@ -190,6 +191,15 @@ def design_cases() -> list[Case]:
             cases.append(Case("distill_ce fwd (no grad)", shape, dname, False, lambda f=fwd: f(need_grad=False),
                               distill_ce_bytes(n, k, size, need_grad=False)))
             cases.append(Case("distill_ce bwd", shape, dname, True, bwd, distill_ce_bytes(n, k, size)))
+
+        # loss.fused_head: the CE kernel on one row chunk of the local loss (linear_distill_ce's default chunk);
+        # the fused op scales its own dh and dW, so no CE backward launch
+        def chunk_fwd(dtype=dtype, n=HEAD_CHUNK_ROWS, k=LOCAL_K):
+            s, t, c = _meta((n, k), dtype), _meta((n, k), dtype), _meta((k,), torch.float32)
+            return ce.distill_ce_forward_launches(s, t, c, temp, temp, True)[1]
+
+        cases.append(Case("distill_ce fwd+grad (fused head chunk)", f"chunk {HEAD_CHUNK_ROWS}x{LOCAL_K}", dname, True,
+                          chunk_fwd, distill_ce_bytes(HEAD_CHUNK_ROWS, LOCAL_K, dtype.itemsize)))
 
         # the loss sees both views at once: pred in the model's dtype, the fp32 clean view as it comes
         view = (VIEWS * BATCH, 1, FRAMES, MELS)
