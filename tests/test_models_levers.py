@@ -161,6 +161,23 @@ def test_addmm_activation_on_this_torch():
     torch.testing.assert_close(linear_gelu_tanh(x, w, b), F.gelu(F.linear(x, w, b), approximate="tanh"))
 
 
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float32, torch.float32)])
+def test_gelu_epilogue_runs_in_the_autocast_dtype(x_dtype, w_dtype):
+    """Autocast has no rule for ``_addmm_activation``: the epilogue casts its operands itself, so a bf16 stream
+    meets fp32 weights (or a bf16 teacher copy meets an fp32 stream) in autocast's dtype, as ``F.linear`` would."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 8).to(x_dtype), torch.randn(12, 8).to(w_dtype), torch.randn(12).to(w_dtype)
+    ref = F.gelu(F.linear(x.double(), w.double(), b.double()))  # the CPU's epilogue is the exact GELU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _gelu_epilogue(x, w, b)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), ref, rtol=0.02, atol=0.05)
+    out = _gelu_epilogue(x, w, b)  # no autocast: the promoted dtype
+    assert out.dtype == torch.promote_types(x_dtype, w_dtype)
+    torch.testing.assert_close(out.double(), ref, rtol=0.02, atol=0.05)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLASLt GELU epilogue and CUDA autocast's fp32 "
                     "LayerNorm rule need a CUDA device")
 def test_cuda_gelu_epilogue_and_bf16_stream():

@@ -244,9 +244,21 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
 
+def _epilogue_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the epilogue GEMM runs in: autocast's for ``x``'s device when autocast is on, as ``F.linear``
+    would get (autocast has no rule for ``_addmm_activation``), else ``x``'s and ``weight``'s promoted dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
 def _gelu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x·Wᵀ + b`` with ``torch._addmm_activation``'s GELU (cuBLASLt's epilogue on CUDA: the tanh form)."""
-    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    """``x·Wᵀ + b`` with ``torch._addmm_activation``'s GELU (cuBLASLt's epilogue on CUDA: the tanh form), its
+    operands cast to :func:`_epilogue_dtype` (a bf16 stream and fp32 weights, or the reverse, meet in one dtype)."""
+    dtype = _epilogue_dtype(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        out = torch._addmm_activation(bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype).t(),
+                                      use_gelu=True)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
