@@ -119,6 +119,42 @@ def test_matches_fp64_reference(dtype, weight_kind, distinct_teacher, device, se
         assert (got.double() - want).abs().max() <= 2 * own_g + atol, msg
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_kind", [None, "binary"])
+def test_gradients_are_rounded_once_from_fp32(dtype, weight_kind, device, seed, monkeypatch):
+    """dh = s·G·W and dW = Σ_chunks (s·G)ᵀ·h, with G the CE kernel's own logit gradient (in the logits' dtype),
+    equal their float64 values rounded once to the output dtype: the products are fp32, dW is summed over the
+    chunks in fp32 and the mean's factor s is applied in fp32. (Rounding each chunk's product, or h·s, to the
+    compute dtype, or dh before the factor, breaks this bound.)"""
+    grads = []
+    real = _triton.distill_ce_forward
+
+    def spy(*args):
+        out = real(*args)
+        grads.append(out[2].clone())  # the op scales its copy in place afterwards
+        return out
+
+    monkeypatch.setattr(_triton, "distill_ce_forward", spy)
+    n = 96
+    h_s, h_t, weight, _, center = _inputs(dtype, device, n=n)
+    weights = None if weight_kind is None else (torch.rand(n, device=device) < 0.7).float()  # exact in any dtype
+    hs, w = h_s.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = linear_centered_softmax_cross_entropy(hs, h_t, w, center, 0.1, 0.04, weights, chunk_rows=8,
+                                                backend="triton")
+    (out.loss * 0.5).backward()  # a power of two: the upstream factor rounds nothing
+    assert len(grads) == n // 8
+    g = torch.cat(grads).double()
+    s = torch.full((n,), 1.0 / n, dtype=torch.float64, device=device) if weights is None else (
+        weights.double() / weights.double().sum())
+    want_h = 0.5 * s[:, None] * (g @ weight.double())
+    want_w = 0.5 * (g * s[:, None]).T @ h_s.double()
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # half an ulp, relative
+    for name, got, want in (("dW", w.grad, want_w), ("dh", hs.grad, want_h)):
+        err = (got.double() - want).abs()
+        bound = unit * want.abs() + 1e-5 * want.abs().max()
+        assert (err <= bound).all(), f"seed={seed}: {name} max excess {(err - bound).max().item():.3g}"
+
+
 def test_reduction_none_is_forward_only(device, seed, poison):
     h_s, h_t, weight, teacher_weight, center = _inputs(torch.float32, device, distinct_teacher=True)
     weights = _weights("some_zero", N, device)
@@ -247,6 +283,10 @@ def test_validation_names_the_argument():
         f(h, h, w, c, 0.0, 0.04, backend="triton")
     with pytest.raises(ValueError, match="weights must have 6"):
         f(h, h, w, c, 0.1, 0.04, torch.ones(5), backend="triton")
+    with pytest.raises(TypeError, match="weights has dtype"):
+        f(h, h, w, c, 0.1, 0.04, torch.ones(6, dtype=torch.long), backend="triton")
+    with pytest.raises(ValueError, match="weights is on meta"):
+        f(h, h, w, c, 0.1, 0.04, torch.ones(6, device="meta"), backend="triton")
     with pytest.raises(ValueError, match="reduction"):
         f(h, h, w, c, 0.1, 0.04, reduction="sum", backend="triton")
     with pytest.raises(ValueError, match="chunk_rows"):

@@ -119,32 +119,61 @@ def test_training_step_matches_unfused(tmp_path, monkeypatch):
             t.cleanup()
 
 
-def test_ops_backend_reference_keeps_every_op_off_the_kernels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_ops_backend_reference_keeps_every_op_off_the_kernels(tmp_path, monkeypatch, fused_head):
     """train.ops_backend=reference (the bench's "ops-eager" lever) sends GMML sampling and painting, both
-    distillation losses and the masked L1 to their PyTorch twins even where Triton is the default; the
-    default (auto) reaches the Triton path for each of them."""
+    distillation losses (with ``loss.fused_head``, the local one fused with the output layer) and the masked L1
+    to their PyTorch twins even where Triton is the default; the default (auto) reaches the Triton path for
+    each of them."""
     import asit.ops._triton as tri
 
     monkeypatch.setenv("ASIT_OPS_BACKEND", "triton")  # "auto" means Triton here, as it does on CUDA
     called: list[str] = []
-    for name in ("gmml_prefix_triton", "gmml_corrupt_triton", "centered_softmax_cross_entropy_triton",
-                 "masked_l1_loss_triton"):
+    kernels = {"gmml_prefix_triton", "gmml_corrupt_triton", "centered_softmax_cross_entropy_triton",
+               "masked_l1_loss_triton"}
+    fused_name = "linear_centered_softmax_cross_entropy_triton"
+    for name in (*sorted(kernels), fused_name):
         real = getattr(tri, name)
         monkeypatch.setattr(tri, name, lambda *a, _n=name, _f=real, **k: (called.append(_n), _f(*a, **k))[1])
-    common = ("train.device=cpu", "train.precision=fp32", "train.sync_free=true")
-    for backend, expected in (("reference", set()), ("auto", {"gmml_prefix_triton", "gmml_corrupt_triton",
-                                                              "centered_softmax_cross_entropy_triton",
-                                                              "masked_l1_loss_triton"})):
+    common = ("train.device=cpu", "train.precision=fp32", "train.sync_free=true",
+              f"loss.fused_head={str(fused_head).lower()}")
+    # the global loss stays on the unfused CE op either way; the local one is the fused op with the fused head
+    on_auto = kernels | {fused_name} if fused_head else kernels
+    for backend, expected in (("reference", set()), ("auto", on_auto)):
         called.clear()
         trainer = Pretrainer(load_config("demo_cpu", [*TINY, f"train.output_dir={tmp_path / backend}", *common,
                                                       f"train.ops_backend={backend}"]))
         try:
             trainer.setup()
+            assert trainer.loss_fn.fused_head is fused_head
             result = trainer.train_step(next(iter(trainer.loader)), epoch=1)
             assert torch.isfinite(result.terms["loss"])
             assert set(called) == expected, backend
         finally:
             trainer.cleanup()
+
+
+def test_resuming_with_another_fused_head_or_ops_backend_is_not_a_changed_setting(caplog):
+    """loss.fused_head and train.ops_backend change only the rounding (same batches, masks and maths): a resume
+    across them warns of nothing, while another key still warns."""
+    from pathlib import Path
+
+    from asit.config import config_to_dict
+    from asit.train.resume import RESUME_FREE_KEYS, warn_changed_config
+
+    saved = config_to_dict(load_config("demo_cpu"))
+    for overrides in (["loss.fused_head=true"], ["train.ops_backend=reference"]):
+        now = config_to_dict(load_config("demo_cpu", overrides))
+        assert now != saved, overrides
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            warn_changed_config(Path("ckpt.pt"), saved, now, RESUME_FREE_KEYS)
+        assert not [r for r in caplog.records if "setting(s) changed" in r.getMessage()], overrides
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_changed_config(Path("ckpt.pt"), saved, config_to_dict(load_config("demo_cpu", ["optim.lr=1e-3"])),
+                            RESUME_FREE_KEYS)
+    assert [r for r in caplog.records if "setting(s) changed" in r.getMessage()]  # the check itself works
 
 
 def test_ops_backend_rejects_unknown_values():

@@ -226,18 +226,41 @@ def centered_softmax_cross_entropy_triton(
 #
 # Rows are processed in chunks of ``chunk_rows``: per chunk the student and teacher logits are one cuBLAS
 # matmul each (in ``compute_dtype``), the CE kernel above writes the per-row losses, the chunk's teacher column
-# sums and the logit gradient G = (q - p)/τs, and G is multiplied straight into dh = G·W and dW += Gᵀ·h. The
-# mean's per-row factor s_i = w_i/Σw (1/N without weights) is applied to the chunk of h (dW) and to G·W (dh),
-# both [chunk, D], so the forward leaves dh and dW scaled for an upstream gradient of 1 and the backward only
-# multiplies both by the upstream scalar, in place. Nothing of size N x K outlives a chunk.
+# sums and the logit gradient G = (q - p)/τs, and G is multiplied straight into dh = G·W and dW += Gᵀ·h. Both
+# products take compute-dtype operands and give an fp32 result accumulated in fp32 (``_mm_f32``), so dW is a
+# sum of unrounded chunk products. The mean's per-row factor s_i = w_i/Σw (1/N without weights) enters dh in
+# fp32 before its one rounding to h_s's dtype; for dW the chunk's G rows are scaled by w_i (in place, one
+# rounding in the compute dtype; none without weights) and the constant 1/Σw (or 1/N) is applied once to the
+# fp32 dW at the end. The forward so leaves dh and dW scaled for an upstream gradient of 1 and the backward
+# only multiplies both by the upstream scalar, in place. Nothing of size N x K outlives a chunk.
+
+# torch.mm(a, b, out_dtype=torch.float32): bf16/fp16 operands, fp32 result, on CUDA (aten::mm.dtype).
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
-def _row_scale(weights: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-    """s_i with Σ s_i l_i equal to :func:`reduce_rows` (``"mean"``): w_i / max(Σw, tiny), or 1/N."""
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32, accumulated in fp32 and never rounded to a narrower dtype.
+
+    bf16/fp16 operands on CUDA use cuBLAS's fp32 output (``out_dtype``); elsewhere (CPU, or a torch
+    without it) the operands are upcast and multiplied in fp32.
+    """
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b)
+    if _MM_OUT_DTYPE and a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _row_scale(weights: torch.Tensor | None, n: int,
+               device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(w, 1/Σw)`` with ``s_i = w_i/Σw`` making Σ s_i l_i equal :func:`reduce_rows` (``"mean"``).
+
+    ``w`` is the fp32 row weights (None without them); the second item is ``1/max(Σw, tiny)``, or 1/N, 0-d fp32.
+    """
     if weights is None:
-        return torch.full((n,), 1.0 / max(n, 1), dtype=torch.float32, device=device)
+        return None, torch.full((), 1.0 / max(n, 1), dtype=torch.float32, device=device)
     w = weights.to(torch.float32)
-    return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return w, 1.0 / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @torch.library.custom_op("asit::linear_distill_ce", mutates_args=())
@@ -259,7 +282,7 @@ def _linear_distill_ce_op(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Te
     with torch.autocast(dev.type, enabled=False):  # the operands arrive in compute_dtype: no casts inside
         w_s = weight.to(compute_dtype)
         w_t = teacher_weight.to(compute_dtype)
-        scale = _row_scale(weights, n, dev) if need_grad else None
+        w_rows, inv_total = _row_scale(weights, n, dev) if need_grad else (None, None)
         for r0 in range(0, n, chunk_rows):
             r1 = min(n, r0 + chunk_rows)
             hs = h_s[r0:r1].to(compute_dtype)
@@ -271,12 +294,16 @@ def _linear_distill_ce_op(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Te
             rows[r0:r1] = row_loss
             teacher_sum += chunk_sum  # fixed chunk order: deterministic
             if need_grad:
-                s = scale[r0:r1, None]
                 if grad_h:
-                    dh[r0:r1] = torch.mm(grad, w_s).float() * s
+                    s = inv_total if w_rows is None else w_rows[r0:r1, None] * inv_total
+                    dh[r0:r1] = _mm_f32(grad, w_s) * s
                 if grad_w:
-                    dw += torch.mm(grad.t(), (hs.float() * s).to(compute_dtype))
+                    if w_rows is not None:
+                        grad.mul_(w_rows[r0:r1, None])  # computed in fp32, rounded once to G's dtype
+                    dw += _mm_f32(grad.t(), hs)
             del grad  # at most three [chunk, K] tiles live at once: the next chunk's logits and gradient
+        if grad_w:
+            dw *= inv_total  # the mean's 1/Σw (or 1/N), once, in fp32
     return rows, reduce_rows(rows, weights, "mean"), teacher_sum, dh, dw
 
 
@@ -316,7 +343,7 @@ def _linear_distill_ce_grad(ctx, grad_rows, grad_loss, grad_teacher_sum, grad_dh
         _no_stored_grad("asit::linear_distill_ce")
     grad_h = grad_w = None
     if need_h or need_w:
-        _linear_distill_ce_backward_op(dh, dw, grad_loss)
+        dh = _scale_saved(_linear_distill_ce_backward_op, dh, dw, grad_loss)  # dw is scaled in place beside dh
         grad_h = dh if need_h else None
         grad_w = dw.to(ctx.weight_dtype) if need_w else None
     return grad_h, None, grad_w, *([None] * 9)

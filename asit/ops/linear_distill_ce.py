@@ -5,10 +5,11 @@
 ``h_s [N, D]`` and the output weight ``W [K, D]`` receive the gradient; the teacher's features and weight
 (``W_t``, by default ``W``) never do. The fused path never holds the ``N x K`` logits: it walks the rows in
 chunks, makes each chunk's logits with one matmul per side, runs the fused CE kernel on them and multiplies
-the logit gradient straight into ``dh_s`` and ``dW`` (fp32 accumulator, fixed chunk order, so two runs are
-bitwise equal). The teacher column sums for the centre are the kernel's per-chunk sums of the teacher logits
-as they were computed, added in chunk order: the same numbers the unfused op would sum, not ``(Σ h_t)·W_tᵀ``
-(which is cheaper but, in bf16, a differently rounded quantity than the logits the loss saw).
+the logit gradient straight into ``dh_s`` and ``dW``: fp32 products of the logit-dtype operands, ``dW`` summed
+over the chunks in fp32 in a fixed order (two runs are bitwise equal), each rounded once to its output dtype.
+The teacher column sums for the centre are the kernel's per-chunk sums of the teacher logits as they were
+computed, added in chunk order: the same numbers the unfused op would sum, not ``(Σ h_t)·W_tᵀ`` (which is
+cheaper but, in bf16, a differently rounded quantity than the logits the loss saw).
 
 The logits are computed in one dtype for both sides: the autocast dtype when autocast is on for the inputs'
 device (and no input is fp64), else the promoted dtype of ``h_s``, ``W``, ``h_t`` and ``W_t``. fp64 goes to
@@ -87,8 +88,8 @@ def _check(h_s, h_t, weight, teacher_weight, center, student_temp, teacher_temp,
                          f"got shape {tuple(center.shape)}")
     check_positive_finite("student_temp", student_temp)
     check_positive_finite("teacher_temp", teacher_temp)
-    if weights is not None:
-        check_tensor("weights", weights, ndim=1)
+    if weights is not None:  # floating, on h_s's device (below); non-negativity is documented, not checked
+        check_tensor("weights", weights, ndim=1, dtypes=_DTYPES)
         if weights.shape[0] != h_s.shape[0]:
             raise ValueError(f"weights must have {h_s.shape[0]} entries (N), got {weights.shape[0]}")
     if reduction not in ("mean", "none"):
@@ -124,7 +125,8 @@ def linear_centered_softmax_cross_entropy(
         center: ``[K]`` centre subtracted from the teacher logits (fp32).
         student_temp: ``τ_s``; Python float > 0 or a 0-d tensor.
         teacher_temp: ``τ_t``; Python float > 0 or a 0-d tensor.
-        weights: optional ``[N]`` row weights; the mean becomes ``Σ w_i l_i / Σ w_i`` (0 when all are 0).
+        weights: optional ``[N]`` floating row weights on the inputs' device, non-negative (not checked: that
+            would cost a host sync); the mean becomes ``Σ w_i l_i / Σ w_i`` (0 when all are 0).
         teacher_weight: ``[K, D]`` the teacher's output weight (default: ``weight``); never gets a gradient.
         reduction: ``"mean"`` (scalar, differentiable) or ``"none"`` (per-row losses times the weights;
             forward only: a gradient through it raises).

@@ -40,8 +40,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Config keys that may differ on resume without changing what is trained: where output goes, how often it is
-# logged and checkpointed, guard thresholds, and speed settings that keep the batches and the maths (up to float
-# rounding). A change of any other key is listed in a warning (data order, schedules, objective or numerics).
+# logged and checkpointed, guard thresholds, and speed settings that keep the batches, the masks and the maths
+# (up to float rounding: loss.fused_head, which fuses the token output layer into the local loss, and
+# train.ops_backend, which picks the Triton kernels or their PyTorch twins). A change of any other key is listed
+# in a warning (data order, schedules, objective or numerics).
 # Not free: train.sync_free (its GMML sampler draws blocks with a fixed candidate budget, so other masks from
 # the same generator), train.compile / compile_mode (Inductor draws drop-path's random numbers its own way) and
 # model.mlp_gelu (the tanh GELU differs from the exact one by up to 5e-4: another function, not a rounding).
@@ -52,6 +54,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.verify_replicas", "train.image_every_epochs", "train.max_consecutive_nonfinite",
     "data.max_bad_fraction", "data.num_workers", "data.batch_ring", "data.fbank_on", "data.cache_dir",
     "model.attn_backend", "model.residual_dtype", "train.ema", "train.teacher_bf16", "train.cuda_graph",
+    "loss.fused_head", "train.ops_backend",
     # the probe monitor only reads the teacher, its RNG use set aside
     "eval.probe_manifest", "eval.every_epochs", "eval.knn_k", "eval.knn_temperature", "eval.linear_folds",
 })
