@@ -19,9 +19,9 @@ go to the column-sum kernel instead.)
 
 Every sum runs in a fixed order whichever program finishes last, so ``teacher_sum``, the loss and
 the gradient are run-to-run identical (the tickets decide only who adds, never the order). The
-ticket counters are int32s kept per device between calls, zero on entry and reset by the program
-that used them; launches on one stream run one after another, so two forwards running concurrently
-on different streams of one device would share them, which the ops never do.
+ticket counters are int32s allocated zeroed with each forward (one small memset on the launching
+stream, captured with the kernels into any CUDA graph), so no two launches, streams or graphs ever
+share one, and their number grows with the launch.
 
 The backward multiplies the stored gradient, in place, by the upstream per-row gradient; the row
 weights and the mean's denominator live in that per-row gradient (the final reduction over
@@ -51,8 +51,6 @@ from ._utils import (
     split_k_blocks,
 )
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
 
 # Per row i, with a_k = s_ik / τs and b_k = (t_ik - c_k) / τt:
 #   p = softmax(b),  log q = a - m_s - log Z_s  (m_s = max a, Z_s = Σ exp(a - m_s))
@@ -75,7 +73,7 @@ def _distill_ce_split_stats_kernel(
     loss_ptr,  # [N] fp32 output: per-row loss
     part_ptr,  # [row tiles (+ groups), K] fp32: per-row-tile teacher column sums
     sum_ptr,  # [K] fp32 output teacher_sum (written when FUSED_SUM)
-    count_ptr,  # [row tiles + splits] int32 ticket counters, zero on entry and on exit
+    count_ptr,  # [row tiles (+ splits when FUSED_SUM)] int32 ticket counters, zero on entry (fresh per launch)
     n_rows,
     n_cols,
     stride_s,
@@ -142,7 +140,7 @@ def _distill_ce_split_stats_kernel(
         z_t = tl.zeros([ROWS], dtype=tl.float32)
         u = tl.zeros([ROWS], dtype=tl.float32)
         for j0 in range(0, n_splits, BLOCK_S):
-            js = j0 + tl.arange(0, BLOCK_S)
+            js = (j0 + tl.arange(0, BLOCK_S)).to(tl.int64)  # js · 5 · N can pass 2^31
             ok_s = row_ok[:, None] & (js < n_splits)[None, :]
             at = stats_ptr + js[None, :] * 5 * n_rows + rows[:, None]  # [ROWS, BLOCK_S]
             m_s_j = tl.load(at, mask=ok_s, other=-1.0e30, cache_modifier=".cv")
@@ -162,12 +160,11 @@ def _distill_ce_split_stats_kernel(
         z_s = tl.where(row_ok, z_s, 1.0)  # rows past the end: no log(0) or 0/0, even in masked lanes
         z_t = tl.where(row_ok, z_t, 1.0)
         tl.store(loss_ptr + rows, tl.log(z_s) - u / z_t, mask=row_ok)
-        final = stats_ptr + n_splits * 5 * n_rows + rows
+        final = stats_ptr + n_splits.to(tl.int64) * 5 * n_rows + rows
         tl.store(final, m_s, mask=row_ok)
         tl.store(final + n_rows, z_s, mask=row_ok)
         tl.store(final + 2 * n_rows, m_t, mask=row_ok)
         tl.store(final + 3 * n_rows, z_t, mask=row_ok)
-        tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")
     if FUSED_SUM:
         if tl.atomic_add(count_ptr + n_tiles + split, 1, sem="acq_rel", scope="gpu") == n_tiles - 1:
             for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -180,7 +177,6 @@ def _distill_ce_split_stats_kernel(
                     acc += tl.load(part_ptr + ps[:, None] * n_cols + cols[None, :], mask=ok, other=0.0,
                                    cache_modifier=".cv")
                 tl.store(sum_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
-            tl.atomic_xchg(count_ptr + n_tiles + split, 0, sem="relaxed", scope="gpu")
 
 
 # grad_ik = (q_ik - p_ik) / τs from the combined statistics of row i.
@@ -287,7 +283,7 @@ def _distill_ce_one_pass_kernel(
 def _column_sum_kernel(
     part_ptr,  # [n_parts + groups, K] fp32: the partial rows P, then the group sums S (written here)
     out_ptr,  # [K] fp32 output
-    count_ptr,  # [cdiv(K, BLOCK_K)] int32 ticket counters, zero on entry and on exit
+    count_ptr,  # [cdiv(K, BLOCK_K)] int32 ticket counters, zero on entry (fresh per launch)
     n_parts,
     n_cols,
     ROWS: tl.constexpr,
@@ -311,7 +307,6 @@ def _column_sum_kernel(
             acc += tl.load(part_ptr + (n_parts + gs[:, None]) * n_cols + cols[None, :], mask=ok, other=0.0,
                            cache_modifier=".cv")
         tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
-        tl.atomic_xchg(count_ptr + block, 0, sem="relaxed", scope="gpu")
 
 
 # grad_s_ik = G_ik · g_i   (G from the forward, g the upstream gradient of the per-row losses)
@@ -342,30 +337,33 @@ def _unit_col_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` int32 ticket counters of the device (zero between launches), kept between calls.
-
-    1,024 at first: every design shape's launches fit, so the buffer is not regrown during a CUDA-graph capture.
-    """
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(1024, next_power_of_2(n)), dtype=torch.int32, device=device)
-    return counters
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` zeroed int32 ticket counters for one forward's launches (never kept: a CUDA graph that
+    captured a launch owns its counters, and concurrent launches never share them)."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
-def _column_sum_launch(part: torch.Tensor, n_parts: int, teacher_sum: torch.Tensor) -> Launch:
-    """The two-level column sum of the first ``n_parts`` rows of ``part`` into ``teacher_sum``."""
+def _column_sum_counters(n_parts: int, k: int) -> int:
+    """Ticket counters of :func:`_column_sum_launch`: one per column block."""
+    return cdiv(k, column_sum_blocks(n_parts, k)[1])
+
+
+def _column_sum_launch(part: torch.Tensor, n_parts: int, teacher_sum: torch.Tensor, counters: torch.Tensor) -> Launch:
+    """The two-level column sum of the first ``n_parts`` rows of ``part`` into ``teacher_sum``; ``counters``
+    holds at least :func:`_column_sum_counters` zeros."""
     k = part.shape[1]
     rows, block_k, groups, warps = column_sum_blocks(n_parts, k)
-    return Launch(_column_sum_kernel, (cdiv(k, block_k), groups),
-                  (part, teacher_sum, _counters(part.device, cdiv(k, block_k)), n_parts, k),
+    return Launch(_column_sum_kernel, (cdiv(k, block_k), groups), (part, teacher_sum, counters, n_parts, k),
                   dict(ROWS=rows, BLOCK_K=block_k, num_warps=warps))
 
 
 def distill_ce_forward_launches(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
                                 student_temp: torch.Tensor, teacher_temp: torch.Tensor, need_grad: bool = True,
                                 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[Launch]]:
-    """Outputs ``(row_loss, teacher_sum, grad)`` of :func:`distill_ce_forward` and the launches that fill them."""
+    """Outputs ``(row_loss, teacher_sum, grad)`` of :func:`distill_ce_forward` and the launches that fill them.
+
+    The launches' ticket counters are zeroed here, once: run the list once (build it again to rerun).
+    """
     n, k = student.shape
     s = _unit_col_stride(student)
     t = _unit_col_stride(teacher)
@@ -385,15 +383,18 @@ def distill_ce_forward_launches(student: torch.Tensor, teacher: torch.Tensor, ce
         launches = [Launch(_distill_ce_one_pass_kernel, (programs,), (
             s, t, c, *temps, loss, grad, part, n, k, s.stride(0), t.stride(0), per_program),
             dict(ROWS=rows, BLOCK_K=block_k, WRITE_GRAD=need_grad, num_warps=warps))]
-        launches.append(_column_sum_launch(part, programs, teacher_sum))
+        counters = _counters(_column_sum_counters(programs, k), dev)
+        launches.append(_column_sum_launch(part, programs, teacher_sum, counters))
         return (loss, teacher_sum, grad), launches
     rows, block_k, splits, split_cols, warps = split_k_blocks(n, k)
     tiles = cdiv(n, rows)
     fused = tiles <= SPLIT_FUSED_SUM_MAX_PARTS
     part = new_output((tiles + (0 if fused else column_sum_blocks(tiles, k)[2]), k), torch.float32, dev)
     stats = new_output((splits * 5 + 4, n), torch.float32, dev)
+    # one memset for all: row tiles' tickets, then the splits' (fused sum) or the column blocks' (separate sum)
+    counters = _counters(tiles + (splits if fused else _column_sum_counters(tiles, k)), dev)
     launches = [Launch(_distill_ce_split_stats_kernel, (tiles, splits), (
-        s, t, c, *temps, stats, loss, part, teacher_sum, _counters(dev, tiles + splits), n, k, s.stride(0),
+        s, t, c, *temps, stats, loss, part, teacher_sum, counters, n, k, s.stride(0),
         t.stride(0), split_cols),
         dict(ROWS=rows, BLOCK_K=block_k, BLOCK_S=max(1, min(next_power_of_2(splits), 1024 // rows)),
              BLOCK_P=max(1, min(next_power_of_2(tiles), 4096 // block_k)), FUSED_SUM=fused, num_warps=warps))]
@@ -404,7 +405,7 @@ def distill_ce_forward_launches(student: torch.Tensor, teacher: torch.Tensor, ce
             s, t, c, *temps, stats[splits * 5:], grad, n, k, s.stride(0), t.stride(0), g_split_cols),
             dict(ROWS=g_rows, BLOCK_K=g_block_k, num_warps=g_warps)))
     if not fused:
-        launches.append(_column_sum_launch(part, tiles, teacher_sum))
+        launches.append(_column_sum_launch(part, tiles, teacher_sum, counters[tiles:]))
     return (loss, teacher_sum, grad), launches
 
 

@@ -4,13 +4,11 @@ Forward: one kernel. Each program reads its span of pred, target and the broadca
 its own dtype, converted to fp32 per load, so an fp32 target may meet a bf16 prediction), writes its
 ``(num, den)`` partial and, when a gradient is wanted, the unscaled gradient ``sign(p - t) · m`` in
 pred's dtype. The last program to finish (an atomic ticket counter) sums the partials in program order
-— so the loss is run-to-run identical — writes the loss and the mask sum, and resets the counter to
-zero for the next call. Backward: one elementwise kernel that scales the stored gradient in place by
-``grad_out / max(den, 1)``.
+— so the loss is run-to-run identical — and writes the loss and the mask sum. Backward: one elementwise
+kernel that scales the stored gradient in place by ``grad_out / max(den, 1)``.
 
-The ticket counter is one int32 per device, kept between calls. Launches on one stream run one after
-another, so the counter is always back at zero when the next forward starts; two forwards running
-concurrently on different streams of one device would share it, which the ops never do.
+The ticket counter is one int32 allocated zeroed with each forward (a 4-byte memset on the launching
+stream, captured with the kernel into any CUDA graph), so no two launches, streams or graphs share it.
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ import triton
 import triton.language as tl
 
 from ._utils import Launch, elementwise_blocks, load_scalar_f32, new_output, pow2_block, run_launches
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 # Per program q over its span S_q of the flat arrays:
@@ -34,7 +30,7 @@ def _masked_l1_kernel(
     mask_ptr,  # [n] mask already broadcast to pred's shape (uint8 view of bool, or float)
     grad_ptr,  # [n] unscaled gradient G, pred's dtype (written when WRITE_GRAD)
     part_ptr,  # [programs, 2] fp32 partials (num, den)
-    count_ptr,  # [1] int32 ticket counter, zero on entry and on exit
+    count_ptr,  # [1] int32 ticket counter, zero on entry (fresh per launch)
     loss_ptr,  # [1] fp32 output loss
     den_ptr,  # [1] fp32 output mask sum (unclamped)
     n_elements,
@@ -80,7 +76,6 @@ def _masked_l1_kernel(
         out = tl.where(two == 0, num_sum / tl.maximum(den_sum, 1.0), den_sum)
         tl.store(loss_ptr + two, out, mask=two == 0)
         tl.store(den_ptr + two - 1, out, mask=two == 1)
-        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
 
 # grad_p_i = G_i · g / max(den, 1), in place   (G from the forward, g the upstream gradient of the loss)
@@ -113,17 +108,12 @@ def _flat_inputs(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     return p, t, m
 
 
-def _counter(device: torch.device) -> torch.Tensor:
-    """The device's ticket counter (zero between launches), allocated on first use."""
-    counter = _COUNTERS.get(device)
-    if counter is None:
-        counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
-
-
 def masked_l1_forward_launches(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, need_grad: bool = True,
                                ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[Launch]]:
-    """Outputs ``(loss, den, grad)`` of :func:`masked_l1_forward` and the launch that fills them."""
+    """Outputs ``(loss, den, grad)`` of :func:`masked_l1_forward` and the launch that fills them.
+
+    The launch's ticket counter is zeroed here, once: run the launch once (build it again to rerun).
+    """
     p, t, m = _flat_inputs(pred, target, mask)
     n = p.numel()
     block, tiles, programs, warps = elementwise_blocks(n)
@@ -132,7 +122,8 @@ def masked_l1_forward_launches(pred: torch.Tensor, target: torch.Tensor, mask: t
     loss = new_output((), torch.float32, dev)
     den = new_output((), torch.float32, dev)
     grad = new_output(pred.shape if need_grad else (0,), pred.dtype, dev)
-    launch = Launch(_masked_l1_kernel, (programs,), (p, t, m, grad, part, _counter(dev), loss, den, n, programs),
+    counter = torch.zeros(1, dtype=torch.int32, device=dev)
+    launch = Launch(_masked_l1_kernel, (programs,), (p, t, m, grad, part, counter, loss, den, n, programs),
                     dict(BLOCK=block, TILES=tiles, FINAL_BLOCK=pow2_block(programs, max_block=1024),
                          WRITE_GRAD=need_grad, num_warps=warps))
     return (loss, den, grad), [launch]

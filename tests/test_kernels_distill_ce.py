@@ -127,8 +127,7 @@ SUM_PATHS = [
 def test_teacher_sum_deterministic_across_row_groups(n, k, split_rows, fused_max, summed_by, monkeypatch, seed,
                                                      poison):
     """Teacher column sums reduced over several row groups / row tiles: float64-exact to the tolerance of
-    fp32 sums, and bitwise identical (with the loss and gradient) on a second call; the ticket counters
-    are back at zero after each call."""
+    fp32 sums, and bitwise identical (with the loss and gradient) on a second call."""
     import asit_kernels._utils as utils
     import asit_kernels.distill_ce as ce
 
@@ -145,7 +144,6 @@ def test_teacher_sum_deterministic_across_row_groups(n, k, split_rows, fused_max
     assert sums.grid[-1] > 1, sums.grid  # several groups (column sum) or several splits (fused sum)
 
     first = ce.distill_ce_forward(student, teacher, center, *temps)
-    assert not ce._COUNTERS[student.device].any()
     second = ce.distill_ce_forward(student, teacher, center, *temps)
     for a, b in zip(first, second):
         assert torch.equal(a, b), f"seed={seed}"
@@ -154,3 +152,58 @@ def test_teacher_sum_deterministic_across_row_groups(n, k, split_rows, fused_max
     torch.testing.assert_close(first[1].double(), teacher.double().sum(0), rtol=1e-5, atol=1e-4,
                                msg=lambda m: f"seed={seed}: {m}")
     torch.testing.assert_close(first[0].double(), ref.loss, rtol=2e-5, atol=2e-5, msg=lambda m: f"seed={seed}: {m}")
+
+
+def _ticket_counters(launches):
+    """The int32 ticket-counter arguments of a launch list."""
+    return [a for launch in launches for a in launch.args if isinstance(a, torch.Tensor) and a.dtype == torch.int32]
+
+
+def test_each_forward_gets_its_own_zeroed_counters(seed):
+    """Counters are allocated per forward: zero when the launches are built, one buffer for all of a forward's
+    launches, never the buffer of another forward (a CUDA graph or another stream may still be using that)."""
+    import asit_kernels.distill_ce as ce
+
+    temps = torch.tensor(0.1), torch.tensor(0.04)
+    for n, k in [(70, 1000), (20, 2100)]:  # one pass + column sum; split K (fused sum)
+        student, teacher, center = _inputs(n, k, torch.float32, "cpu")
+        first = _ticket_counters(ce.distill_ce_forward_launches(student.detach(), teacher, center, *temps)[1])
+        second = _ticket_counters(ce.distill_ce_forward_launches(student.detach(), teacher, center, *temps)[1])
+        assert first and len({c.untyped_storage().data_ptr() for c in first}) == 1, (n, k)
+        assert first[0].untyped_storage().data_ptr() != second[0].untyped_storage().data_ptr(), (n, k)
+        assert not any(c.any() for c in first + second), (n, k)
+
+
+def test_launch_with_more_counters_than_any_before(monkeypatch, seed, poison):
+    """A forward needing more ticket counters than every earlier one (K = 65,536 on a split K with the
+    separate column sum: 1 row tile + 2,048 column blocks, more than the 1,024 a shared buffer once held)
+    matches float64 (loss, teacher_sum, gradient after an upstream gradient that is not 1), and a small
+    forward gives bitwise the same result before and after it."""
+    import asit_kernels.distill_ce as ce
+
+    monkeypatch.setattr(ce, "SPLIT_FUSED_SUM_MAX_PARTS", 0)  # the column-sum kernel, one counter per 32 columns
+    temps = torch.tensor(0.1), torch.tensor(0.04)
+
+    def forward(student, teacher, center, upstream):
+        loss, teacher_sum, grad = ce.distill_ce_forward(student, teacher, center, *temps)
+        ce.distill_ce_backward(grad, upstream)
+        s64 = student.double().requires_grad_()
+        ref = centered_softmax_cross_entropy_reference(s64, teacher.double(), center.double(), 0.1, 0.04,
+                                                       reduction="none")
+        (ref.loss * upstream.double()).sum().backward()
+        torch.testing.assert_close(loss.double(), ref.loss.detach(), rtol=2e-5, atol=2e-5,
+                                   msg=lambda m: f"seed={seed}: {m}")
+        torch.testing.assert_close(teacher_sum.double(), teacher.double().sum(0), rtol=1e-5, atol=1e-4,
+                                   msg=lambda m: f"seed={seed}: {m}")
+        torch.testing.assert_close(grad.double(), s64.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"seed={seed}: {m}")
+        return loss, teacher_sum, grad
+
+    small = [t.detach() for t in _inputs(3, 2100, torch.float32, "cpu")] + [torch.rand(3) + 0.5]
+    big = [t.detach() for t in _inputs(3, 65536, torch.float32, "cpu")] + [torch.rand(3) + 0.5]
+    counters = [_ticket_counters(ce.distill_ce_forward_launches(*x[:3], *temps)[1])[0].numel() for x in (small, big)]
+    assert counters[1] == 1 + 65536 // 32 and counters[1] > max(1024, counters[0]), counters
+    before = forward(*small)
+    forward(*big)
+    after = forward(*small)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b), f"seed={seed}"

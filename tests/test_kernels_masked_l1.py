@@ -156,3 +156,29 @@ def test_fp64_falls_back_to_reference(device):
     out = masked_l1_loss(pred, pred * 0, mask, backend="triton")
     assert out.dtype == torch.float64
     assert torch.equal(out, masked_l1_loss_reference(pred, pred * 0, mask))
+
+
+def test_each_forward_gets_its_own_zeroed_counter(seed, poison):
+    """The ticket counter is allocated zeroed per forward, never shared: two launches built before either
+    runs (as a CUDA graph holds one while other launches run) both give the float64-checked loss, in
+    either order, and a large launch between two small ones leaves the small one's result bitwise equal."""
+    from asit_kernels.masked_l1 import masked_l1_forward_launches
+
+    small = _inputs((2, 1, 9, 7), (2, 1, 9, 7), torch.float32, "cpu")
+    big = _inputs((2, 3, 70, 61), (2, 1, 70, 61), torch.float32, "cpu")
+    (loss_s, den_s, _), [launch_s] = masked_l1_forward_launches(small[0].detach(), *small[1:])
+    (loss_b, den_b, _), [launch_b] = masked_l1_forward_launches(big[0].detach(), *big[1:])
+    assert launch_b.grid[0] > launch_s.grid[0], (launch_b.grid, launch_s.grid)  # several programs take tickets
+    counter_s, counter_b = (next(a for a in launch.args if isinstance(a, torch.Tensor) and a.dtype == torch.int32)
+                            for launch in (launch_s, launch_b))
+    assert counter_s.data_ptr() != counter_b.data_ptr() and not counter_s.any() and not counter_b.any()
+    launch_b()
+    launch_s()
+    first = loss_s.clone()
+    for (pred, target, mask), loss, den in ((small, loss_s, den_s), (big, loss_b, den_b)):
+        torch.testing.assert_close(loss.double(), masked_l1_loss_reference(pred.double(), target.double(), mask),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")
+        assert den.item() == mask.expand(pred.shape).sum().item()
+    (again, _, _), [launch] = masked_l1_forward_launches(small[0].detach(), *small[1:])
+    launch()
+    assert torch.equal(again, first), f"seed={seed}"

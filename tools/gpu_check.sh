@@ -142,7 +142,8 @@ step bench_ops_peak "${ASIT_CHECK_PEAK_S:-60}" "${bench[@]}" bench/test_bench_op
 # 5. the test suite with the time left, the GPU-specific files first (pytest keeps the first mention)
 step tests 600 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
     tests/test_train_modes.py tests/test_train_levers.py tests/test_models_levers.py tests/test_profile_step.py tests/test_train_sync_free.py tests/test_train_step_graph.py \
-    tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py tests/test_kernels_gmml.py tests/test_kernels_gmml_sample.py tests/test_kernels_linear_distill_ce.py tests/test_train_fused_head.py \
+    tests/test_kernels_ticket_order.py tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py \
+    tests/test_kernels_gmml.py tests/test_kernels_gmml_sample.py tests/test_kernels_linear_distill_ce.py tests/test_train_fused_head.py \
     tests/test_kernels_registration.py tests/test_data_fbank_batched.py tests/test_models.py tests/
 cp "$WORK/logs/tests.log" "$OUT/tests.log" 2>/dev/null
 publish

@@ -28,7 +28,7 @@ parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${parallel[@]}" \
     tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py tests/test_kernels_gmml.py \
-    tests/test_kernels_gmml_sample.py \
+    tests/test_kernels_gmml_sample.py tests/test_kernels_ticket_order.py \
     tests/test_kernels_registration.py 2>&1 | tee -a "$OUT/ops_tests.log" | tail -n 15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
