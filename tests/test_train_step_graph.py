@@ -208,18 +208,35 @@ def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path) -> None:
 
 
 class _FakeGraph:
-    """A CPU stand-in for a captured graph: each replay runs the step on the static buffers and writes the
-    results into the first replay's tensors, as a graph rewrites its static outputs."""
+    """A CPU stand-in for a captured graph. :meth:`_SimulatedCapture._record` runs the step once, as a capture
+    runs the Python (``p.grad`` then holds the tensors it allocated) and the first replay the kernels; each later
+    replay runs the step again, writing the gradients into the tensors the capture left in ``p.grad`` (a graph's
+    backward writes the same memory, its optimiser reads it) and the results into the first step's tensors, and
+    leaves the ``p.grad`` that Python sees as it found it (a replay runs no Python)."""
 
     def __init__(self, owner: StepGraph, frozen: bool) -> None:
         self.owner, self.frozen = owner, frozen
+        self.params = [p for group in owner.trainer.optimizer.param_groups for p in group["params"]]
+        self.grads = [p.grad for p in self.params]  # the "graph pool" gradients
+        self.first = True
 
     def replay(self) -> None:
-        new = self.owner._body(self.owner.static, self.frozen)
-        if self.owner.out is None:
-            self.owner.out = new
-        else:
-            _copy_into(self.owner.out, new)
+        if self.first:  # the capture ran the step already
+            self.first = False
+            return
+        optimizer = self.owner.trainer.optimizer
+        visible = [p.grad for p in self.params]
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
+        zero_grad = optimizer.zero_grad
+        optimizer.zero_grad = lambda set_to_none=True: zero_grad(set_to_none=False)  # no new gradient tensors
+        try:
+            new = self.owner._body(self.owner.static, self.frozen)
+        finally:
+            del optimizer.zero_grad
+            for p, g in zip(self.params, visible, strict=True):
+                p.grad = g
+        _copy_into(self.owner.out, new)
 
 
 def _copy_into(dst, src) -> None:
@@ -238,34 +255,52 @@ class _SimulatedCapture(StepGraph):
     steps for a batch of another shape, results that outlive the next replay) on the CPU."""
 
     def _record(self, frozen: bool):
-        return _FakeGraph(self, frozen), None
+        out = self._body(self.static, frozen)
+        return _FakeGraph(self, frozen), out
+
+
+def _grads(trainer: Pretrainer) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for g in trainer.optimizer.param_groups for p in g["params"]]
 
 
 @pytest.mark.parametrize("fbank_on", ["loader", "device"])
 def test_capture_bookkeeping_keeps_the_step_exact(tmp_path, fbank_on) -> None:
-    """Eight steps through the capture logic (warm-up 2; the last layer frozen in epoch 0; step 4's batch one clip
-    short, so eager) equal the eager sync-free step bit for bit; the results stay valid after later replays."""
-    epochs = [0, 0, 0, 0, 1, 1, 1, 1]
+    """Ten steps through the capture logic (warm-up 2; the last layer frozen for five; steps 4 and 9 one clip
+    short, so eager beside a captured graph) equal the eager sync-free step bit for bit, gradients included; the
+    results stay valid after later replays; ``p.grad`` stays the graph's gradients (its optimiser's) throughout,
+    also after an eager step, so a replay after it leaves this step's gradients there, not that step's."""
+    epochs = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
     extra = (f"data.fbank_on={fbank_on}",)
     ref, new = _trainer(tmp_path / "ref", *extra), _trainer(tmp_path / "graph", *extra)
     try:
-        new.step_graph = _SimulatedCapture(new, capture=False, warmup_steps=2)
-        new.step_graph.capture = True  # the capture path, with _record faked
+        sg = new.step_graph = _SimulatedCapture(new, capture=False, warmup_steps=2)
+        sg.capture = True  # the capture path, with _record faked
         batches = _batches(ref, len(epochs))
         key = "waves" if fbank_on == "device" else "views"  # the graph's input buffer
-        batches[3] = {**batches[3], key: batches[3][key][:-1]}  # an unusable clip dropped
-        results = {}
+        for i in (3, 8):
+            batches[i] = {**batches[i], key: batches[i][key][:-1]}  # an unusable clip dropped
+        results: dict[str, list] = {"ref": [], "graph": []}
+        grads: dict[str, list] = {"ref": [], "graph": []}
         for name, t in (("ref", ref), ("graph", new)):
             torch.manual_seed(1)
-            results[name] = [t.train_step(b, epoch=e) for b, e in zip(batches, epochs, strict=True)]
+            for i, (b, e) in enumerate(zip(batches, epochs, strict=True)):
+                results[name].append(t.train_step(b, epoch=e))
+                grads[name].append(_grads(t))
+                if t is new and i in (2, 3, 4, 7, 8, 9):  # a graph is captured: p.grad is its gradients
+                    params, last = sg.graph.params, {id(p) for p in new.last_layer_params}
+                    assert all(p.grad is g for p, g in zip(params, sg.graph.grads, strict=True)), i
+                    assert [p.grad is None for p in params] == [id(p) in last and e == 0 for p in params], i
         for a, b in zip(results["ref"], results["graph"], strict=True):
             assert_states_equal(b.terms, a.terms)
             assert torch.equal(b.flags, a.flags)
+        for i, (a, b) in enumerate(zip(grads["ref"], grads["graph"], strict=True)):
+            assert [g is None for g in a] == [g is None for g in b], i
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True) if x is not None), i
         assert_states_equal(_frozen_state(new), _frozen_state(ref))
         assert_states_equal(_optimizer_state(new), _optimizer_state(ref))
-        sg = new.step_graph
-        # steps 1-2 warm-up, 3 captured, 4 eager (shape), 5-6 warm-up again (last layer trained), 7 captured, 8
-        assert (sg.captures, sg.replays) == (2, 3)
+        # steps 1-2 warm-up, 3 captured, 4 eager (shape), 5 replayed, 6-7 warm-up again (last layer trained),
+        # 8 captured, 9 eager (shape), 10 replayed
+        assert (sg.captures, sg.replays) == (2, 4)
         assert list(sg.static) == [key] and sg.static[key].shape == batches[0][key].shape
     finally:
         ref.cleanup()
