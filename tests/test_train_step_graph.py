@@ -32,6 +32,8 @@ from asit.train.checkpoint import load_checkpoint
 from asit.train.step_graph import StepGraph
 
 SYNC_FREE = ("train.sync_free=true", "optim.warmup_epochs=0")
+# the bf16 levers: the residual stream in bf16, the teacher's forward on a bf16 copy (refreshed by the EMA), fused EMA
+_LEVERS = ("train.precision=bf16", "model.residual_dtype=bf16", "train.teacher_bf16=true", "train.ema=fused")
 
 
 def _trainer(tmp_path, *extra: str, graph: bool = False) -> Pretrainer:
@@ -53,6 +55,14 @@ def _batches(trainer: Pretrainer, n: int) -> list[dict]:
 
 def _optimizer_state(trainer: Pretrainer) -> dict[str, torch.Tensor]:
     return {f"{i}.{k}": v for i, (_, s) in enumerate(trainer.optimizer.state.items()) for k, v in s.items()}
+
+
+def _assert_teacher_copy_fresh(trainer: Pretrainer) -> None:
+    """With ``train.teacher_bf16`` the teacher's forward reads a bf16 copy: it must hold the EMA'd teacher."""
+    copy = trainer.pair.teacher_copy
+    if copy is not None:
+        for a, b in zip(copy.parameters(), trainer.pair.teacher.parameters(), strict=True):
+            assert torch.equal(a, b.to(a.dtype))
 
 
 def _run_steps(trainer: Pretrainer, epochs: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -79,7 +89,9 @@ def _run_steps(trainer: Pretrainer, epochs: list[int]) -> list[dict[str, torch.T
 
 @pytest.mark.parametrize("extra", [(), ("train.ema=fused", "optim.clip_mode=global"),
                                    ("data.local_views=2", "loss.global_pairs=v2", "train.precision=bf16"),
-                                   ("data.fbank_on=device", "data.local_views=2", "loss.global_pairs=v2")])
+                                   ("data.fbank_on=device", "data.local_views=2", "loss.global_pairs=v2"),
+                                   ("loss.fused_head=true",),
+                                   ("loss.fused_head=true", *_LEVERS, "data.local_views=2", "loss.global_pairs=v2")])
 def test_graph_ready_step_equals_the_sync_free_step_bitwise(tmp_path, extra) -> None:
     """Three steps (last layer frozen, then trained) of the eager sync-free step and of the graph-ready step,
     on the same batches: the same weights, teacher, centres, AdamW state, loss terms, monitors and masks."""
@@ -96,6 +108,8 @@ def test_graph_ready_step_equals_the_sync_free_step_bitwise(tmp_path, extra) -> 
         after = _frozen_state(new)
         for key in ("s.backbone.cls_token", "t.backbone.cls_token", "c.global", "c.local"):
             assert not torch.equal(after[key], start[key]), key  # the steps did train
+        _assert_teacher_copy_fresh(new)
+        assert (new.pair.teacher_copy is not None) == ("train.teacher_bf16=true" in extra)
         new.guard.sync(new.step)
         ref.guard.sync(ref.step)
         assert new.guard.state_dict() == ref.guard.state_dict()
@@ -149,24 +163,37 @@ def test_graph_ready_step_skips_a_nonfinite_step_on_the_device(tmp_path, monkeyp
         new.cleanup()
 
 
-@pytest.mark.parametrize("fbank_on", ["loader", "device"])
-def test_graph_ready_step_reads_nothing_back(tmp_path, monkeypatch, fbank_on) -> None:
+@pytest.mark.parametrize("fbank_on, extra", [("loader", ()), ("device", ()), ("loader", ("loss.fused_head=true",)),
+                                             ("device", ("loss.fused_head=true", *_LEVERS))])
+def test_graph_ready_step_reads_nothing_back(tmp_path, monkeypatch, fbank_on, extra) -> None:
     """Nothing in a warm graph-ready step asks the host for a value (the fused ops' CPU references excepted,
-    as in tests/test_train_sync_free.py: on CUDA they are Triton kernels), the fbank on the device included."""
+    as in tests/test_train_sync_free.py: on CUDA they are Triton kernels), the fbank on the device and the
+    fused head (``loss.fused_head``) and the bf16 levers included."""
     for module, name in ((engine, "gmml_corrupt"), (losses, "centered_softmax_cross_entropy"),
                          (losses, "masked_l1_loss")):
         monkeypatch.setattr(module, name, HostReads.allow(getattr(module, name)))
     monkeypatch.setattr(fbank, "_NUMPY_ON_CPU", False)  # the pure-torch fbank that CUDA runs
-    new = _trainer(tmp_path, f"data.fbank_on={fbank_on}", graph=True)
+    fused_calls = []
+    fused = losses.linear_centered_softmax_cross_entropy
+
+    def counted(*args, **kwargs):  # inspected, not allowed: the fused head's own code reads nothing either
+        fused_calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "linear_centered_softmax_cross_entropy", counted)
+    new = _trainer(tmp_path, f"data.fbank_on={fbank_on}", *extra, graph=True)
     try:
         batches = _batches(new, 2)
         assert ("waves" in batches[1]) == (fbank_on == "device")
+        fused_head = "loss.fused_head=true" in extra
+        assert new.loss_fn.fused_head is fused_head
         new.train_step(batches[0], epoch=1)  # first step: optimiser state is created
         before = new.student.backbone.cls_token.detach().clone()
         with HostReads() as reads:
             result = new.train_step(batches[1], epoch=1)
         assert reads.reads == []
         assert not result.skipped
+        assert len(fused_calls) == 2 * fused_head
         assert not torch.equal(new.student.backbone.cls_token, before)
     finally:
         new.cleanup()
@@ -365,14 +392,19 @@ def test_cuda_graph_is_off_by_default(tmp_path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
-@pytest.mark.parametrize("compile_, fbank_on", [(False, "device"), (False, "loader"), (True, "device")])
-def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_, fbank_on) -> None:
+@pytest.mark.parametrize("compile_, fbank_on, extra", [
+    (False, "device", ()), (False, "loader", ()), (True, "device", ()),
+    (False, "loader", ("loss.fused_head=true",)), (True, "device", ("loss.fused_head=true", *_LEVERS)),
+])
+def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_, fbank_on, extra) -> None:
     """Five steps: two eager warm-up steps, then three replays of the graph captured at step 3 (the last under
     ``set_sync_debug_mode("error")``), against five eager graph-ready steps on the same batches: the same GMML
     masks and, up to non-deterministic reductions, the same weights, teacher and centres; and close to the
-    eager sync-free step (which differs by the rounding of the learning rate and the decay formula)."""
+    eager sync-free step (which differs by the rounding of the learning rate and the decay formula). Also with
+    the fused head (its chunked Triton loss inside the graph) and the bf16 levers (the teacher's bf16 copy is
+    refreshed inside the graph: the teacher forward reads it)."""
     common = ("train.device=cuda", "train.max_steps_per_epoch=6", "optim.freeze_last_layer_epochs=0",
-              f"train.compile={str(compile_).lower()}", f"data.fbank_on={fbank_on}")
+              f"train.compile={str(compile_).lower()}", f"data.fbank_on={fbank_on}", *extra)
     graphed = _trainer(tmp_path / "graph", *common, "train.cuda_graph=true")
     eager = _trainer(tmp_path / "eager", *common, graph=True)
     plain = _trainer(tmp_path / "plain", *common)
@@ -403,6 +435,7 @@ def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_, fb
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)
             torch.testing.assert_close(got[k], near[k], rtol=1e-2, atol=2e-4, msg=k)
+        _assert_teacher_copy_fresh(graphed)  # refreshed by the replays, not only by the eager steps
         assert torch.equal(graphed.gmml_gen.get_state(), eager.gmml_gen.get_state())
         assert torch.equal(graphed.gmml_gen.get_state(), plain.gmml_gen.get_state())
     finally:
