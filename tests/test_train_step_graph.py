@@ -32,6 +32,8 @@ from asit.train.checkpoint import load_checkpoint
 from asit.train.step_graph import StepGraph
 
 SYNC_FREE = ("train.sync_free=true", "optim.warmup_epochs=0")
+# the bf16 levers: the residual stream in bf16, the teacher's forward on a bf16 copy (refreshed by the EMA), fused EMA
+_LEVERS = ("train.precision=bf16", "model.residual_dtype=bf16", "train.teacher_bf16=true", "train.ema=fused")
 
 
 def _trainer(tmp_path, *extra: str, graph: bool = False) -> Pretrainer:
@@ -53,6 +55,14 @@ def _batches(trainer: Pretrainer, n: int) -> list[dict]:
 
 def _optimizer_state(trainer: Pretrainer) -> dict[str, torch.Tensor]:
     return {f"{i}.{k}": v for i, (_, s) in enumerate(trainer.optimizer.state.items()) for k, v in s.items()}
+
+
+def _assert_teacher_copy_fresh(trainer: Pretrainer) -> None:
+    """With ``train.teacher_bf16`` the teacher's forward reads a bf16 copy: it must hold the EMA'd teacher."""
+    copy = trainer.pair.teacher_copy
+    if copy is not None:
+        for a, b in zip(copy.parameters(), trainer.pair.teacher.parameters(), strict=True):
+            assert torch.equal(a, b.to(a.dtype))
 
 
 def _run_steps(trainer: Pretrainer, epochs: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -79,7 +89,9 @@ def _run_steps(trainer: Pretrainer, epochs: list[int]) -> list[dict[str, torch.T
 
 @pytest.mark.parametrize("extra", [(), ("train.ema=fused", "optim.clip_mode=global"),
                                    ("data.local_views=2", "loss.global_pairs=v2", "train.precision=bf16"),
-                                   ("data.fbank_on=device", "data.local_views=2", "loss.global_pairs=v2")])
+                                   ("data.fbank_on=device", "data.local_views=2", "loss.global_pairs=v2"),
+                                   ("loss.fused_head=true",),
+                                   ("loss.fused_head=true", *_LEVERS, "data.local_views=2", "loss.global_pairs=v2")])
 def test_graph_ready_step_equals_the_sync_free_step_bitwise(tmp_path, extra) -> None:
     """Three steps (last layer frozen, then trained) of the eager sync-free step and of the graph-ready step,
     on the same batches: the same weights, teacher, centres, AdamW state, loss terms, monitors and masks."""
@@ -96,6 +108,8 @@ def test_graph_ready_step_equals_the_sync_free_step_bitwise(tmp_path, extra) -> 
         after = _frozen_state(new)
         for key in ("s.backbone.cls_token", "t.backbone.cls_token", "c.global", "c.local"):
             assert not torch.equal(after[key], start[key]), key  # the steps did train
+        _assert_teacher_copy_fresh(new)
+        assert (new.pair.teacher_copy is not None) == ("train.teacher_bf16=true" in extra)
         new.guard.sync(new.step)
         ref.guard.sync(ref.step)
         assert new.guard.state_dict() == ref.guard.state_dict()
@@ -149,24 +163,37 @@ def test_graph_ready_step_skips_a_nonfinite_step_on_the_device(tmp_path, monkeyp
         new.cleanup()
 
 
-@pytest.mark.parametrize("fbank_on", ["loader", "device"])
-def test_graph_ready_step_reads_nothing_back(tmp_path, monkeypatch, fbank_on) -> None:
+@pytest.mark.parametrize("fbank_on, extra", [("loader", ()), ("device", ()), ("loader", ("loss.fused_head=true",)),
+                                             ("device", ("loss.fused_head=true", *_LEVERS))])
+def test_graph_ready_step_reads_nothing_back(tmp_path, monkeypatch, fbank_on, extra) -> None:
     """Nothing in a warm graph-ready step asks the host for a value (the fused ops' CPU references excepted,
-    as in tests/test_train_sync_free.py: on CUDA they are Triton kernels), the fbank on the device included."""
+    as in tests/test_train_sync_free.py: on CUDA they are Triton kernels), the fbank on the device and the
+    fused head (``loss.fused_head``) and the bf16 levers included."""
     for module, name in ((engine, "gmml_corrupt"), (losses, "centered_softmax_cross_entropy"),
                          (losses, "masked_l1_loss")):
         monkeypatch.setattr(module, name, HostReads.allow(getattr(module, name)))
     monkeypatch.setattr(fbank, "_NUMPY_ON_CPU", False)  # the pure-torch fbank that CUDA runs
-    new = _trainer(tmp_path, f"data.fbank_on={fbank_on}", graph=True)
+    fused_calls = []
+    fused = losses.linear_centered_softmax_cross_entropy
+
+    def counted(*args, **kwargs):  # inspected, not allowed: the fused head's own code reads nothing either
+        fused_calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "linear_centered_softmax_cross_entropy", counted)
+    new = _trainer(tmp_path, f"data.fbank_on={fbank_on}", *extra, graph=True)
     try:
         batches = _batches(new, 2)
         assert ("waves" in batches[1]) == (fbank_on == "device")
+        fused_head = "loss.fused_head=true" in extra
+        assert new.loss_fn.fused_head is fused_head
         new.train_step(batches[0], epoch=1)  # first step: optimiser state is created
         before = new.student.backbone.cls_token.detach().clone()
         with HostReads() as reads:
             result = new.train_step(batches[1], epoch=1)
         assert reads.reads == []
         assert not result.skipped
+        assert len(fused_calls) == 2 * fused_head
         assert not torch.equal(new.student.backbone.cls_token, before)
     finally:
         new.cleanup()
@@ -208,18 +235,35 @@ def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path) -> None:
 
 
 class _FakeGraph:
-    """A CPU stand-in for a captured graph: each replay runs the step on the static buffers and writes the
-    results into the first replay's tensors, as a graph rewrites its static outputs."""
+    """A CPU stand-in for a captured graph. :meth:`_SimulatedCapture._record` runs the step once, as a capture
+    runs the Python (``p.grad`` then holds the tensors it allocated) and the first replay the kernels; each later
+    replay runs the step again, writing the gradients into the tensors the capture left in ``p.grad`` (a graph's
+    backward writes the same memory, its optimiser reads it) and the results into the first step's tensors, and
+    leaves the ``p.grad`` that Python sees as it found it (a replay runs no Python)."""
 
     def __init__(self, owner: StepGraph, frozen: bool) -> None:
         self.owner, self.frozen = owner, frozen
+        self.params = [p for group in owner.trainer.optimizer.param_groups for p in group["params"]]
+        self.grads = [p.grad for p in self.params]  # the "graph pool" gradients
+        self.first = True
 
     def replay(self) -> None:
-        new = self.owner._body(self.owner.static, self.frozen)
-        if self.owner.out is None:
-            self.owner.out = new
-        else:
-            _copy_into(self.owner.out, new)
+        if self.first:  # the capture ran the step already
+            self.first = False
+            return
+        optimizer = self.owner.trainer.optimizer
+        visible = [p.grad for p in self.params]
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
+        zero_grad = optimizer.zero_grad
+        optimizer.zero_grad = lambda set_to_none=True: zero_grad(set_to_none=False)  # no new gradient tensors
+        try:
+            new = self.owner._body(self.owner.static, self.frozen)
+        finally:
+            del optimizer.zero_grad
+            for p, g in zip(self.params, visible, strict=True):
+                p.grad = g
+        _copy_into(self.owner.out, new)
 
 
 def _copy_into(dst, src) -> None:
@@ -238,34 +282,52 @@ class _SimulatedCapture(StepGraph):
     steps for a batch of another shape, results that outlive the next replay) on the CPU."""
 
     def _record(self, frozen: bool):
-        return _FakeGraph(self, frozen), None
+        out = self._body(self.static, frozen)
+        return _FakeGraph(self, frozen), out
+
+
+def _grads(trainer: Pretrainer) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for g in trainer.optimizer.param_groups for p in g["params"]]
 
 
 @pytest.mark.parametrize("fbank_on", ["loader", "device"])
 def test_capture_bookkeeping_keeps_the_step_exact(tmp_path, fbank_on) -> None:
-    """Eight steps through the capture logic (warm-up 2; the last layer frozen in epoch 0; step 4's batch one clip
-    short, so eager) equal the eager sync-free step bit for bit; the results stay valid after later replays."""
-    epochs = [0, 0, 0, 0, 1, 1, 1, 1]
+    """Ten steps through the capture logic (warm-up 2; the last layer frozen for five; steps 4 and 9 one clip
+    short, so eager beside a captured graph) equal the eager sync-free step bit for bit, gradients included; the
+    results stay valid after later replays; ``p.grad`` stays the graph's gradients (its optimiser's) throughout,
+    also after an eager step, so a replay after it leaves this step's gradients there, not that step's."""
+    epochs = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
     extra = (f"data.fbank_on={fbank_on}",)
     ref, new = _trainer(tmp_path / "ref", *extra), _trainer(tmp_path / "graph", *extra)
     try:
-        new.step_graph = _SimulatedCapture(new, capture=False, warmup_steps=2)
-        new.step_graph.capture = True  # the capture path, with _record faked
+        sg = new.step_graph = _SimulatedCapture(new, capture=False, warmup_steps=2)
+        sg.capture = True  # the capture path, with _record faked
         batches = _batches(ref, len(epochs))
         key = "waves" if fbank_on == "device" else "views"  # the graph's input buffer
-        batches[3] = {**batches[3], key: batches[3][key][:-1]}  # an unusable clip dropped
-        results = {}
+        for i in (3, 8):
+            batches[i] = {**batches[i], key: batches[i][key][:-1]}  # an unusable clip dropped
+        results: dict[str, list] = {"ref": [], "graph": []}
+        grads: dict[str, list] = {"ref": [], "graph": []}
         for name, t in (("ref", ref), ("graph", new)):
             torch.manual_seed(1)
-            results[name] = [t.train_step(b, epoch=e) for b, e in zip(batches, epochs, strict=True)]
+            for i, (b, e) in enumerate(zip(batches, epochs, strict=True)):
+                results[name].append(t.train_step(b, epoch=e))
+                grads[name].append(_grads(t))
+                if t is new and i in (2, 3, 4, 7, 8, 9):  # a graph is captured: p.grad is its gradients
+                    params, last = sg.graph.params, {id(p) for p in new.last_layer_params}
+                    assert all(p.grad is g for p, g in zip(params, sg.graph.grads, strict=True)), i
+                    assert [p.grad is None for p in params] == [id(p) in last and e == 0 for p in params], i
         for a, b in zip(results["ref"], results["graph"], strict=True):
             assert_states_equal(b.terms, a.terms)
             assert torch.equal(b.flags, a.flags)
+        for i, (a, b) in enumerate(zip(grads["ref"], grads["graph"], strict=True)):
+            assert [g is None for g in a] == [g is None for g in b], i
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True) if x is not None), i
         assert_states_equal(_frozen_state(new), _frozen_state(ref))
         assert_states_equal(_optimizer_state(new), _optimizer_state(ref))
-        sg = new.step_graph
-        # steps 1-2 warm-up, 3 captured, 4 eager (shape), 5-6 warm-up again (last layer trained), 7 captured, 8
-        assert (sg.captures, sg.replays) == (2, 3)
+        # steps 1-2 warm-up, 3 captured, 4 eager (shape), 5 replayed, 6-7 warm-up again (last layer trained),
+        # 8 captured, 9 eager (shape), 10 replayed
+        assert (sg.captures, sg.replays) == (2, 4)
         assert list(sg.static) == [key] and sg.static[key].shape == batches[0][key].shape
     finally:
         ref.cleanup()
@@ -330,14 +392,19 @@ def test_cuda_graph_is_off_by_default(tmp_path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
-@pytest.mark.parametrize("compile_, fbank_on", [(False, "device"), (False, "loader"), (True, "device")])
-def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_, fbank_on) -> None:
+@pytest.mark.parametrize("compile_, fbank_on, extra", [
+    (False, "device", ()), (False, "loader", ()), (True, "device", ()),
+    (False, "loader", ("loss.fused_head=true",)), (True, "device", ("loss.fused_head=true", *_LEVERS)),
+])
+def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_, fbank_on, extra) -> None:
     """Five steps: two eager warm-up steps, then three replays of the graph captured at step 3 (the last under
     ``set_sync_debug_mode("error")``), against five eager graph-ready steps on the same batches: the same GMML
     masks and, up to non-deterministic reductions, the same weights, teacher and centres; and close to the
-    eager sync-free step (which differs by the rounding of the learning rate and the decay formula)."""
+    eager sync-free step (which differs by the rounding of the learning rate and the decay formula). Also with
+    the fused head (its chunked Triton loss inside the graph) and the bf16 levers (the teacher's bf16 copy is
+    refreshed inside the graph: the teacher forward reads it)."""
     common = ("train.device=cuda", "train.max_steps_per_epoch=6", "optim.freeze_last_layer_epochs=0",
-              f"train.compile={str(compile_).lower()}", f"data.fbank_on={fbank_on}")
+              f"train.compile={str(compile_).lower()}", f"data.fbank_on={fbank_on}", *extra)
     graphed = _trainer(tmp_path / "graph", *common, "train.cuda_graph=true")
     eager = _trainer(tmp_path / "eager", *common, graph=True)
     plain = _trainer(tmp_path / "plain", *common)
@@ -368,6 +435,7 @@ def test_captured_steps_equal_the_eager_graph_ready_steps(tmp_path, compile_, fb
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4, msg=k)
             torch.testing.assert_close(got[k], near[k], rtol=1e-2, atol=2e-4, msg=k)
+        _assert_teacher_copy_fresh(graphed)  # refreshed by the replays, not only by the eager steps
         assert torch.equal(graphed.gmml_gen.get_state(), eager.gmml_gen.get_state())
         assert torch.equal(graphed.gmml_gen.get_state(), plain.gmml_gen.get_state())
     finally:

@@ -19,8 +19,9 @@ eager sync-free step:
 - The batch (its views, or with ``data.fbank_on=device`` its waveform crops: the fbank is then part of the
   graph) is copied into static buffers before each replay, from the host through staging buffers on a side
   stream (the transfer overlaps the previous replay); a batch of another shape (clips dropped as unusable)
-  runs the same step eagerly. The loss terms and flags come back as one packed tensor, cloned
-  after a replay, so a :class:`~.guard.StepResult` stays valid after the next replay.
+  runs the same step eagerly, into the captured gradient tensors (zeroed in place, not freed), so ``p.grad``
+  stays the tensors the graph writes and its optimiser reads. The loss terms and flags come back as one packed
+  tensor, cloned after a replay, so a :class:`~.guard.StepResult` stays valid after the next replay.
 
 On the CPU the hyperparameter tensors are float64, which the CPU kernels read exactly as they read a Python
 number, so the graph-ready step equals the eager sync-free step bit for bit (``tests/test_train_step_graph.py``);
@@ -101,6 +102,8 @@ class StepGraph:
                 group["weight_decay"] = 0.0  # applied by the step, from a tensor
                 decay += group["params"]
         self.decay_params = decay
+        self.params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+        self.grads: list[torch.Tensor | None] | None = None  # the captured graph's p.grad, per self.params
         # the warm-up steps run uncaptured on purpose: no "capturable=True outside a capture" warning for them
         trainer.optimizer._warned_capturable_if_run_uncaptured = True
         self.stream = torch.cuda.Stream(device) if self.capture else None  # warm-up and capture
@@ -130,7 +133,7 @@ class StepGraph:
         if self._device_step != tr.step:  # a step skipped on the host (unusable batch), a resume, the start
             self.step_t.fill_(tr.step)
         if self.capture and self.key != frozen:  # the frozen last layer ends: a new graph
-            self.graph, self.out, self.key, self.warm = None, None, frozen, 0
+            self.graph, self.out, self.key, self.warm, self.grads = None, None, frozen, 0, None
         if not self.capture or shapes != self.shapes or self.warm < self.warmup_steps:
             out = self._eager(inputs, frozen)
             self.warm += shapes == self.shapes
@@ -202,6 +205,7 @@ class StepGraph:
         self.static = {k: v.to(self.device).clone() for k, v in inputs.items()}
         tr.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients from the graph's pool
         self.graph, self.out = self._record(frozen)
+        self.grads = [p.grad for p in self.params]  # allocated by the capture: what each replay writes
         self.captures += 1
         log.info("train.cuda_graph: step %d captured as a CUDA graph (last layer %s)", tr.step + 1,
                  "frozen" if frozen else "trained")
@@ -238,7 +242,12 @@ class StepGraph:
                 teacher_out = tr.teacher_forward(clean, with_recon=False)
             with record_function("asit.losses"):
                 losses, center_stats = tr.loss_fn(student_out, teacher_out, clean, mask, frac, temp, local_cls)
-        tr.optimizer.zero_grad(set_to_none=True)
+        if self.grads is None:  # in a capture, backward then allocates the gradients from the graph's pool
+            tr.optimizer.zero_grad(set_to_none=True)
+        else:  # an eager step beside a captured graph: into the gradients the graph writes and its optimiser reads
+            for p, g in zip(self.params, self.grads, strict=True):
+                p.grad = g
+            tr.optimizer.zero_grad(set_to_none=False)  # backward adds its gradients to 0: equal values
         with record_function("asit.backward"):
             losses["loss"].backward()
         with record_function("asit.clip"):
