@@ -131,7 +131,7 @@ def _distill_ce_split_stats_kernel(
     tl.store(out + 3 * n_rows, z_t, mask=row_ok, cache_modifier=".wt")
     tl.store(out + 4 * n_rows, u, mask=row_ok, cache_modifier=".wt")
     # The ticket pattern of the masked L1 kernel: write-through stores, barrier, one-thread acq_rel
-    # ticket; the last program reads the others' results uncached (.cv).
+    # ticket; the last program reads the others' results from L2 (.cg: not the SM's L1).
     tl.debug_barrier()
     if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
         m_s = tl.full([ROWS], -1.0e30, tl.float32)
@@ -143,11 +143,11 @@ def _distill_ce_split_stats_kernel(
             js = (j0 + tl.arange(0, BLOCK_S)).to(tl.int64)  # js · 5 · N can pass 2^31
             ok_s = row_ok[:, None] & (js < n_splits)[None, :]
             at = stats_ptr + js[None, :] * 5 * n_rows + rows[:, None]  # [ROWS, BLOCK_S]
-            m_s_j = tl.load(at, mask=ok_s, other=-1.0e30, cache_modifier=".cv")
-            z_s_j = tl.load(at + n_rows, mask=ok_s, other=0.0, cache_modifier=".cv")
-            m_t_j = tl.load(at + 2 * n_rows, mask=ok_s, other=-1.0e30, cache_modifier=".cv")
-            z_t_j = tl.load(at + 3 * n_rows, mask=ok_s, other=0.0, cache_modifier=".cv")
-            u_j = tl.load(at + 4 * n_rows, mask=ok_s, other=0.0, cache_modifier=".cv")
+            m_s_j = tl.load(at, mask=ok_s, other=-1.0e30, cache_modifier=".cg")
+            z_s_j = tl.load(at + n_rows, mask=ok_s, other=0.0, cache_modifier=".cg")
+            m_t_j = tl.load(at + 2 * n_rows, mask=ok_s, other=-1.0e30, cache_modifier=".cg")
+            z_t_j = tl.load(at + 3 * n_rows, mask=ok_s, other=0.0, cache_modifier=".cg")
+            u_j = tl.load(at + 4 * n_rows, mask=ok_s, other=0.0, cache_modifier=".cg")
             m_s_new = tl.maximum(m_s, tl.max(m_s_j, axis=1))
             m_t_new = tl.maximum(m_t, tl.max(m_t_j, axis=1))
             alpha = tl.exp(m_t - m_t_new)
@@ -175,7 +175,7 @@ def _distill_ce_split_stats_kernel(
                     ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
                     ok = (ps < n_tiles)[:, None] & col_ok[None, :]
                     acc += tl.load(part_ptr + ps[:, None] * n_cols + cols[None, :], mask=ok, other=0.0,
-                                   cache_modifier=".cv")
+                                   cache_modifier=".cg")
                 tl.store(sum_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
@@ -305,7 +305,7 @@ def _column_sum_kernel(
             gs = g0 + tl.arange(0, ROWS).to(tl.int64)
             ok = (gs < n_groups)[:, None] & col_ok[None, :]
             acc += tl.load(part_ptr + (n_parts + gs[:, None]) * n_cols + cols[None, :], mask=ok, other=0.0,
-                           cache_modifier=".cv")
+                           cache_modifier=".cg")
         tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 

@@ -79,7 +79,7 @@ def _gmml_corrupt_kernel(
         bw = tl.load(box + 3, mask=m_ok, other=0).to(tl.int32)
         in_r = (py[:, None] >= top[None, :]) & (py[:, None] < (top + bh)[None, :])  # [BLOCK_P, BLOCK_M]
         in_c = (px[None, :] >= left[:, None]) & (px[None, :] < (left + bw)[:, None])  # [BLOCK_M, BLOCK_W]
-        count = tl.dot(in_r.to(tl.int8), in_c.to(tl.int8), count)
+        count = tl.dot(in_r.to(tl.int8), in_c.to(tl.int8), count, out_dtype=tl.int32)  # triton 3.6 needs out_dtype
     hit = count > 0
     hit = hit & ok
 

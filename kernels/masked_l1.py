@@ -59,7 +59,8 @@ def _masked_l1_kernel(
     two = tl.arange(0, 2)
     pair = tl.where(two == 0, tl.sum(num, axis=0), tl.sum(den, axis=0))
     # the stream-K pattern of Triton's own split reductions: write-through store, barrier, ticket; the
-    # last program reads the partials uncached (.cv), after its acquiring ticket
+    # last program reads the partials from L2 (.cg skips the SM's L1; triton 3.6 drops .cv to a plain
+    # ld.global, 3.8 emits both), after its acquiring ticket
     tl.store(part_ptr + pid * 2 + two, pair, mask=two < 2, cache_modifier=".wt")
     tl.debug_barrier()  # every thread's partial is stored before the (one-thread) ticket below releases it
     ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
@@ -69,8 +70,8 @@ def _masked_l1_kernel(
         for s in range(0, n_programs, FINAL_BLOCK):
             idx = s + tl.arange(0, FINAL_BLOCK)
             ok = idx < n_programs
-            num_acc += tl.load(part_ptr + idx * 2, mask=ok, other=0.0, cache_modifier=".cv")
-            den_acc += tl.load(part_ptr + idx * 2 + 1, mask=ok, other=0.0, cache_modifier=".cv")
+            num_acc += tl.load(part_ptr + idx * 2, mask=ok, other=0.0, cache_modifier=".cg")
+            den_acc += tl.load(part_ptr + idx * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
         num_sum = tl.sum(num_acc, axis=0)
         den_sum = tl.sum(den_acc, axis=0)
         out = tl.where(two == 0, num_sum / tl.maximum(den_sum, 1.0), den_sum)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "bench" / "kernel_report.py")
@@ -26,8 +27,12 @@ _spec.loader.exec_module(kernel_report)
 RULES = ("no_spills", "two_blocks_per_sm", "fills_gpu")
 
 # (op, shape prefix, dtype or None for both, kernel, rule) -> why the launch cannot meet the rule yet.
-# Empty: every hot launch at the design shapes meets the three rules on sm_90.
+# With triton 3.8 every hot launch at the design shapes meets the three rules on sm_90.
 KNOWN: dict[tuple[str, str, str | None, str, str], str] = {}
+if triton.__version__.startswith("3.6."):  # the GPU machine's triton; its ptxas is CUDA 12.8's
+    KNOWN[("distill_ce fwd+grad", "global 128x8192", "bf16", "distill_ce_split_stats_kernel", "no_spills")] = (
+        "at the 64 registers ptxas gives this launch, triton 3.6's ptxas (CUDA 12.8) keeps one 64-bit row offset in "
+        "8 bytes of stack across the last split's combine loop (2 stores, 2 loads in a once-per-row-tile epilogue)")
 
 
 def _known(key: tuple[str, str, str, str], rule: str) -> str | None:
@@ -74,3 +79,33 @@ def test_hot_launch(rows, key, rule):
 
 def test_every_hot_launch_reported(rows):
     assert sorted(rows) == sorted(kernel_report.hot_keys(kernel_report.design_cases()))
+
+
+# The last program of a ticketed reduction reads the other programs' results with cache_modifier=".cg" (from
+# L2, not the SM's L1): triton 3.6 lowers ".cv" to a plain ld.global. Compiled here for sm_90 in a child process.
+_TICKET_PTX = """
+import sys, torch, triton
+sys.path.insert(0, "bench")
+import kernel_report as kr
+import asit_kernels.distill_ce as ce, asit_kernels.masked_l1 as l1
+m = lambda shape, dtype=torch.float32: torch.empty(shape, dtype=dtype, device="meta")
+t = m(())
+launches = (l1.masked_l1_forward_launches(m((4, 3000)), m((4, 3000)), m((4, 3000), torch.bool))[1]
+            + ce.distill_ce_forward_launches(m((40, 8192)), m((40, 8192)), m((8192,)), t, t, False)[1]
+            + ce.distill_ce_forward_launches(m((4000, 1024)), m((4000, 1024)), m((1024,)), t, t, False)[1][1:])
+for launch in launches:
+    src, options, target = kr.specialize(launch, 90)
+    ptx = triton.compile(src, target=target, options=options.__dict__).asm["ptx"]
+    print(kr.launch_name(launch), ptx.count("ld.global.cg"))
+"""
+
+
+def test_ticket_reads_bypass_l1(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    env["TRITON_HOME"] = env.get("TRITON_HOME", str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _TICKET_PTX], env=env, cwd=ROOT, check=True, timeout=300,
+                         capture_output=True, text=True).stdout
+    counts = dict(line.split() for line in out.strip().splitlines())
+    assert set(counts) == {"masked_l1_kernel", "distill_ce_split_stats_kernel", "column_sum_kernel"}, out
+    assert all(int(n) > 0 for n in counts.values()), out
