@@ -33,12 +33,17 @@ CHUNK_BYTES = 32 * 2**20
 MAX_CHUNK_ROWS = 4096
 
 
+@torch.compiler.assume_constant_result  # torch 2.11's Dynamo cannot trace is_autocast_available; 2.14's can
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
 def logits_dtype(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor,
                  teacher_weight: torch.Tensor) -> torch.dtype:
     """The dtype both logit tiles are computed in (see the module docstring)."""
     tensors = (h_s, h_t, weight, teacher_weight)
     device_type = h_s.device.type
-    if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
             and all(t.dtype != torch.float64 for t in tensors)):
         return torch.get_autocast_dtype(device_type)
     dtype = h_s.dtype
