@@ -96,13 +96,14 @@ def rows_from_pytest_benchmark(data: Mapping, *, machine: str, command: str, sof
         x = shape.group(0) if shape else (f"batch={info['batch']}" if "batch" in info else "")
         sw = [f"{k} {info[k]}" for k in _SOFTWARE_KEYS if k in info] + ([software] if software else [])
         config = ";".join(f"{k}={_fmt(v)}" for k, v in info.items()
-                          if k not in METRIC_UNITS and k not in _SOFTWARE_KEYS and k != "device")
+                          if k not in METRIC_UNITS and k not in _SOFTWARE_KEYS and k not in ("device", "untimed"))
         base = {"benchmark": benchmark, "case": param or test, "x": x, "machine": machine,
                 "device": str(info.get("device", info.get("cpu", ""))), "software": ", ".join(sw), "date": date,
                 "commit": commit, "command": command, "config": config, "note": note}
         stats = bench["stats"]
         for metric, key in (("round_median", "median"), ("round_min", "min"), ("round_max", "max")):
-            rows.append({**base, "metric": metric, "value": _fmt(stats[key] * 1e3), "unit": "ms"})
+            if not info.get("untimed"):  # e.g. a peak-memory-only case: its rounds time nothing
+                rows.append({**base, "metric": metric, "value": _fmt(stats[key] * 1e3), "unit": "ms"})
         for key, unit in METRIC_UNITS.items():
             if isinstance(info.get(key), (int, float)) and not isinstance(info.get(key), bool):
                 rows.append({**base, "metric": key, "value": _fmt(info[key]), "unit": unit})

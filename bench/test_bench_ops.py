@@ -24,7 +24,7 @@ What each case records (pytest-benchmark ``extra_info``; ``bench/results.py`` tu
 - ``peak_mem_mb``: incremental peak memory of one call, measured in a fresh process per case (this
   file run as a script with ``--peak``): inputs allocated and the op warmed up, then
   ``reset_peak_memory_stats`` and ``max_memory_allocated`` minus what was allocated before the call.
-  ``ASIT_BENCH_PEAK=0`` skips it.
+  ``ASIT_BENCH_PEAK=0`` skips it; ``ASIT_BENCH_PEAK=only`` measures nothing else (no device or host time).
 - ``tflops``: ``head_*`` only, the op's matmul work (``8·N·D·K``: two logit matmuls, ``dh`` and ``dW``) over
   ``device_ms``; those cases are compute-bound, and their ``bytes`` count features, weights and gradients only
   (the logits never need to reach memory).
@@ -330,6 +330,14 @@ def test_bench(benchmark, op, shape, dname, provider, device, copy_bandwidth):
         pytest.skip("torch.compile of the reference takes tens of seconds per case on a CPU; measured on CUDA")
     if op == "gmml_sample" and (dname != "fp32" or provider == "ref_compiled"):
         pytest.skip("sampling has no data dtype, and is timed eager against Triton")
+    if os.environ.get("ASIT_BENCH_PEAK") == "only":  # the peak memory alone (a fresh process per case)
+        if not CUDA:
+            pytest.skip("ASIT_BENCH_PEAK=only measures CUDA memory")
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # a row to carry extra_info, no timing
+        benchmark.extra_info.update(peak_mem_mb=peak_mem_mb(op, shape, dname, provider), untimed=True,
+                                    device=torch.cuda.get_device_name(device), torch=torch.__version__,
+                                    triton=triton.__version__)
+        return
     dtype = DTYPES[dname]
     first = make_inputs(op, shape, dtype, device, seed=0)
     copies = [first] + [make_inputs(op, shape, dtype, device, seed=i) for i in range(1, n_copies(_input_bytes(first)))]

@@ -890,6 +890,7 @@ def test_engine_trains_from_shards_with_dali(demo_shards, tmp_path):
     assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI's GPU stages)")
 @pytest.mark.parametrize("fbank", ["torch", "dali"])
 def test_gpu_pipeline_matches_the_cpu_pipeline(demo, fbank):

@@ -208,6 +208,7 @@ def test_float64_fbank_shows_the_float32_rounding_floor():
     assert 0.5 * TOL < exact <= CROSS_DEVICE_TOL  # the scale of float32 rounding in near-empty bins
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_stays_within_the_float32_floor_of_torchaudio_on_cuda():
     """On the GPU, float32 rounding alone puts torchaudio's own fbank up to 1.2e-3 (32 kHz) and 3.7e-3
@@ -233,6 +234,7 @@ def test_cuda_stays_within_the_float32_floor_of_torchaudio_on_cuda():
     assert (cuda.cpu() - cpu).abs().max().item() <= CROSS_DEVICE_TOL
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fbank_keeps_precision_with_tf32_and_autocast(monkeypatch):
     sr = 32000

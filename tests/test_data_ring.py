@@ -110,6 +110,7 @@ def test_a_ring_larger_than_shared_memory_is_refused(monkeypatch) -> None:
         BatchRing({"waves": (B, V, L)}, num_workers=2, prefetch_factor=3)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory)")
 def test_pinned_ring_batches_equal_plain_batches() -> None:
     ring = BatchRing({"waves": (B, V, L), "local_waves": (B, 3, 50)}, num_workers=2, prefetch_factor=2)

@@ -128,6 +128,7 @@ def test_opcheck_gmml_prefix(device):
     torch.library.opcheck(op, (boxes, need, H, W, False))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the design shape needs a GPU (too slow interpreted)")
 def test_design_shape_same_boxes_cuda(seed):
     """64 samples of 592 × 128 with 256 candidates each, as the trainer's sync-free path draws them."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: ordering across programs")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: ordering across programs")]
 
 REPEATS = 200
 CE_SHAPES = [(128, 8192), (4096, 1024)]  # split K (global head); one pass + column sum (a fused-head row chunk)

@@ -178,6 +178,7 @@ def test_gelu_epilogue_runs_in_the_autocast_dtype(x_dtype, w_dtype):
     torch.testing.assert_close(out.double(), ref, rtol=0.02, atol=0.05)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLASLt GELU epilogue and CUDA autocast's fp32 "
                     "LayerNorm rule need a CUDA device")
 def test_cuda_gelu_epilogue_and_bf16_stream():

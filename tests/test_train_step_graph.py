@@ -391,6 +391,7 @@ def test_cuda_graph_is_off_by_default(tmp_path) -> None:
 # ------------------------------------------------------------------ CUDA: the capture itself
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
 @pytest.mark.parametrize("compile_, fbank_on, extra", [
     (False, "device", ()), (False, "loader", ()), (True, "device", ()),

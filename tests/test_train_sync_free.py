@@ -228,6 +228,7 @@ def test_sync_free_run_resumes_exactly(tmp_path, monkeypatch) -> None:
     assert logged[0] == logged[1] and (2, None, "nonfinite_skip") in logged[0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks real device syncs")
 def test_sync_free_step_on_cuda_never_syncs(tmp_path) -> None:
     trainer = Pretrainer(tiny_config(tmp_path, *SYNC_FREE, "train.device=cuda", "train.compile=false"))

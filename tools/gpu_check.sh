@@ -5,14 +5,17 @@
 # matter most come first, each step under its own `timeout` and cut to the time left:
 #   1. the train-step matrix with its profiles: fast against authors mode, ViT-S and ViT-B at batch 64
 #      (bench/test_bench_train.py::test_modes)                                          ~3 min
-#   2. the op bench (bench/test_bench_ops.py)                                           ~1 min
-#   3. the levers against fast mode on ViT-B (test_levers; new builds stop after ASIT_BENCH_LEVER_BUDGET_S)
-#   4. the trainer fed from FLAC files against its synthetic-batch rate (test_bench_pipeline.py)
-#   5. the test suite on CUDA (-m "not slow"), the GPU-specific files first, with whatever time is left.
+#   2. the tests that only a GPU can run (`-m gpu`: ticket ordering across programs, the captured step,
+#      the GELU epilogue, the design-shape sampler, real device syncs): is the new code right on hardware
+#   3. the op bench's device times, eager reference against Triton (bench/test_bench_ops.py)
+#   4. the levers against fast mode on ViT-B (test_levers; new builds stop after ASIT_BENCH_LEVER_BUDGET_S)
+#   5. the trainer fed from FLAC files against its synthetic-batch rate (test_bench_pipeline.py)
+#   6. the ops' incremental peak memory (ASIT_BENCH_PEAK=only), then the compiled references' device times
+#   7. the test suite on CUDA (-m "not slow"), the GPU-specific files first, with whatever time is left.
 # After every step the results so far are published to $OUT as at most 8 files (what a lent machine sends
 # back): summary.md, train.json (every train figure and profile summary), bench_ops.json, rows.csv
 # (bench/results.py rows), tests.log, traces.tar (the profiles' gzipped Chrome traces, trimmed to 15 MiB)
-# and logs.tar.gz (every step's log), so a run cut short still leaves its JSON and summary.
+# and logs.tar.gz (every step's log and the peak / compiled op JSONs), so a run cut short still leaves its JSON and summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -47,8 +50,10 @@ with tarfile.open(f"{out}/traces.tar", "w") as tar:
         if size > 15 * 2**20:
             break
         tar.add(path, arcname=os.path.basename(path))
-with tarfile.open(f"{out}/logs.tar.gz", "w:gz") as tar:
+with tarfile.open(f"{out}/logs.tar.gz", "w:gz") as tar:  # every step's log, the peak and compiled op JSONs
     tar.add(f"{work}/logs", arcname="logs")
+    for path in sorted(glob.glob(f"{work}/bench_ops_*.json")):
+        tar.add(path, arcname=os.path.basename(path))
 PY
     [ -f "$WORK/rows.csv" ] && cp "$WORK/rows.csv" "$OUT/rows.csv"
     [ -f "$WORK/bench_ops.json" ] && cp "$WORK/bench_ops.json" "$OUT/bench_ops.json"
@@ -60,7 +65,9 @@ PY
         if [ -f "$WORK/train/trainer_on_files.json" ]; then
             echo "## trainer on FLAC files"; echo; echo '```'; cat "$WORK/train/trainer_on_files.json"; echo '```'; echo
         fi
-        [ -f "$WORK/bench_ops.json" ] && echo "## ops" && echo && python3 bench/summarize.py "$WORK/bench_ops.json" && echo
+        for f in bench_ops bench_ops_compiled bench_ops_peak; do
+            [ -f "$WORK/$f.json" ] && echo "## $f" && echo && python3 bench/summarize.py "$WORK/$f.json" && echo
+        done
         grep -E "passed|failed" "$WORK/logs/tests.log" 2>/dev/null | tail -n 1
     } >"$OUT/summary.md" 2>>"$WORK/logs/publish.log"
 }
@@ -126,20 +133,27 @@ publish
 
 bench=(python3 -m pytest -q -rfE --tb=short -p no:cacheprovider)
 # 1. the train-step matrix and the profiles (the numbers that matter most)
-step train_modes "${ASIT_CHECK_TRAIN_S:-190}" "${bench[@]}" "bench/test_bench_train.py::test_modes"
-# 2. the op bench: device times (peak memory, a fresh process per case, is step 4b)
+step train_modes "${ASIT_CHECK_TRAIN_S:-170}" "${bench[@]}" "bench/test_bench_train.py::test_modes"
+# 2. what only a GPU can check: the kernels' cross-program ordering, the captured step, the GELU epilogue
+step gpu_tests "${ASIT_CHECK_GPU_TESTS_S:-60}" "${bench[@]}" -m gpu tests/
+# 3. the op bench: device times of the eager references and the kernels (compiled references: step 6)
 ASIT_BENCH_PEAK=0 \
-    step bench_ops "${ASIT_CHECK_OPS_S:-70}" "${bench[@]}" bench/test_bench_ops.py --benchmark-json="$WORK/bench_ops.json"
-# 3. the levers; no new variant is built after this many seconds of setup and compiling
-ASIT_BENCH_LEVER_BUDGET_S="${ASIT_BENCH_LEVER_BUDGET_S:-80}" \
-    step train_levers "${ASIT_CHECK_LEVERS_S:-120}" "${bench[@]}" "bench/test_bench_train.py::test_levers"
-# 4. the trainer fed from files (1,024 clips: 16 steps of ViT-B at batch 64)
+    step bench_ops "${ASIT_CHECK_OPS_S:-60}" "${bench[@]}" bench/test_bench_ops.py -k "not ref_compiled" \
+    --benchmark-json="$WORK/bench_ops.json"
+# 4. the levers; no new variant is built after this many seconds of setup and compiling
+ASIT_BENCH_LEVER_BUDGET_S="${ASIT_BENCH_LEVER_BUDGET_S:-70}" \
+    step train_levers "${ASIT_CHECK_LEVERS_S:-100}" "${bench[@]}" "bench/test_bench_train.py::test_levers"
+# 5. the trainer fed from files (1,024 clips: 16 steps of ViT-B at batch 64)
 ASIT_BENCH_E2E_CLIPS="${ASIT_BENCH_E2E_CLIPS:-1024}" \
-    step trainer_on_files "${ASIT_CHECK_FILES_S:-80}" "${bench[@]}" "bench/test_bench_pipeline.py::test_trainer_on_files"
-# 4b. the ops' incremental peak memory (one process per case)
-step bench_ops_peak "${ASIT_CHECK_PEAK_S:-60}" "${bench[@]}" bench/test_bench_ops.py \
+    step trainer_on_files "${ASIT_CHECK_FILES_S:-60}" "${bench[@]}" "bench/test_bench_pipeline.py::test_trainer_on_files"
+# 6. the ops' incremental peak memory (one process per case, nothing else timed), then the compiled references
+ASIT_BENCH_PEAK=only \
+    step bench_ops_peak "${ASIT_CHECK_PEAK_S:-35}" "${bench[@]}" bench/test_bench_ops.py -k "not ref_compiled" \
     --benchmark-json="$WORK/bench_ops_peak.json"
-# 5. the test suite with the time left, the GPU-specific files first (pytest keeps the first mention)
+ASIT_BENCH_PEAK=0 \
+    step bench_ops_compiled "${ASIT_CHECK_COMPILED_S:-45}" "${bench[@]}" bench/test_bench_ops.py -k ref_compiled \
+    --benchmark-json="$WORK/bench_ops_compiled.json"
+# 7. the test suite with the time left, the GPU-specific files first (pytest keeps the first mention)
 step tests 600 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not slow" \
     tests/test_train_modes.py tests/test_train_levers.py tests/test_models_levers.py tests/test_profile_step.py tests/test_train_sync_free.py tests/test_train_step_graph.py \
     tests/test_kernels_ticket_order.py tests/test_kernels_masked_l1.py tests/test_kernels_distill_ce.py \
