@@ -410,14 +410,8 @@ class Pretrainer:
         else:
             with record_function("asit.gmml"):  # the step's parts, named for bench/profile_step.py
                 clean, corrupted, mask, frac = self._corrupt(views)
-        with autocast(self.device, self.amp_dtype):
-            with record_function("asit.student_forward"):
-                student_out, local_cls = self.student_step(corrupted, local_views)
-            with torch.no_grad(), record_function("asit.teacher_forward"):
-                teacher_out = self.teacher_forward(clean, with_recon=False)
-            with record_function("asit.losses"):
-                losses, center_stats = self.loss_fn(student_out, teacher_out, clean, mask, frac,
-                                                    hp["teacher_temp"], local_cls)
+        student_out, teacher_out, losses, center_stats = self._forward_losses(clean, corrupted, mask, frac,
+                                                                              local_views, hp["teacher_temp"])
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("asit.backward"):
             self.scaler.scale(losses["loss"]).backward()
@@ -425,12 +419,7 @@ class Pretrainer:
         with record_function("asit.clip"):
             grad_norm = clip_gradients(self.student, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode,
                                        host_reads=self.cfg.train.mode == "authors")
-        if epoch < self.cfg.optim.freeze_last_layer_epochs:
-            for p in self.last_layer_params:
-                p.grad = None  # AdamW skips parameters without a gradient: frozen, no decay either
-        terms = {k: v.detach() for k, v in losses.items()}
-        if grad_norm is not None:
-            terms["grad_norm"] = grad_norm.detach()
+        terms = self._step_terms(losses, grad_norm, frozen=epoch < self.cfg.optim.freeze_last_layer_epochs)
         result = StepResult(terms, flags=self.guard.flags(terms), scaling=self.scaler.is_enabled())
         if monitors:  # with the centres this step used
             result.monitors = collapse_monitors(teacher_out, self.loss_fn.center_global, self.loss_fn.center_local,
@@ -446,6 +435,30 @@ class Pretrainer:
         self.step += 1
         self._hp = hp
         return result
+
+    def _forward_losses(self, clean: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor, frac: torch.Tensor,
+                        local_views: torch.Tensor | None, teacher_temp: float | torch.Tensor):
+        """Both forwards and the losses under autocast: ``(student_out, teacher_out, losses, center_stats)``."""
+        with autocast(self.device, self.amp_dtype):
+            with record_function("asit.student_forward"):
+                student_out, local_cls = self.student_step(corrupted, local_views)
+            with torch.no_grad(), record_function("asit.teacher_forward"):
+                teacher_out = self.teacher_forward(clean, with_recon=False)
+            with record_function("asit.losses"):
+                losses, center_stats = self.loss_fn(student_out, teacher_out, clean, mask, frac, teacher_temp,
+                                                    local_cls)
+        return student_out, teacher_out, losses, center_stats
+
+    def _step_terms(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor | None, *,
+                    frozen: bool) -> dict[str, torch.Tensor]:
+        """After the backward: drop the frozen last layer's gradients, then the detached loss terms and norm."""
+        if frozen:
+            for p in self.last_layer_params:
+                p.grad = None  # AdamW skips parameters without a gradient: frozen, no decay either
+        terms = {k: v.detach() for k, v in losses.items()}
+        if grad_norm is not None:
+            terms["grad_norm"] = grad_norm.detach()
+        return terms
 
     def train(self) -> dict[str, Any]:
         """Run the remaining epochs; returns a summary (first/last logged loss, wall time, steps).

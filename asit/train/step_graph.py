@@ -47,7 +47,6 @@ from .guard import StepResult
 from .loaders import batch_views
 from .metrics import collapse_monitors
 from .optim import clip_gradients
-from .precision import autocast
 
 __all__ = ["StepGraph"]
 
@@ -235,13 +234,8 @@ class StepGraph:
         local_views = None if local is None else local.transpose(0, 1).flatten(0, 1)  # [L·B, 1, T', F]
         with record_function("asit.gmml"):
             clean, corrupted, mask, frac = tr._corrupt(views)
-        with autocast(self.device, tr.amp_dtype):
-            with record_function("asit.student_forward"):
-                student_out, local_cls = tr.student_step(corrupted, local_views)
-            with torch.no_grad(), record_function("asit.teacher_forward"):
-                teacher_out = tr.teacher_forward(clean, with_recon=False)
-            with record_function("asit.losses"):
-                losses, center_stats = tr.loss_fn(student_out, teacher_out, clean, mask, frac, temp, local_cls)
+        student_out, teacher_out, losses, center_stats = tr._forward_losses(clean, corrupted, mask, frac,
+                                                                            local_views, temp)
         if self.grads is None:  # in a capture, backward then allocates the gradients from the graph's pool
             tr.optimizer.zero_grad(set_to_none=True)
         else:  # an eager step beside a captured graph: into the gradients the graph writes and its optimiser reads
@@ -252,12 +246,7 @@ class StepGraph:
             losses["loss"].backward()
         with record_function("asit.clip"):
             grad_norm = clip_gradients(tr.student, opt.clip_grad, opt.clip_mode)
-        if frozen:
-            for p in tr.last_layer_params:
-                p.grad = None  # AdamW skips parameters without a gradient: frozen, no decay either
-        terms = {k: v.detach() for k, v in losses.items()}
-        if grad_norm is not None:
-            terms["grad_norm"] = grad_norm.detach()
+        terms = tr._step_terms(losses, grad_norm, frozen=frozen)
         flags = tr.guard.flags(terms)
         centres = (tr.loss_fn.center_global.clone(), tr.loss_fn.center_local.clone())
         with record_function("asit.update"):
