@@ -50,6 +50,17 @@ def check_positive_finite(name: str, value: float | torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
 
 
+def check_row_options(weights: torch.Tensor | None, rows: int, reduction: str) -> None:
+    """The row losses' options: optional floating ``weights`` with one entry per row, and ``reduction``
+    ``"mean"`` or ``"none"``."""
+    if weights is not None:
+        check_tensor("weights", weights, ndim=1)
+        if weights.shape[0] != rows:
+            raise ValueError(f"weights must have {rows} entries (N), got {weights.shape[0]}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Pick 'reference' or 'triton'.
 

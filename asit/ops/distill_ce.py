@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive_finite, check_same_device, check_tensor, resolve_backend
+from ._checks import check_positive_finite, check_row_options, check_same_device, check_tensor, resolve_backend
 from ._types import DistillCEOutput, reduce_rows
 
 __all__ = ["centered_softmax_cross_entropy", "centered_softmax_cross_entropy_reference"]
@@ -71,12 +71,7 @@ def centered_softmax_cross_entropy(
         raise ValueError(f"center must have {student.shape[1]} entries (K), got shape {tuple(center.shape)}")
     check_positive_finite("student_temp", student_temp)
     check_positive_finite("teacher_temp", teacher_temp)
-    if weights is not None:
-        check_tensor("weights", weights, ndim=1)
-        if weights.shape[0] != student.shape[0]:
-            raise ValueError(f"weights must have {student.shape[0]} entries (N), got {weights.shape[0]}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    check_row_options(weights, student.shape[0], reduction)
     check_same_device(student=student, teacher=teacher, center=center, weights=weights)
     center = center.reshape(-1)
     # the kernel accumulates in fp32, so fp64 logits keep their precision on the reference

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive_finite, check_same_device, check_tensor, resolve_backend
+from ._checks import check_positive_finite, check_row_options, check_same_device, check_tensor, resolve_backend
 from ._types import DistillCEOutput
 from .distill_ce import centered_softmax_cross_entropy_reference
 
@@ -93,12 +93,8 @@ def _check(h_s, h_t, weight, teacher_weight, center, student_temp, teacher_temp,
                          f"got shape {tuple(center.shape)}")
     check_positive_finite("student_temp", student_temp)
     check_positive_finite("teacher_temp", teacher_temp)
-    if weights is not None:  # floating, on h_s's device (below); non-negativity is documented, not checked
-        check_tensor("weights", weights, ndim=1, dtypes=_DTYPES)
-        if weights.shape[0] != h_s.shape[0]:
-            raise ValueError(f"weights must have {h_s.shape[0]} entries (N), got {weights.shape[0]}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    # weights: floating, on h_s's device (below); non-negativity is documented, not checked
+    check_row_options(weights, h_s.shape[0], reduction)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
